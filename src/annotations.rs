@@ -1,0 +1,258 @@
+//! What a container asks for, read from its OCI annotations.
+//!
+//! Values are checked strictly: they end up in file names, environment variables and
+//! (later) the Envoy configuration, so anything outside a small alphabet is refused with
+//! an error naming the annotation.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+pub const PORTS: &str = "envoy-sidecar/ports";
+pub const ENABLED: &str = "envoy-sidecar/enabled";
+pub const INSTANCE_GUID: &str = "envoy-sidecar/instance-guid";
+pub const APP_GUID: &str = "envoy-sidecar/app-guid";
+pub const SPACE_GUID: &str = "envoy-sidecar/space-guid";
+pub const ORG_GUID: &str = "envoy-sidecar/org-guid";
+pub const NERDCTL_PORTS: &str = "nerdctl/ports";
+
+/// Written by the wrapper: the memory limit the user asked for (bytes, or `unlimited`).
+pub const REQUESTED_MEMORY: &str = "envoy-sidecar/requested-memory-limit";
+/// Written by the wrapper: environment variable names it added, so a second `create`
+/// on the same bundle replaces rather than duplicates them.
+pub const MANAGED_ENV: &str = "envoy-sidecar/managed-env";
+
+const MAX_PORTS: usize = 64;
+const MAX_GUID_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Request {
+    /// Container TCP ports to proxy, first-seen order, without duplicates.
+    pub ports: Vec<u16>,
+    pub instance_guid: Option<String>,
+    pub app_guid: Option<String>,
+    pub space_guid: Option<String>,
+    pub org_guid: Option<String>,
+}
+
+impl Request {
+    /// `Ok(None)` when the container gets no proxy: opted out, or no ports declared.
+    pub fn from_annotations(a: &BTreeMap<String, String>) -> Result<Option<Request>> {
+        if let Some(v) = a.get(ENABLED) {
+            match v.as_str() {
+                "true" => {}
+                "false" => return Ok(None),
+                _ => return Err(bad(ENABLED, v, "valid: \"true\" or \"false\"")),
+            }
+        }
+        let ports = match (a.get(PORTS), a.get(NERDCTL_PORTS)) {
+            (Some(v), _) => parse_ports(v)?,
+            (None, Some(v)) => parse_nerdctl_ports(v)?,
+            (None, None) => return Ok(None),
+        };
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Request {
+            ports,
+            instance_guid: guid(a, INSTANCE_GUID)?,
+            app_guid: guid(a, APP_GUID)?,
+            space_guid: guid(a, SPACE_GUID)?,
+            org_guid: guid(a, ORG_GUID)?,
+        }))
+    }
+}
+
+fn bad(key: &str, value: &str, msg: impl Into<String>) -> Error {
+    // Keep hostile values from flooding logs: the message shows at most 80 chars.
+    let shown: String = value.chars().take(80).collect();
+    Error::Annotation {
+        key: key.into(),
+        value: shown,
+        msg: msg.into(),
+    }
+}
+
+fn push_unique(ports: &mut Vec<u16>, p: u16, key: &str, value: &str) -> Result<()> {
+    if !ports.contains(&p) {
+        if ports.len() == MAX_PORTS {
+            return Err(bad(
+                key,
+                value,
+                format!("at most {MAX_PORTS} ports can be proxied"),
+            ));
+        }
+        ports.push(p);
+    }
+    Ok(())
+}
+
+/// `8080,9999,2222` (spaces around entries allowed; an empty value means no ports).
+pub fn parse_ports(value: &str) -> Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    if value.trim().is_empty() {
+        return Ok(ports);
+    }
+    for item in value.split(',') {
+        let item = item.trim();
+        let p = item
+            .parse::<u32>()
+            .ok()
+            .filter(|p| (1..=65535).contains(p) && item.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                bad(
+                    PORTS,
+                    value,
+                    format!("{item:?} is not a TCP port; valid: comma-separated numbers 1-65535, e.g. 8080,9999"),
+                )
+            })?;
+        push_unique(&mut ports, p as u16, PORTS, value)?;
+    }
+    Ok(ports)
+}
+
+/// nerdctl's `nerdctl/ports`: a JSON array of go-cni `PortMapping`s. Only TCP container
+/// ports are proxied; UDP/SCTP mappings are left to nerdctl.
+pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(value).map_err(|e| {
+        bad(
+            NERDCTL_PORTS,
+            value,
+            format!("not a JSON array of port mappings: {e}"),
+        )
+    })?;
+    let mut ports = Vec::new();
+    for item in &items {
+        let proto = item
+            .get("Protocol")
+            .and_then(|p| p.as_str())
+            .unwrap_or("tcp");
+        if !proto.eq_ignore_ascii_case("tcp") {
+            continue;
+        }
+        let p = item
+            .get("ContainerPort")
+            .and_then(|p| p.as_u64())
+            .filter(|p| (1..=65535).contains(p))
+            .ok_or_else(|| {
+                bad(
+                    NERDCTL_PORTS,
+                    value,
+                    "each entry needs \"ContainerPort\" between 1 and 65535",
+                )
+            })?;
+        push_unique(&mut ports, p as u16, NERDCTL_PORTS, value)?;
+    }
+    Ok(ports)
+}
+
+fn guid(a: &BTreeMap<String, String>, key: &str) -> Result<Option<String>> {
+    match a.get(key) {
+        None => Ok(None),
+        Some(v) => {
+            check_guid(v).map_err(|m| bad(key, v, m))?;
+            Ok(Some(v.clone()))
+        }
+    }
+}
+
+/// Identities go into certificate subjects and file names: a small, safe alphabet.
+pub fn check_guid(v: &str) -> std::result::Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= MAX_GUID_LEN
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !v.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "valid: 1-{MAX_GUID_LEN} characters of A-Z a-z 0-9 - _ . (not starting with '.')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ports_dedup_in_order() {
+        assert_eq!(
+            parse_ports("8080,9999,2222").unwrap(),
+            vec![8080, 9999, 2222]
+        );
+        assert_eq!(parse_ports(" 8080 , 8080,22").unwrap(), vec![8080, 22]);
+        assert_eq!(parse_ports("").unwrap(), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn bad_ports_name_the_annotation() {
+        for v in [
+            "0",
+            "65536",
+            "http",
+            "80,",
+            "-1",
+            "+80",
+            "8080;rm -rf /",
+            "1e3",
+        ] {
+            let e = parse_ports(v).unwrap_err().to_string();
+            assert!(e.contains("envoy-sidecar/ports"), "{v}: {e}");
+            assert!(e.contains("valid:"), "{v}: {e}");
+        }
+        let many: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+        let e = parse_ports(&many.join(",")).unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn nerdctl_ports_used_when_ours_absent() {
+        let n = r#"[{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":"0.0.0.0"},
+                    {"HostPort":53,"ContainerPort":53,"Protocol":"udp","HostIP":""},
+                    {"HostPort":8443,"ContainerPort":443,"Protocol":"tcp","HostIP":""}]"#;
+        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n)]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.ports, vec![80, 443]);
+        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n), (PORTS, "9000")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.ports, vec![9000]);
+        let e = Request::from_annotations(&ann(&[(NERDCTL_PORTS, "{")])).unwrap_err();
+        assert!(e.to_string().contains("nerdctl/ports"), "{e}");
+    }
+
+    #[test]
+    fn opt_out_and_absent() {
+        assert_eq!(Request::from_annotations(&ann(&[])).unwrap(), None);
+        assert_eq!(
+            Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "false")])).unwrap(),
+            None
+        );
+        let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "no")])).unwrap_err();
+        assert!(e.to_string().contains("envoy-sidecar/enabled"), "{e}");
+    }
+
+    #[test]
+    fn guids_are_checked() {
+        let r = Request::from_annotations(&ann(&[(PORTS, "8080"), (APP_GUID, "a-1_b.c")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.app_guid.as_deref(), Some("a-1_b.c"));
+        for v in ["../etc", "a\nb", "", "a b", "x\"y", &"a".repeat(129)] {
+            let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (INSTANCE_GUID, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(INSTANCE_GUID), "{v:?}: {e}");
+        }
+    }
+}

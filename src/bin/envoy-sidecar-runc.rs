@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(envoy_sidecar::wrapper::main(std::env::args_os().collect()));
+}

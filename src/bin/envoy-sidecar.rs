@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(envoy_sidecar::cli::main(std::env::args().collect()));
+}

@@ -1,0 +1,231 @@
+//! `envoy-sidecar`, the operator command (and the target of runc's hooks).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use crate::config::Config;
+use crate::hook::{self, Stage};
+use crate::store::{self, Store};
+
+pub const USAGE: &str = "\
+usage: envoy-sidecar [--config PATH] COMMAND
+
+commands:
+  check-config                    validate the configuration; non-zero exit on error
+  inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
+  hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
+                                  poststop) with the OCI state JSON on stdin
+  help                            this text
+
+The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
+/etc/envoy-sidecar/config.toml (absent: built-in defaults, proxy disabled).";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cmd {
+    CheckConfig,
+    Inspect { id: String, namespace: String },
+    Hook { stage: String, namespace: String },
+    Help,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Args {
+    pub config: Option<PathBuf>,
+    pub cmd: Cmd,
+}
+
+/// `args` excludes argv[0].
+pub fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let mut config = None;
+    let mut namespace = None;
+    let mut positional = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = |flag: &str| -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{flag} needs a value")),
+            }
+        };
+        match name {
+            "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
+            "--namespace" | "-n" => namespace = Some(value("--namespace")?),
+            "--help" | "-h" => positional.push("help".to_string()),
+            f if f.starts_with('-') && f.len() > 1 => {
+                bail!("unknown flag {f:?}; valid: --config PATH, --namespace NS, --help\n\n{USAGE}")
+            }
+            _ => positional.push(a.clone()),
+        }
+    }
+    let namespace = namespace.unwrap_or_else(|| "default".into());
+    let mut pos = positional.into_iter();
+    let cmd = match pos.next().as_deref() {
+        None | Some("help") => Cmd::Help,
+        Some("check-config") => Cmd::CheckConfig,
+        Some("inspect") => Cmd::Inspect {
+            id: pos.next().context("inspect needs a container ID")?,
+            namespace,
+        },
+        Some("hook") => Cmd::Hook {
+            stage: pos
+                .next()
+                .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
+            namespace,
+        },
+        Some(other) => bail!("unknown command {other:?}\n\n{USAGE}"),
+    };
+    if let Some(extra) = pos.next() {
+        bail!("unexpected argument {extra:?}\n\n{USAGE}");
+    }
+    Ok(Args { config, cmd })
+}
+
+pub fn main(argv: Vec<String>) -> i32 {
+    let args = match parse(&argv[1.min(argv.len())..]) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("envoy-sidecar: {e:#}");
+            return 2;
+        }
+    };
+    let is_poststop = matches!(&args.cmd, Cmd::Hook { stage, .. } if stage == "poststop");
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) if is_poststop => {
+            // A failing poststop would stop runc's other poststop hooks and fail
+            // `runc delete`; report and succeed.
+            eprintln!("envoy-sidecar: poststop: {e:#}");
+            0
+        }
+        Err(e) => {
+            eprintln!("envoy-sidecar: {e:#}");
+            1
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let self_exe: Vec<PathBuf> = std::env::current_exe()
+        .ok()
+        .map(|e| {
+            let mut v = vec![e.clone()];
+            if let Some(d) = e.parent() {
+                v.push(d.join(crate::WRAPPER_NAME));
+            }
+            v
+        })
+        .unwrap_or_default();
+    let cfg = Config::load(path)?;
+    cfg.validate(&self_exe)?;
+    Ok(cfg)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    match args.cmd {
+        Cmd::Help => println!("{USAGE}"),
+        Cmd::CheckConfig => {
+            let cfg = load(args.config.as_deref())?;
+            match &cfg.source {
+                Some(p) => println!("config OK: {}", p.display()),
+                None => println!("config OK: no file, built-in defaults (proxy disabled)"),
+            }
+        }
+        Cmd::Inspect { id, namespace } => {
+            store::check_id(&id)?;
+            store::check_namespace(&namespace)?;
+            let cfg = load(args.config.as_deref())?;
+            let st = Store::new(&cfg.runtime.state_dir);
+            let s = st
+                .read(&namespace, &id)?
+                .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::Hook { stage, namespace } => {
+            let stage = Stage::parse(&stage)?;
+            let state = hook::read_state(std::io::stdin().lock())?;
+            // A hook must act even when the configuration has since become invalid
+            // (poststop still has to release); only the state directory is needed.
+            let cfg = Config::load(args.config.as_deref())
+                .with_context(|| format!("hook {stage:?} for {}", state.id))?;
+            let st = Store::new(&cfg.runtime.state_dir);
+            hook::run(&st, stage, &namespace, &state)
+                .with_context(|| format!("hook {stage:?} for {}/{}", namespace, state.id))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> anyhow::Result<Args> {
+        let v: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+        parse(&v)
+    }
+
+    #[test]
+    fn argv() {
+        assert_eq!(p("").unwrap().cmd, Cmd::Help);
+        let a = p("--config /c.toml hook poststop --namespace k8s.io").unwrap();
+        assert_eq!(a.config, Some(PathBuf::from("/c.toml")));
+        assert_eq!(
+            a.cmd,
+            Cmd::Hook {
+                stage: "poststop".into(),
+                namespace: "k8s.io".into()
+            }
+        );
+        let a = p("inspect c1 --namespace=n1").unwrap();
+        assert_eq!(
+            a.cmd,
+            Cmd::Inspect {
+                id: "c1".into(),
+                namespace: "n1".into()
+            }
+        );
+        assert_eq!(p("check-config").unwrap().cmd, Cmd::CheckConfig);
+    }
+
+    #[test]
+    fn argv_errors() {
+        assert!(
+            p("inspect")
+                .unwrap_err()
+                .to_string()
+                .contains("container ID")
+        );
+        assert!(
+            p("frob")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown command")
+        );
+        assert!(
+            p("--bogus check-config")
+                .unwrap_err()
+                .to_string()
+                .contains("--bogus")
+        );
+        assert!(
+            p("check-config extra")
+                .unwrap_err()
+                .to_string()
+                .contains("extra")
+        );
+        assert!(
+            p("--config")
+                .unwrap_err()
+                .to_string()
+                .contains("needs a value")
+        );
+    }
+}

@@ -1,0 +1,483 @@
+//! Operator configuration (`/etc/envoy-sidecar/config.toml`).
+//!
+//! The `[proxy]` keys mirror the Diego rep job's `containers.proxy.*` properties with the
+//! same defaults. Everything is validated up front so that a bad value is reported by
+//! `check-config` (and by the first `create`) naming the key and what would be valid,
+//! never discovered half-way through setting a container up.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::pem_check;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/envoy-sidecar/config.toml";
+pub const CONFIG_ENV: &str = "ENVOY_SIDECAR_CONFIG";
+
+/// Bounds that make a value "absurd" rather than merely large.
+const MAX_ADDITIONAL_MEMORY_MB: i64 = 64 * 1024;
+const MIN_VALIDITY: Duration = Duration::from_secs(60);
+const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: Proxy,
+    pub instance_identity: InstanceIdentity,
+    pub runtime: Runtime,
+    pub ports: Ports,
+    pub host: Host,
+    /// Where the configuration was read from; `None` when built-in defaults are in use.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Proxy {
+    pub enabled: bool,
+    /// Signed so that a negative value is reported as such instead of as a TOML type error.
+    pub additional_memory_allocation_mb: i64,
+    pub enable_http2: bool,
+    pub require_and_verify_client_certificates: bool,
+    /// Each entry is a PEM file path or inline PEM text.
+    pub trusted_ca_certificates: Vec<String>,
+    pub verify_subject_alt_name: Vec<String>,
+    pub enable_unproxied_port_mappings: bool,
+    pub envoy_path: PathBuf,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            enabled: false,
+            additional_memory_allocation_mb: 32,
+            enable_http2: true,
+            require_and_verify_client_certificates: false,
+            trusted_ca_certificates: Vec::new(),
+            verify_subject_alt_name: Vec::new(),
+            enable_unproxied_port_mappings: true,
+            envoy_path: PathBuf::from("/usr/local/bin/envoy"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstanceIdentity {
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// humantime syntax: `24h`, `90m`, `7d`.
+    pub validity: String,
+}
+
+impl Default for InstanceIdentity {
+    fn default() -> Self {
+        InstanceIdentity {
+            ca_cert: None,
+            ca_key: None,
+            validity: "24h".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// The real runc the wrapper hands over to.
+    pub runc: PathBuf,
+    /// Per-container state, allocation records and credentials live below this.
+    pub state_dir: PathBuf,
+    /// The `envoy-sidecar` CLI that runc hooks call; default: next to the wrapper.
+    pub cli: Option<PathBuf>,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            runc: PathBuf::from("/usr/sbin/runc"),
+            state_dir: PathBuf::from("/run/envoy-sidecar"),
+            cli: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ports {
+    /// Host port pool for NAT, inclusive.
+    pub pool_start: i64,
+    pub pool_end: i64,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            pool_start: 61001,
+            pool_end: 65534,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Host {
+    /// What all proxied containers' memory limits may add up to; default: physical memory.
+    pub memory_capacity_mb: Option<i64>,
+    /// Address routers use to reach this host (`CF_INSTANCE_IP`/`CF_INSTANCE_ADDR`);
+    /// default: the source address of the default route, else 127.0.0.1.
+    pub address: Option<IpAddr>,
+}
+
+impl Config {
+    /// The configuration file to use: `--config`, else `$ENVOY_SIDECAR_CONFIG`, else the
+    /// default path. Only the default path may be absent (built-in defaults: proxy off).
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => match std::env::var_os(CONFIG_ENV) {
+                Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+                _ => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut cfg = Config::parse(&text, &path)?;
+                cfg.source = Some(path);
+                Ok(cfg)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(Error::ConfigSyntax {
+                path: path.display().to_string(),
+                msg: format!("cannot read: {e}"),
+            }),
+        }
+    }
+
+    /// Parse only (syntax, types, unknown keys); see [`Config::validate`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::ConfigSyntax {
+            path: path.display().to_string(),
+            msg: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::Config {
+            path: self
+                .source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(built-in defaults)".into()),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Every check an operator can fail. `wrapper_paths` are the files that are this
+    /// product's wrapper, which `runtime.runc` must not point back to.
+    pub fn validate(&self, wrapper_paths: &[PathBuf]) -> Result<()> {
+        let p = &self.proxy;
+        if !(0..=MAX_ADDITIONAL_MEMORY_MB).contains(&p.additional_memory_allocation_mb) {
+            return Err(self.err(
+                "proxy.additional_memory_allocation_mb",
+                format!(
+                    "{} is out of range; valid: 0 to {MAX_ADDITIONAL_MEMORY_MB} (MiB)",
+                    p.additional_memory_allocation_mb
+                ),
+            ));
+        }
+        if !p.enable_unproxied_port_mappings && !p.enabled {
+            return Err(self.err(
+                "proxy.enable_unproxied_port_mappings",
+                "false requires proxy.enabled = true (without the proxy the app would be unreachable)",
+            ));
+        }
+        if p.require_and_verify_client_certificates && p.trusted_ca_certificates.is_empty() {
+            return Err(self.err(
+                "proxy.trusted_ca_certificates",
+                "must list at least one CA (PEM file path or inline PEM) when \
+                 proxy.require_and_verify_client_certificates = true",
+            ));
+        }
+        for (i, entry) in p.trusted_ca_certificates.iter().enumerate() {
+            let key = format!("proxy.trusted_ca_certificates[{i}]");
+            pem_check::certificates(entry).map_err(|m| self.err(&key, m))?;
+        }
+        for (i, san) in p.verify_subject_alt_name.iter().enumerate() {
+            if san.is_empty() || san.len() > 253 || san.chars().any(|c| c.is_control()) {
+                return Err(self.err(
+                    &format!("proxy.verify_subject_alt_name[{i}]"),
+                    "must be a non-empty name of at most 253 printable characters",
+                ));
+            }
+        }
+        if p.enabled {
+            if !p.envoy_path.is_absolute() {
+                return Err(self.err("proxy.envoy_path", "must be an absolute path"));
+            }
+            let ii = &self.instance_identity;
+            let cert = ii.ca_cert.as_ref().ok_or_else(|| {
+                self.err(
+                    "instance_identity.ca_cert",
+                    "required when proxy.enabled = true (path to the operator CA certificate, PEM)",
+                )
+            })?;
+            let key = ii.ca_key.as_ref().ok_or_else(|| {
+                self.err(
+                    "instance_identity.ca_key",
+                    "required when proxy.enabled = true (path to the operator CA private key, PEM)",
+                )
+            })?;
+            pem_check::certificate_file(cert)
+                .map_err(|m| self.err("instance_identity.ca_cert", m))?;
+            pem_check::private_key_file(key)
+                .map_err(|m| self.err("instance_identity.ca_key", m))?;
+        }
+        self.validity()?;
+
+        let pool = (self.ports.pool_start, self.ports.pool_end);
+        if !(1024..=65535).contains(&pool.0) || !(1024..=65535).contains(&pool.1) || pool.0 > pool.1
+        {
+            return Err(self.err(
+                "ports.pool_start/pool_end",
+                format!(
+                    "{}-{} is not a valid pool; valid: 1024 <= pool_start <= pool_end <= 65535",
+                    pool.0, pool.1
+                ),
+            ));
+        }
+        if let Some(mb) = self.host.memory_capacity_mb
+            && !(1..=1 << 30).contains(&mb)
+        {
+            return Err(self.err(
+                "host.memory_capacity_mb",
+                format!("{mb} is out of range; valid: 1 to {} (MiB)", 1u64 << 30),
+            ));
+        }
+
+        let rt = &self.runtime;
+        if !rt.runc.is_absolute() {
+            return Err(self.err("runtime.runc", "must be an absolute path to the real runc"));
+        }
+        if let Ok(real) = std::fs::canonicalize(&rt.runc) {
+            let is_wrapper = real.file_name().is_some_and(|n| n == crate::WRAPPER_NAME)
+                || wrapper_paths
+                    .iter()
+                    .filter_map(|w| std::fs::canonicalize(w).ok())
+                    .any(|w| w == real);
+            if is_wrapper {
+                return Err(self.err(
+                    "runtime.runc",
+                    format!(
+                        "{} resolves to the envoy-sidecar wrapper itself ({}); it must name the real runc, e.g. /usr/sbin/runc",
+                        rt.runc.display(),
+                        real.display()
+                    ),
+                ));
+            }
+        }
+        if !rt.state_dir.is_absolute() {
+            return Err(self.err("runtime.state_dir", "must be an absolute path"));
+        }
+        if let Some(cli) = &rt.cli
+            && !cli.is_absolute()
+        {
+            return Err(self.err("runtime.cli", "must be an absolute path"));
+        }
+        Ok(())
+    }
+
+    /// Certificate validity; checked by `validate`.
+    pub fn validity(&self) -> Result<Duration> {
+        let v = &self.instance_identity.validity;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "instance_identity.validity",
+                format!("{v:?}: {e}; valid: a duration such as \"24h\", \"90m\", \"7d\""),
+            )
+        })?;
+        if !(MIN_VALIDITY..=MAX_VALIDITY).contains(&d) {
+            return Err(self.err(
+                "instance_identity.validity",
+                format!("{v:?} is out of range; valid: 1m to 366d"),
+            ));
+        }
+        Ok(d)
+    }
+
+    pub fn additional_memory_bytes(&self) -> u64 {
+        self.proxy.additional_memory_allocation_mb as u64 * 1024 * 1024
+    }
+
+    pub fn pool(&self) -> std::ops::RangeInclusive<u16> {
+        self.ports.pool_start as u16..=self.ports.pool_end as u16
+    }
+
+    /// `[host] memory_capacity_mb` in bytes, defaulting to physical memory.
+    pub fn memory_capacity_bytes(&self) -> Result<u64> {
+        match self.host.memory_capacity_mb {
+            Some(mb) => Ok(mb as u64 * 1024 * 1024),
+            None => physical_memory_bytes(),
+        }
+    }
+}
+
+fn physical_memory_bytes() -> Result<u64> {
+    let path = "/proc/meminfo";
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| Error::Io {
+            path: path.into(),
+            source: std::io::Error::other("no MemTotal line"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        let mut c = Config::parse(text, Path::new("test.toml"))?;
+        c.source = Some("test.toml".into());
+        Ok(c)
+    }
+
+    fn invalid(text: &str) -> String {
+        let c = parse(text).unwrap();
+        c.validate(&[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_reference() {
+        let c = parse("").unwrap();
+        assert!(!c.proxy.enabled);
+        assert_eq!(c.proxy.additional_memory_allocation_mb, 32);
+        assert!(c.proxy.enable_http2);
+        assert!(!c.proxy.require_and_verify_client_certificates);
+        assert!(c.proxy.enable_unproxied_port_mappings);
+        assert_eq!(c.validity().unwrap(), Duration::from_secs(24 * 3600));
+        assert_eq!(c.runtime.runc, PathBuf::from("/usr/sbin/runc"));
+        assert_eq!(c.pool(), 61001..=65534);
+        c.validate(&[]).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse("[proxy]\nenabeld = true\n").unwrap_err().to_string();
+        assert!(e.contains("enabeld"), "{e}");
+        let e = parse("[proxxy]\n").unwrap_err().to_string();
+        assert!(e.contains("proxxy"), "{e}");
+    }
+
+    #[test]
+    fn enabled_proxy_needs_ca() {
+        let e = invalid("[proxy]\nenabled = true\n");
+        assert!(
+            e.contains("instance_identity.ca_cert") && e.contains("required"),
+            "{e}"
+        );
+        let e = invalid(
+            "[proxy]\nenabled = true\n[instance_identity]\nca_cert = \"/nonexistent/ca.crt\"\n",
+        );
+        assert!(e.contains("instance_identity.ca_key"), "{e}");
+        let e = invalid(
+            "[proxy]\nenabled = true\n[instance_identity]\nca_cert = \"/nonexistent/ca.crt\"\nca_key = \"/nonexistent/ca.key\"\n",
+        );
+        assert!(
+            e.contains("instance_identity.ca_cert") && e.contains("/nonexistent/ca.crt"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_pem_ca_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("es-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert = dir.join("ca.crt");
+        std::fs::write(&cert, "not a certificate").unwrap();
+        let e = invalid(&format!(
+            "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n",
+            cert, cert
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("instance_identity.ca_cert") && e.contains("PEM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mtls_needs_trusted_ca() {
+        let e = invalid("[proxy]\nrequire_and_verify_client_certificates = true\n");
+        assert!(e.contains("proxy.trusted_ca_certificates"), "{e}");
+        let e = invalid(
+            "[proxy]\ntrusted_ca_certificates = [\"-----BEGIN CERTIFICATE-----\\ngarbage\\n-----END CERTIFICATE-----\\n\"]\n",
+        );
+        assert!(e.contains("proxy.trusted_ca_certificates[0]"), "{e}");
+    }
+
+    #[test]
+    fn unproxied_off_needs_proxy() {
+        let e = invalid("[proxy]\nenable_unproxied_port_mappings = false\n");
+        assert!(e.contains("proxy.enable_unproxied_port_mappings"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes() {
+        let e = invalid("[proxy]\nadditional_memory_allocation_mb = -1\n");
+        assert!(
+            e.contains("additional_memory_allocation_mb") && e.contains("-1"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\nadditional_memory_allocation_mb = 10000000\n");
+        assert!(e.contains("out of range"), "{e}");
+        let e = invalid("[host]\nmemory_capacity_mb = 0\n");
+        assert!(e.contains("host.memory_capacity_mb"), "{e}");
+        let e = invalid("[ports]\npool_start = 70000\n");
+        assert!(e.contains("pool_start"), "{e}");
+        let e = invalid("[ports]\npool_start = 62000\npool_end = 61000\n");
+        assert!(e.contains("pool_start <= pool_end"), "{e}");
+        let e = invalid("[instance_identity]\nvalidity = \"1s\"\n");
+        assert!(e.contains("instance_identity.validity"), "{e}");
+        let e = invalid("[instance_identity]\nvalidity = \"soon\"\n");
+        assert!(
+            e.contains("instance_identity.validity") && e.contains("24h"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn runc_must_not_be_the_wrapper() {
+        let dir = std::env::temp_dir().join(format!("es-cfg-w-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wrapper = dir.join("my-runtime");
+        std::fs::write(&wrapper, "").unwrap();
+        let link = dir.join("runc");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&wrapper, &link).unwrap();
+        let c = parse(&format!("[runtime]\nrunc = {:?}\n", link)).unwrap();
+        let e = c
+            .validate(std::slice::from_ref(&wrapper))
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("runtime.runc") && e.contains("wrapper itself"),
+            "{e}"
+        );
+        let e = invalid("[runtime]\nrunc = \"runc\"\n");
+        assert!(e.contains("absolute"), "{e}");
+    }
+}

@@ -1,0 +1,153 @@
+//! `envoy-sidecar hook <stage>`: what runc runs at each lifecycle stage, with the OCI
+//! state JSON on stdin. runc gives poststop no pid, and a failing poststop hook stops
+//! the others and fails `runc delete`: poststop therefore logs and succeeds.
+
+use std::io::Read;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::fsutil::now_rfc3339;
+use crate::store::{self, Store};
+
+/// runc's state JSON is a few hundred bytes; anything near this is not runc's.
+const MAX_STATE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    CreateRuntime,
+    Poststart,
+    Poststop,
+}
+
+impl Stage {
+    pub fn parse(s: &str) -> Result<Stage> {
+        match s {
+            "createRuntime" => Ok(Stage::CreateRuntime),
+            "poststart" => Ok(Stage::Poststart),
+            "poststop" => Ok(Stage::Poststop),
+            _ => Err(Error::Hook(format!(
+                "unknown stage {s:?}; valid: createRuntime, poststart, poststop"
+            ))),
+        }
+    }
+}
+
+/// The fields of the OCI state we use.
+#[derive(Debug, Deserialize)]
+pub struct OciState {
+    pub id: String,
+    #[serde(default)]
+    pub pid: Option<i32>,
+}
+
+pub fn read_state(mut input: impl Read) -> Result<OciState> {
+    let mut buf = Vec::new();
+    input
+        .by_ref()
+        .take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::Hook(format!("reading the OCI state from stdin: {e}")))?;
+    if buf.len() as u64 > MAX_STATE_BYTES {
+        return Err(Error::Hook(format!(
+            "OCI state on stdin is larger than {MAX_STATE_BYTES} bytes"
+        )));
+    }
+    let s: OciState = serde_json::from_slice(&buf).map_err(|e| {
+        Error::Hook(format!(
+            "stdin is not an OCI state JSON object with an \"id\": {e}"
+        ))
+    })?;
+    store::check_id(&s.id)?;
+    Ok(s)
+}
+
+/// Run one stage for a container created in `namespace`.
+pub fn run(store: &Store, stage: Stage, namespace: &str, st: &OciState) -> Result<()> {
+    store::check_namespace(namespace)?;
+    match stage {
+        Stage::Poststop => {
+            store.remove(namespace, &st.id)?;
+        }
+        Stage::CreateRuntime | Stage::Poststart => {
+            // No state: the wrapper did not give this container a proxy.
+            let Some(mut s) = store.read(namespace, &st.id)? else {
+                return Ok(());
+            };
+            if stage == Stage::CreateRuntime {
+                s.init_pid = st.pid;
+            } else {
+                s.started_at = Some(now_rfc3339());
+            }
+            store.write(&s)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{sample, tempdir};
+
+    #[test]
+    fn stages_update_and_release() {
+        let root = tempdir("hook");
+        let store = Store::new(&root);
+        store
+            .create(&sample("default", "c1", &root, (61001, None)))
+            .unwrap();
+        let st = read_state(
+            &br#"{"ociVersion":"1.0.2","id":"c1","pid":4242,"status":"created","bundle":"/b"}"#[..],
+        )
+        .unwrap();
+        run(&store, Stage::CreateRuntime, "default", &st).unwrap();
+        assert_eq!(
+            store.read("default", "c1").unwrap().unwrap().init_pid,
+            Some(4242)
+        );
+        run(&store, Stage::Poststart, "default", &st).unwrap();
+        assert!(
+            store
+                .read("default", "c1")
+                .unwrap()
+                .unwrap()
+                .started_at
+                .is_some()
+        );
+        run(&store, Stage::Poststop, "default", &st).unwrap();
+        run(&store, Stage::Poststop, "default", &st).unwrap();
+        assert!(store.read("default", "c1").unwrap().is_none());
+        // Containers the wrapper did not touch are no-ops.
+        run(&store, Stage::CreateRuntime, "default", &st).unwrap();
+        assert!(store.read("default", "c1").unwrap().is_none());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn bad_input() {
+        assert!(
+            read_state(&b"not json"[..])
+                .unwrap_err()
+                .to_string()
+                .contains("OCI state")
+        );
+        assert!(read_state(&br#"{"id":"../x"}"#[..]).is_err());
+        assert!(
+            read_state(&vec![b' '; 2 << 20][..])
+                .unwrap_err()
+                .to_string()
+                .contains("larger")
+        );
+        assert!(
+            Stage::parse("prestart")
+                .unwrap_err()
+                .to_string()
+                .contains("poststop")
+        );
+        let root = tempdir("hook-ns");
+        let st = read_state(&br#"{"id":"c1"}"#[..]).unwrap();
+        assert!(run(&Store::new(&root), Stage::Poststop, "../etc", &st).is_err());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

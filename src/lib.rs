@@ -1,0 +1,29 @@
+//! envoy-sidecar: a runc-compatible runtime wrapper (and OCI hooks) that gives every
+//! container a TLS-terminating Envoy, the way a Cloud Foundry Diego cell does.
+//!
+//! Modules by concern: `config` (operator TOML), `annotations` (what a container asks
+//! for), `ports` (port selection), `store` (per-container state and allocation),
+//! `spec` (JSON-tree patching of OCI files), `create` (the create-time decisions),
+//! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
+//! `cli` (the operator command).
+
+pub mod annotations;
+pub mod cli;
+pub mod config;
+pub mod create;
+pub mod error;
+pub mod fsutil;
+pub mod hook;
+pub mod pem_check;
+pub mod ports;
+pub mod runc_args;
+pub mod runc_log;
+pub mod spec;
+pub mod store;
+pub mod wrapper;
+
+pub use error::{Error, Result};
+
+/// File names of the two executables (the wrapper finds the CLI beside itself).
+pub const WRAPPER_NAME: &str = "envoy-sidecar-runc";
+pub const CLI_NAME: &str = "envoy-sidecar";

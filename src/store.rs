@@ -1,0 +1,432 @@
+//! Per-container state under `<state_dir>/<namespace>/<id>/`, and the host-wide lock
+//! that serialises allocation between concurrent `create`s (separate processes).
+//!
+//! The state files *are* the allocation records: host ports and memory in use are the
+//! union over all state files, read under the lock. There is no second ledger to drift
+//! out of sync after a crash; a container's claims vanish with its `state.json`.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+
+pub const STATE_FILE: &str = "state.json";
+pub const CREDENTIALS_DIR: &str = "credentials";
+const LOCK_FILE: &str = ".lock";
+const STATE_VERSION: u32 = 1;
+
+/// One entry of `CF_INSTANCE_PORTS`, field order as the reference prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub internal_tls_proxy: u16,
+    pub external_tls_proxy: u16,
+    pub internal: u16,
+    /// Absent when unproxied port mappings are disabled.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub external: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// What the user asked for; `None` = no limit.
+    pub requested_bytes: Option<u64>,
+    /// What the container got (requested + additional); `None` = no limit.
+    pub limit_bytes: Option<u64>,
+    pub additional_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub version: u32,
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    /// Configuration file the container was created with (hooks reuse it).
+    pub config: Option<PathBuf>,
+    pub instance_guid: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app_guid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub space_guid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub org_guid: Option<String>,
+    pub ports: Vec<PortMapping>,
+    pub admin_port: u16,
+    pub host_ip: IpAddr,
+    pub memory: Memory,
+    pub user: User,
+    pub credentials_dir: PathBuf,
+    pub created_at: String,
+    /// Set by the createRuntime hook.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub init_pid: Option<i32>,
+    /// Set by the poststart hook.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at: Option<String>,
+}
+
+impl ContainerState {
+    pub fn host_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports
+            .iter()
+            .flat_map(|p| [Some(p.external_tls_proxy), p.external])
+            .flatten()
+    }
+}
+
+/// Claims of all live containers, as read under the lock.
+#[derive(Debug, Default)]
+pub struct Claims {
+    pub host_ports: BTreeSet<u16>,
+    pub memory_limit_bytes: u64,
+    pub containers: usize,
+}
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Held while allocating; released on drop.
+pub struct Lock(#[allow(dead_code)] File);
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, ns: &str, id: &str) -> PathBuf {
+        self.root.join(ns).join(id)
+    }
+
+    /// Exclusive host-wide lock. The state root is created root-only.
+    pub fn lock(&self) -> Result<Lock> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .at(&self.root)?;
+        let path = self.root.join(LOCK_FILE);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .at(&path)?;
+        f.lock().at(&path)?;
+        Ok(Lock(f))
+    }
+
+    pub fn read(&self, ns: &str, id: &str) -> Result<Option<ContainerState>> {
+        let path = self.dir(ns, id).join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => parse_state(&path, &bytes).map(Some),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io { path, source: e }),
+        }
+    }
+
+    /// Every state file under the root. A directory without `state.json` (a create that
+    /// died before writing it) claims nothing.
+    pub fn list(&self) -> Result<Vec<ContainerState>> {
+        let mut out = Vec::new();
+        for ns in read_dir_names(&self.root)? {
+            let ns_dir = self.root.join(&ns);
+            if !ns_dir.is_dir() {
+                continue;
+            }
+            for id in read_dir_names(&ns_dir)? {
+                if let Some(s) = self.read(&ns, &id)? {
+                    out.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Claims of every container except `skip` (namespace, id).
+    pub fn claims(&self, skip: Option<(&str, &str)>) -> Result<Claims> {
+        let mut c = Claims::default();
+        for s in self.list()? {
+            if skip == Some((s.namespace.as_str(), s.id.as_str())) {
+                continue;
+            }
+            c.host_ports.extend(s.host_ports());
+            c.memory_limit_bytes += s.memory.limit_bytes.unwrap_or(0);
+            c.containers += 1;
+        }
+        Ok(c)
+    }
+
+    /// Create the container's directory (and credentials directory owned by the
+    /// container user) and write its state atomically.
+    pub fn create(&self, s: &ContainerState) -> Result<()> {
+        let dir = self.dir(&s.namespace, &s.id);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .at(&dir)?;
+        let creds = &s.credentials_dir;
+        match fs::DirBuilder::new().mode(0o500).create(creds) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    path: creds.clone(),
+                    source: e,
+                });
+            }
+        }
+        std::os::unix::fs::chown(creds, Some(s.user.uid), Some(s.user.gid)).at(creds)?;
+        self.write(s)
+    }
+
+    pub fn write(&self, s: &ContainerState) -> Result<()> {
+        let path = self.dir(&s.namespace, &s.id).join(STATE_FILE);
+        let bytes = serde_json::to_vec_pretty(s).expect("state serialises");
+        fsutil::write_atomic(&path, &bytes, 0o600)
+    }
+
+    /// Forget a container: its claims go with `state.json` (removed first, atomically),
+    /// then the rest of its directory. Idempotent.
+    pub fn remove(&self, ns: &str, id: &str) -> Result<bool> {
+        let dir = self.dir(ns, id);
+        let existed = match fs::remove_file(dir.join(STATE_FILE)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => {
+                return Err(Error::Io {
+                    path: dir.join(STATE_FILE),
+                    source: e,
+                });
+            }
+        };
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
+        }
+        // An empty namespace directory is noise for `ls` and gc; a concurrent create
+        // recreates it (DirBuilder is recursive), and a non-empty one is left alone.
+        let _ = fs::remove_dir(self.root.join(ns));
+        Ok(existed)
+    }
+}
+
+fn parse_state(path: &Path, bytes: &[u8]) -> Result<ContainerState> {
+    let s: ContainerState = serde_json::from_slice(bytes).map_err(|e| Error::State {
+        path: path.to_path_buf(),
+        msg: format!(
+            "malformed ({e}); it still holds host ports and memory — remove the container or run `envoy-sidecar gc`"
+        ),
+    })?;
+    if s.version != STATE_VERSION {
+        return Err(Error::State {
+            path: path.to_path_buf(),
+            msg: format!("version {} is not {STATE_VERSION}", s.version),
+        });
+    }
+    Ok(s)
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io {
+                path: dir.into(),
+                source: e,
+            });
+        }
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.at(dir)?;
+        if let Some(n) = e.file_name().to_str()
+            && !n.starts_with('.')
+        {
+            names.push(n.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+pub fn new_state_version() -> u32 {
+    STATE_VERSION
+}
+
+/// runc's own rule for container ids, which also makes them safe path components.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Args(format!(
+            "container id {:?} is invalid; valid: letters, digits, '_', '+', '-', '.'",
+            id.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+/// containerd's rule for namespace names.
+pub fn check_namespace(ns: &str) -> Result<()> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 76
+        && ns
+            .split(['.', '_', '-'])
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Args(format!(
+            "namespace {:?} is invalid; valid: alphanumerics separated by single '.', '_' or '-'",
+            ns.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(
+        ns: &str,
+        id: &str,
+        root: &Path,
+        host_ports: (u16, Option<u16>),
+    ) -> ContainerState {
+        ContainerState {
+            version: STATE_VERSION,
+            namespace: ns.into(),
+            id: id.into(),
+            bundle: "/b".into(),
+            config: None,
+            instance_guid: id.into(),
+            app_guid: None,
+            space_guid: None,
+            org_guid: None,
+            ports: vec![PortMapping {
+                internal_tls_proxy: 61001,
+                external_tls_proxy: host_ports.0,
+                internal: 8080,
+                external: host_ports.1,
+            }],
+            admin_port: 61002,
+            host_ip: "192.0.2.10".parse().unwrap(),
+            memory: Memory {
+                requested_bytes: Some(100 << 20),
+                limit_bytes: Some(132 << 20),
+                additional_bytes: 32 << 20,
+            },
+            user: User {
+                uid: nix_uid(),
+                gid: nix_gid(),
+            },
+            credentials_dir: root.join(ns).join(id).join(CREDENTIALS_DIR),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            init_pid: None,
+            started_at: None,
+        }
+    }
+
+    fn nix_uid() -> u32 {
+        unsafe { libc::getuid() }
+    }
+    fn nix_gid() -> u32 {
+        unsafe { libc::getgid() }
+    }
+
+    pub fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "es-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn claims_are_the_union_of_state_files() {
+        let root = tempdir("store");
+        let st = Store::new(&root);
+        let _l = st.lock().unwrap();
+        st.create(&sample("default", "a", &root, (61001, Some(61002))))
+            .unwrap();
+        st.create(&sample("k8s.io", "b", &root, (61003, None)))
+            .unwrap();
+        // A directory whose create died before writing state claims nothing.
+        fs::create_dir_all(root.join("default").join("half")).unwrap();
+        let c = st.claims(None).unwrap();
+        assert_eq!(c.host_ports, [61001, 61002, 61003].into_iter().collect());
+        assert_eq!(c.memory_limit_bytes, 264 << 20);
+        assert_eq!(c.containers, 2);
+        let c = st.claims(Some(("default", "a"))).unwrap();
+        assert_eq!(c.host_ports, [61003].into_iter().collect());
+
+        assert!(st.remove("default", "a").unwrap());
+        assert!(!st.remove("default", "a").unwrap());
+        assert_eq!(st.read("default", "a").unwrap(), None);
+        assert_eq!(st.list().unwrap().len(), 1);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn malformed_state_names_the_file() {
+        let root = tempdir("store-bad");
+        let st = Store::new(&root);
+        fs::create_dir_all(root.join("default/x")).unwrap();
+        fs::write(root.join("default/x/state.json"), "{").unwrap();
+        let e = st.list().unwrap_err().to_string();
+        assert!(
+            e.contains("default/x/state.json") && e.contains("gc"),
+            "{e}"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn ids_and_namespaces() {
+        check_id("abc-1.2_3+x").unwrap();
+        for bad in ["", ".", "..", "a/b", "a b", "a\n"] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+        check_namespace("default").unwrap();
+        check_namespace("k8s.io").unwrap();
+        for bad in ["", "a..b", "-a", "a/b", "../x"] {
+            assert!(check_namespace(bad).is_err(), "{bad:?}");
+        }
+    }
+}

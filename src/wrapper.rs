@@ -1,0 +1,273 @@
+//! `envoy-sidecar-runc`: a drop-in runc. It acts on `create`/`run` (spec mutation),
+//! `exec` (environment for later processes) and `delete` (release), and otherwise
+//! hands the unchanged argv to the real runc.
+//!
+//! Policy on a broken configuration: `create`/`run` fail (we cannot apply what the
+//! operator asked for), every other command still reaches runc so that existing
+//! containers can be inspected, killed and deleted.
+
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+
+use crate::config::Config;
+use crate::create::{self, Target};
+use crate::error::{Error, Result};
+use crate::runc_args::{Command, Invocation};
+use crate::runc_log;
+use crate::spec::JsonFile;
+use crate::store::{self, Store};
+
+struct Ctx {
+    argv: Vec<OsString>,
+    inv: Invocation,
+    runc: PathBuf,
+}
+
+impl Ctx {
+    fn log(&self, level: &str, msg: &str) {
+        eprintln!("envoy-sidecar-runc: {level}: {msg}");
+        if let Some(log) = self.inv.global("log") {
+            let json = self.inv.global("log-format") == Some("json");
+            runc_log::append(
+                Path::new(log),
+                level,
+                &format!("envoy-sidecar: {msg}"),
+                json,
+            );
+        }
+    }
+
+    fn runc(&self) -> Process {
+        let mut p = Process::new(&self.runc);
+        p.args(&self.argv[1..]);
+        p
+    }
+
+    /// Become runc. Only returns on failure.
+    fn exec(&self) -> i32 {
+        let e = self.runc().exec();
+        self.log(
+            "error",
+            &format!("cannot execute runtime.runc {}: {e}", self.runc.display()),
+        );
+        127
+    }
+
+    /// Run runc as a child with our stdio, and return its exit code.
+    fn spawn(&self) -> i32 {
+        match self.runc().status() {
+            Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+            Err(e) => {
+                self.log(
+                    "error",
+                    &format!("cannot execute runtime.runc {}: {e}", self.runc.display()),
+                );
+                127
+            }
+        }
+    }
+
+    /// Whether runc knows the container (`runc <global flags> state <id>`).
+    fn exists_in_runc(&self, id: &str) -> bool {
+        Process::new(&self.runc)
+            .args(&self.argv[1..1 + self.inv.global_len])
+            .args(["state", id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+/// The wrapper's whole life; returns the exit code (or never returns, having become runc).
+pub fn main(argv: Vec<OsString>) -> i32 {
+    let args: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let default_runc = crate::config::Runtime::default().runc;
+    let inv = match Invocation::parse(&args) {
+        Ok(inv) => inv,
+        Err(e) => {
+            // Without a parse we still honour --log so containerd shows the reason.
+            let ctx = Ctx {
+                argv,
+                inv: fallback_invocation(&args),
+                runc: default_runc,
+            };
+            ctx.log("error", &e.to_string());
+            return 2;
+        }
+    };
+    let self_exe: Vec<PathBuf> = std::env::current_exe().into_iter().collect();
+    let loaded = Config::load(None).and_then(|c| c.validate(&self_exe).map(|()| c));
+    let mut ctx = Ctx {
+        argv,
+        inv,
+        runc: default_runc,
+    };
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(ctx.inv.command, Command::Create | Command::Run) {
+                ctx.log("error", &e.to_string());
+                return 1;
+            }
+            ctx.log(
+                "warning",
+                &format!("{e}; passing through to {}", ctx.runc.display()),
+            );
+            // Best effort: a config that parses but fails validation still names runc.
+            if let Ok(c) = Config::load(None) {
+                ctx.runc = c.runtime.runc;
+            }
+            return ctx.exec();
+        }
+    };
+    ctx.runc = cfg.runtime.runc.clone();
+
+    let result = match ctx.inv.command {
+        Command::Create | Command::Run => on_create(&ctx, &cfg),
+        Command::Exec => on_exec(&ctx, &cfg).map(|()| None),
+        Command::Delete => return on_delete(&ctx, &cfg),
+        // start/kill: the sidecar lifecycle hooks in here (next stage of the product).
+        _ => Ok(None),
+    };
+    match result {
+        Ok(None) => ctx.exec(),
+        Ok(Some(code)) => code,
+        Err(e) => {
+            ctx.log("error", &e.to_string());
+            1
+        }
+    }
+}
+
+fn fallback_invocation(args: &[String]) -> Invocation {
+    let mut inv = Invocation::parse(&[]).expect("empty argv parses");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let body = a.trim_start_matches('-');
+        if let Some(v) = body.strip_prefix("log=") {
+            inv.global.insert("log", v.into());
+        } else if body == "log" {
+            if let Some(v) = it.next() {
+                inv.global.insert("log", v.clone());
+            }
+        } else if let Some(v) = body.strip_prefix("log-format=") {
+            inv.global.insert("log-format", v.into());
+        } else if body == "log-format"
+            && let Some(v) = it.next()
+        {
+            inv.global.insert("log-format", v.clone());
+        }
+    }
+    inv
+}
+
+fn container(inv: &Invocation) -> Result<Option<(String, String)>> {
+    let Some(id) = inv.id() else {
+        return Ok(None); // runc prints its own usage error
+    };
+    store::check_id(id)?;
+    let ns = inv.namespace();
+    store::check_namespace(&ns)?;
+    Ok(Some((ns, id.to_string())))
+}
+
+fn cli_path(cfg: &Config) -> Result<PathBuf> {
+    let path = match &cfg.runtime.cli {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join(crate::CLI_NAME)))
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin").join(crate::CLI_NAME)),
+    };
+    if !path.is_file() {
+        return Err(Error::Config {
+            path: cfg
+                .source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            key: "runtime.cli".into(),
+            msg: format!(
+                "{} does not exist; runc hooks need the envoy-sidecar CLI (install it next to the wrapper or set runtime.cli)",
+                path.display()
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// `Ok(None)`: become runc. `Ok(Some(code))`: runc already ran as our child.
+fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
+    if !cfg.proxy.enabled {
+        return Ok(None);
+    }
+    let Some((ns, id)) = container(&ctx.inv)? else {
+        return Ok(None);
+    };
+    let bundle = ctx.inv.bundle()?;
+    let cli = cli_path(cfg)?;
+    let target = Target {
+        namespace: &ns,
+        id: &id,
+        bundle: &bundle,
+        cli: &cli,
+    };
+    let Some(_state) = create::prepare(cfg, &target, || ctx.exists_in_runc(&id))? else {
+        return Ok(None);
+    };
+    let foreground = ctx.inv.command == Command::Run && !ctx.inv.flag_bool("detach");
+    if foreground {
+        // `runc run` in the foreground forwards signals to the container: it must be
+        // runc itself, not our child. poststop releases the state.
+        return Ok(None);
+    }
+    let code = ctx.spawn();
+    if code != 0 {
+        // runc may already have run our poststop hook; release is idempotent.
+        let _ = Store::new(&cfg.runtime.state_dir).remove(&ns, &id);
+    }
+    Ok(Some(code))
+}
+
+/// containerd builds exec processes from its own copy of the spec, without what we
+/// added to `config.json`: add our variables to the process file it hands runc.
+fn on_exec(ctx: &Ctx, cfg: &Config) -> Result<()> {
+    let Some(process) = ctx.inv.flag("process") else {
+        return Ok(()); // runc reads the (patched) config.json itself
+    };
+    let Some((ns, id)) = container(&ctx.inv)? else {
+        return Ok(());
+    };
+    let Some(state) = Store::new(&cfg.runtime.state_dir).read(&ns, &id)? else {
+        return Ok(());
+    };
+    let mut f = JsonFile::load(Path::new(process))?;
+    f.merge_env(false, &create::env_vars(&state), &[], true)?;
+    f.save()
+}
+
+fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
+    let ids = match container(&ctx.inv) {
+        Ok(Some(c)) => c,
+        Ok(None) => return ctx.exec(),
+        Err(e) => {
+            ctx.log("error", &e.to_string());
+            return ctx.exec();
+        }
+    };
+    let code = ctx.spawn();
+    // A refused delete (running container without --force) keeps its state.
+    if (code == 0 || !ctx.exists_in_runc(&ids.1))
+        && let Err(e) = Store::new(&cfg.runtime.state_dir).remove(&ids.0, &ids.1)
+    {
+        ctx.log("warning", &format!("releasing {}: {e}", ids.1));
+    }
+    code
+}
