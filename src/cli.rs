@@ -16,6 +16,8 @@ commands:
   inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
   hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
                                   poststop) with the OCI state JSON on stdin
+  generate-ca --out DIR [--cn NAME]
+                                  write a self-signed CA (ca.crt, ca.key) for trials
   help                            this text
 
 The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
@@ -26,6 +28,7 @@ pub enum Cmd {
     CheckConfig,
     Inspect { id: String, namespace: String },
     Hook { stage: String, namespace: String },
+    GenerateCa { out: PathBuf, cn: String },
     Help,
 }
 
@@ -39,6 +42,8 @@ pub struct Args {
 pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut config = None;
     let mut namespace = None;
+    let mut out = None;
+    let mut cn = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -58,9 +63,13 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
         match name {
             "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
             "--namespace" | "-n" => namespace = Some(value("--namespace")?),
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--cn" => cn = Some(value("--cn")?),
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
-                bail!("unknown flag {f:?}; valid: --config PATH, --namespace NS, --help\n\n{USAGE}")
+                bail!(
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --help\n\n{USAGE}"
+                )
             }
             _ => positional.push(a.clone()),
         }
@@ -79,6 +88,10 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
                 .next()
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
             namespace,
+        },
+        Some("generate-ca") => Cmd::GenerateCa {
+            out: out.context("generate-ca needs --out DIR")?,
+            cn: cn.unwrap_or_else(|| "envoy-sidecar instance identity CA".into()),
         },
         Some(other) => bail!("unknown command {other:?}\n\n{USAGE}"),
     };
@@ -131,6 +144,10 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Help => println!("{USAGE}"),
+        Cmd::GenerateCa { out, cn } => {
+            crate::ca::generate(&out, &cn)?;
+            println!("wrote {0}/ca.crt and {0}/ca.key", out.display());
+        }
         Cmd::CheckConfig => {
             let cfg = load(args.config.as_deref())?;
             match &cfg.source {

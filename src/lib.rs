@@ -8,6 +8,7 @@
 //! `cli` (the operator command).
 
 pub mod annotations;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod create;

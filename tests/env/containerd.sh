@@ -148,9 +148,20 @@ cmd_up() {
             echo "==== $(date -u +%FT%TZ) starting containerd --config $CONF ===="
         } >>"$LOG"
         # Fully detached: new session, no controlling tty, stdio redirected,
-        # so it survives the caller and make's pipes get EOF. `sh` records
-        # its own pid then execs containerd, so the pid file is exact.
-        setsid -f sh -c 'echo $$ >"$1"; exec "$2" --config "$3"' sh \
+        # and every other inherited fd closed (make jobserver pipes, our
+        # lock fd, a caller's `| tee` ...), so it survives the caller and
+        # nobody waits for EOF on a pipe containerd still holds. The child
+        # shell records its own pid then execs containerd => exact pid file.
+        # shellcheck disable=SC2016
+        setsid -f bash -c '
+            # (no redirections on this loop: bash would park fd 2 on a
+            # high fd while it runs, and the loop would close that too)
+            for f in /proc/$$/fd/*; do
+                f=${f##*/}
+                case $f in 0|1|2|*[!0-9]*) ;; *) eval "exec $f>&-" ;; esac
+            done
+            echo $$ >"$1"
+            exec "$2" --config "$3"' containerd-start \
             "$PIDFILE" "$(command -v "$CONTAINERD_BIN")" "$CONF" \
             </dev/null >>"$LOG" 2>&1
     fi

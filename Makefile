@@ -1,0 +1,52 @@
+# envoy-sidecar — see README.md.
+CARGO ?= cargo
+TEST_ENV := tests/env/containerd.sh
+
+.PHONY: all build release deps test unit integration lint demo bench test-env-up test-env-down clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+deps:
+	scripts/install-deps.sh
+
+# The whole suite: lint, unit tests, and the integration tests against a private
+# containerd + runc (started here; as root, else they skip with a printed reason).
+test: lint
+	$(CARGO) build --all-targets
+	$(TEST_ENV) up
+	$(CARGO) test -- --test-threads=4
+
+unit:
+	$(CARGO) test --lib --bins
+
+integration:
+	$(TEST_ENV) up
+	$(CARGO) test --test '*'
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# Fresh machine to a container with CF_INSTANCE_PORTS, in one command.
+demo: deps release
+	$(TEST_ENV) up
+	scripts/demo.sh
+
+bench: deps release
+	$(TEST_ENV) up
+	scripts/bench.sh
+
+test-env-up:
+	$(TEST_ENV) up
+
+test-env-down:
+	$(TEST_ENV) down
+
+clean:
+	$(CARGO) clean

