@@ -481,3 +481,26 @@ mod tests {
         assert!(e.contains("absolute"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped, commented config must parse to exactly the built-in defaults.
+    #[test]
+    fn shipped_example_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&text, &path).unwrap();
+        c.validate(&[]).unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{:?}", c.proxy), format!("{:?}", d.proxy));
+        assert_eq!(
+            format!("{:?}", c.instance_identity),
+            format!("{:?}", d.instance_identity)
+        );
+        assert_eq!(format!("{:?}", c.runtime), format!("{:?}", d.runtime));
+        assert_eq!(format!("{:?}", c.ports), format!("{:?}", d.ports));
+        assert_eq!(format!("{:?}", c.host), format!("{:?}", d.host));
+    }
+}

@@ -1,0 +1,325 @@
+#!/usr/bin/env bash
+# Container lifecycle overhead: wall time of a whole
+#   ctr run --rm --runc-binary X localhost/envoy-sidecar/busybox:latest ID /bin/true
+# for three runtimes, interleaved round-robin (the order rotates every round) so that
+# noise on a shared machine hits all of them alike:
+#   a) plain runc
+#   b) envoy-sidecar-runc, proxy disabled
+#   c) envoy-sidecar-runc, proxy enabled, --annotation envoy-sidecar/ports=8080,9999,2222
+# Prints a table and overwrites docs/BENCHMARKS.md.
+#
+# Run it through `make bench` (deps, release build, private containerd up). Root only.
+#
+# Environment:
+#   BENCH_ROUNDS   measured rounds (default 40); BENCH_WARMUP  uncounted rounds (default 3)
+#   BENCH_ENFORCE  1 = exit non-zero when the proxy-disabled target is missed
+#   BENCH_RUNC     the plain runc (default /usr/sbin/runc)
+#   CONTAINERD_ADDRESS  default /run/envoy-sidecar-test/containerd.sock
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
+SOCK="${CONTAINERD_ADDRESS:-/run/envoy-sidecar-test/containerd.sock}"
+NS=envoy-sidecar-test
+IMAGE=localhost/envoy-sidecar/busybox:latest
+RUNC="${BENCH_RUNC:-/usr/sbin/runc}"
+ROUNDS="${BENCH_ROUNDS:-40}"
+WARMUP="${BENCH_WARMUP:-3}"
+ENFORCE="${BENCH_ENFORCE:-0}"
+WRAPPER="$REPO/target/release/envoy-sidecar-runc"
+CLI="$REPO/target/release/envoy-sidecar"
+OUT="$REPO/docs/BENCHMARKS.md"
+PORTS_ANNOTATION="envoy-sidecar/ports=8080,9999,2222"
+TARGET_RATIO=1.05
+VARIANTS=(a b c)
+ID_PREFIX="esbench-$$-"
+
+die() { echo "bench: error: $*" >&2; exit 1; }
+log() { echo "bench: $*" >&2; }
+ctr_() { ctr --address "$SOCK" -n "$NS" "$@"; }
+
+# ---- preflight -------------------------------------------------------------------
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a non-negative integer, got '$WARMUP'"
+[ "$(id -u)" = 0 ] || die "must run as root (containerd, runc, cgroups); use 'make bench'"
+for b in ctr python3; do command -v "$b" >/dev/null || die "'$b' not found in PATH"; done
+[ -x "$RUNC" ] || die "$RUNC not found (BENCH_RUNC)"
+[ -x "$WRAPPER" ] || die "$WRAPPER missing; run 'make release' (or 'make bench')"
+[ -x "$CLI" ] || die "$CLI missing; run 'make release' (or 'make bench')"
+timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1 \
+    || die "no containerd answering on $SOCK; run 'tests/env/containerd.sh up' (or 'make bench')"
+ctr_ images ls -q | grep -qxF "$IMAGE" \
+    || die "image $IMAGE not in namespace $NS; run 'tests/env/containerd.sh up'"
+# The pyenv shim costs tens of ms per call: resolve the interpreter once.
+PY="$(python3 -c 'import sys; print(sys.executable)')"
+
+# ---- sandbox + cleanup -------------------------------------------------------------
+TMP="$(mktemp -d /tmp/envoy-sidecar-bench.XXXXXX)"
+STATE="$TMP/state"
+CURRENT_ID=""
+
+remove_container() {
+    local id="$1"
+    ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    ctr_ tasks rm -f "$id" >/dev/null 2>&1 || true
+    ctr_ containers rm "$id" >/dev/null 2>&1 || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    # Containers first: removing a wrapper container runs the wrapper, whose config and
+    # state live in $TMP.
+    local id
+    for id in $CURRENT_ID $(ctr_ containers ls -q 2>/dev/null | grep -F "$ID_PREFIX" || true); do
+        log "removing leftover container $id"
+        remove_container "$id"
+    done
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+"$CLI" generate-ca --out "$TMP/ca" >/dev/null || die "generate-ca failed"
+cat >"$TMP/disabled.toml" <<EOF
+[runtime]
+state_dir = "$STATE"
+EOF
+cat >"$TMP/enabled.toml" <<EOF
+[proxy]
+enabled = true
+[instance_identity]
+ca_cert = "$TMP/ca/ca.crt"
+ca_key = "$TMP/ca/ca.key"
+[runtime]
+state_dir = "$STATE"
+EOF
+# The shim does not pass ctr's environment on: one wrapper script per config.
+for v in disabled enabled; do
+    printf '#!/bin/sh\nENVOY_SIDECAR_CONFIG=%s exec %s "$@"\n' "$TMP/$v.toml" "$WRAPPER" >"$TMP/runc-$v"
+    chmod 0755 "$TMP/runc-$v"
+done
+
+# Times one command with a monotonic clock; prints elapsed ms, exits with its status.
+cat >"$TMP/timeit.py" <<'EOF'
+import subprocess, sys, time
+log, cmd = sys.argv[1], sys.argv[2:]
+with open(log, "wb") as f:
+    t0 = time.monotonic_ns()
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    t1 = time.monotonic_ns()
+print(f"{(t1 - t0) / 1e6:.3f}")
+sys.exit(r.returncode)
+EOF
+
+# `ctr run` arguments before the image for a variant.
+run_opts() {
+    case "$1" in
+        a) echo "--runc-binary $RUNC" ;;
+        b) echo "--runc-binary $TMP/runc-disabled" ;;
+        c) echo "--runc-binary $TMP/runc-enabled --annotation $PORTS_ANNOTATION" ;;
+    esac
+}
+
+# ---- sanity: the variants really differ ----------------------------------------------
+# (c) must inject CF_INSTANCE_PORTS, (a) and (b) must not; not timed.
+for v in "${VARIANTS[@]}"; do
+    CURRENT_ID="${ID_PREFIX}check-$v"
+    # shellcheck disable=SC2046
+    env_out="$(ctr_ run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/env 2>&1)" \
+        || { echo "$env_out" >&2; die "sanity run of variant $v failed"; }
+    CURRENT_ID=""
+    if [ "$v" = c ]; then
+        grep -q '^CF_INSTANCE_PORTS=.*8080' <<<"$env_out" \
+            || { echo "$env_out" >&2; die "variant c: no CF_INSTANCE_PORTS with 8080 in the container"; }
+    elif grep -q '^CF_INSTANCE_' <<<"$env_out"; then
+        echo "$env_out" >&2; die "variant $v: CF_INSTANCE_* set although the proxy is off"
+    fi
+done
+
+# ---- measure ----------------------------------------------------------------------
+RESULTS="$TMP/results"
+: >"$RESULTS"
+
+run_one() { # variant tag measured(0|1)
+    local v="$1" tag="$2" measured="$3" ms
+    CURRENT_ID="${ID_PREFIX}$v-$tag"
+    # shellcheck disable=SC2046
+    if ! ms="$("$PY" "$TMP/timeit.py" "$TMP/run.log" \
+            ctr --address "$SOCK" -n "$NS" run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/true)"; then
+        echo "---- output of the failed run ----" >&2
+        cat "$TMP/run.log" >&2
+        die "variant $v run $tag ($CURRENT_ID) failed"
+    fi
+    if ctr_ containers info "$CURRENT_ID" >/dev/null 2>&1; then
+        die "variant $v: container $CURRENT_ID still exists after 'ctr run --rm'"
+    fi
+    CURRENT_ID=""
+    if [ "$measured" = 1 ]; then echo "$v $ms" >>"$RESULTS"; fi
+}
+
+# Round r runs the variants rotated by r, so each holds each position equally often.
+round() { # index tag measured
+    local r="$1" i n=${#VARIANTS[@]}
+    for ((i = 0; i < n; i++)); do
+        run_one "${VARIANTS[(r + i) % n]}" "$2" "$3"
+    done
+}
+
+log "warm-up: $WARMUP round(s)"
+for ((r = 0; r < WARMUP; r++)); do round "$r" "w$r" 0; done
+log "measuring: $ROUNDS rounds x ${#VARIANTS[@]} variants, interleaved"
+start_s=$(date +%s)
+for ((r = 0; r < ROUNDS; r++)); do
+    round "$r" "$r" 1
+    if (( (r + 1) % 10 == 0 )); then log "  $((r + 1))/$ROUNDS rounds"; fi
+done
+log "measured in $(( $(date +%s) - start_s )) s"
+
+# ---- leak checks ------------------------------------------------------------------
+left="$(ctr_ containers ls -q | grep -F "$ID_PREFIX" || true)"
+[ -z "$left" ] || die "containers left behind: $left"
+# Only the host-wide allocation lock file may remain in the state dir: any container
+# directory (or namespace directory) left is a leak.
+if [ -d "$STATE" ]; then
+    leaked="$(find "$STATE" -mindepth 1 ! -path "$STATE/.lock" -print)"
+    [ -z "$leaked" ] || die "envoy-sidecar state dir $STATE not empty after the runs:"$'\n'"$leaked"
+fi
+
+# ---- report -----------------------------------------------------------------------
+cgroup_version() {
+    if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+        echo "v2 (unified)"
+    elif [ "$(stat -fc %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]; then
+        echo "v1 (hybrid; v2 also mounted at /sys/fs/cgroup/unified)"
+    else
+        echo "v1"
+    fi
+}
+commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]; then
+    commit="$commit (with uncommitted changes)"
+fi
+
+export B_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
+export B_NPROC="$(nproc)"
+export B_CPU="$(awk -F': *' '/^model name/{print $2; exit}' /proc/cpuinfo)"
+export B_MEM="$(free -g | awk '/^Mem:/{print $2}')"
+export B_KERNEL="$(uname -r)"
+export B_CONTAINERD="$(ctr --address "$SOCK" version | awk '/^Server:/{s=1} s && /Version:/{print $2; exit}')"
+export B_RUNC="$("$RUNC" --version | awk 'NR==1{print $3}')"
+export B_CGROUP="$(cgroup_version)"
+export B_COMMIT="$commit"
+export B_ROUNDS="$ROUNDS" B_WARMUP="$WARMUP" B_TARGET="$TARGET_RATIO" B_ANN="$PORTS_ANNOTATION"
+export B_RUNC_PATH="$RUNC"
+
+mkdir -p "$(dirname "$OUT")"
+report_rc=0
+"$PY" - "$RESULTS" "$OUT" <<'EOF' || report_rc=$?
+import math, os, statistics, sys
+
+results, out = sys.argv[1], sys.argv[2]
+e = os.environ
+times = {"a": [], "b": [], "c": []}
+for line in open(results):
+    v, ms = line.split()
+    times[v].append(float(ms))
+rounds = int(e["B_ROUNDS"])
+for v, t in times.items():
+    assert len(t) == rounds, f"variant {v}: {len(t)} samples, expected {rounds}"
+
+def p90(t):  # nearest rank
+    s = sorted(t)
+    return s[math.ceil(0.9 * len(s)) - 1]
+
+med = {v: statistics.median(t) for v, t in times.items()}
+names = {
+    "a": f"(a) plain runc (`{e['B_RUNC_PATH']}`)",
+    "b": "(b) envoy-sidecar-runc, proxy disabled",
+    "c": f"(c) envoy-sidecar-runc, proxy enabled, `{e['B_ANN']}`",
+}
+table = [
+    "| Variant | Median (ms) | p90 (ms) | Min (ms) | Median ÷ runc |",
+    "|---|---:|---:|---:|---:|",
+]
+for v in "abc":
+    table.append(
+        f"| {names[v]} | {med[v]:.1f} | {p90(times[v]):.1f} | {min(times[v]):.1f} | "
+        f"{med[v] / med['a']:.3f}× |"
+    )
+rb, rc = med["b"] / med["a"], med["c"] / med["a"]
+target = float(e["B_TARGET"])
+met = rb <= target
+verdict = (f"**met** ({rb:.3f}× ≤ {target:.2f}×)" if met
+           else f"**not met** ({rb:.3f}× > {target:.2f}×)")
+
+doc = f"""# Benchmarks
+
+## Container lifecycle overhead
+
+What one short-lived container costs end to end with the wrapper in the path: the
+wall time of a complete
+
+    ctr --address SOCK -n envoy-sidecar-test run --rm --runc-binary X \\
+        localhost/envoy-sidecar/busybox:latest ID /bin/true
+
+(create, start, wait, delete: every runc invocation the containerd shim makes), for
+
+- **(a)** `X` = plain runc;
+- **(b)** `X` = `envoy-sidecar-runc` with the proxy disabled (the default config);
+- **(c)** `X` = `envoy-sidecar-runc` with the proxy enabled and
+  `--annotation {e['B_ANN']}` (CA-signed instance identity, port allocation, spec
+  patching, state file and runc hooks).
+
+**Command:** `make bench` (installs deps, builds release, starts the private
+containerd of `tests/env/containerd.sh`, runs `scripts/bench.sh`).
+`BENCH_ROUNDS` sets the number of rounds.
+
+**Date:** {e['B_DATE']}  
+**Commit:** {e['B_COMMIT']}  
+**Machine:** {e['B_NPROC']} CPUs ({e['B_CPU'] or 'unknown model'}), {e['B_MEM']} GiB RAM
+(`free -g` total), kernel {e['B_KERNEL']}, cgroup {e['B_CGROUP']}  
+**Runtime:** containerd {e['B_CONTAINERD']}, runc {e['B_RUNC']}  
+**Rounds:** {rounds} measured (+ {e['B_WARMUP']} warm-up rounds not counted), each
+round running (a), (b), (c) once, in an order rotated every round; a fresh container
+id per run.
+
+{chr(10).join(table)}
+
+**Target** (from the issue): ≤ {target:.2f}× with the proxy disabled, i.e.
+median(b) ÷ median(a) ≤ {target:.2f} — {verdict}.
+With the proxy enabled: median(c) ÷ median(a) = {rc:.3f}× (no target set).
+
+### How to read this
+
+- This runs on a shared, noisy machine; single runs scatter widely. The variants are
+  interleaved round-robin (order rotated each round) so background noise and drift hit
+  all three alike, and the comparison uses **medians**, which a few slow outliers do
+  not move. p90 shows the tail; it is much noisier than the median.
+- The ratio is what matters, not the absolute times: those depend on the machine,
+  the storage under containerd, and the cgroup setup.
+- Ratios within a few percent of each other are within run-to-run noise; rerun
+  `make bench` (or raise `BENCH_ROUNDS`) before drawing conclusions from a small
+  difference.
+- After the runs the script checks that no container is left in containerd and that
+  the wrapper's state directory holds no container state (a leak check).
+"""
+with open(out, "w") as f:
+    f.write(doc)
+
+print()
+print(f"Container lifecycle overhead ({rounds} interleaved rounds, {e['B_DATE']})")
+print()
+print("\n".join(table))
+print()
+print(f"median(b)/median(a) = {rb:.3f}   target <= {target:.2f}: {'MET' if met else 'NOT MET'}")
+print(f"median(c)/median(a) = {rc:.3f}")
+sys.exit(0 if met else 3)
+EOF
+case "$report_rc" in
+    0) log "wrote $OUT" ;;
+    3) log "wrote $OUT"
+       if [ "$ENFORCE" = 1 ]; then die "proxy-disabled target missed (BENCH_ENFORCE=1)"; fi ;;
+    *) die "computing the report failed (python exit $report_rc)" ;;
+esac
