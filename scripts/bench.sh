@@ -146,7 +146,7 @@ run_one() { # variant tag measured(0|1)
     local v="$1" tag="$2" measured="$3" ms
     CURRENT_ID="${ID_PREFIX}$v-$tag"
     # shellcheck disable=SC2046
-    if ! ms="$("$PY" "$TMP/timeit.py" "$TMP/run.log" \
+    if ! ms="$("$PY" -I -S "$TMP/timeit.py" "$TMP/run.log" \
             ctr --address "$SOCK" -n "$NS" run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/true)"; then
         echo "---- output of the failed run ----" >&2
         cat "$TMP/run.log" >&2
@@ -216,7 +216,7 @@ export B_RUNC_PATH="$RUNC"
 
 mkdir -p "$(dirname "$OUT")"
 report_rc=0
-"$PY" - "$RESULTS" "$OUT" <<'EOF' || report_rc=$?
+"$PY" -I -S - "$RESULTS" "$OUT" <<'EOF' || report_rc=$?
 import math, os, statistics, sys
 
 results, out = sys.argv[1], sys.argv[2]

@@ -335,3 +335,48 @@ fn proxy_disabled_is_plain_runc() {
         "disabled proxy must not create state"
     );
 }
+
+#[test]
+fn user_env_conflict_fails_create() {
+    if !can_run("user_env_conflict_fails_create") {
+        return;
+    }
+    let sb = Sandbox::new("envclash", "", "");
+    let out = sb.run_rm(
+        "es-envclash",
+        &[(PORTS, "8080")],
+        &["--env", "CF_INSTANCE_PORTS=[]"],
+        "true",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("CF_INSTANCE_PORTS"),
+        "{}",
+        text(&out)
+    );
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+}
+
+#[test]
+fn failed_runc_create_releases_everything() {
+    if !can_run("failed_runc_create_releases_everything") {
+        return;
+    }
+    // The real runc fails after the wrapper decided and recorded everything.
+    let sb = Sandbox::new("runcfail", "", "");
+    let failing = sb.dir.join("failing-runc");
+    write_script(
+        &failing,
+        "#!/bin/sh\nfor a; do [ \"$a\" = create ] && exit 1; done\nexec /usr/sbin/runc \"$@\"\n",
+    );
+    let mut cfg = std::fs::read_to_string(&sb.config).unwrap();
+    cfg = cfg.replace("[runtime]\n", &format!("[runtime]\nrunc = {:?}\n", failing));
+    std::fs::write(&sb.config, cfg).unwrap();
+    let out = sb.run_rm("es-runcfail", &[(PORTS, "8080")], &[], "true");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        sb.leftovers().is_empty(),
+        "state held after a failed create: {:?}",
+        sb.leftovers()
+    );
+}
