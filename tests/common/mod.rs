@@ -35,7 +35,12 @@ pub fn can_run(test: &str) -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("{test}: CI must run as root");
         }
-        eprintln!("SKIP {test}: needs root (containerd, runc, cgroups)");
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {test}: needs root (containerd, runc, cgroups)"
+        );
         return false;
     }
     static UP: Once = Once::new();
