@@ -262,10 +262,15 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
             return ctx.exec();
         }
     };
+    // Nothing of ours (no proxy, or already released): become runc, no extra fork.
+    let store = Store::new(&cfg.runtime.state_dir);
+    if !matches!(store.read(&ids.0, &ids.1), Ok(Some(_))) {
+        return ctx.exec();
+    }
     let code = ctx.spawn();
     // A refused delete (running container without --force) keeps its state.
     if (code == 0 || !ctx.exists_in_runc(&ids.1))
-        && let Err(e) = Store::new(&cfg.runtime.state_dir).remove(&ids.0, &ids.1)
+        && let Err(e) = store.remove(&ids.0, &ids.1)
     {
         ctx.log("warning", &format!("releasing {}: {e}", ids.1));
     }
