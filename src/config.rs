@@ -48,6 +48,13 @@ pub struct Proxy {
     pub verify_subject_alt_name: Vec<String>,
     pub enable_unproxied_port_mappings: bool,
     pub envoy_path: PathBuf,
+    /// Envoy worker threads; 1 keeps memory independent of the host's CPU count.
+    pub concurrency: i64,
+    /// Unprivileged identity Envoy runs as (no capabilities).
+    pub envoy_uid: u32,
+    pub envoy_gid: u32,
+    /// Envoy's cap on open downstream connections (global_downstream_max_connections).
+    pub max_connections: i64,
 }
 
 impl Default for Proxy {
@@ -61,6 +68,10 @@ impl Default for Proxy {
             verify_subject_alt_name: Vec::new(),
             enable_unproxied_port_mappings: true,
             envoy_path: PathBuf::from("/usr/local/bin/envoy"),
+            concurrency: 1,
+            envoy_uid: 65534,
+            envoy_gid: 65534,
+            max_connections: 4096,
         }
     }
 }
@@ -216,6 +227,24 @@ impl Config {
                     "must be a non-empty name of at most 253 printable characters",
                 ));
             }
+        }
+        if !(1..=64).contains(&p.concurrency) {
+            return Err(self.err(
+                "proxy.concurrency",
+                format!("{} is out of range; valid: 1 to 64", p.concurrency),
+            ));
+        }
+        if !(1..=1_000_000).contains(&p.max_connections) {
+            return Err(self.err(
+                "proxy.max_connections",
+                format!("{} is out of range; valid: 1 to 1000000", p.max_connections),
+            ));
+        }
+        if p.envoy_uid == 0 || p.envoy_gid == 0 {
+            return Err(self.err(
+                "proxy.envoy_uid/envoy_gid",
+                "Envoy must not run as root; valid: a non-zero uid and gid (default 65534, nobody)",
+            ));
         }
         if p.enabled {
             if !p.envoy_path.is_absolute() {
@@ -443,6 +472,12 @@ mod tests {
         );
         let e = invalid("[proxy]\nadditional_memory_allocation_mb = 10000000\n");
         assert!(e.contains("out of range"), "{e}");
+        let e = invalid("[proxy]\nconcurrency = 0\n");
+        assert!(e.contains("proxy.concurrency"), "{e}");
+        let e = invalid("[proxy]\nenvoy_uid = 0\n");
+        assert!(e.contains("envoy_uid") && e.contains("root"), "{e}");
+        let e = invalid("[proxy]\nmax_connections = 0\n");
+        assert!(e.contains("proxy.max_connections"), "{e}");
         let e = invalid("[host]\nmemory_capacity_mb = 0\n");
         assert!(e.contains("host.memory_capacity_mb"), "{e}");
         let e = invalid("[ports]\npool_start = 70000\n");

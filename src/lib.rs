@@ -7,8 +7,10 @@
 //! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
 //! `cli` (the operator command).
 
+pub mod admin;
 pub mod annotations;
 pub mod ca;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod create;
@@ -17,6 +19,8 @@ pub mod fsutil;
 pub mod hook;
 pub mod pem_check;
 pub mod ports;
+pub mod probe;
+pub mod process;
 pub mod runc_args;
 pub mod runc_log;
 pub mod spec;
