@@ -173,7 +173,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let cfg = Config::load(args.config.as_deref())
                 .with_context(|| format!("hook {stage:?} for {}", state.id))?;
             let st = Store::new(&cfg.runtime.state_dir);
-            hook::run(&st, stage, &namespace, &state)
+            hook::run(&st, stage, &namespace, &state, args.config.as_deref())
                 .with_context(|| format!("hook {stage:?} for {}/{}", namespace, state.id))?;
         }
     }

@@ -62,12 +62,22 @@ pub fn read_state(mut input: impl Read) -> Result<OciState> {
     Ok(s)
 }
 
-/// Run one stage for a container created in `namespace`.
-pub fn run(store: &Store, stage: Stage, namespace: &str, st: &OciState) -> Result<()> {
+/// Run one stage for a container created in `namespace`. `config` is passed on to
+/// the supervisor that poststart launches.
+pub fn run(
+    store: &Store,
+    stage: Stage,
+    namespace: &str,
+    st: &OciState,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
     store::check_namespace(namespace)?;
     match stage {
         Stage::Poststop => {
+            // Second line after the wrapper's delete: stop the sidecar, then release.
+            let stopped = crate::sidecar::stop(store, namespace, &st.id);
             store.remove(namespace, &st.id)?;
+            stopped?;
         }
         Stage::CreateRuntime | Stage::Poststart => {
             // No state: the wrapper did not give this container a proxy.
@@ -76,10 +86,12 @@ pub fn run(store: &Store, stage: Stage, namespace: &str, st: &OciState) -> Resul
             };
             if stage == Stage::CreateRuntime {
                 s.init_pid = st.pid;
+                store.write(&s)?;
             } else {
                 s.started_at = Some(now_rfc3339());
+                store.write(&s)?;
+                crate::sidecar::launch(config, store, namespace, &st.id)?;
             }
-            store.write(&s)?;
         }
     }
     Ok(())
@@ -101,25 +113,16 @@ mod tests {
             &br#"{"ociVersion":"1.0.2","id":"c1","pid":4242,"status":"created","bundle":"/b"}"#[..],
         )
         .unwrap();
-        run(&store, Stage::CreateRuntime, "default", &st).unwrap();
+        run(&store, Stage::CreateRuntime, "default", &st, None).unwrap();
         assert_eq!(
             store.read("default", "c1").unwrap().unwrap().init_pid,
             Some(4242)
         );
-        run(&store, Stage::Poststart, "default", &st).unwrap();
-        assert!(
-            store
-                .read("default", "c1")
-                .unwrap()
-                .unwrap()
-                .started_at
-                .is_some()
-        );
-        run(&store, Stage::Poststop, "default", &st).unwrap();
-        run(&store, Stage::Poststop, "default", &st).unwrap();
+        run(&store, Stage::Poststop, "default", &st, None).unwrap();
+        run(&store, Stage::Poststop, "default", &st, None).unwrap();
         assert!(store.read("default", "c1").unwrap().is_none());
         // Containers the wrapper did not touch are no-ops.
-        run(&store, Stage::CreateRuntime, "default", &st).unwrap();
+        run(&store, Stage::CreateRuntime, "default", &st, None).unwrap();
         assert!(store.read("default", "c1").unwrap().is_none());
         std::fs::remove_dir_all(root).unwrap();
     }
@@ -147,7 +150,7 @@ mod tests {
         );
         let root = tempdir("hook-ns");
         let st = read_state(&br#"{"id":"c1"}"#[..]).unwrap();
-        assert!(run(&Store::new(&root), Stage::Poststop, "../etc", &st).is_err());
+        assert!(run(&Store::new(&root), Stage::Poststop, "../etc", &st, None).is_err());
         std::fs::remove_dir_all(root).unwrap();
     }
 }

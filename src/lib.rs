@@ -23,6 +23,7 @@ pub mod probe;
 pub mod process;
 pub mod runc_args;
 pub mod runc_log;
+pub mod sidecar;
 pub mod spec;
 pub mod store;
 pub mod wrapper;

@@ -16,6 +16,7 @@ use crate::create::{self, Target};
 use crate::error::{Error, Result};
 use crate::runc_args::{Command, Invocation};
 use crate::runc_log;
+use crate::sidecar;
 use crate::spec::JsonFile;
 use crate::store::{self, Store};
 
@@ -133,7 +134,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Command::Create | Command::Run => on_create(&ctx, &cfg),
         Command::Exec => on_exec(&ctx, &cfg).map(|()| None),
         Command::Delete => return on_delete(&ctx, &cfg),
-        // start/kill: the sidecar lifecycle hooks in here (next stage of the product).
+        Command::Kill => {
+            on_kill(&ctx, &cfg);
+            Ok(None)
+        }
         _ => Ok(None),
     };
     match result {
@@ -253,6 +257,30 @@ fn on_exec(ctx: &Ctx, cfg: &Config) -> Result<()> {
     f.save()
 }
 
+/// SIGTERM to the container's init: first stop Envoy accepting new connections, so a
+/// router gets a clean refusal (and retries elsewhere) instead of a reset mid-request;
+/// open connections carry on until the app exits. Failures never block the kill.
+fn on_kill(ctx: &Ctx, cfg: &Config) {
+    if ctx.inv.flag_bool("all") {
+        return;
+    }
+    let sig = ctx
+        .inv
+        .positional
+        .get(1)
+        .map(String::as_str)
+        .unwrap_or("TERM");
+    if !matches!(sig, "15" | "TERM" | "SIGTERM") {
+        return;
+    }
+    let Ok(Some((ns, id))) = container(&ctx.inv) else {
+        return;
+    };
+    if let Err(e) = sidecar::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id) {
+        ctx.log("warning", &format!("draining the proxy of {id}: {e}"));
+    }
+}
+
 fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
     let ids = match container(&ctx.inv) {
         Ok(Some(c)) => c,
@@ -266,6 +294,13 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
     let store = Store::new(&cfg.runtime.state_dir);
     if !matches!(store.read(&ids.0, &ids.1), Ok(Some(_))) {
         return ctx.exec();
+    }
+    // runc cannot remove a cgroup that still holds Envoy: stop the sidecar first.
+    if let Err(e) = sidecar::stop(&store, &ids.0, &ids.1) {
+        ctx.log(
+            "warning",
+            &format!("stopping the sidecar of {}: {e}", ids.1),
+        );
     }
     let code = ctx.spawn();
     // A refused delete (running container without --force) keeps its state.

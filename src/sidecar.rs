@@ -1,0 +1,166 @@
+//! The sidecar's lifecycle as seen from outside the supervisor: where its files live,
+//! what it records, and how the wrapper and hooks start, drain and stop it.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::SidecarCgroup;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::process::{self, ProcId};
+use crate::store::Store;
+
+pub const RECORD_FILE: &str = "supervisor.json";
+pub const SUPERVISOR_LOG: &str = "supervisor.log";
+pub const ENVOY_LOG: &str = "envoy.log";
+pub const ENVOY_DIR: &str = "envoy";
+pub const BOOTSTRAP_FILE: &str = "bootstrap.json";
+pub const SDS_DIR: &str = "sds";
+
+/// How long the supervisor gets to stop Envoy and leave after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What the supervisor records about itself (`supervisor.json`, written only by it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub supervisor: Option<ProcId>,
+    pub envoy: Option<ProcId>,
+    pub envoy_restarts: u32,
+    /// RFC 3339 time of the first successful TLS handshake of the current Envoy.
+    pub ready_at: Option<String>,
+    pub container_ip: Option<IpAddr>,
+    pub cert_serial: Option<String>,
+    /// Unix seconds.
+    pub cert_not_after: Option<u64>,
+    pub cgroup: SidecarCgroup,
+    pub last_error: Option<String>,
+}
+
+/// Paths of one container's sidecar.
+pub struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(store: &Store, ns: &str, id: &str) -> Paths {
+        Paths {
+            dir: store.dir(ns, id),
+        }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join(RECORD_FILE)
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.dir.join(SUPERVISOR_LOG)
+    }
+    pub fn envoy_log(&self) -> PathBuf {
+        self.dir.join(ENVOY_LOG)
+    }
+    pub fn envoy_dir(&self) -> PathBuf {
+        self.dir.join(ENVOY_DIR)
+    }
+    pub fn bootstrap(&self) -> PathBuf {
+        self.envoy_dir().join(BOOTSTRAP_FILE)
+    }
+    pub fn sds_dir(&self) -> PathBuf {
+        self.envoy_dir().join(SDS_DIR)
+    }
+
+    pub fn read_record(&self) -> Result<Option<Record>> {
+        let p = self.record();
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::State {
+                    path: p,
+                    msg: format!("malformed supervisor record: {e}"),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io { path: p, source: e }),
+        }
+    }
+
+    pub fn write_record(&self, r: &Record) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(r).expect("record serialises");
+        fsutil::write_atomic(&self.record(), &bytes, 0o600)
+    }
+}
+
+/// Start the supervisor for a container, fully detached: own session, stdio to its log
+/// file, nothing inherited from runc (runc waits for its hooks' pipes to close).
+pub fn launch(config: Option<&Path>, store: &Store, ns: &str, id: &str) -> Result<()> {
+    let paths = Paths::new(store, ns, id);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.supervisor_log())
+        .at(paths.supervisor_log())?;
+    let exe = std::env::current_exe().at("/proc/self/exe")?;
+    let mut cmd = Command::new(exe);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(["supervise", id, "--namespace", ns])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().at(paths.supervisor_log())?)
+        .stderr(log);
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().at(paths.supervisor_log())?;
+    Ok(())
+}
+
+/// Stop the supervisor and Envoy and empty Envoy's cgroups, so that runc can remove
+/// the container's cgroup. Idempotent; works after a supervisor crash (by pid record
+/// and by cgroup membership).
+pub fn stop(store: &Store, ns: &str, id: &str) -> Result<()> {
+    let paths = Paths::new(store, ns, id);
+    let Some(rec) = paths.read_record()? else {
+        return Ok(());
+    };
+    if let Some(s) = rec.supervisor {
+        s.terminate(STOP_GRACE);
+    }
+    if let Some(e) = rec.envoy {
+        e.terminate(Duration::from_secs(2));
+    }
+    // The supervisor may have recorded the cgroup after we read the record.
+    let rec = paths.read_record()?.unwrap_or(rec);
+    rec.cgroup.kill_and_remove()
+}
+
+/// Ask Envoy to stop accepting new connections (before the app gets SIGTERM). Runs in
+/// a thread that enters the container's netns, where the admin port is.
+pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
+    let Some(state) = store.read(ns, id)? else {
+        return Ok(false);
+    };
+    let paths = Paths::new(store, ns, id);
+    let envoy_up = paths
+        .read_record()?
+        .and_then(|r| r.envoy)
+        .is_some_and(|e| e.alive());
+    let Some(pid) = state.init_pid.filter(|_| envoy_up) else {
+        return Ok(false);
+    };
+    let admin = state.admin_port;
+    let t = std::thread::spawn(move || -> std::io::Result<()> {
+        process::enter_netns(pid)?;
+        crate::admin::drain_listeners(admin, Duration::from_secs(2))
+    });
+    t.join()
+        .map_err(|_| Error::Hook("drain thread panicked".into()))?
+        .at(format!("/proc/{pid}/ns/net (admin 127.0.0.1:{admin})"))?;
+    Ok(true)
+}
