@@ -167,12 +167,23 @@ impl Sandbox {
 
     /// `ctr run -d ... sleep`: a running container removed when the handle drops.
     pub fn start(&self, id: &str, annotations: &[(&str, &str)], opts: &[&str]) -> Container {
+        self.start_cmd(id, annotations, opts, &["/bin/sleep", "3600"])
+    }
+
+    /// `ctr run -d ... <cmd>`: a running container removed when the handle drops.
+    pub fn start_cmd(
+        &self,
+        id: &str,
+        annotations: &[(&str, &str)],
+        opts: &[&str],
+        cmd: &[&str],
+    ) -> Container {
         let mut a = self.run_args(id, annotations);
         let tail = a.split_off(a.len() - 2);
         a.insert(1, "-d".into());
         a.extend(opts.iter().map(|s| s.to_string()));
         a.extend(tail);
-        a.extend(["/bin/sleep".into(), "3600".into()]);
+        a.extend(cmd.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         let out = ctr(&refs);
         let c = Container { id: id.into() };
@@ -290,4 +301,55 @@ pub fn memory_limit_of(pid: u32) -> String {
         .expect("cgroup v2 line");
     let p = format!("/sys/fs/cgroup{}/memory.max", &line[3..]);
     std::fs::read_to_string(p).unwrap().trim().to_string()
+}
+
+/// A network namespace with a veth to the host: the container's network for tests
+/// that reach it from outside (documentation range 198.51.100.0/24, one /30 per test).
+pub struct Netns {
+    pub name: String,
+    pub path: String,
+    pub host_ip: String,
+    pub ip: String,
+}
+
+impl Netns {
+    /// `slot` (0..63) picks the /30: 198.51.100.(4*slot+1) host, (4*slot+2) container.
+    pub fn new(slot: u8) -> Netns {
+        assert!(slot < 64);
+        let name = format!("es-t{slot}-{}", std::process::id() % 100000);
+        let host_if = format!("esh{slot}p{}", std::process::id() % 10000);
+        let host_ip = format!("198.51.100.{}", 4 * slot as u32 + 1);
+        let ip = format!("198.51.100.{}", 4 * slot as u32 + 2);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let sh = |c: &str| {
+            let o = Command::new("sh").arg("-c").arg(c).output().unwrap();
+            assert!(o.status.success(), "{c}: {}", text(&o));
+        };
+        sh(&format!("ip netns add {name}"));
+        sh(&format!(
+            "ip link add {host_if} type veth peer name eth0 netns {name} && \
+             ip addr add {host_ip}/30 dev {host_if} && ip link set {host_if} up && \
+             ip -n {name} addr add {ip}/30 dev eth0 && ip -n {name} link set eth0 up && \
+             ip -n {name} link set lo up && ip -n {name} route add default via {host_ip}"
+        ));
+        Netns {
+            path: format!("/var/run/netns/{name}"),
+            name,
+            host_ip,
+            ip,
+        }
+    }
+
+    /// The ctr option that puts a container in this namespace.
+    pub fn ctr_opt(&self) -> String {
+        format!("--with-ns=network:{}", self.path)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys the veth pair with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
 }
