@@ -63,7 +63,7 @@ impl Request {
     }
 }
 
-fn bad(key: &str, value: &str, msg: impl Into<String>) -> Error {
+pub(crate) fn bad(key: &str, value: &str, msg: impl Into<String>) -> Error {
     // Keep hostile values from flooding logs: the message shows at most 80 chars.
     let shown: String = value.chars().take(80).collect();
     Error::Annotation {

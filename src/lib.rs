@@ -4,6 +4,7 @@
 //! Modules by concern: `config` (operator TOML), `annotations` (what a container asks
 //! for), `ports` (port selection), `store` (per-container state and allocation),
 //! `spec` (JSON-tree patching of OCI files), `create` (the create-time decisions),
+//! `envoy_config` (the per-container Envoy bootstrap, SDS file and command line),
 //! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
 //! `cli` (the operator command).
 
@@ -14,6 +15,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod create;
+pub mod envoy_config;
 pub mod error;
 pub mod fsutil;
 pub mod hook;
