@@ -33,6 +33,8 @@ pub struct Request {
     pub app_guid: Option<String>,
     pub space_guid: Option<String>,
     pub org_guid: Option<String>,
+    /// `envoy-sidecar/alpn`; `None`: the host default.
+    pub alpn: Option<crate::envoy_config::Alpn>,
 }
 
 impl Request {
@@ -59,6 +61,10 @@ impl Request {
             app_guid: guid(a, APP_GUID)?,
             space_guid: guid(a, SPACE_GUID)?,
             org_guid: guid(a, ORG_GUID)?,
+            alpn: a
+                .get(crate::envoy_config::ALPN_ANNOTATION)
+                .map(|v| crate::envoy_config::parse_alpn(v))
+                .transpose()?,
         }))
     }
 }
@@ -248,6 +254,18 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.app_guid.as_deref(), Some("a-1_b.c"));
+        let r =
+            Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "http/1.1")]))
+                .unwrap()
+                .unwrap();
+        assert_eq!(r.alpn, Some(crate::envoy_config::Alpn::Http11));
+        let e = Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("envoy-sidecar/alpn") && e.contains("valid:"),
+            "{e}"
+        );
         for v in ["../etc", "a\nb", "", "a b", "x\"y", &"a".repeat(129)] {
             let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (INSTANCE_GUID, v)]))
                 .unwrap_err()

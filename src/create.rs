@@ -193,6 +193,11 @@ pub fn prepare(
         org_guid: req.org_guid,
         ports: mappings,
         admin_port: proxy.admin,
+        alpn: req
+            .alpn
+            .unwrap_or_else(|| crate::envoy_config::Alpn::host_default(cfg.proxy.enable_http2))
+            .as_str()
+            .into(),
         host_ip: cfg.host.address.unwrap_or_else(default_host_ip),
         memory: Memory {
             requested_bytes: requested,

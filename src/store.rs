@@ -65,6 +65,8 @@ pub struct ContainerState {
     pub org_guid: Option<String>,
     pub ports: Vec<PortMapping>,
     pub admin_port: u16,
+    /// ALPN Envoy advertises: "h2,http/1.1", "http/1.1" or "none".
+    pub alpn: String,
     pub host_ip: IpAddr,
     pub memory: Memory,
     pub user: User,
@@ -343,6 +345,7 @@ pub(crate) mod tests {
                 external: host_ports.1,
             }],
             admin_port: 61002,
+            alpn: "h2,http/1.1".into(),
             host_ip: "192.0.2.10".parse().unwrap(),
             memory: Memory {
                 requested_bytes: Some(100 << 20),
