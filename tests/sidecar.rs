@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -95,7 +95,7 @@ fn first_cert_text(s_client_out: &str) -> String {
     c.stdin
         .take()
         .unwrap()
-        .write_all(s_client_out[begin..end].as_bytes())
+        .write_all(&s_client_out.as_bytes()[begin..end])
         .unwrap();
     String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
 }
