@@ -5,7 +5,8 @@
 //! for), `ports` (port selection), `store` (per-container state and allocation),
 //! `spec` (JSON-tree patching of OCI files), `create` (the create-time decisions),
 //! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
-//! `cli` (the operator command).
+//! `ca`/`identity` (the operator CA and per-container certificates), `cli` (the
+//! operator command).
 
 pub mod annotations;
 pub mod ca;
@@ -15,6 +16,7 @@ pub mod create;
 pub mod error;
 pub mod fsutil;
 pub mod hook;
+pub mod identity;
 pub mod pem_check;
 pub mod ports;
 pub mod runc_args;
