@@ -738,15 +738,17 @@ mod tests {
 
     impl Drop for TempDir {
         fn drop(&mut self) {
-            // Generation directories are 0550: make them writable so that a non-root
-            // run can delete them.
-            if let Ok(entries) = fs::read_dir(&self.0) {
-                for e in entries.flatten() {
+            // Generation directories are 0550: make every directory writable so that a
+            // non-root run can delete them.
+            fn writable(dir: &Path) {
+                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+                for e in fs::read_dir(dir).into_iter().flatten().flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700));
+                        writable(&e.path());
                     }
                 }
             }
+            writable(&self.0);
             let _ = fs::remove_dir_all(&self.0);
         }
     }
