@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::identity::{Ca, KeyType};
 use crate::pem_check;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/envoy-sidecar/config.toml";
@@ -83,6 +84,8 @@ pub struct InstanceIdentity {
     pub ca_key: Option<PathBuf>,
     /// humantime syntax: `24h`, `90m`, `7d`.
     pub validity: String,
+    /// Leaf key algorithm: `ecdsa-p256`, `rsa-2048` or `rsa-3072`.
+    pub key_type: String,
 }
 
 impl Default for InstanceIdentity {
@@ -91,6 +94,7 @@ impl Default for InstanceIdentity {
             ca_cert: None,
             ca_key: None,
             validity: "24h".into(),
+            key_type: KeyType::default().as_str().into(),
         }
     }
 }
@@ -267,8 +271,15 @@ impl Config {
                 .map_err(|m| self.err("instance_identity.ca_cert", m))?;
             pem_check::private_key_file(key)
                 .map_err(|m| self.err("instance_identity.ca_key", m))?;
+            // Loading proves what issuing needs: a supported key that matches a CA
+            // certificate which has not expired. The message names the file.
+            Ca::load(cert, key).map_err(|e| match e {
+                Error::Identity(m) => self.err("instance_identity", m),
+                e => e,
+            })?;
         }
         self.validity()?;
+        self.key_type()?;
 
         let pool = (self.ports.pool_start, self.ports.pool_end);
         if !(1024..=65535).contains(&pool.0) || !(1024..=65535).contains(&pool.1) || pool.0 > pool.1
@@ -340,6 +351,14 @@ impl Config {
         Ok(d)
     }
 
+    /// Leaf key algorithm; checked by `validate`.
+    pub fn key_type(&self) -> Result<KeyType> {
+        self.instance_identity
+            .key_type
+            .parse()
+            .map_err(|m: String| self.err("instance_identity.key_type", m))
+    }
+
     pub fn additional_memory_bytes(&self) -> u64 {
         self.proxy.additional_memory_allocation_mb as u64 * 1024 * 1024
     }
@@ -397,6 +416,7 @@ mod tests {
         assert!(!c.proxy.require_and_verify_client_certificates);
         assert!(c.proxy.enable_unproxied_port_mappings);
         assert_eq!(c.validity().unwrap(), Duration::from_secs(24 * 3600));
+        assert_eq!(c.key_type().unwrap(), KeyType::EcdsaP256);
         assert_eq!(c.runtime.runc, PathBuf::from("/usr/sbin/runc"));
         assert_eq!(c.pool(), 61001..=65534);
         c.validate(&[]).unwrap();
@@ -443,6 +463,49 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
             e.contains("instance_identity.ca_cert") && e.contains("PEM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ca_key_must_match_the_certificate() {
+        let dir = std::env::temp_dir().join(format!("es-cfg-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::ca::generate(&dir.join("a"), "A").unwrap();
+        crate::ca::generate(&dir.join("b"), "B").unwrap();
+        let cfg = |crt: &str, key: &str| {
+            format!(
+                "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n",
+                dir.join(crt),
+                dir.join(key)
+            )
+        };
+        parse(&cfg("a/ca.crt", "a/ca.key"))
+            .unwrap()
+            .validate(&[])
+            .unwrap();
+        let e = invalid(&cfg("a/ca.crt", "b/ca.key"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("instance_identity: CA key")
+                && e.contains("b/ca.key")
+                && e.contains("does not match"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_type_is_checked() {
+        for kt in ["ecdsa-p256", "rsa-2048", "rsa-3072"] {
+            let c = parse(&format!("[instance_identity]\nkey_type = {kt:?}\n")).unwrap();
+            c.validate(&[]).unwrap();
+            assert_eq!(c.key_type().unwrap().as_str(), kt);
+        }
+        let e = invalid("[instance_identity]\nkey_type = \"ed25519\"\n");
+        assert!(
+            e.contains("instance_identity.key_type")
+                && e.contains("ed25519")
+                && e.contains("ecdsa-p256, rsa-2048, rsa-3072"),
             "{e}"
         );
     }

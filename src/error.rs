@@ -51,6 +51,11 @@ pub enum Error {
     #[error("hook: {0}")]
     Hook(String),
 
+    /// Instance identity: the operator CA, issuing a certificate, or writing it out.
+    /// The message names the file at fault.
+    #[error("instance identity: {0}")]
+    Identity(String),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

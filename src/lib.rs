@@ -6,7 +6,8 @@
 //! `spec` (JSON-tree patching of OCI files), `create` (the create-time decisions),
 //! `envoy_config` (the per-container Envoy bootstrap, SDS file and command line),
 //! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
-//! `cli` (the operator command).
+//! `ca`/`identity` (the operator CA and per-container certificates), `cli` (the
+//! operator command).
 
 pub mod admin;
 pub mod annotations;
@@ -19,6 +20,7 @@ pub mod envoy_config;
 pub mod error;
 pub mod fsutil;
 pub mod hook;
+pub mod identity;
 pub mod pem_check;
 pub mod ports;
 pub mod probe;
