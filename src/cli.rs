@@ -16,6 +16,8 @@ commands:
   inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
   hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
                                   poststop) with the OCI state JSON on stdin
+  supervise ID [--namespace NS]   run a container's sidecar supervisor (started by the
+                                  poststart hook; runs until the container's init exits)
   generate-ca --out DIR [--cn NAME]
                                   write a self-signed CA (ca.crt, ca.key) for trials
   help                            this text
@@ -29,6 +31,7 @@ pub enum Cmd {
     Inspect { id: String, namespace: String },
     Hook { stage: String, namespace: String },
     GenerateCa { out: PathBuf, cn: String },
+    Supervise { id: String, namespace: String },
     Help,
 }
 
@@ -87,6 +90,10 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             stage: pos
                 .next()
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
+            namespace,
+        },
+        Some("supervise") => Cmd::Supervise {
+            id: pos.next().context("supervise needs a container ID")?,
             namespace,
         },
         Some("generate-ca") => Cmd::GenerateCa {
@@ -164,6 +171,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::Supervise { id, namespace } => {
+            store::check_id(&id)?;
+            store::check_namespace(&namespace)?;
+            let cfg = load(args.config.as_deref())?;
+            crate::supervisor::run(&cfg, &namespace, &id)
+                .with_context(|| format!("supervisor for {namespace}/{id}"))?;
         }
         Cmd::Hook { stage, namespace } => {
             let stage = Stage::parse(&stage)?;

@@ -20,7 +20,8 @@ pub const CONFIG_ENV: &str = "ENVOY_SIDECAR_CONFIG";
 
 /// Bounds that make a value "absurd" rather than merely large.
 const MAX_ADDITIONAL_MEMORY_MB: i64 = 64 * 1024;
-const MIN_VALIDITY: Duration = Duration::from_secs(60);
+/// Short validities exist to exercise rotation; production wants hours.
+const MIN_VALIDITY: Duration = Duration::from_secs(20);
 const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -345,7 +346,7 @@ impl Config {
         if !(MIN_VALIDITY..=MAX_VALIDITY).contains(&d) {
             return Err(self.err(
                 "instance_identity.validity",
-                format!("{v:?} is out of range; valid: 1m to 366d"),
+                format!("{v:?} is out of range; valid: 20s to 366d"),
             ));
         }
         Ok(d)

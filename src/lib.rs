@@ -30,6 +30,7 @@ pub mod runc_log;
 pub mod sidecar;
 pub mod spec;
 pub mod store;
+pub mod supervisor;
 pub mod wrapper;
 
 pub use error::{Error, Result};

@@ -1,0 +1,474 @@
+//! `envoy-sidecar supervise`: one small process per container that owns its Envoy.
+//!
+//! It joins the container's network namespace (so the container IP and Envoy's
+//! listeners are where the app is), issues the instance identity, writes Envoy's
+//! config, runs Envoy in a child of the container's cgroup as an unprivileged user,
+//! restarts it with backoff, rotates credentials before expiry, and leaves — after
+//! stopping Envoy — when the container's init is gone or it is told to (SIGTERM).
+
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cgroup::SidecarCgroup;
+use crate::config::Config;
+use crate::envoy_config::{self, Inputs, Listener, Mtls};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::now_rfc3339;
+use crate::identity::{self, Ca, Identity, Issued};
+use crate::probe::Probe;
+use crate::process::{self, ProcId};
+use crate::sidecar::{Paths, Record};
+use crate::store::{ContainerState, Store};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An Envoy that lived this long resets the backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+const RETRY_ISSUE: Duration = Duration::from_secs(60);
+/// Envoy's --drain-time-s: bounds how long a graceful drain would keep listeners open.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("{} supervisor: {}", now_rfc3339(), msg.as_ref());
+}
+
+enum Wake {
+    InitExited,
+    Terminate,
+    EnvoyExited,
+    Timeout,
+}
+
+struct Supervisor<'a> {
+    cfg: &'a Config,
+    state: ContainerState,
+    paths: Paths,
+    record: Record,
+    ca: Ca,
+    ca_pem: String,
+    init_fd: OwnedFd,
+    sig_fd: OwnedFd,
+    envoy: Option<(Child, OwnedFd, Instant)>,
+    rotate_at: SystemTime,
+}
+
+/// Entry point; returns when the container is gone or on SIGTERM.
+pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
+    let store = Store::new(&cfg.runtime.state_dir);
+    let state = store
+        .read(ns, id)?
+        .ok_or_else(|| Error::Hook(format!("no state for {ns}/{id}: not a proxied container")))?;
+    let pid = state.init_pid.ok_or_else(|| {
+        Error::Hook(format!(
+            "{ns}/{id}: init pid not recorded (createRuntime hook did not run)"
+        ))
+    })?;
+    if ProcId::of(pid).is_none() {
+        return Err(Error::Hook(format!("{ns}/{id}: init pid {pid} is gone")));
+    }
+    let paths = Paths::new(&store, ns, id);
+    let mut record = paths.read_record()?.unwrap_or_default();
+    if let Some(other) = record
+        .supervisor
+        .filter(|s| s.alive() && s.pid != std::process::id() as i32)
+    {
+        log(format!(
+            "another supervisor (pid {}) already runs for {ns}/{id}; leaving",
+            other.pid
+        ));
+        return Ok(());
+    }
+    record.supervisor = ProcId::of(std::process::id() as i32);
+    paths.write_record(&record)?;
+
+    // Signals first, so a SIGTERM from delete during set-up is not lost.
+    let sig_fd = process::termination_signalfd().at("signalfd")?;
+    let init_fd = process::pidfd_open(pid).at(format!("pidfd of init {pid}"))?;
+    process::enter_netns(pid).at(format!("/proc/{pid}/ns/net"))?;
+    record.container_ip = container_ip();
+    record.cgroup = SidecarCgroup::for_container(pid)?;
+    record.cgroup.create()?;
+    paths.write_record(&record)?;
+    log(format!(
+        "{ns}/{id}: init {pid}, container IP {}, cgroup {:?}",
+        record
+            .container_ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "none".into()),
+        record.cgroup.dirs
+    ));
+
+    let ii = &cfg.instance_identity;
+    let (cert_path, key_path) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
+    let ca = Ca::load(cert_path, key_path)?;
+    let ca_pem = std::fs::read_to_string(cert_path).at(cert_path)?;
+    let mut s = Supervisor {
+        cfg,
+        state,
+        paths,
+        record,
+        ca,
+        ca_pem,
+        init_fd,
+        sig_fd,
+        envoy: None,
+        rotate_at: SystemTime::now(),
+    };
+    let result = s.main_loop();
+    s.shutdown();
+    result
+}
+
+fn container_ip() -> Option<IpAddr> {
+    let mut found = None;
+    unsafe {
+        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return None;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    found = Some(IpAddr::V4(ip));
+                    break;
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    found
+}
+
+impl Supervisor<'_> {
+    fn main_loop(&mut self) -> Result<()> {
+        self.prepare_envoy_dirs()?;
+        self.issue()?;
+        self.write_bootstrap()?;
+        let probe = Probe::new(&self.ca_pem, &self.state.instance_guid).map_err(Error::Hook)?;
+        let mut backoff = BACKOFF_START;
+        loop {
+            if let Err(e) = self.start_envoy() {
+                // A missing or broken binary may be fixed by the operator: keep trying.
+                log(format!("{e}; retrying in {backoff:?}"));
+                self.record.last_error = Some(e.to_string());
+                self.save();
+                if let Wake::InitExited | Wake::Terminate = self.wait(backoff)? {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            match self.wait_ready(&probe) {
+                Wake::InitExited | Wake::Terminate => return Ok(()),
+                Wake::EnvoyExited => {}
+                Wake::Timeout => loop {
+                    let wait = self
+                        .rotate_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    match self.wait(wait)? {
+                        Wake::InitExited | Wake::Terminate => return Ok(()),
+                        Wake::EnvoyExited => break,
+                        Wake::Timeout => {
+                            if let Err(e) = self.issue() {
+                                log(format!("rotation failed, retrying in {RETRY_ISSUE:?}: {e}"));
+                                self.record.last_error = Some(e.to_string());
+                                self.rotate_at = SystemTime::now() + RETRY_ISSUE;
+                            }
+                        }
+                    }
+                },
+            }
+            // Envoy died: restart with backoff (reset after a healthy run).
+            let ran = self.reap_envoy();
+            if ran >= HEALTHY_RUN {
+                backoff = BACKOFF_START;
+            }
+            self.record.envoy_restarts += 1;
+            self.record.ready_at = None;
+            self.save();
+            log(format!(
+                "Envoy exited after {ran:?}; restart #{} in {backoff:?}",
+                self.record.envoy_restarts
+            ));
+            if let Wake::InitExited | Wake::Terminate = self.wait(backoff)? {
+                return Ok(());
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.paths.write_record(&self.record) {
+            log(format!("writing {}: {e}", self.paths.record().display()));
+        }
+    }
+
+    fn prepare_envoy_dirs(&self) -> Result<()> {
+        let (uid, gid) = (self.cfg.proxy.envoy_uid, self.cfg.proxy.envoy_gid);
+        // Envoy (unprivileged) must traverse to its files; it may list nothing else.
+        for d in [
+            &self.paths.dir,
+            &self.paths.dir.parent().unwrap().to_path_buf(),
+            &self.cfg.runtime.state_dir,
+        ] {
+            let mut perm = std::fs::metadata(d).at(d)?.permissions();
+            if perm.mode() & 0o111 != 0o111 {
+                perm.set_mode(perm.mode() | 0o111);
+                std::fs::set_permissions(d, perm).at(d)?;
+            }
+        }
+        let envoy_dir = self.paths.envoy_dir();
+        let sds = self.paths.sds_dir();
+        std::fs::DirBuilder::new()
+            .mode(0o750)
+            .recursive(true)
+            .create(&sds)
+            .at(&sds)?;
+        std::os::unix::fs::chown(&envoy_dir, Some(0), Some(gid)).at(&envoy_dir)?;
+        std::os::unix::fs::chown(&sds, Some(uid), Some(gid)).at(&sds)?;
+        std::fs::set_permissions(&sds, std::fs::Permissions::from_mode(0o500)).at(&sds)?;
+        Ok(())
+    }
+
+    /// Issue a fresh identity, hand it to the app and to Envoy (both atomically).
+    fn issue(&mut self) -> Result<()> {
+        let s = &self.state;
+        let issued: Issued = self.ca.issue(&Identity {
+            instance_guid: &s.instance_guid,
+            app_guid: s.app_guid.as_deref(),
+            space_guid: s.space_guid.as_deref(),
+            org_guid: s.org_guid.as_deref(),
+            ip: self.record.container_ip,
+            validity: self.cfg.validity()?,
+            key_type: self.cfg.key_type()?,
+        })?;
+        identity::write_credentials(&s.credentials_dir, &issued, s.user.uid, s.user.gid)?;
+        envoy_config::write_sds(
+            &self.paths.sds_dir(),
+            &issued.cert_chain_pem,
+            &issued.key_pem,
+            self.cfg.proxy.envoy_uid,
+            self.cfg.proxy.envoy_gid,
+        )?;
+        self.rotate_at = identity::rotate_after(&issued);
+        self.record.cert_serial = Some(issued.serial_hex.clone());
+        self.record.cert_not_after = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        self.record.last_error = None;
+        self.save();
+        log(format!(
+            "issued certificate serial {} (rotation due in {:?})",
+            issued.serial_hex,
+            self.rotate_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+        ));
+        Ok(())
+    }
+
+    fn write_bootstrap(&self) -> Result<()> {
+        let p = &self.cfg.proxy;
+        let listeners: Vec<Listener> = self
+            .state
+            .ports
+            .iter()
+            .map(|m| Listener {
+                proxy_port: m.internal_tls_proxy,
+                app_port: m.internal,
+            })
+            .collect();
+        let mtls_owned;
+        let mtls = if p.require_and_verify_client_certificates {
+            let mut pem = String::new();
+            for entry in &p.trusted_ca_certificates {
+                if entry.trim_start().starts_with("-----BEGIN") {
+                    pem.push_str(entry);
+                } else {
+                    pem.push_str(&std::fs::read_to_string(entry).at(entry)?);
+                }
+                if !pem.ends_with('\n') {
+                    pem.push('\n');
+                }
+            }
+            mtls_owned = Mtls {
+                trusted_ca_pem: pem,
+                verify_subject_alt_names: p.verify_subject_alt_name.clone(),
+            };
+            Some(&mtls_owned)
+        } else {
+            None
+        };
+        let node_id = format!("{}/{}", self.state.namespace, self.state.id);
+        let sds_dir = self.paths.sds_dir();
+        let inputs = Inputs {
+            node_id: &node_id,
+            listeners: &listeners,
+            admin_port: self.state.admin_port,
+            alpn: envoy_config::parse_alpn(&self.state.alpn)?,
+            mtls,
+            sds_dir: &sds_dir,
+            upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            max_connections: p.max_connections as u32,
+        };
+        let json =
+            serde_json::to_vec_pretty(&envoy_config::bootstrap(&inputs)).expect("serialises");
+        let path = self.paths.bootstrap();
+        crate::fsutil::write_atomic(&path, &json, 0o640)?;
+        std::os::unix::fs::chown(&path, Some(0), Some(p.envoy_gid)).at(&path)?;
+        Ok(())
+    }
+
+    fn start_envoy(&mut self) -> Result<()> {
+        let p = &self.cfg.proxy;
+        let log_path = self.paths.envoy_log();
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .at(&log_path)?;
+        let procs = self.record.cgroup.procs_files();
+        let (uid, gid) = (p.envoy_uid, p.envoy_gid);
+        let mut cmd = Command::new(&p.envoy_path);
+        cmd.args(envoy_config::args(
+            &self.paths.bootstrap(),
+            p.concurrency as u32,
+            DRAIN_TIME,
+        ))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().at(&log_path)?)
+        .stderr(log_file);
+        unsafe {
+            cmd.pre_exec(move || {
+                // Join the cgroups before exec so every page Envoy touches is charged there.
+                for f in &procs {
+                    process::join_cgroup_raw(f)?;
+                }
+                process::unblock_all_signals();
+                process::drop_privileges(uid, gid)
+            });
+        }
+        let child = cmd.spawn().map_err(|e| {
+            Error::Hook(format!(
+                "starting proxy.envoy_path {}: {e}",
+                p.envoy_path.display()
+            ))
+        })?;
+        let pid = child.id() as i32;
+        let fd = process::pidfd_open(pid).at(format!("pidfd of envoy {pid}"))?;
+        self.record.envoy = ProcId::of(pid);
+        self.save();
+        log(format!("started Envoy pid {pid}"));
+        self.envoy = Some((child, fd, Instant::now()));
+        Ok(())
+    }
+
+    /// Probe every listener with a TLS handshake until all succeed.
+    fn wait_ready(&mut self, probe: &Probe) -> Wake {
+        let started = Instant::now();
+        let ports: Vec<u16> = self
+            .state
+            .ports
+            .iter()
+            .map(|m| m.internal_tls_proxy)
+            .collect();
+        let mut pending = ports.clone();
+        let mut last_err = String::new();
+        while started.elapsed() < READY_TIMEOUT {
+            pending.retain(|port| {
+                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+                match probe.handshake(addr, Duration::from_millis(500)) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        last_err = e;
+                        true
+                    }
+                }
+            });
+            if pending.is_empty() {
+                self.record.ready_at = Some(now_rfc3339());
+                self.save();
+                log(format!(
+                    "ready after {:?} (TLS handshake on {:?})",
+                    started.elapsed(),
+                    ports
+                ));
+                return Wake::Timeout;
+            }
+            match self.wait(Duration::from_millis(20)) {
+                Ok(Wake::Timeout) => {}
+                Ok(w) => return w,
+                Err(_) => return Wake::Terminate,
+            }
+        }
+        log(format!(
+            "not ready after {READY_TIMEOUT:?}: {last_err}; restarting Envoy"
+        ));
+        self.record.last_error = Some(format!("not ready: {last_err}"));
+        if let Some((c, _, _)) = &self.envoy {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        }
+        Wake::EnvoyExited
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<Wake> {
+        let mut fds = vec![&self.init_fd, &self.sig_fd];
+        if let Some((_, fd, _)) = &self.envoy {
+            fds.push(fd);
+        }
+        let ready = process::poll_readable(&fds, timeout).at("poll")?;
+        Ok(if ready.contains(&0) {
+            Wake::InitExited
+        } else if ready.contains(&1) {
+            Wake::Terminate
+        } else if ready.contains(&2) {
+            Wake::EnvoyExited
+        } else {
+            Wake::Timeout
+        })
+    }
+
+    /// Collect the exited Envoy; returns how long it ran.
+    fn reap_envoy(&mut self) -> Duration {
+        match self.envoy.take() {
+            Some((mut c, _, since)) => {
+                let st = c.wait();
+                log(format!("Envoy pid {} exited: {st:?}", c.id()));
+                self.record.envoy = None;
+                since.elapsed()
+            }
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Stop Envoy and empty its cgroups (runc cannot remove a busy cgroup).
+    fn shutdown(&mut self) {
+        if let Some((mut c, _, _)) = self.envoy.take() {
+            if let Some(p) = ProcId::of(c.id() as i32) {
+                p.terminate(Duration::from_secs(2));
+            }
+            let _ = c.wait();
+        }
+        self.record.envoy = None;
+        self.record.ready_at = None;
+        if let Err(e) = self.record.cgroup.kill_and_remove() {
+            log(format!("removing Envoy cgroups: {e}"));
+        }
+        self.save();
+        log("stopped");
+    }
+}
