@@ -6,7 +6,8 @@
 #   a) plain runc
 #   b) envoy-sidecar-runc, proxy disabled
 #   c) envoy-sidecar-runc, proxy enabled, --annotation envoy-sidecar/ports=8080,9999,2222
-# Prints a table and overwrites docs/BENCHMARKS.md.
+# Prints a table and writes its section (`lifecycle`) of docs/BENCHMARKS.md through
+# scripts/md-section.py, leaving the rest of that file alone.
 #
 # Run it through `make bench` (deps, release build, private containerd up). Root only.
 #
@@ -28,6 +29,7 @@ ENFORCE="${BENCH_ENFORCE:-0}"
 WRAPPER="$REPO/target/release/envoy-sidecar-runc"
 CLI="$REPO/target/release/envoy-sidecar"
 OUT="$REPO/docs/BENCHMARKS.md"
+MD_SECTION="$REPO/scripts/md-section.py"
 PORTS_ANNOTATION="envoy-sidecar/ports=8080,9999,2222"
 TARGET_RATIO=1.05
 VARIANTS=(a b c d)
@@ -222,9 +224,9 @@ export B_COMMIT="$commit"
 export B_ROUNDS="$ROUNDS" B_WARMUP="$WARMUP" B_TARGET="$TARGET_RATIO" B_ANN="$PORTS_ANNOTATION"
 export B_RUNC_PATH="$RUNC"
 
-mkdir -p "$(dirname "$OUT")"
+SECTION="$TMP/lifecycle.md"
 report_rc=0
-"$PY" -I -S - "$RESULTS" "$OUT" <<'EOF' || report_rc=$?
+"$PY" -I -S - "$RESULTS" "$SECTION" <<'EOF' || report_rc=$?
 import math, os, statistics, sys
 
 results, out = sys.argv[1], sys.argv[2]
@@ -263,9 +265,7 @@ met = rb <= target
 verdict = (f"**met** ({rb:.3f}× ≤ {target:.2f}×)" if met
            else f"**not met** ({rb:.3f}× > {target:.2f}×)")
 
-doc = f"""# Benchmarks
-
-## Container lifecycle overhead
+doc = f"""## Container lifecycle overhead
 
 What one short-lived container costs end to end with the wrapper in the path: the
 wall time of a complete
@@ -335,8 +335,12 @@ print(f"median(c)/median(a) = {rc:.3f}   median(c)/median(d) = {rcd:.3f}")
 sys.exit(0 if met else 3)
 EOF
 case "$report_rc" in
-    0) log "wrote $OUT" ;;
-    3) log "wrote $OUT"
-       if [ "$ENFORCE" = 1 ]; then die "proxy-disabled target missed (BENCH_ENFORCE=1)"; fi ;;
+    0|3) ;;
     *) die "computing the report failed (python exit $report_rc)" ;;
 esac
+"$PY" -I -S "$MD_SECTION" "$OUT" lifecycle <"$SECTION" \
+    || die "writing the lifecycle section of $OUT failed"
+log "wrote section 'lifecycle' of $OUT"
+if [ "$report_rc" = 3 ] && [ "$ENFORCE" = 1 ]; then
+    die "proxy-disabled target missed (BENCH_ENFORCE=1)"
+fi

@@ -35,15 +35,26 @@ ENVOY_SIDECAR_CONFIG=$DEMO/config.toml exec $BIN/envoy-sidecar-runc "\$@"
 SH
 chmod +x "$DEMO/runc"
 
+# The container's network: a namespace with a veth to the host (documentation range),
+# as CNI would give it; the host plays the router.
+NETNS=es-demo-$$ HOSTIF=esdemo$$ HOST_IP=198.51.100.245 IP=198.51.100.246
 cleanup() { ctr_ task kill -s SIGKILL "$ID" >/dev/null 2>&1 || true; sleep 0.2
-            ctr_ task rm "$ID" >/dev/null 2>&1 || true; ctr_ containers rm "$ID" >/dev/null 2>&1 || true; }
+            ctr_ task rm "$ID" >/dev/null 2>&1 || true; ctr_ containers rm "$ID" >/dev/null 2>&1 || true
+            ip netns del "$NETNS" 2>/dev/null || true; }
 trap cleanup EXIT
+ip netns add "$NETNS"
+ip link add "$HOSTIF" type veth peer name eth0 netns "$NETNS"
+ip addr add "$HOST_IP/30" dev "$HOSTIF" && ip link set "$HOSTIF" up
+ip -n "$NETNS" addr add "$IP/30" dev eth0 && ip -n "$NETNS" link set eth0 up && ip -n "$NETNS" link set lo up
 
-echo "== ctr run --runc-binary $DEMO/runc --annotation envoy-sidecar/ports=8080,9999,2222 --memory-limit 256MiB"
+echo "== ctr run --runc-binary $DEMO/runc --annotation envoy-sidecar/ports=8080,9999,2222 --annotation envoy-sidecar/alpn=http/1.1 --memory-limit 256MiB ... httpd -p 8080"
+echo "   (busybox httpd speaks only HTTP/1.1: the alpn annotation stops Envoy advertising h2)"
 ctr_ run -d --runc-binary "$DEMO/runc" \
     --annotation envoy-sidecar/ports=8080,9999,2222 \
     --annotation envoy-sidecar/app-guid=demo-app \
-    --memory-limit $((256 << 20)) "$IMAGE" "$ID" /bin/sleep 600
+    --annotation envoy-sidecar/alpn=http/1.1 \
+    --with-ns "network:/var/run/netns/$NETNS" \
+    --memory-limit $((256 << 20)) "$IMAGE" "$ID" /bin/httpd -f -p 8080 -h /www
 
 echo
 echo "== inside the container: CF_INSTANCE_PORTS"
@@ -59,6 +70,19 @@ echo
 echo "== on the host: memory limit $((limit >> 20)) MiB (256 MiB requested + 32 MiB for the proxy)"
 echo "== on the host: envoy-sidecar inspect $ID --namespace $NS"
 "$BIN/envoy-sidecar" --config "$DEMO/config.toml" inspect "$ID" --namespace "$NS"
+
+echo
+echo "== from the host: HTTPS to the container's TLS proxy port 61001 -> Envoy -> app port 8080"
+for _ in $(seq 1 100); do
+    curl -s --cacert "$DEMO/ca/ca.crt" --resolve "$ID:61001:$IP" "https://$ID:61001/" >/dev/null && break
+    sleep 0.05
+done
+echo "\$ curl --cacert $DEMO/ca/ca.crt --resolve $ID:61001:$IP https://$ID:61001/"
+curl -sS --cacert "$DEMO/ca/ca.crt" --resolve "$ID:61001:$IP" "https://$ID:61001/"
+echo
+echo "== the certificate Envoy served (instance identity, signed by the demo CA)"
+openssl s_client -connect "$IP:61001" -servername "$ID" </dev/null 2>/dev/null \
+    | openssl x509 -noout -subject -issuer -ext subjectAltName,extendedKeyUsage -dates
 
 cleanup
 trap - EXIT

@@ -16,6 +16,7 @@ have jq || need_apt+=(jq)
 have conntrack || need_apt+=(conntrack)
 have hyperfine || need_apt+=(hyperfine)
 have openssl || need_apt+=(openssl)
+have curl || need_apt+=(curl)
 have gzip || need_apt+=(gzip)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
