@@ -47,6 +47,10 @@ pub enum Error {
     #[error("state {path}: {msg}")]
     State { path: PathBuf, msg: String },
 
+    /// nftables / conntrack: host port NAT could not be applied or removed.
+    #[error("NAT: {0}")]
+    Nat(String),
+
     /// The OCI state JSON a hook receives on stdin.
     #[error("hook: {0}")]
     Hook(String),

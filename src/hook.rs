@@ -75,7 +75,7 @@ pub fn run(
     match stage {
         Stage::Poststop => {
             // Second line after the wrapper's delete: stop the sidecar, then release.
-            let stopped = crate::sidecar::stop(store, namespace, &st.id);
+            let stopped = crate::sidecar::teardown(store, namespace, &st.id);
             store.remove(namespace, &st.id)?;
             stopped?;
         }
@@ -90,6 +90,7 @@ pub fn run(
             } else {
                 s.started_at = Some(now_rfc3339());
                 store.write(&s)?;
+                crate::sidecar::apply_nat(store, &crate::nat::Nat::default(), namespace, &st.id)?;
                 crate::sidecar::launch(config, store, namespace, &st.id)?;
             }
         }

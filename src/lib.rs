@@ -21,6 +21,7 @@ pub mod error;
 pub mod fsutil;
 pub mod hook;
 pub mod identity;
+pub mod nat;
 pub mod pem_check;
 pub mod ports;
 pub mod probe;

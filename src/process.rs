@@ -117,6 +117,43 @@ pub fn enter_netns(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The first non-loopback IPv4 address of the current network namespace.
+pub fn first_ipv4() -> Option<std::net::Ipv4Addr> {
+    let mut found = None;
+    unsafe {
+        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return None;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    found
+}
+
+/// `first_ipv4` of the network namespace of `pid`, looked up from a short-lived
+/// thread so the caller stays in its own namespace.
+pub fn ipv4_of(pid: i32) -> io::Result<Option<std::net::Ipv4Addr>> {
+    std::thread::spawn(move || {
+        enter_netns(pid)?;
+        Ok(first_ipv4())
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
 /// Whether two processes share a network namespace.
 pub fn same_netns(a: i32, b: i32) -> bool {
     let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::SidecarCgroup;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+use crate::nat::{Applied, Mapping, Nat};
 use crate::process::{self, ProcId};
 use crate::store::Store;
 
@@ -20,6 +21,7 @@ pub const ENVOY_LOG: &str = "envoy.log";
 pub const ENVOY_DIR: &str = "envoy";
 pub const BOOTSTRAP_FILE: &str = "bootstrap.json";
 pub const SDS_DIR: &str = "sds";
+pub const NAT_FILE: &str = "nat.json";
 
 /// How long the supervisor gets to stop Envoy and leave after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -68,6 +70,9 @@ impl Paths {
     }
     pub fn sds_dir(&self) -> PathBuf {
         self.envoy_dir().join(SDS_DIR)
+    }
+    pub fn nat(&self) -> PathBuf {
+        self.dir.join(NAT_FILE)
     }
 
     pub fn read_record(&self) -> Result<Option<Record>> {
@@ -163,4 +168,82 @@ pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
         .map_err(|_| Error::Hook("drain thread panicked".into()))?
         .at(format!("/proc/{pid}/ns/net (admin 127.0.0.1:{admin})"))?;
     Ok(true)
+}
+
+/// Map the container's host ports (from its state) to its IP, now that it has one
+/// (networking is set up between create and start). Recorded in `nat.json` so that
+/// removal deletes exactly what was added. Returns the mappings (empty: no IPv4).
+pub fn apply_nat(store: &Store, nat: &Nat, ns: &str, id: &str) -> Result<Vec<Mapping>> {
+    let Some(state) = store.read(ns, id)? else {
+        return Ok(Vec::new());
+    };
+    let Some(pid) = state.init_pid else {
+        return Ok(Vec::new());
+    };
+    let Some(ip) = process::ipv4_of(pid).at(format!("/proc/{pid}/ns/net"))? else {
+        return Ok(Vec::new());
+    };
+    let mut maps = Vec::new();
+    for p in &state.ports {
+        if let Some(ext) = p.external {
+            maps.push(Mapping {
+                host_port: ext,
+                container_ip: ip,
+                container_port: p.internal,
+            });
+        }
+        maps.push(Mapping {
+            host_port: p.external_tls_proxy,
+            container_ip: ip,
+            container_port: p.internal_tls_proxy,
+        });
+    }
+    let paths = Paths::new(store, ns, id);
+    // Record first: a crash after the nft call still leaves the record for removal.
+    let bytes = serde_json::to_vec_pretty(&Applied {
+        mappings: maps.clone(),
+    })
+    .expect("serialises");
+    fsutil::write_atomic(&paths.nat(), &bytes, 0o600)?;
+    let _lock = store.lock()?;
+    ensure_forwarding()?;
+    if let Err(e) = nat.add(&maps) {
+        let _ = std::fs::remove_file(paths.nat());
+        return Err(e);
+    }
+    Ok(maps)
+}
+
+/// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way.
+fn ensure_forwarding() -> Result<()> {
+    let p = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(p).at(p)?.trim() != "1" {
+        std::fs::write(p, "1").at(p)?;
+    }
+    Ok(())
+}
+
+/// Remove what `apply_nat` added. Idempotent.
+pub fn remove_nat(store: &Store, nat: &Nat, ns: &str, id: &str) -> Result<()> {
+    let paths = Paths::new(store, ns, id);
+    let Some(applied) = Applied::read(&paths.nat())? else {
+        return Ok(());
+    };
+    nat.remove(&applied.mappings)?;
+    match std::fs::remove_file(paths.nat()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io {
+            path: paths.nat(),
+            source: e,
+        }),
+    }
+}
+
+/// Everything of a container's sidecar except its state: processes, cgroups, NAT.
+/// Both steps are attempted; the first error is returned.
+pub fn teardown(store: &Store, ns: &str, id: &str) -> Result<()> {
+    let stopped = stop(store, ns, id);
+    let unmapped = remove_nat(store, &Nat::default(), ns, id);
+    stopped.and(unmapped)
 }

@@ -91,7 +91,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let sig_fd = process::termination_signalfd().at("signalfd")?;
     let init_fd = process::pidfd_open(pid).at(format!("pidfd of init {pid}"))?;
     process::enter_netns(pid).at(format!("/proc/{pid}/ns/net"))?;
-    record.container_ip = container_ip();
+    record.container_ip = process::first_ipv4().map(IpAddr::V4);
     record.cgroup = SidecarCgroup::for_container(pid)?;
     record.cgroup.create()?;
     paths.write_record(&record)?;
@@ -123,31 +123,6 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let result = s.main_loop();
     s.shutdown();
     result
-}
-
-fn container_ip() -> Option<IpAddr> {
-    let mut found = None;
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return None;
-        }
-        let mut cur = ifap;
-        while !cur.is_null() {
-            let a = (*cur).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() {
-                    found = Some(IpAddr::V4(ip));
-                    break;
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    found
 }
 
 impl Supervisor<'_> {

@@ -296,7 +296,7 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         return ctx.exec();
     }
     // runc cannot remove a cgroup that still holds Envoy: stop the sidecar first.
-    if let Err(e) = sidecar::stop(&store, &ids.0, &ids.1) {
+    if let Err(e) = sidecar::teardown(&store, &ids.0, &ids.1) {
         ctx.log(
             "warning",
             &format!("stopping the sidecar of {}: {e}", ids.1),

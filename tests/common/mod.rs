@@ -73,6 +73,8 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+static POOL_SLOT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
 /// A test's private world: its own state directory, CA, config and wrapper script, so
 /// tests run in parallel without sharing port pools or memory accounting.
 pub struct Sandbox {
@@ -104,10 +106,21 @@ impl Sandbox {
             format!(
                 "[proxy]\nenabled = true\nenvoy_path = \"/usr/local/bin/envoy\"\n{proxy_extra}\n\
                  [instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nstate_dir = {:?}\n{extra}\n",
+                 [runtime]\nstate_dir = {:?}\n{extra}\n{}",
                 ca.join("ca.crt"),
                 ca.join("ca.key"),
-                state_dir
+                state_dir,
+                if extra.contains("[ports]") {
+                    String::new()
+                } else {
+                    // The NAT table is host-wide: parallel sandboxes need disjoint pools.
+                    let slot = POOL_SLOT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) as u32;
+                    format!(
+                        "[ports]\npool_start = {}\npool_end = {}\n",
+                        40000 + 32 * slot,
+                        40000 + 32 * slot + 31
+                    )
+                }
             ),
         )
         .unwrap();
@@ -353,5 +366,148 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+fn sh(c: &str) {
+    let o = Command::new("sh").arg("-c").arg(c).output().unwrap();
+    assert!(o.status.success(), "{c}: {}", text(&o));
+}
+
+/// A CNI bridge network (Debian's CNI plugins, run directly as ctr --cni would):
+/// bridge `es-br<slot>`, subnet 203.0.113.<16*slot>/28, containers in namespaces
+/// created here and joined with `ctr run --with-ns`.
+pub struct CniNet {
+    slot: u8,
+    attached: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl CniNet {
+    pub fn new(slot: u8) -> CniNet {
+        assert!(slot < 16);
+        CniNet {
+            slot,
+            attached: Default::default(),
+        }
+    }
+
+    fn conf(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"es-test-{s}","type":"bridge","bridge":"es-br{s}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","subnet":"203.0.113.{net}/28","dataDir":"/run/envoy-sidecar-test/cni","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
+            s = self.slot,
+            net = 16 * self.slot as u32
+        )
+    }
+
+    fn plugin(&self, cmd: &str, id: &str, netns: &str) -> Output {
+        let mut c = Command::new("/usr/lib/cni/bridge")
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(self.conf().as_bytes())
+            .unwrap();
+        c.wait_with_output().unwrap()
+    }
+
+    /// A new namespace on the bridge; returns (ctr option, container IP).
+    pub fn attach(&self, id: &str) -> (String, String) {
+        let name = format!("es-c-{id}");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        // lo up, as CNI's loopback plugin (which ctr --cni also runs) would do.
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        let path = format!("/var/run/netns/{name}");
+        let out = self.plugin("ADD", id, &path);
+        assert!(out.status.success(), "CNI ADD: {}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ip = v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        self.attached.lock().unwrap().push((id.to_string(), name));
+        (format!("--with-ns=network:{path}"), ip)
+    }
+}
+
+impl Drop for CniNet {
+    fn drop(&mut self) {
+        for (id, name) in self.attached.lock().unwrap().drain(..) {
+            let _ = self.plugin("DEL", &id, &format!("/var/run/netns/{name}"));
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("es-br{}", self.slot)])
+            .output();
+    }
+}
+
+/// "The router": a client in its own network namespace, connected to the host by a
+/// veth pair (198.51.100.<4*slot>/30), as a router on another host would be. It has
+/// no route to the container networks: only the host's address and NAT lead in.
+pub struct Router {
+    pub ns: Netns,
+}
+
+impl Router {
+    pub fn new(slot: u8) -> Router {
+        let ns = Netns::new(slot);
+        sh(&format!("ip -n {} route del default", ns.name));
+        Router { ns }
+    }
+
+    /// HTTPS GET / from the router to the host (HTTP/1.1 only: busybox httpd).
+    pub fn https(&self, ca: &Path, name: &str, port: u16) -> String {
+        let o = self.run(&format!(
+            "curl -sS --http1.1 --max-time 5 --cacert {} --resolve {name}:{port}:{host} https://{name}:{port}/",
+            ca.display(),
+            host = self.host_ip()
+        ));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// The host's address as the router sees it.
+    pub fn host_ip(&self) -> &str {
+        &self.ns.host_ip
+    }
+
+    /// Run `cmd` inside the router's namespace.
+    pub fn run(&self, cmd: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    }
+
+    /// TCP connect from the router; Ok(first line received) or Err(reason).
+    pub fn tcp(&self, addr: &str, send: &str) -> Result<String, String> {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let o = self.run(&format!(
+            "printf '{send}' | timeout 5 busybox nc -w 3 {host} {port}"
+        ));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        if out.is_empty() {
+            Err(text(&o))
+        } else {
+            Ok(out)
+        }
     }
 }

@@ -1,0 +1,285 @@
+//! Host port NAT: `<host address>:<host port>` -> `<container IP>:<container port>`, in
+//! an nftables table the product owns.
+//!
+//! One verdict map keyed by protocol and host port holds every mapping, so a packet
+//! costs one hash lookup however many containers there are, and adding or removing a
+//! container is a constant-size element change that never rewrites other containers'
+//! rules. Each container's elements go in (or out) in one `nft -f` transaction: all or
+//! none. Rules are fixed and created once.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const TABLE: &str = "envoy_sidecar";
+pub const MAP: &str = "ports";
+
+/// One host port forwarded to one container port (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Mapping {
+    pub host_port: u16,
+    pub container_ip: Ipv4Addr,
+    pub container_port: u16,
+}
+
+/// The fixed part: the map and the two DNAT rules. Prerouting covers traffic arriving
+/// from outside; output covers connections made on the host itself to any of its
+/// addresses (loopback excluded: DNAT from 127.0.0.1 to a container is a martian).
+pub fn skeleton() -> String {
+    format!(
+        "add table ip {TABLE}\n\
+         add map ip {TABLE} {MAP} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
+         add chain ip {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+         add chain ip {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
+         add rule ip {TABLE} prerouting fib daddr type local dnat ip to meta l4proto . th dport map @{MAP}\n\
+         add rule ip {TABLE} output ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @{MAP}\n"
+    )
+}
+
+fn elements(maps: &[Mapping]) -> String {
+    maps.iter()
+        .map(|m| {
+            format!(
+                "tcp . {} : {} . {}",
+                m.host_port, m.container_ip, m.container_port
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn add_script(maps: &[Mapping]) -> String {
+    format!("add element ip {TABLE} {MAP} {{ {} }}\n", elements(maps))
+}
+
+pub fn delete_script(maps: &[Mapping]) -> String {
+    format!("delete element ip {TABLE} {MAP} {{ {} }}\n", elements(maps))
+}
+
+/// Parse `nft -j list map ip envoy_sidecar ports`.
+pub fn parse_listing(json: &str) -> Result<Vec<Mapping>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| Error::Nat(format!("nft -j output: {e}")))?;
+    let mut out = Vec::new();
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    for item in items {
+        let Some(elems) = item.pointer("/map/elem").and_then(|e| e.as_array()) else {
+            continue;
+        };
+        for e in elems {
+            let key = e.pointer("/0/concat");
+            let val = e.pointer("/1/concat");
+            let (Some(k), Some(v)) = (key, val) else {
+                continue;
+            };
+            let m = (|| {
+                Some(Mapping {
+                    host_port: u16::try_from(k.get(1)?.as_u64()?).ok()?,
+                    container_ip: v.get(0)?.as_str()?.parse().ok()?,
+                    container_port: u16::try_from(v.get(1)?.as_u64()?).ok()?,
+                })
+            })();
+            if k.get(0).and_then(|p| p.as_str()) == Some("tcp")
+                && let Some(m) = m
+            {
+                out.push(m);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The nft and conntrack command-line tools (the seam tests can point elsewhere).
+pub struct Nat {
+    pub nft: PathBuf,
+    pub conntrack: PathBuf,
+}
+
+impl Default for Nat {
+    fn default() -> Self {
+        Nat {
+            nft: PathBuf::from("nft"),
+            conntrack: PathBuf::from("conntrack"),
+        }
+    }
+}
+
+impl Nat {
+    fn nft_script(&self, script: &str) -> Result<()> {
+        let mut child = Command::new(&self.nft)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                Error::Nat(format!(
+                    "running {}: {e} (is nftables installed?)",
+                    self.nft.display()
+                ))
+            })?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(script.as_bytes())
+            .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Nat(format!(
+                "nft rejected {:?}: {}",
+                script.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn table_exists(&self) -> bool {
+        Command::new(&self.nft)
+            .args(["list", "table", "ip", TABLE])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Create the table once; callers hold the store lock so two creates cannot both
+    /// add the rules.
+    pub fn ensure_table(&self) -> Result<()> {
+        if self.table_exists() {
+            return Ok(());
+        }
+        self.nft_script(&skeleton())
+    }
+
+    /// Every mapping in the table (empty when the table does not exist).
+    pub fn list(&self) -> Result<Vec<Mapping>> {
+        if !self.table_exists() {
+            return Ok(Vec::new());
+        }
+        let out = Command::new(&self.nft)
+            .args(["-j", "list", "map", "ip", TABLE, MAP])
+            .output()
+            .map_err(|e| Error::Nat(format!("running nft: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Nat(format!(
+                "nft list map: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        parse_listing(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Add one container's mappings atomically.
+    pub fn add(&self, maps: &[Mapping]) -> Result<()> {
+        if maps.is_empty() {
+            return Ok(());
+        }
+        self.ensure_table()?;
+        self.nft_script(&add_script(maps))
+    }
+
+    /// Remove mappings that are still present (idempotent), then drop the conntrack
+    /// entries that would keep forwarding to the container IP once it is reused.
+    pub fn remove(&self, maps: &[Mapping]) -> Result<()> {
+        let present = self.list()?;
+        let gone: Vec<Mapping> = maps
+            .iter()
+            .filter(|m| present.contains(m))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            self.nft_script(&delete_script(&gone))?;
+        }
+        let mut ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
+        ips.sort();
+        ips.dedup();
+        for ip in ips {
+            self.flush_conntrack(ip);
+        }
+        Ok(())
+    }
+
+    /// `conntrack -D --reply-src IP`: exit 1 just means "nothing to delete".
+    fn flush_conntrack(&self, ip: Ipv4Addr) {
+        let _ = Command::new(&self.conntrack)
+            .args(["-D", "--reply-src", &ip.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// What was applied for one container (`nat.json` beside its state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub mappings: Vec<Mapping>,
+}
+
+impl Applied {
+    pub fn read(path: &Path) -> Result<Option<Applied>> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::State {
+                    path: path.into(),
+                    msg: format!("malformed NAT record: {e}"),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io {
+                path: path.into(),
+                source: e,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(h: u16, ip: &str, c: u16) -> Mapping {
+        Mapping {
+            host_port: h,
+            container_ip: ip.parse().unwrap(),
+            container_port: c,
+        }
+    }
+
+    #[test]
+    fn scripts() {
+        let maps = [
+            m(61008, "203.0.113.5", 8080),
+            m(61011, "203.0.113.5", 61001),
+        ];
+        assert_eq!(
+            add_script(&maps),
+            "add element ip envoy_sidecar ports { tcp . 61008 : 203.0.113.5 . 8080, tcp . 61011 : 203.0.113.5 . 61001 }\n"
+        );
+        assert!(
+            delete_script(&maps).starts_with("delete element ip envoy_sidecar ports { tcp . 61008")
+        );
+        assert!(skeleton().contains("dnat ip to meta l4proto . th dport map @ports"));
+    }
+
+    #[test]
+    fn listing() {
+        let j = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "ip", "name": "ports", "table": "envoy_sidecar", "type": ["inet_proto", "inet_service"], "handle": 3, "map": "ipv4_addr . inet_service", "elem": [[{"concat": ["tcp", 61001]}, {"concat": ["203.0.113.5", 61001]}], [{"concat": ["udp", 53]}, {"concat": ["203.0.113.5", 53]}]]}}]}"#;
+        assert_eq!(
+            parse_listing(j).unwrap(),
+            vec![m(61001, "203.0.113.5", 61001)]
+        );
+        let empty = r#"{"nftables": [{"metainfo": {}}, {"map": {"name": "ports"}}]}"#;
+        assert!(parse_listing(empty).unwrap().is_empty());
+        assert!(parse_listing("nope").is_err());
+    }
+}

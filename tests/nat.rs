@@ -1,0 +1,219 @@
+//! Host port NAT with real traffic: containers on a CNI bridge (203.0.113.0/24), a
+//! "router" in its own network namespace that reaches them only through the host's
+//! address and the ports in CF_INSTANCE_PORTS.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const PORTS: &str = "envoy-sidecar/ports";
+const HELLO: &str = "hello from envoy-sidecar test app";
+
+fn port(st: &Value, i: usize, key: &str) -> u16 {
+    st["ports"][i][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing: {st}")) as u16
+}
+
+/// Retry (Envoy and NAT come up after `ctr run -d` returns).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: not within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn nft_map() -> String {
+    let o = std::process::Command::new("nft")
+        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn httpd3() -> Vec<&'static str> {
+    vec![
+        "/bin/sh",
+        "-c",
+        "httpd -p 9999 -h /www && httpd -p 2222 -h /www && exec httpd -f -p 8080 -h /www",
+    ]
+}
+
+#[test]
+fn router_reaches_apps_through_host_ports_until_removal() {
+    if !can_run("router_reaches_apps_through_host_ports_until_removal") {
+        return;
+    }
+    let net = CniNet::new(1);
+    let router = Router::new(50);
+    let sb = Sandbox::new(
+        "nat3",
+        "",
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+    );
+    let ca = sb.dir.join("ca/ca.crt");
+    let (opt, ip) = net.attach("es-nat3");
+    let c = sb.start_cmd("es-nat3", &[(PORTS, "8080,9999,2222")], &[&opt], &httpd3());
+    let st = sb.inspect("es-nat3").unwrap();
+    let mut used = Vec::new();
+    for i in 0..3 {
+        let tls = port(&st, i, "external_tls_proxy");
+        let out = eventually("TLS through the host port", || {
+            let o = router.https(&ca, "es-nat3", tls);
+            o.contains(HELLO).then_some(o)
+        });
+        assert!(out.contains(HELLO));
+        let ext = port(&st, i, "external");
+        let plain = router
+            .tcp(
+                &format!("{}:{ext}", router.host_ip()),
+                "GET / HTTP/1.0\\r\\n\\r\\n",
+            )
+            .unwrap_or_default();
+        assert!(
+            plain.contains(HELLO),
+            "plain TCP to external {ext} must reach the app: {plain}"
+        );
+        used.extend([tls, ext]);
+    }
+    // The router has no route to the container itself: only NAT leads in.
+    assert!(
+        router
+            .tcp(&format!("{ip}:8080"), "GET / HTTP/1.0\\r\\n\\r\\n")
+            .is_err()
+    );
+    let map = nft_map();
+    for p in &used {
+        assert!(
+            map.contains(&format!("tcp . {p} : {ip}")),
+            "{p} not in {map}"
+        );
+    }
+
+    c.remove();
+    let map = nft_map();
+    for p in &used {
+        assert!(
+            !map.contains(&format!("tcp . {p} :")),
+            "{p} still mapped after removal: {map}"
+        );
+        assert!(
+            router
+                .tcp(&format!("{}:{p}", router.host_ip()), "x")
+                .is_err(),
+            "{p} still forwards"
+        );
+    }
+    assert!(sb.leftovers().is_empty(), "{:?}", sb.leftovers());
+
+    // The next container gets the same host ports back, and they work for it.
+    let (opt, _) = net.attach("es-nat3b");
+    let _c2 = sb.start_cmd("es-nat3b", &[(PORTS, "8080,9999,2222")], &[&opt], &httpd3());
+    let st2 = sb.inspect("es-nat3b").unwrap();
+    let tls = port(&st2, 0, "external_tls_proxy");
+    assert!(
+        used.contains(&tls),
+        "host ports are reused: {tls} not in {used:?}"
+    );
+    eventually("TLS for the next container", || {
+        router
+            .https(&ca, "es-nat3b", tls)
+            .contains(HELLO)
+            .then_some(())
+    });
+}
+
+#[test]
+fn unproxied_mappings_disabled_only_tls_gets_in() {
+    if !can_run("unproxied_mappings_disabled_only_tls_gets_in") {
+        return;
+    }
+    let net = CniNet::new(2);
+    let router = Router::new(51);
+    let sb = Sandbox::new(
+        "natoff",
+        "enable_unproxied_port_mappings = false",
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+    );
+    let ca = sb.dir.join("ca/ca.crt");
+    let (opt, ip) = net.attach("es-natoff");
+    let _c = sb.start_cmd("es-natoff", &[(PORTS, "8080")], &[&opt], &httpd3());
+    let st = sb.inspect("es-natoff").unwrap();
+    assert!(st["ports"][0].get("external").is_none());
+    let tls = port(&st, 0, "external_tls_proxy");
+    eventually("TLS still works", || {
+        router
+            .https(&ca, "es-natoff", tls)
+            .contains(HELLO)
+            .then_some(())
+    });
+    // The app port is reachable by no host address and no host port but the TLS one.
+    let map = nft_map();
+    let ours: Vec<&str> = map.lines().filter(|l| l.contains(&ip)).collect();
+    assert!(
+        !map.contains(&format!("{ip} . 8080")),
+        "app port mapped: {map}"
+    );
+    for addr in [format!("{}:8080", router.host_ip()), format!("{ip}:8080")] {
+        assert!(
+            router.tcp(&addr, "GET / HTTP/1.0\\r\\n\\r\\n").is_err(),
+            "{addr} reached the app"
+        );
+    }
+    let plain = router
+        .tcp(
+            &format!("{}:{tls}", router.host_ip()),
+            "GET / HTTP/1.0\\r\\n\\r\\n",
+        )
+        .unwrap_or_default();
+    assert!(
+        !plain.contains(HELLO),
+        "plain HTTP through the TLS port reached the app: {plain} ({ours:?})"
+    );
+}
+
+#[test]
+fn two_containers_get_distinct_host_ports() {
+    if !can_run("two_containers_get_distinct_host_ports") {
+        return;
+    }
+    let net = CniNet::new(3);
+    let router = Router::new(52);
+    let sb = Sandbox::new(
+        "nat2",
+        "",
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+    );
+    let mut cs = Vec::new();
+    for id in ["es-nat2a", "es-nat2b"] {
+        let (opt, _) = net.attach(id);
+        let cmd = format!("exec nc -ll -p 8080 -e echo i-am-{id}");
+        cs.push(sb.start_cmd(id, &[(PORTS, "8080")], &[&opt], &["/bin/sh", "-c", &cmd]));
+    }
+    let a = sb.inspect("es-nat2a").unwrap();
+    let b = sb.inspect("es-nat2b").unwrap();
+    let (ea, eb) = (port(&a, 0, "external"), port(&b, 0, "external"));
+    assert_ne!(ea, eb);
+    assert_ne!(
+        port(&a, 0, "external_tls_proxy"),
+        port(&b, 0, "external_tls_proxy")
+    );
+    for (p, id) in [(ea, "es-nat2a"), (eb, "es-nat2b")] {
+        let got = eventually("each host port reaches its own app", || {
+            router
+                .tcp(&format!("{}:{p}", router.host_ip()), "hi\\n")
+                .ok()
+        });
+        assert!(got.contains(&format!("i-am-{id}")), "{p}: {got}");
+    }
+}
