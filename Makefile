@@ -38,9 +38,11 @@ demo: deps release
 	$(TEST_ENV) up
 	scripts/demo.sh
 
+# Each script writes its own section of docs/BENCHMARKS.md (scripts/md-section.py).
 bench: deps release
 	$(TEST_ENV) up
 	scripts/bench.sh
+	scripts/bench-sidecar.sh
 
 test-env-up:
 	$(TEST_ENV) up

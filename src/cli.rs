@@ -16,6 +16,9 @@ commands:
   inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
   hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
                                   poststop) with the OCI state JSON on stdin
+  gc [--dry-run] [--grace SECS]   remove state, NAT mappings, processes and cgroups of
+                                  containers that no longer exist (print what; SECS:
+                                  leave containers younger than this, default 60)
   supervise ID [--namespace NS]   run a container's sidecar supervisor (started by the
                                   poststart hook; runs until the container's init exits)
   generate-ca --out DIR [--cn NAME]
@@ -32,6 +35,7 @@ pub enum Cmd {
     Hook { stage: String, namespace: String },
     GenerateCa { out: PathBuf, cn: String },
     Supervise { id: String, namespace: String },
+    Gc { dry_run: bool, grace_secs: u64 },
     Help,
 }
 
@@ -47,6 +51,8 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut namespace = None;
     let mut out = None;
     let mut cn = None;
+    let mut dry_run = false;
+    let mut grace = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -68,10 +74,18 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--namespace" | "-n" => namespace = Some(value("--namespace")?),
             "--out" => out = Some(PathBuf::from(value("--out")?)),
             "--cn" => cn = Some(value("--cn")?),
+            "--dry-run" => dry_run = true,
+            "--grace" => {
+                let v = value("--grace")?;
+                grace =
+                    Some(v.parse::<u64>().ok().with_context(|| {
+                        format!("--grace {v:?}: valid: a whole number of seconds")
+                    })?);
+            }
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -91,6 +105,10 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
                 .next()
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
             namespace,
+        },
+        Some("gc") => Cmd::Gc {
+            dry_run,
+            grace_secs: grace.unwrap_or(60),
         },
         Some("supervise") => Cmd::Supervise {
             id: pos.next().context("supervise needs a container ID")?,
@@ -171,6 +189,29 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::Gc {
+            dry_run,
+            grace_secs,
+        } => {
+            let cfg = load(args.config.as_deref())?;
+            let store = Store::new(&cfg.runtime.state_dir);
+            let report = crate::gc::run(
+                &store,
+                &crate::nat::Nat::default(),
+                &crate::gc::Options {
+                    runc: &cfg.runtime.runc,
+                    dry_run,
+                    grace: std::time::Duration::from_secs(grace_secs),
+                    cgroup_root: std::path::Path::new("/sys/fs/cgroup"),
+                    pool: cfg.pool(),
+                },
+            )?;
+            let verb = if dry_run { "would" } else { "did" };
+            for a in &report.actions {
+                println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
+            }
+            println!("gc: {verb} {} action(s)", report.actions.len());
         }
         Cmd::Supervise { id, namespace } => {
             store::check_id(&id)?;

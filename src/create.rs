@@ -33,6 +33,8 @@ pub struct Target<'a> {
     pub bundle: &'a Path,
     /// The `envoy-sidecar` CLI that hooks run.
     pub cli: &'a Path,
+    /// runc's `--root` (where `gc` asks runc whether the container still exists).
+    pub runc_root: Option<&'a Path>,
 }
 
 /// Environment the app (and every later `exec`) sees; recomputed from the state so
@@ -206,6 +208,7 @@ pub fn prepare(
         },
         user,
         credentials_dir: dir.join(store::CREDENTIALS_DIR),
+        runc_root: t.runc_root.map(Path::to_path_buf),
         created_at: now_rfc3339(),
         init_pid: None,
         started_at: None,
@@ -374,6 +377,7 @@ mod tests {
             id,
             bundle: Box::leak(bundle.clone().into_boxed_path()),
             cli: Path::new("/usr/local/bin/envoy-sidecar"),
+            runc_root: None,
         };
         (bundle, t)
     }

@@ -19,6 +19,7 @@ pub mod create;
 pub mod envoy_config;
 pub mod error;
 pub mod fsutil;
+pub mod gc;
 pub mod hook;
 pub mod identity;
 pub mod nat;

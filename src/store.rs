@@ -71,6 +71,9 @@ pub struct ContainerState {
     pub memory: Memory,
     pub user: User,
     pub credentials_dir: PathBuf,
+    /// runc's `--root` at create; `None`: runc's default.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub runc_root: Option<PathBuf>,
     pub created_at: String,
     /// Set by the createRuntime hook.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -357,6 +360,7 @@ pub(crate) mod tests {
                 gid: nix_gid(),
             },
             credentials_dir: root.join(ns).join(id).join(CREDENTIALS_DIR),
+            runc_root: None,
             created_at: "2026-01-01T00:00:00Z".into(),
             init_pid: None,
             started_at: None,

@@ -217,3 +217,139 @@ fn two_containers_get_distinct_host_ports() {
         assert!(got.contains(&format!("i-am-{id}")), "{p}: {got}");
     }
 }
+
+fn gc(sb: &Sandbox, args: &[&str]) -> String {
+    let o = std::process::Command::new(cli_bin())
+        .arg("--config")
+        .arg(&sb.config)
+        .arg("gc")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn gc_cleans_a_crash_and_spares_the_living() {
+    if !can_run("gc_cleans_a_crash_and_spares_the_living") {
+        return;
+    }
+    let net = CniNet::new(4);
+    let router = Router::new(53);
+    let sb = Sandbox::new(
+        "gc",
+        "",
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+    );
+    let ca = sb.dir.join("ca/ca.crt");
+    let (opt_a, _) = net.attach("es-gc-a");
+    let _a = sb.start_cmd("es-gc-a", &[(PORTS, "8080")], &[&opt_a], &httpd3());
+    let (opt_b, ip_b) = net.attach("es-gc-b");
+    let b = sb.start_cmd("es-gc-b", &[(PORTS, "8080")], &[&opt_b], &httpd3());
+    let st_a = sb.inspect("es-gc-a").unwrap();
+    let tls_a = port(&st_a, 0, "external_tls_proxy");
+    eventually("a served", || {
+        router
+            .https(&ca, "es-gc-a", tls_a)
+            .contains(HELLO)
+            .then_some(())
+    });
+    let b_dir = sb.state_dir.join(NAMESPACE).join("es-gc-b");
+    eventually("b's NAT recorded", || {
+        b_dir.join("nat.json").exists().then_some(())
+    });
+
+    // The crash: b's container disappears, but its state, NAT elements and an Envoy-
+    // like process survive (as after a killed hook plus a killed supervisor).
+    let saved = sb.dir.join("saved-b");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&b_dir)
+        .arg(&saved)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    b.remove();
+    assert!(!b_dir.exists());
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&saved)
+        .arg(&b_dir)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let nat: Value =
+        serde_json::from_slice(&std::fs::read(b_dir.join("nat.json")).unwrap()).unwrap();
+    let elems: Vec<String> = nat["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!(
+                "tcp . {} : {} . {}",
+                m["host_port"],
+                m["container_ip"].as_str().unwrap(),
+                m["container_port"]
+            )
+        })
+        .collect();
+    let add = format!(
+        "add element ip envoy_sidecar ports {{ {} }}",
+        elems.join(", ")
+    );
+    assert!(
+        std::process::Command::new("nft")
+            .arg(&add)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fake = sb.dir.join("fake-envoy");
+    // Not `exec`: the process must keep the Envoy-like argv gc recognises.
+    write_script(
+        &fake,
+        "#!/bin/sh\ntrap 'kill $!; exit 143' TERM\nsleep 300 &\nwait\n",
+    );
+    let bootstrap = b_dir.join("envoy/bootstrap.json");
+    let mut orphan = std::process::Command::new(&fake)
+        .arg("-c")
+        .arg(&bootstrap)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // --dry-run says what it would do and does nothing.
+    let out = gc(&sb, &["--dry-run", "--grace", "0"]);
+    assert!(
+        out.contains("es-gc-b is gone") && out.contains("[dry-run]"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("es-gc-a"),
+        "a live container must not be touched: {out}"
+    );
+    assert!(b_dir.exists() && nft_map().contains(&format!("{ip_b} .")));
+    assert!(orphan.try_wait().unwrap().is_none());
+
+    let out = gc(&sb, &["--grace", "0"]);
+    assert!(out.contains("es-gc-b is gone"), "{out}");
+    assert!(!b_dir.exists(), "b's state must go");
+    assert!(
+        !nft_map().contains(&format!("{ip_b} .")),
+        "b's NAT must go: {}",
+        nft_map()
+    );
+    let status = orphan.wait().unwrap();
+    assert!(!status.success(), "the orphan must be killed");
+    // a is untouched and still served.
+    assert_eq!(sb.leftovers(), ["es-gc-a"]);
+    assert!(nft_map().contains(&format!("tcp . {tls_a} :")));
+    assert!(router.https(&ca, "es-gc-a", tls_a).contains(HELLO));
+    // A second run finds nothing.
+    let again = gc(&sb, &["--grace", "0"]);
+    assert!(
+        !again.contains("es-gc-"),
+        "a second gc must find nothing of ours: {again}"
+    );
+}
