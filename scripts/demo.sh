@@ -24,6 +24,8 @@ ca_cert = "$DEMO/ca/ca.crt"
 ca_key = "$DEMO/ca/ca.key"
 [runtime]
 state_dir = "$DEMO/state"
+[host]
+address = "198.51.100.249"
 TOML
 "$BIN/envoy-sidecar" --config "$DEMO/config.toml" check-config
 
@@ -37,15 +39,23 @@ chmod +x "$DEMO/runc"
 
 # The container's network: a namespace with a veth to the host (documentation range),
 # as CNI would give it; the host plays the router.
+# A "router" in its own namespace, linked to the host like a router on another host:
+# it reaches the app only through the host's address and the mapped host ports.
 NETNS=es-demo-$$ HOSTIF=esdemo$$ HOST_IP=198.51.100.245 IP=198.51.100.246
+ROUTER=es-demo-r$$ ROUTERIF=esdemor$$ ROUTER_HOST_IP=198.51.100.249 ROUTER_IP=198.51.100.250
 cleanup() { ctr_ task kill -s SIGKILL "$ID" >/dev/null 2>&1 || true; sleep 0.2
             ctr_ task rm "$ID" >/dev/null 2>&1 || true; ctr_ containers rm "$ID" >/dev/null 2>&1 || true
-            ip netns del "$NETNS" 2>/dev/null || true; }
+            ip netns del "$NETNS" 2>/dev/null || true; ip netns del "$ROUTER" 2>/dev/null || true; }
 trap cleanup EXIT
 ip netns add "$NETNS"
 ip link add "$HOSTIF" type veth peer name eth0 netns "$NETNS"
 ip addr add "$HOST_IP/30" dev "$HOSTIF" && ip link set "$HOSTIF" up
 ip -n "$NETNS" addr add "$IP/30" dev eth0 && ip -n "$NETNS" link set eth0 up && ip -n "$NETNS" link set lo up
+ip -n "$NETNS" route add default via "$HOST_IP"
+ip netns add "$ROUTER"
+ip link add "$ROUTERIF" type veth peer name eth0 netns "$ROUTER"
+ip addr add "$ROUTER_HOST_IP/30" dev "$ROUTERIF" && ip link set "$ROUTERIF" up
+ip -n "$ROUTER" addr add "$ROUTER_IP/30" dev eth0 && ip -n "$ROUTER" link set eth0 up
 
 echo "== ctr run --runc-binary $DEMO/runc --annotation envoy-sidecar/ports=8080,9999,2222 --annotation envoy-sidecar/alpn=http/1.1 --memory-limit 256MiB ... httpd -p 8080"
 echo "   (busybox httpd speaks only HTTP/1.1: the alpn annotation stops Envoy advertising h2)"
@@ -72,16 +82,15 @@ echo "== on the host: envoy-sidecar inspect $ID --namespace $NS"
 "$BIN/envoy-sidecar" --config "$DEMO/config.toml" inspect "$ID" --namespace "$NS"
 
 echo
-echo "== from the host: HTTPS to the container's TLS proxy port 61001 -> Envoy -> app port 8080"
-for _ in $(seq 1 100); do
-    curl -s --cacert "$DEMO/ca/ca.crt" --resolve "$ID:61001:$IP" "https://$ID:61001/" >/dev/null && break
-    sleep 0.05
-done
-echo "\$ curl --cacert $DEMO/ca/ca.crt --resolve $ID:61001:$IP https://$ID:61001/"
-curl -sS --cacert "$DEMO/ca/ca.crt" --resolve "$ID:61001:$IP" "https://$ID:61001/"
+EXT=$("$BIN/envoy-sidecar" --config "$DEMO/config.toml" inspect "$ID" --namespace "$NS" | jq '.ports[0].external_tls_proxy')
+echo "== from the router namespace: HTTPS to the host's port $EXT (external_tls_proxy) -> NAT -> Envoy -> app port 8080"
+rcurl() { ip netns exec "$ROUTER" curl "$@" --cacert "$DEMO/ca/ca.crt" --resolve "$ID:$EXT:$ROUTER_HOST_IP" "https://$ID:$EXT/"; }
+for _ in $(seq 1 100); do rcurl -s >/dev/null && break; sleep 0.05; done
+echo "\$ ip netns exec $ROUTER curl --cacert $DEMO/ca/ca.crt --resolve $ID:$EXT:$ROUTER_HOST_IP https://$ID:$EXT/"
+rcurl -sS
 echo
 echo "== the certificate Envoy served (instance identity, signed by the demo CA)"
-openssl s_client -connect "$IP:61001" -servername "$ID" </dev/null 2>/dev/null \
+ip netns exec "$ROUTER" openssl s_client -connect "$ROUTER_HOST_IP:$EXT" -servername "$ID" </dev/null 2>/dev/null \
     | openssl x509 -noout -subject -issuer -ext subjectAltName,extendedKeyUsage -dates
 
 cleanup
