@@ -125,6 +125,21 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     result
 }
 
+/// The last `n` non-empty lines of a log file (reading at most its last 4 KiB).
+fn tail(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
 impl Supervisor<'_> {
     fn main_loop(&mut self) -> Result<()> {
         self.prepare_envoy_dirs()?;
@@ -161,6 +176,7 @@ impl Supervisor<'_> {
                                 self.record.last_error = Some(e.to_string());
                                 self.rotate_at = SystemTime::now() + RETRY_ISSUE;
                             }
+                            process::trim_text_pages();
                         }
                     }
                 },
@@ -192,6 +208,21 @@ impl Supervisor<'_> {
 
     fn prepare_envoy_dirs(&self) -> Result<()> {
         let (uid, gid) = (self.cfg.proxy.envoy_uid, self.cfg.proxy.envoy_gid);
+        // Envoy (unprivileged) must reach its files: every ancestor of the state root
+        // must be searchable by others (we do not change directories we do not own).
+        for a in self.cfg.runtime.state_dir.ancestors().skip(1) {
+            let mode = std::fs::metadata(a).at(a)?.permissions().mode();
+            if mode & 0o001 == 0 {
+                return Err(Error::Hook(format!(
+                    "runtime.state_dir {}: its parent {} (mode {:o}) is not searchable by others, \
+                     so Envoy (uid {uid}) cannot read its configuration; use a state_dir whose \
+                     parents are world-searchable (the default /run/envoy-sidecar is)",
+                    self.cfg.runtime.state_dir.display(),
+                    a.display(),
+                    mode & 0o7777
+                )));
+            }
+        }
         // Envoy (unprivileged) must traverse to its files; it may list nothing else.
         for d in [
             &self.paths.dir,
@@ -382,6 +413,8 @@ impl Supervisor<'_> {
                     started.elapsed(),
                     ports
                 ));
+                // Set-up code (issuance, config, TLS) is done: idle with a small RSS.
+                process::trim_text_pages();
                 return Wake::Timeout;
             }
             match self.wait(Duration::from_millis(20)) {
@@ -422,7 +455,13 @@ impl Supervisor<'_> {
         match self.envoy.take() {
             Some((mut c, _, since)) => {
                 let st = c.wait();
-                log(format!("Envoy pid {} exited: {st:?}", c.id()));
+                // Say why: Envoy's own last words (bad config, unreadable files, ...).
+                let why = tail(&self.paths.envoy_log(), 2);
+                log(format!(
+                    "Envoy pid {} exited: {st:?}; envoy.log: {why}",
+                    c.id()
+                ));
+                self.record.last_error = Some(format!("Envoy exited ({st:?}): {why}"));
                 self.record.envoy = None;
                 since.elapsed()
             }

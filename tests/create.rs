@@ -36,7 +36,8 @@ fn one_port_env_and_cleanup() {
         p["external_tls_proxy"].as_u64().unwrap(),
     );
     assert!(
-        (61001..=65534).contains(&ext) && (61001..=65534).contains(&tls) && ext != tls,
+        // From the sandbox's own host port pool (see tests/common), distinct.
+        (40000..=65534).contains(&ext) && (40000..=65534).contains(&tls) && ext != tls,
         "{p}"
     );
     assert_eq!(env["CF_INSTANCE_PORT"], ext.to_string());
