@@ -86,6 +86,21 @@ fn router_reaches_apps_through_host_ports_until_removal() {
         );
         used.extend([tls, ext]);
     }
+    // Connections made on the host itself, to the host's address, are mapped too.
+    let ext0 = port(&st, 0, "external");
+    let local = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 3 {} {ext0}",
+            router.host_ip()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&local.stdout).contains(HELLO),
+        "from the host: {}",
+        text(&local)
+    );
     // The router has no route to the container itself: only NAT leads in.
     assert!(
         router
@@ -100,7 +115,20 @@ fn router_reaches_apps_through_host_ports_until_removal() {
         );
     }
 
+    let tracked = || {
+        let o = std::process::Command::new("conntrack")
+            .args(["-L", "--reply-src", &ip])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    assert!(tracked() > 0, "the connections above are tracked");
     c.remove();
+    assert_eq!(
+        tracked(),
+        0,
+        "conntrack entries to the removed container's IP must go"
+    );
     let map = nft_map();
     for p in &used {
         assert!(
