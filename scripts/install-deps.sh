@@ -17,6 +17,8 @@ have conntrack || need_apt+=(conntrack)
 have hyperfine || need_apt+=(hyperfine)
 have openssl || need_apt+=(openssl)
 have curl || need_apt+=(curl)
+# containerd-client generates its gRPC code at build time.
+have protoc || need_apt+=(protobuf-compiler)
 have gzip || need_apt+=(gzip)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

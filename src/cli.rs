@@ -16,6 +16,13 @@ commands:
   inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
   hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
                                   poststop) with the OCI state JSON on stdin
+  metrics [ID...] [--namespace NS] [--json] [--address SOCK]
+                                  memory of proxied containers, rescaled to the quota
+                                  the user asked for (containerd task metrics; SOCK:
+                                  /run/containerd/containerd.sock)
+  serve-metrics --listen ADDR:PORT [--address SOCK]
+                                  the same for every proxied container, plus Envoy
+                                  restarts and credential expiry, as Prometheus text
   gc [--dry-run] [--grace SECS]   remove state, NAT mappings, processes and cgroups of
                                   containers that no longer exist (print what; SECS:
                                   leave containers younger than this, default 60)
@@ -31,11 +38,36 @@ The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
     CheckConfig,
-    Inspect { id: String, namespace: String },
-    Hook { stage: String, namespace: String },
-    GenerateCa { out: PathBuf, cn: String },
-    Supervise { id: String, namespace: String },
-    Gc { dry_run: bool, grace_secs: u64 },
+    Inspect {
+        id: String,
+        namespace: String,
+    },
+    Hook {
+        stage: String,
+        namespace: String,
+    },
+    GenerateCa {
+        out: PathBuf,
+        cn: String,
+    },
+    Supervise {
+        id: String,
+        namespace: String,
+    },
+    Gc {
+        dry_run: bool,
+        grace_secs: u64,
+    },
+    Metrics {
+        ids: Vec<String>,
+        namespace: String,
+        json: bool,
+        address: PathBuf,
+    },
+    ServeMetrics {
+        listen: String,
+        address: PathBuf,
+    },
     Help,
 }
 
@@ -53,6 +85,9 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut cn = None;
     let mut dry_run = false;
     let mut grace = None;
+    let mut json = false;
+    let mut address = None;
+    let mut listen = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -75,6 +110,9 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--out" => out = Some(PathBuf::from(value("--out")?)),
             "--cn" => cn = Some(value("--cn")?),
             "--dry-run" => dry_run = true,
+            "--json" => json = true,
+            "--address" | "-a" => address = Some(PathBuf::from(value("--address")?)),
+            "--listen" => listen = Some(value("--listen")?),
             "--grace" => {
                 let v = value("--grace")?;
                 grace =
@@ -85,7 +123,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -105,6 +143,17 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
                 .next()
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
             namespace,
+        },
+        Some("metrics") => Cmd::Metrics {
+            ids: pos.by_ref().collect(),
+            namespace,
+            json,
+            address: address.unwrap_or_else(|| crate::metrics::DEFAULT_ADDRESS.into()),
+        },
+        Some("serve-metrics") => Cmd::ServeMetrics {
+            listen: listen
+                .context("serve-metrics needs --listen ADDR:PORT (e.g. 127.0.0.1:9535)")?,
+            address: address.unwrap_or_else(|| crate::metrics::DEFAULT_ADDRESS.into()),
         },
         Some("gc") => Cmd::Gc {
             dry_run,
@@ -189,6 +238,46 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::Metrics {
+            ids,
+            namespace,
+            json,
+            address,
+        } => {
+            for id in &ids {
+                store::check_id(id)?;
+            }
+            store::check_namespace(&namespace)?;
+            let cfg = load(args.config.as_deref())?;
+            let st = Store::new(&cfg.runtime.state_dir);
+            let reports =
+                crate::metrics::collect(&st, &address, &namespace, &ids, cfg.metrics_mode()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                println!(
+                    "{:<24} {:>14} {:>14} {:>14} {:>12} METHOD",
+                    "ID", "MEMORY", "QUOTA", "RAW", "ENVOY"
+                );
+                for r in &reports {
+                    println!(
+                        "{:<24} {:>14} {:>14} {:>14} {:>12} {}",
+                        r.id,
+                        r.memory_bytes,
+                        r.memory_bytes_quota,
+                        r.raw_working_set_bytes,
+                        r.envoy_bytes
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        r.method
+                    );
+                }
+            }
+        }
+        Cmd::ServeMetrics { listen, address } => {
+            let cfg = load(args.config.as_deref())?;
+            crate::exporter::serve(&cfg, &listen, &address)?;
         }
         Cmd::Gc {
             dry_run,

@@ -32,6 +32,7 @@ pub struct Config {
     pub runtime: Runtime,
     pub ports: Ports,
     pub host: Host,
+    pub metrics: Metrics,
     /// Where the configuration was read from; `None` when built-in defaults are in use.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -134,6 +135,22 @@ impl Default for Ports {
         Ports {
             pool_start: 61001,
             pool_end: 65534,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// "linear" (the reference: usage x requested / (requested + additional)) or
+    /// "exact" (container usage minus Envoy's own cgroup; cgroup v1).
+    pub mode: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            mode: "linear".into(),
         }
     }
 }
@@ -280,6 +297,7 @@ impl Config {
             })?;
         }
         self.validity()?;
+        self.metrics_mode()?;
         self.key_type()?;
 
         let pool = (self.ports.pool_start, self.ports.pool_end);
@@ -332,6 +350,17 @@ impl Config {
             return Err(self.err("runtime.cli", "must be an absolute path"));
         }
         Ok(())
+    }
+
+    pub fn metrics_mode(&self) -> Result<crate::metrics::Mode> {
+        match self.metrics.mode.as_str() {
+            "linear" => Ok(crate::metrics::Mode::Linear),
+            "exact" => Ok(crate::metrics::Mode::Exact),
+            other => Err(self.err(
+                "metrics.mode",
+                format!("{other:?} is not a mode; valid: \"linear\", \"exact\""),
+            )),
+        }
     }
 
     /// Certificate validity; checked by `validate`.
@@ -542,6 +571,8 @@ mod tests {
         assert!(e.contains("envoy_uid") && e.contains("root"), "{e}");
         let e = invalid("[proxy]\nmax_connections = 0\n");
         assert!(e.contains("proxy.max_connections"), "{e}");
+        let e = invalid("[metrics]\nmode = \"fuzzy\"\n");
+        assert!(e.contains("metrics.mode") && e.contains("exact"), "{e}");
         let e = invalid("[host]\nmemory_capacity_mb = 0\n");
         assert!(e.contains("host.memory_capacity_mb"), "{e}");
         let e = invalid("[ports]\npool_start = 70000\n");
@@ -601,5 +632,6 @@ mod example_tests {
         assert_eq!(format!("{:?}", c.runtime), format!("{:?}", d.runtime));
         assert_eq!(format!("{:?}", c.ports), format!("{:?}", d.ports));
         assert_eq!(format!("{:?}", c.host), format!("{:?}", d.host));
+        assert_eq!(format!("{:?}", c.metrics), format!("{:?}", d.metrics));
     }
 }

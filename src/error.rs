@@ -51,6 +51,10 @@ pub enum Error {
     #[error("NAT: {0}")]
     Nat(String),
 
+    /// Reading or reporting container metrics (containerd's task metrics API).
+    #[error("metrics: {0}")]
+    Metrics(String),
+
     /// The OCI state JSON a hook receives on stdin.
     #[error("hook: {0}")]
     Hook(String),

@@ -1,0 +1,191 @@
+//! `envoy-sidecar serve-metrics`: a Prometheus text endpoint (`GET /metrics`) with
+//! per-container gauges. Scrapes are rare and small, so one thread serves them one at
+//! a time; a failing scrape (containerd restarting, a container vanishing mid-scrape)
+//! degrades that scrape, never the server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Mode};
+use crate::sidecar::Paths;
+use crate::store::{ContainerState, Store};
+
+pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {
+    let listener =
+        TcpListener::bind(listen).map_err(|e| Error::Metrics(format!("--listen {listen}: {e}")))?;
+    eprintln!("envoy-sidecar: serving metrics on http://{listen}/metrics");
+    let store = Store::new(&cfg.runtime.state_dir);
+    let mode = cfg.metrics_mode()?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if let Err(e) = answer(conn, &store, address, mode) {
+            eprintln!("envoy-sidecar: metrics request: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn answer(mut conn: TcpStream, store: &Store, address: &Path, mode: Mode) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Drain the headers (up to the blank line) so the client is not reset.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) =
+        if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            ("200 OK", render(store, address, mode))
+        } else {
+            ("404 Not Found", "see /metrics\n".to_string())
+        };
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+struct Gauge {
+    name: &'static str,
+    help: &'static str,
+    samples: Vec<(String, u64)>,
+}
+
+fn labels(s: &ContainerState) -> String {
+    let esc = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    format!("namespace=\"{}\",id=\"{}\"", esc(&s.namespace), esc(&s.id))
+}
+
+/// One scrape's text. State-derived gauges are always there; usage gauges only for
+/// containers containerd reported on.
+pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
+    let g = |name, help| Gauge {
+        name,
+        help,
+        samples: Vec::new(),
+    };
+    let mut quota = g(
+        "envoy_sidecar_memory_quota_bytes",
+        "Memory limit the user asked for (0: no limit).",
+    );
+    let mut usage = g(
+        "envoy_sidecar_memory_usage_bytes",
+        "Working set against the quota: rescaled (linear) or attributed (exact).",
+    );
+    let mut raw = g(
+        "envoy_sidecar_memory_raw_usage_bytes",
+        "Working set of the whole container, proxy included.",
+    );
+    let mut envoy = g(
+        "envoy_sidecar_envoy_memory_bytes",
+        "Working set of the container's Envoy (its own cgroup).",
+    );
+    let mut restarts = g(
+        "envoy_sidecar_envoy_restarts",
+        "Times the supervisor restarted the container's Envoy.",
+    );
+    let mut expiry = g(
+        "envoy_sidecar_credential_expiry_timestamp_seconds",
+        "NotAfter of the instance identity certificate served.",
+    );
+    let mut up = g(
+        "envoy_sidecar_containerd_up",
+        "Whether containerd answered the last metrics request (per namespace).",
+    );
+
+    let states = store.list().unwrap_or_default();
+    let mut by_ns: BTreeMap<String, Vec<ContainerState>> = BTreeMap::new();
+    for s in states {
+        by_ns.entry(s.namespace.clone()).or_default().push(s);
+    }
+    for (ns, list) in &by_ns {
+        let ids: Vec<String> = list.iter().map(|s| s.id.clone()).collect();
+        let fetched = metrics::fetch(address, ns, &ids, Duration::from_secs(3));
+        up.samples
+            .push((format!("namespace=\"{ns}\""), fetched.is_ok() as u64));
+        let fetched = fetched.unwrap_or_default();
+        for s in list {
+            let l = labels(s);
+            quota
+                .samples
+                .push((l.clone(), s.memory.requested_bytes.unwrap_or(0)));
+            if let Ok(Some(rec)) = Paths::new(store, &s.namespace, &s.id).read_record() {
+                restarts
+                    .samples
+                    .push((l.clone(), rec.envoy_restarts as u64));
+                if let Some(t) = rec.cert_not_after {
+                    expiry.samples.push((l.clone(), t));
+                }
+            }
+            let e = metrics::envoy_working_set(store, s);
+            if let Some(v) = e {
+                envoy.samples.push((l.clone(), v));
+            }
+            if let Some((_, r)) = fetched.iter().find(|(id, _)| id == &s.id) {
+                let rep = metrics::report(s, *r, e, mode);
+                usage.samples.push((l.clone(), rep.memory_bytes));
+                raw.samples.push((l, rep.raw_working_set_bytes));
+            }
+        }
+    }
+    let mut out = String::new();
+    for gauge in [quota, usage, raw, envoy, restarts, expiry, up] {
+        let _ = writeln!(out, "# HELP {} {}", gauge.name, gauge.help);
+        let _ = writeln!(out, "# TYPE {} gauge", gauge.name);
+        for (l, v) in gauge.samples {
+            let _ = writeln!(out, "{}{{{l}}} {v}", gauge.name);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{sample, tempdir};
+
+    #[test]
+    fn renders_state_gauges_even_without_containerd() {
+        let root = tempdir("exporter");
+        let store = Store::new(&root);
+        store
+            .create(&sample("default", "c1", &root, (61001, None)))
+            .unwrap();
+        let text = render(
+            &store,
+            Path::new("/nonexistent/containerd.sock"),
+            Mode::Linear,
+        );
+        assert!(
+            text.contains(
+                "envoy_sidecar_memory_quota_bytes{namespace=\"default\",id=\"c1\"} 104857600"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("envoy_sidecar_containerd_up{namespace=\"default\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE envoy_sidecar_memory_usage_bytes gauge"));
+        assert!(
+            !text.contains("envoy_sidecar_memory_usage_bytes{"),
+            "no usage without containerd: {text}"
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

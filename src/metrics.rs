@@ -1,0 +1,369 @@
+//! Memory metrics that hide the proxy's allocation from the user, the way Diego's rep
+//! does: usage rescaled linearly to the quota the user asked for — or, as an
+//! alternative the reference lacks, exact attribution from Envoy's own child cgroup.
+//!
+//! Usage comes from containerd's task metrics API (cgroup v1 and v2 payloads); the
+//! figure used is the working set: usage minus inactive file cache (what the kernel
+//! cannot simply drop, and what the OOM killer is about).
+
+use std::path::Path;
+use std::time::Duration;
+
+use containerd_client::services::v1::MetricsRequest;
+use prost::Message;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::sidecar::Paths;
+use crate::store::{ContainerState, Store};
+
+pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+
+/// `io.containerd.cgroups.v1.Metrics`, the fields we read.
+#[derive(Clone, PartialEq, Message)]
+struct V1Metrics {
+    #[prost(message, optional, tag = "4")]
+    memory: Option<V1MemoryStat>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct V1MemoryStat {
+    #[prost(uint64, tag = "30")]
+    total_inactive_file: u64,
+    #[prost(message, optional, tag = "33")]
+    usage: Option<V1MemoryEntry>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct V1MemoryEntry {
+    #[prost(uint64, tag = "1")]
+    limit: u64,
+    #[prost(uint64, tag = "2")]
+    usage: u64,
+}
+
+/// `io.containerd.cgroups.v2.Metrics`, the fields we read.
+#[derive(Clone, PartialEq, Message)]
+struct V2Metrics {
+    #[prost(message, optional, tag = "4")]
+    memory: Option<V2MemoryStat>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct V2MemoryStat {
+    #[prost(uint64, tag = "13")]
+    inactive_file: u64,
+    #[prost(uint64, tag = "32")]
+    usage: u64,
+    #[prost(uint64, tag = "33")]
+    usage_limit: u64,
+}
+
+/// A container's memory as containerd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Raw {
+    pub usage_bytes: u64,
+    pub working_set_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+/// Decode the `data` of a containerd `Metric`.
+pub fn decode(type_url: &str, value: &[u8]) -> Result<Raw> {
+    let bad = |e: prost::DecodeError| Error::Metrics(format!("{type_url}: {e}"));
+    match type_url.trim_start_matches("type.googleapis.com/") {
+        "io.containerd.cgroups.v1.Metrics" => {
+            let m = V1Metrics::decode(value)
+                .map_err(bad)?
+                .memory
+                .unwrap_or_default();
+            let u = m.usage.unwrap_or_default();
+            Ok(Raw {
+                usage_bytes: u.usage,
+                working_set_bytes: u.usage.saturating_sub(m.total_inactive_file),
+                limit_bytes: u.limit,
+            })
+        }
+        "io.containerd.cgroups.v2.Metrics" => {
+            let m = V2Metrics::decode(value)
+                .map_err(bad)?
+                .memory
+                .unwrap_or_default();
+            Ok(Raw {
+                usage_bytes: m.usage,
+                working_set_bytes: m.usage.saturating_sub(m.inactive_file),
+                limit_bytes: m.usage_limit,
+            })
+        }
+        other => Err(Error::Metrics(format!(
+            "unsupported metrics type {other:?}; valid: io.containerd.cgroups.v1.Metrics, io.containerd.cgroups.v2.Metrics"
+        ))),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Linear,
+    Exact,
+}
+
+/// What the user sees for one container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub namespace: String,
+    pub id: String,
+    /// Usage against the user's quota (rescaled or attributed).
+    pub memory_bytes: u64,
+    /// The quota the user asked for (0: no limit).
+    pub memory_bytes_quota: u64,
+    pub raw_usage_bytes: u64,
+    pub raw_working_set_bytes: u64,
+    pub raw_limit_bytes: u64,
+    /// Envoy's own working set, when its child cgroup can be read (cgroup v1).
+    pub envoy_bytes: Option<u64>,
+    /// "linear", "exact", or "unscaled" (no proxy memory to hide).
+    pub method: &'static str,
+}
+
+/// The reference's rescaling: usage × requested / (requested + additional). A
+/// container without a limit or without an additional allocation is reported unscaled.
+pub fn linear(usage: u64, requested: Option<u64>, additional: u64) -> Option<u64> {
+    let r = requested.filter(|r| *r > 0)?;
+    if additional == 0 {
+        return None;
+    }
+    Some(((usage as u128 * r as u128) / (r as u128 + additional as u128)) as u64)
+}
+
+pub fn report(s: &ContainerState, raw: Raw, envoy: Option<u64>, mode: Mode) -> Report {
+    let requested = s.memory.requested_bytes;
+    let used = raw.working_set_bytes;
+    let (value, method) = match (
+        mode,
+        envoy,
+        linear(used, requested, s.memory.additional_bytes),
+    ) {
+        (Mode::Exact, Some(e), _) if requested.is_some() => (used.saturating_sub(e), "exact"),
+        (_, _, Some(scaled)) => (scaled, "linear"),
+        _ => (used, "unscaled"),
+    };
+    Report {
+        namespace: s.namespace.clone(),
+        id: s.id.clone(),
+        memory_bytes: value,
+        memory_bytes_quota: requested.unwrap_or(0),
+        raw_usage_bytes: raw.usage_bytes,
+        raw_working_set_bytes: used,
+        raw_limit_bytes: raw.limit_bytes,
+        envoy_bytes: envoy,
+        method,
+    }
+}
+
+/// Envoy's working set from its child memory cgroup (cgroup v1 only).
+pub fn envoy_working_set(store: &Store, s: &ContainerState) -> Option<u64> {
+    let rec = Paths::new(store, &s.namespace, &s.id)
+        .read_record()
+        .ok()??;
+    let dir = rec.cgroup.dirs.first()?;
+    let usage: u64 = std::fs::read_to_string(dir.join("memory.usage_in_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    let inactive: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("total_inactive_file "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some(usage.saturating_sub(inactive))
+}
+
+/// Ask containerd for the raw memory of `ids` in `namespace`. Containers containerd
+/// does not report (gone, not running) are simply absent from the result.
+pub fn fetch(
+    address: &Path,
+    namespace: &str,
+    ids: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, Raw)>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::Metrics(format!("tokio runtime: {e}")))?;
+    rt.block_on(async {
+        let fut = async {
+            let channel = containerd_client::connect(address).await.map_err(|e| {
+                Error::Metrics(format!(
+                    "connecting to containerd at {}: {e}",
+                    address.display()
+                ))
+            })?;
+            let mut tasks =
+                containerd_client::services::v1::tasks_client::TasksClient::new(channel);
+            let filters = ids.iter().map(|id| format!("id=={id}")).collect();
+            let mut req = tonic::Request::new(MetricsRequest { filters });
+            req.metadata_mut().insert(
+                "containerd-namespace",
+                namespace.parse().map_err(|_| {
+                    Error::Metrics(format!(
+                        "namespace {namespace:?} is not a valid header value"
+                    ))
+                })?,
+            );
+            let resp = tasks.metrics(req).await.map_err(|e| {
+                Error::Metrics(format!(
+                    "containerd task metrics in namespace {namespace}: {}",
+                    e.message()
+                ))
+            })?;
+            let mut out = Vec::new();
+            for m in resp.into_inner().metrics {
+                if let Some(data) = m.data {
+                    out.push((m.id, decode(&data.type_url, &data.value)?));
+                }
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            Error::Metrics(format!(
+                "containerd at {} did not answer within {timeout:?}",
+                address.display()
+            ))
+        })?
+    })
+}
+
+/// Reports for the given containers (all of the namespace's proxied ones when `ids`
+/// is empty).
+pub fn collect(
+    store: &Store,
+    address: &Path,
+    namespace: &str,
+    ids: &[String],
+    mode: Mode,
+) -> Result<Vec<Report>> {
+    let states: Vec<ContainerState> = store
+        .list()?
+        .into_iter()
+        .filter(|s| s.namespace == namespace && (ids.is_empty() || ids.contains(&s.id)))
+        .collect();
+    for id in ids {
+        if !states.iter().any(|s| &s.id == id) {
+            return Err(Error::Metrics(format!(
+                "{namespace}/{id} was not created through envoy-sidecar (or is gone)"
+            )));
+        }
+    }
+    if states.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted: Vec<String> = states.iter().map(|s| s.id.clone()).collect();
+    let raws = fetch(address, namespace, &wanted, Duration::from_secs(5))?;
+    Ok(states
+        .iter()
+        .filter_map(|s| {
+            let raw = raws.iter().find(|(id, _)| id == &s.id)?.1;
+            Some(report(s, raw, envoy_working_set(store, s), mode))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{sample, tempdir};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn decodes_v1_and_v2() {
+        let v1 = V1Metrics {
+            memory: Some(V1MemoryStat {
+                total_inactive_file: 10,
+                usage: Some(V1MemoryEntry {
+                    limit: 1000,
+                    usage: 110,
+                }),
+            }),
+        };
+        let raw = decode("io.containerd.cgroups.v1.Metrics", &v1.encode_to_vec()).unwrap();
+        assert_eq!(
+            raw,
+            Raw {
+                usage_bytes: 110,
+                working_set_bytes: 100,
+                limit_bytes: 1000
+            }
+        );
+        let v2 = V2Metrics {
+            memory: Some(V2MemoryStat {
+                inactive_file: 5,
+                usage: 50,
+                usage_limit: 500,
+            }),
+        };
+        let raw = decode("io.containerd.cgroups.v2.Metrics", &v2.encode_to_vec()).unwrap();
+        assert_eq!(raw.working_set_bytes, 45);
+        assert!(
+            decode("io.containerd.cgroups.v3.Metrics", &[])
+                .unwrap_err()
+                .to_string()
+                .contains("valid:")
+        );
+        assert!(decode("io.containerd.cgroups.v1.Metrics", &[0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn linear_rescaling_like_the_reference() {
+        // 256 MiB requested + 16 MiB proxy: 272 MiB used reads as the full 256 MiB quota.
+        assert_eq!(
+            linear(272 * MIB, Some(256 * MIB), 16 * MIB),
+            Some(256 * MIB)
+        );
+        assert_eq!(
+            linear(136 * MIB, Some(256 * MIB), 16 * MIB),
+            Some(128 * MIB)
+        );
+        // No limit, no allocation: unscaled; no division by zero, no overflow.
+        assert_eq!(linear(100, None, 16), None);
+        assert_eq!(linear(100, Some(0), 16), None);
+        assert_eq!(linear(100, Some(256), 0), None);
+        assert_eq!(
+            linear(u64::MAX, Some(u64::MAX), u64::MAX),
+            Some(u64::MAX / 2)
+        );
+    }
+
+    #[test]
+    fn exact_attribution_and_fallbacks() {
+        let root = tempdir("metrics");
+        let s = sample("default", "c1", &root, (61001, None)); // 100 MiB + 32 MiB
+        let raw = Raw {
+            usage_bytes: 70 * MIB,
+            working_set_bytes: 66 * MIB,
+            limit_bytes: 132 * MIB,
+        };
+        let lin = report(&s, raw, Some(16 * MIB), Mode::Linear);
+        assert_eq!((lin.memory_bytes, lin.method), (50 * MIB, "linear"));
+        assert_eq!(lin.memory_bytes_quota, 100 * MIB);
+        let ex = report(&s, raw, Some(16 * MIB), Mode::Exact);
+        assert_eq!((ex.memory_bytes, ex.method), (50 * MIB, "exact"));
+        let ex = report(&s, raw, Some(30 * MIB), Mode::Exact);
+        assert_eq!(ex.memory_bytes, 36 * MIB);
+        // Exact without Envoy's cgroup (v2): linear.
+        assert_eq!(report(&s, raw, None, Mode::Exact).method, "linear");
+        // Envoy larger than the container (racy reads): never underflows.
+        assert_eq!(report(&s, raw, Some(u64::MAX), Mode::Exact).memory_bytes, 0);
+        let mut unlimited = s.clone();
+        unlimited.memory.requested_bytes = None;
+        unlimited.memory.additional_bytes = 0;
+        let u = report(&unlimited, raw, Some(16 * MIB), Mode::Exact);
+        assert_eq!(
+            (u.memory_bytes, u.memory_bytes_quota, u.method),
+            (66 * MIB, 0, "unscaled")
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
