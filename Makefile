@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TEST_ENV := tests/env/containerd.sh
 
-.PHONY: all build release deps test unit integration lint demo bench test-env-up test-env-down clean
+.PHONY: all build release deps test unit integration lint demo bench install uninstall test-env-up test-env-down clean
 
 all: build
 
@@ -43,6 +43,17 @@ bench: deps release
 	$(TEST_ENV) up
 	scripts/bench.sh
 	scripts/bench-sidecar.sh
+	scripts/bench-memory.sh
+
+# Binaries to /usr/local/bin, default config (kept if present), containerd drop-in,
+# gc timer; `envoy-sidecar install --dry-run` shows what it would change.
+install: release
+	target/release/envoy-sidecar install
+
+# Removes exactly what install added (its manifest), never an existing config.
+uninstall:
+	@if [ -x /usr/local/bin/envoy-sidecar ]; then /usr/local/bin/envoy-sidecar uninstall; \
+	else target/release/envoy-sidecar uninstall; fi
 
 test-env-up:
 	$(TEST_ENV) up

@@ -23,6 +23,12 @@ commands:
   serve-metrics --listen ADDR:PORT [--address SOCK]
                                   the same for every proxied container, plus Envoy
                                   restarts and credential expiry, as Prometheus text
+  doctor                          check this host before enabling the product
+  install [--dry-run] [--root DIR]
+                                  binaries (from beside this one), default config (kept
+                                  if present), containerd drop-in, gc timer; DIR: /
+  uninstall [--dry-run] [--root DIR]
+                                  remove exactly what install added
   gc [--dry-run] [--grace SECS]   remove state, NAT mappings, processes and cgroups of
                                   containers that no longer exist (print what; SECS:
                                   leave containers younger than this, default 60)
@@ -38,6 +44,15 @@ The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
     CheckConfig,
+    Doctor,
+    Install {
+        dry_run: bool,
+        root: PathBuf,
+    },
+    Uninstall {
+        dry_run: bool,
+        root: PathBuf,
+    },
     Inspect {
         id: String,
         namespace: String,
@@ -88,6 +103,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut json = false;
     let mut address = None;
     let mut listen = None;
+    let mut root = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -113,6 +129,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--json" => json = true,
             "--address" | "-a" => address = Some(PathBuf::from(value("--address")?)),
             "--listen" => listen = Some(value("--listen")?),
+            "--root" => root = Some(PathBuf::from(value("--root")?)),
             "--grace" => {
                 let v = value("--grace")?;
                 grace =
@@ -123,7 +140,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -143,6 +160,15 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
                 .next()
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
             namespace,
+        },
+        Some("doctor") => Cmd::Doctor,
+        Some("install") => Cmd::Install {
+            dry_run,
+            root: root.clone().unwrap_or_else(|| "/".into()),
+        },
+        Some("uninstall") => Cmd::Uninstall {
+            dry_run,
+            root: root.clone().unwrap_or_else(|| "/".into()),
         },
         Some("metrics") => Cmd::Metrics {
             ids: pos.by_ref().collect(),
@@ -238,6 +264,37 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::Doctor => {
+            let cfg = load(args.config.as_deref()).map_err(|e| format!("{e:#}"));
+            let checks = crate::doctor::run(
+                cfg,
+                &std::path::Path::new("/").join(crate::install::DROP_IN),
+            );
+            for c in &checks {
+                println!(
+                    "{:<5} {:<14} {}",
+                    if c.ok { "ok" } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if failed > 0 {
+                bail!("{failed} check(s) failed");
+            }
+        }
+        Cmd::Install { dry_run, root } => {
+            let exe = std::env::current_exe()?;
+            let bins = exe.parent().context("no directory for this executable")?;
+            for a in crate::install::install(&root, bins, dry_run)? {
+                println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
+            }
+        }
+        Cmd::Uninstall { dry_run, root } => {
+            for a in crate::install::uninstall(&root, dry_run)? {
+                println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
+            }
         }
         Cmd::Metrics {
             ids,

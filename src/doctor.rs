@@ -1,0 +1,228 @@
+//! `envoy-sidecar doctor`: the checks an operator would make before enabling the
+//! product on a host, one line each.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::config::Config;
+
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn version_of(bin: &Path, arg: &str) -> Result<String, String> {
+    let out = Command::new(bin)
+        .arg(arg)
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} {arg} exited {}", bin.display(), out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+fn check(name: &'static str, r: Result<String, String>) -> Check {
+    match r {
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            detail,
+        },
+        Err(detail) => Check {
+            name,
+            ok: false,
+            detail,
+        },
+    }
+}
+
+/// Host TCP listeners (v4 and v6) on ports inside `pool`.
+fn listeners_in(pool: std::ops::RangeInclusive<u16>) -> Vec<u16> {
+    let mut found = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st 0A = LISTEN; local address is HEXIP:HEXPORT.
+            if cols.get(3) != Some(&"0A") {
+                continue;
+            }
+            let port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let Some(p) = port.filter(|p| pool.contains(p)) {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Run every check; `cfg` is the loaded configuration or why it failed to load.
+pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    let cfg = match cfg {
+        Ok(c) => {
+            let src = c
+                .source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "built-in defaults (proxy disabled)".into());
+            out.push(Check {
+                name: "config",
+                ok: true,
+                detail: format!("valid: {src}"),
+            });
+            c
+        }
+        Err(e) => {
+            out.push(Check {
+                name: "config",
+                ok: false,
+                detail: e,
+            });
+            Config::default()
+        }
+    };
+    out.push(check("runc", version_of(&cfg.runtime.runc, "--version")));
+    out.push(check(
+        "envoy",
+        version_of(&cfg.proxy.envoy_path, "--version").and_then(|v| {
+            v.split_whitespace()
+                .find_map(|w| {
+                    w.split('/')
+                        .nth(1)
+                        .filter(|x| x.chars().next().is_some_and(|c| c.is_ascii_digit()))
+                })
+                .map(|ver| format!("{} {ver}", cfg.proxy.envoy_path.display()))
+                .ok_or(format!("unexpected version output: {v}"))
+        }),
+    ));
+    out.push(check("cgroup memory", {
+        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+        match (v1, v2) {
+            (true, _) => Ok("cgroup v1 memory controller (Envoy's memory readable on its own)".into()),
+            (false, true) => Ok("cgroup v2 memory controller (Envoy charged to the container; exact metrics fall back to linear)".into()),
+            _ => Err("no memory controller found under /sys/fs/cgroup".into()),
+        }
+    }));
+    out.push(check(
+        "nftables",
+        Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .map_err(|e| format!("nft: {e} (install nftables)"))
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok("nft usable".into())
+                } else {
+                    Err(format!(
+                        "nft list tables: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
+                }
+            }),
+    ));
+    out.push(check(
+        "conntrack",
+        version_of(Path::new("conntrack"), "--version")
+            .map_err(|e| format!("{e} (install conntrack)")),
+    ));
+    out.push(check(
+        "CA",
+        if !cfg.proxy.enabled {
+            Ok("not needed: proxy disabled".into())
+        } else {
+            match (
+                &cfg.instance_identity.ca_cert,
+                &cfg.instance_identity.ca_key,
+            ) {
+                (Some(c), Some(k)) => crate::identity::Ca::load(c, k)
+                    .map(|_| format!("{} can sign", c.display()))
+                    .map_err(|e| e.to_string()),
+                _ => Err("instance_identity.ca_cert/ca_key not set".into()),
+            }
+        },
+    ));
+    out.push(check(
+        "registration",
+        if drop_in.exists() {
+            Ok(format!("{} present", drop_in.display()))
+        } else {
+            Err(format!(
+                "{} missing: CRI (Kubernetes) cannot select the envoy-sidecar runtime; `ctr run --runc-binary` still works (make install adds it)",
+                drop_in.display()
+            ))
+        },
+    ));
+    out.push(check("port pool", {
+        let pool = cfg.pool();
+        let busy = listeners_in(pool.clone());
+        if busy.is_empty() {
+            Ok(format!("{}-{} free of host listeners", pool.start(), pool.end()))
+        } else {
+            Err(format!(
+                "host processes listen on {busy:?} inside [ports] {}-{}: those host ports would be unreachable through NAT",
+                pool.start(),
+                pool.end()
+            ))
+        }
+    }));
+    out.push(check("state dir", {
+        let d = &cfg.runtime.state_dir;
+        std::fs::create_dir_all(d)
+            .and_then(|()| tempfile_probe(d))
+            .map(|()| format!("{} writable", d.display()))
+            .map_err(|e| format!("{}: {e}", d.display()))
+    }));
+    out
+}
+
+fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
+    let p = dir.join(format!(".doctor-{}", std::process::id()));
+    std::fs::write(&p, b"")?;
+    std::fs::remove_file(&p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_check_and_names_failures() {
+        let mut cfg = Config::default();
+        cfg.runtime.runc = "/nonexistent/runc".into();
+        cfg.runtime.state_dir = crate::store::tests::tempdir("doctor");
+        let checks = run(Ok(cfg.clone()), Path::new("/nonexistent/drop-in.toml"));
+        let by = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
+        assert!(!by("runc").ok && by("runc").detail.contains("/nonexistent/runc"));
+        assert!(!by("registration").ok && by("registration").detail.contains("make install"));
+        assert!(by("state dir").ok, "{}", by("state dir").detail);
+        assert!(by("CA").ok && by("CA").detail.contains("proxy disabled"));
+        let checks = run(Err("config x: bad".into()), Path::new("/x"));
+        assert!(!checks[0].ok && checks[0].detail == "config x: bad");
+        std::fs::remove_dir_all(&cfg.runtime.state_dir).unwrap();
+    }
+
+    #[test]
+    fn finds_listeners_in_the_pool() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        assert_eq!(listeners_in(p..=p), vec![p]);
+    }
+}
