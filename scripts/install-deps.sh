@@ -19,6 +19,7 @@ have openssl || need_apt+=(openssl)
 have curl || need_apt+=(curl)
 # containerd-client generates its gRPC code at build time.
 have protoc || need_apt+=(protobuf-compiler)
+have podman || need_apt+=(podman)
 have gzip || need_apt+=(gzip)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

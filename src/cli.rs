@@ -373,8 +373,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             // (poststop still has to release); only the state directory is needed.
             let cfg = Config::load(args.config.as_deref())
                 .with_context(|| format!("hook {stage:?} for {}", state.id))?;
-            let st = Store::new(&cfg.runtime.state_dir);
-            hook::run(&st, stage, &namespace, &state, args.config.as_deref())
+            hook::run(&cfg, stage, &namespace, &state)
                 .with_context(|| format!("hook {stage:?} for {}/{}", namespace, state.id))?;
         }
     }

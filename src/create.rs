@@ -35,6 +35,9 @@ pub struct Target<'a> {
     pub cli: &'a Path,
     /// runc's `--root` (where `gc` asks runc whether the container still exists).
     pub runc_root: Option<&'a Path>,
+    /// `false` in hooks-only mode (podman/CRI-O hooks.d, no wrapper): the spec is
+    /// already in force, so nothing is written to it — no env, mount or extra memory.
+    pub mutate_spec: bool,
 }
 
 /// Environment the app (and every later `exec`) sees; recomputed from the state so
@@ -122,7 +125,12 @@ pub fn prepare(
             None => None,
         };
     }
-    let additional = cfg.additional_memory_bytes();
+    // Without spec mutation the container keeps the limit it was given.
+    let additional = if t.mutate_spec {
+        cfg.additional_memory_bytes()
+    } else {
+        0
+    };
     let (requested, new_limit, new_swap) = raise_memory(limit, swap, additional);
     let user = spec.user()?;
     let proxy = ports::select_proxy_ports(&req.ports)?;
@@ -216,6 +224,9 @@ pub fn prepare(
 
     // From here on the state claims ports and memory: undo it on any failure.
     let applied = store.create(&state).and_then(|()| {
+        if !t.mutate_spec {
+            return Ok(());
+        }
         patch_spec(
             &mut spec,
             &state,
@@ -378,6 +389,7 @@ mod tests {
             bundle: Box::leak(bundle.clone().into_boxed_path()),
             cli: Path::new("/usr/local/bin/envoy-sidecar"),
             runc_root: None,
+            mutate_spec: true,
         };
         (bundle, t)
     }

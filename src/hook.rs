@@ -6,9 +6,11 @@ use std::io::Read;
 
 use serde::Deserialize;
 
+use crate::config::Config;
+use crate::create::Target;
 use crate::error::{Error, Result};
 use crate::fsutil::now_rfc3339;
-use crate::store::{self, Store};
+use crate::store::{self, ContainerState, Store};
 
 /// runc's state JSON is a few hundred bytes; anything near this is not runc's.
 const MAX_STATE_BYTES: u64 = 1 << 20;
@@ -39,6 +41,8 @@ pub struct OciState {
     pub id: String,
     #[serde(default)]
     pub pid: Option<i32>,
+    #[serde(default)]
+    pub bundle: Option<std::path::PathBuf>,
 }
 
 pub fn read_state(mut input: impl Read) -> Result<OciState> {
@@ -62,16 +66,10 @@ pub fn read_state(mut input: impl Read) -> Result<OciState> {
     Ok(s)
 }
 
-/// Run one stage for a container created in `namespace`. `config` is passed on to
-/// the supervisor that poststart launches.
-pub fn run(
-    store: &Store,
-    stage: Stage,
-    namespace: &str,
-    st: &OciState,
-    config: Option<&std::path::Path>,
-) -> Result<()> {
+/// Run one stage for a container created in `namespace`.
+pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result<()> {
     store::check_namespace(namespace)?;
+    let store = &Store::new(&cfg.runtime.state_dir);
     match stage {
         Stage::Poststop => {
             // Second line after the wrapper's delete: stop the sidecar, then release.
@@ -79,23 +77,52 @@ pub fn run(
             store.remove(namespace, &st.id)?;
             stopped?;
         }
-        Stage::CreateRuntime | Stage::Poststart => {
-            // No state: the wrapper did not give this container a proxy.
+        Stage::CreateRuntime => {
+            let state = match store.read(namespace, &st.id)? {
+                Some(s) => Some(s),
+                // No state: either the container asked for no proxy, or there is no
+                // wrapper (hooks-only registration): decide now, without the spec.
+                None => hooks_only_create(cfg, namespace, st)?,
+            };
+            if let Some(mut s) = state {
+                s.init_pid = st.pid;
+                store.write(&s)?;
+            }
+        }
+        Stage::Poststart => {
             let Some(mut s) = store.read(namespace, &st.id)? else {
                 return Ok(());
             };
-            if stage == Stage::CreateRuntime {
-                s.init_pid = st.pid;
-                store.write(&s)?;
-            } else {
-                s.started_at = Some(now_rfc3339());
-                store.write(&s)?;
-                crate::sidecar::apply_nat(store, &crate::nat::Nat::default(), namespace, &st.id)?;
-                crate::sidecar::launch(config, store, namespace, &st.id)?;
-            }
+            s.started_at = Some(now_rfc3339());
+            store.write(&s)?;
+            crate::sidecar::apply_nat(store, &crate::nat::Nat::default(), namespace, &st.id)?;
+            crate::sidecar::launch(cfg.source.as_deref(), store, namespace, &st.id)?;
         }
     }
     Ok(())
+}
+
+/// Hooks-only mode (podman/CRI-O hooks.d): allocate ports and record the container
+/// as the wrapper would, leaving the spec (env, mounts, memory) as it is.
+fn hooks_only_create(
+    cfg: &Config,
+    namespace: &str,
+    st: &OciState,
+) -> Result<Option<ContainerState>> {
+    let Some(bundle) = &st.bundle else {
+        return Ok(None);
+    };
+    let cli =
+        std::env::current_exe().map_err(|e| Error::Hook(format!("locating envoy-sidecar: {e}")))?;
+    let target = Target {
+        namespace,
+        id: &st.id,
+        bundle,
+        cli: &cli,
+        runc_root: None,
+        mutate_spec: false,
+    };
+    crate::create::prepare(cfg, &target, || false)
 }
 
 #[cfg(test)]
@@ -107,6 +134,8 @@ mod tests {
     fn stages_update_and_release() {
         let root = tempdir("hook");
         let store = Store::new(&root);
+        let mut cfg = Config::default();
+        cfg.runtime.state_dir = root.clone();
         store
             .create(&sample("default", "c1", &root, (61001, None)))
             .unwrap();
@@ -114,16 +143,16 @@ mod tests {
             &br#"{"ociVersion":"1.0.2","id":"c1","pid":4242,"status":"created","bundle":"/b"}"#[..],
         )
         .unwrap();
-        run(&store, Stage::CreateRuntime, "default", &st, None).unwrap();
+        run(&cfg, Stage::CreateRuntime, "default", &st).unwrap();
         assert_eq!(
             store.read("default", "c1").unwrap().unwrap().init_pid,
             Some(4242)
         );
-        run(&store, Stage::Poststop, "default", &st, None).unwrap();
-        run(&store, Stage::Poststop, "default", &st, None).unwrap();
+        run(&cfg, Stage::Poststop, "default", &st).unwrap();
+        run(&cfg, Stage::Poststop, "default", &st).unwrap();
         assert!(store.read("default", "c1").unwrap().is_none());
         // Containers the wrapper did not touch are no-ops.
-        run(&store, Stage::CreateRuntime, "default", &st, None).unwrap();
+        run(&cfg, Stage::CreateRuntime, "default", &st).unwrap();
         assert!(store.read("default", "c1").unwrap().is_none());
         std::fs::remove_dir_all(root).unwrap();
     }
@@ -151,7 +180,9 @@ mod tests {
         );
         let root = tempdir("hook-ns");
         let st = read_state(&br#"{"id":"c1"}"#[..]).unwrap();
-        assert!(run(&Store::new(&root), Stage::Poststop, "../etc", &st, None).is_err());
+        let mut cfg = Config::default();
+        cfg.runtime.state_dir = root.clone();
+        assert!(run(&cfg, Stage::Poststop, "../etc", &st).is_err());
         std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -14,6 +14,9 @@ const CONFIG: &str = include_str!("../hooks/config.toml");
 const CONTAINERD: &str = include_str!("../hooks/containerd-runtime.toml");
 const GC_SERVICE: &str = include_str!("../hooks/envoy-sidecar-gc.service");
 const GC_TIMER: &str = include_str!("../hooks/envoy-sidecar-gc.timer");
+const HOOK_CREATE: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-createRuntime.json");
+const HOOK_POSTSTART: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-poststart.json");
+const HOOK_POSTSTOP: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-poststop.json");
 
 enum Source {
     File(PathBuf),
@@ -63,6 +66,24 @@ fn items(bin_dir: &Path) -> Vec<Item> {
         Item {
             to: "etc/systemd/system/envoy-sidecar-gc.timer",
             source: Source::Text(GC_TIMER),
+            mode: 0o644,
+            keep_existing: false,
+        },
+        Item {
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-createRuntime.json",
+            source: Source::Text(HOOK_CREATE),
+            mode: 0o644,
+            keep_existing: false,
+        },
+        Item {
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststart.json",
+            source: Source::Text(HOOK_POSTSTART),
+            mode: 0o644,
+            keep_existing: false,
+        },
+        Item {
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststop.json",
+            source: Source::Text(HOOK_POSTSTOP),
             mode: 0o644,
             keep_existing: false,
         },

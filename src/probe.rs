@@ -18,8 +18,14 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// `ca_pem`: the operator CA; `server_name`: the DNS SAN to expect.
-    pub fn new(ca_pem: &str, server_name: &str) -> Result<Probe, String> {
+    /// `ca_pem`: the operator CA; `server_name`: the DNS SAN to expect, else
+    /// `fallback_ip` (the IP SAN). An instance guid that is no DNS name (podman's
+    /// 64-character ids exceed a DNS label) and no IP: the chain alone is verified.
+    pub fn new(
+        ca_pem: &str,
+        server_name: &str,
+        fallback_ip: Option<std::net::IpAddr>,
+    ) -> Result<Probe, String> {
         let mut roots = RootCertStore::empty();
         for block in pem::parse_many(ca_pem).map_err(|e| format!("CA PEM: {e}"))? {
             if block.tag() == "CERTIFICATE" {
@@ -29,13 +35,33 @@ impl Probe {
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = ServerName::try_from(server_name.to_string())
-            .map_err(|e| format!("{server_name:?} is not usable as a TLS server name: {e}"))?;
+            .map_err(|e| e.to_string())?;
+        let (name, chain_only) = match ServerName::try_from(server_name.to_string()) {
+            Ok(n) => (n, false),
+            Err(_) => match fallback_ip {
+                Some(ip) => (ServerName::IpAddress(ip.into()), false),
+                None => (
+                    ServerName::try_from("instance.invalid").expect("valid"),
+                    true,
+                ),
+            },
+        };
+        let config = if chain_only {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_no_client_auth()
+        } else {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
         Ok(Probe {
             config: Arc::new(config),
             name,
@@ -60,5 +86,53 @@ impl Probe {
         let _ = sock.flush();
         let _ = sock.shutdown(std::net::Shutdown::Both);
         Ok(())
+    }
+}
+
+/// Verifies the chain to the operator CA but not the name (see `Probe::new`).
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }

@@ -28,10 +28,10 @@ pub const TLS_BASE_KIB: u64 = 14_131;
 pub const MTLS_BASE_KIB: u64 = 14_131;
 /// Private memory per concurrent open TLS connection (downstream TLS connection plus
 /// its upstream connection to the app), bytes (23.4 KiB; least-squares slope).
-pub const TLS_PER_CONNECTION_BYTES: u64 = 24_013;
+pub const TLS_PER_CONNECTION_BYTES: u64 = 24_064;
 /// The same with mutual TLS (29.9 KiB): the client's certificate chain and its
 /// verification state are kept per connection.
-pub const MTLS_PER_CONNECTION_BYTES: u64 = 30_607;
+pub const MTLS_PER_CONNECTION_BYTES: u64 = 30_618;
 /// Kernel memory charged to Envoy's cgroup at idle (listening sockets, epoll,
 /// eventfds, ...), KiB (0.5 MiB; cgroup v1 `memory.kmem.usage_in_bytes`, which
 /// `memory.usage_in_bytes` includes).

@@ -189,7 +189,12 @@ impl Supervisor<'_> {
         self.prepare_envoy_dirs()?;
         self.issue()?;
         self.write_bootstrap()?;
-        let probe = Probe::new(&self.ca_pem, &self.state.instance_guid).map_err(Error::Hook)?;
+        let probe = Probe::new(
+            &self.ca_pem,
+            &self.state.instance_guid,
+            self.record.container_ip,
+        )
+        .map_err(Error::Hook)?;
         let mut backoff = BACKOFF_START;
         loop {
             if let Err(e) = self.start_envoy() {

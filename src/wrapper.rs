@@ -223,6 +223,7 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
         bundle: &bundle,
         cli: &cli,
         runc_root: ctx.inv.global("root").map(Path::new),
+        mutate_spec: true,
     };
     let Some(_state) = create::prepare(cfg, &target, || ctx.exists_in_runc(&id))? else {
         return Ok(None);
