@@ -11,8 +11,8 @@
 #     (root 0, vcap 2000:2000), /tmp (1777), /etc/cf-instance-credentials,
 #     /home/vcap (2000:2000), /www/index.html
 #
-# The tar is rebuilt only if missing, older than this script or older than
-# the busybox binary (or with --force).
+# The rootfs comes from oci/rootfs.sh. The tar is rebuilt only if missing,
+# older than this script, oci/rootfs.sh or the busybox binary (or with --force).
 #
 # --import ADDRESS NAMESPACE imports it into a containerd as
 # localhost/envoy-sidecar/busybox:latest (skipped if that image already
@@ -63,33 +63,8 @@ build() {
     umask 022
 
     local rootfs="$work/rootfs" layout="$work/layout"
-    mkdir -p "$rootfs"/{bin,etc/cf-instance-credentials,root,home/vcap,tmp,www,proc,sys,dev}
-    install -m 0755 "$BUSYBOX" "$rootfs/bin/busybox"
-    local applet
-    for applet in $("$BUSYBOX" --list | sort -u); do
-        case "$applet" in busybox|*/*|"") continue ;; esac
-        ln -sf busybox "$rootfs/bin/$applet"
-    done
-    chmod 1777 "$rootfs/tmp"
-    chmod 0700 "$rootfs/root"
-    chmod 0755 "$rootfs/home/vcap"
-
-    cat >"$rootfs/etc/passwd" <<'EOF'
-root:x:0:0:root:/root:/bin/sh
-vcap:x:2000:2000:vcap:/home/vcap:/bin/sh
-nobody:x:65534:65534:nobody:/nonexistent:/bin/false
-EOF
-    cat >"$rootfs/etc/group" <<'EOF'
-root:x:0:
-vcap:x:2000:
-nogroup:x:65534:
-EOF
-    cat >"$rootfs/etc/hosts" <<'EOF'
-127.0.0.1	localhost
-::1	localhost ip6-localhost ip6-loopback
-EOF
-    printf 'hello from envoy-sidecar test app\n' >"$rootfs/www/index.html"
-    chmod 0644 "$rootfs"/etc/passwd "$rootfs"/etc/group "$rootfs"/etc/hosts "$rootfs"/www/index.html
+    # The files themselves: shared with the plain runc bundles of the tests.
+    BUSYBOX="$BUSYBOX" "$REPO_ROOT/oci/rootfs.sh" "$rootfs"
 
     # Layer: everything root-owned, except /home/vcap owned by 2000:2000
     # (appended as a second, also deterministic, tar pass).
@@ -168,7 +143,8 @@ file_is_static() {
     ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'Requesting program interpreter'
 }
 
-if [ "$force" = 1 ] || [ ! -s "$OUT" ] || [ "$SCRIPT" -nt "$OUT" ] || [ "$BUSYBOX" -nt "$OUT" ]; then
+if [ "$force" = 1 ] || [ ! -s "$OUT" ] || [ "$SCRIPT" -nt "$OUT" ] || [ "$REPO_ROOT/oci/rootfs.sh" -nt "$OUT" ] \
+    || [ "$BUSYBOX" -nt "$OUT" ]; then
     build
 else
     echo "up to date: $OUT"

@@ -44,9 +44,12 @@ impl JsonFile {
         })
     }
 
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.value).expect("JSON value serialises")
+    }
+
     pub fn save(&self) -> Result<()> {
-        let bytes = serde_json::to_vec(&self.value).expect("JSON value serialises");
-        fsutil::write_atomic(&self.path, &bytes, self.mode)
+        fsutil::write_atomic(&self.path, &self.to_bytes(), self.mode)
     }
 
     fn err(&self, msg: impl Into<String>) -> Error {

@@ -132,7 +132,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 
     let result = match ctx.inv.command {
         Command::Create | Command::Run => on_create(&ctx, &cfg),
-        Command::Exec => on_exec(&ctx, &cfg).map(|()| None),
+        Command::Exec => on_exec(&mut ctx, &cfg).map(|()| None),
         Command::Delete => return on_delete(&ctx, &cfg),
         Command::Kill => {
             on_kill(&ctx, &cfg);
@@ -244,8 +244,13 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
 
 /// containerd builds exec processes from its own copy of the spec, without what we
 /// added to `config.json`: add our variables to the process file it hands runc.
-fn on_exec(ctx: &Ctx, cfg: &Config) -> Result<()> {
-    let Some(process) = ctx.inv.flag("process") else {
+///
+/// Garden's dadoo hands the process spec over on a pipe (`-p /proc/<pid>/fd/0`): that
+/// cannot be rewritten in place, and reading it drains it. Then the patched spec goes
+/// to runc through an anonymous memfd (`/proc/self/fd/N`, inherited by runc), and
+/// only that argument of the argv changes.
+fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
+    let Some(process) = ctx.inv.flag("process").map(str::to_string) else {
         return Ok(()); // runc reads the (patched) config.json itself
     };
     let Some((ns, id)) = container(&ctx.inv)? else {
@@ -254,9 +259,61 @@ fn on_exec(ctx: &Ctx, cfg: &Config) -> Result<()> {
     let Some(state) = Store::new(&cfg.runtime.state_dir).read(&ns, &id)? else {
         return Ok(());
     };
-    let mut f = JsonFile::load(Path::new(process))?;
+    let path = Path::new(&process);
+    let mut f = JsonFile::load(path)?;
     f.merge_env(false, &create::env_vars(&state), &[], true)?;
-    f.save()
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return f.save();
+    }
+    let fd = memfd_with(&f.to_bytes()).map_err(|e| Error::Spec {
+        path: path.to_path_buf(),
+        msg: format!("passing the patched process spec on: {e}"),
+    })?;
+    replace_flag_value(
+        &mut ctx.argv,
+        &["p", "process"],
+        &format!("/proc/self/fd/{fd}"),
+    );
+    Ok(())
+}
+
+/// An anonymous file holding `bytes`, left open (without close-on-exec) for runc.
+fn memfd_with(bytes: &[u8]) -> std::io::Result<i32> {
+    let fd = unsafe { libc::memfd_create(c"envoy-sidecar-process".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut written = 0;
+    while written < bytes.len() {
+        let n = unsafe { libc::write(fd, bytes[written..].as_ptr().cast(), bytes.len() - written) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        written += n as usize;
+    }
+    Ok(fd)
+}
+
+/// Replace the value of the (subcommand) flag named in `names`, in either form.
+fn replace_flag_value(argv: &mut [OsString], names: &[&str], value: &str) {
+    let mut i = 1;
+    while i < argv.len() {
+        let a = argv[i].to_string_lossy().into_owned();
+        let body = a.trim_start_matches('-');
+        if a.starts_with('-') {
+            if names.contains(&body) && i + 1 < argv.len() {
+                argv[i + 1] = value.into();
+                return;
+            }
+            if let Some((n, _)) = body.split_once('=')
+                && names.contains(&n)
+            {
+                argv[i] = format!("{}{n}={value}", &a[..a.len() - body.len()]).into();
+                return;
+            }
+        }
+        i += 1;
+    }
 }
 
 /// SIGTERM to the container's init: first stop Envoy accepting new connections, so a
@@ -312,4 +369,35 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         ctx.log("warning", &format!("releasing {}: {e}", ids.1));
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_process_value() {
+        let mut a: Vec<OsString> = [
+            "runc",
+            "--root",
+            "/r",
+            "exec",
+            "-d",
+            "-p",
+            "/proc/9/fd/0",
+            "c1",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        replace_flag_value(&mut a, &["p", "process"], "/proc/self/fd/5");
+        assert_eq!(a[6], "/proc/self/fd/5");
+        assert_eq!(a[2], "/r");
+        let mut b: Vec<OsString> = ["runc", "exec", "--process=/x", "c1"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        replace_flag_value(&mut b, &["p", "process"], "/proc/self/fd/5");
+        assert_eq!(b[2], "--process=/proc/self/fd/5");
+    }
 }

@@ -511,3 +511,236 @@ impl Router {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Driving the wrapper directly as runc, without containerd (tests/garden.rs,
+// tests/nerdctl.rs): a plain runc bundle with a busybox rootfs, a private `--root`.
+
+/// Like `can_run`, for tests that need root but not containerd: never starts it.
+pub fn can_run_without_containerd(test: &str) -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: CI must run as root");
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {test}: needs root (runc, cgroups, network namespaces)"
+        );
+        return false;
+    }
+    true
+}
+
+/// Fill `dir` with the busybox root filesystem of the test image (`oci/rootfs.sh`).
+pub fn busybox_rootfs(dir: &Path) {
+    let out = Command::new(repo().join("oci/rootfs.sh"))
+        .arg(dir)
+        .output()
+        .expect("run oci/rootfs.sh");
+    assert!(out.status.success(), "oci/rootfs.sh: {}", text(&out));
+}
+
+/// `GET /` over TLS (openssl s_client, HTTP/1.0, no ALPN) to `addr`, verifying the
+/// chain against `ca` and sending `server_name`; returns stdout and stderr.
+pub fn openssl_get(addr: &str, ca: &Path, server_name: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-connect", addr])
+        .args([
+            "-servername",
+            server_name,
+            "-verify_return_error",
+            "-ign_eof",
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n");
+    let o = child.wait_with_output().unwrap();
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Retry `openssl_get` until the response contains `want` (Envoy starts after
+/// `run --detach` returned); panics with the last output after 20 s.
+pub fn openssl_wait_for(addr: &str, ca: &Path, server_name: &str, want: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let out = openssl_get(addr, ca, server_name);
+        if out.contains(want) {
+            return out;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{want:?} never served on {addr}:\n{out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// One container driven through the wrapper the way Garden's runtime plugin drives
+/// runc: `--root <private dir> --log <file> --log-format json <command>`, with
+/// `ENVOY_SIDECAR_CONFIG` set. The private root's parent is not named `runc`, so the
+/// wrapper files everything under namespace `default`. On drop the container is
+/// killed and force-deleted through the wrapper (releasing its sidecar), then with
+/// runc itself, and the directory (root, bundle, logs) is removed.
+pub struct DirectRun {
+    pub id: String,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    pub root: PathBuf,
+    pub bundle: PathBuf,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl DirectRun {
+    /// Creates `<tmp>/es-direct-<name>-<pid>/{bundle,root}`; the bundle is empty.
+    pub fn new(name: &str, id: &str, config: &Path) -> DirectRun {
+        let dir = std::env::temp_dir().join(format!("es-direct-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bundle")).unwrap();
+        DirectRun {
+            id: id.into(),
+            config: config.to_path_buf(),
+            root: dir.join("root"),
+            bundle: dir.join("bundle"),
+            log: dir.join("runc-log.json"),
+            pid_file: dir.join("init.pid"),
+            dir,
+        }
+    }
+
+    fn global(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.display().to_string(),
+            "--log".into(),
+            self.log.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+        ]
+    }
+
+    /// The wrapper with the global flags, then `args`; stdin /dev/null, output captured.
+    pub fn wrapper(&self, args: &[&str]) -> Output {
+        Command::new(wrapper_bin())
+            .args(self.global())
+            .args(args)
+            .env("ENVOY_SIDECAR_CONFIG", &self.config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// The real runc with the same `--root` (and no wrapper in between).
+    pub fn runc(&self, args: &[&str]) -> Output {
+        Command::new("runc")
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `run --detach --bundle B --pid-file P ID` through the wrapper. Without a
+    /// terminal the container inherits runc's stdio, so it gets /dev/null and two
+    /// files (Garden uses pipes it keeps reading): pipes would never reach EOF here.
+    /// Returns the exit status and what runc (and the wrapper) wrote.
+    pub fn run_detached(&self) -> (std::process::ExitStatus, String) {
+        let out = self.dir.join("stdout");
+        let err = self.dir.join("stderr");
+        let bundle = self.bundle.display().to_string();
+        let pid_file = self.pid_file.display().to_string();
+        let status = Command::new(wrapper_bin())
+            .args(self.global())
+            .args([
+                "run",
+                "--detach",
+                "--bundle",
+                &bundle,
+                "--pid-file",
+                &pid_file,
+            ])
+            .arg(&self.id)
+            .env("ENVOY_SIDECAR_CONFIG", &self.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
+            .unwrap();
+        let said = format!(
+            "stdout:\n{}\nstderr:\n{}\nrunc log:\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            std::fs::read_to_string(&err).unwrap_or_default(),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        (status, said)
+    }
+
+    /// The container's status as runc reports it (`None`: runc does not know it).
+    pub fn status(&self) -> Option<String> {
+        let out = self.runc(&["state", &self.id]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["status"].as_str().map(str::to_string)
+    }
+
+    /// The container's init pid from the pid file.
+    pub fn pid(&self) -> u32 {
+        std::fs::read_to_string(&self.pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.pid_file.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Namespace `default` state of this container, as `envoy-sidecar inspect` shows it.
+    pub fn inspect(&self) -> Option<serde_json::Value> {
+        let out = Command::new(cli_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["inspect", &self.id, "--namespace", "default"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("inspect prints JSON"))
+    }
+}
+
+impl Drop for DirectRun {
+    fn drop(&mut self) {
+        if self.status().is_some() {
+            self.wrapper(&["kill", &self.id, "KILL"]);
+            for _ in 0..50 {
+                if self.status().as_deref() != Some("running") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        // Also when runc no longer knows it: the wrapper then releases our state.
+        self.wrapper(&["delete", "--force", &self.id]);
+        if self.status().is_some() {
+            self.runc(&["delete", "--force", &self.id]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

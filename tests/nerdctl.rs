@@ -1,0 +1,522 @@
+//! nerdctl conventions. nerdctl is not installable here, so these run against
+//! `oci/fixtures/nerdctl-config.json`, a spec shaped like the one nerdctl has
+//! containerd write (its `nerdctl/*` annotations, including `nerdctl/ports`, and its
+//! `createRuntime`/`poststop` hooks; see `oci/fixtures/README.md`): our hooks go after
+//! nerdctl's createRuntime hook and before its poststop hook, container ports come
+//! from `nerdctl/ports` when `envoy-sidecar/ports` is absent, and nerdctl's hooks and
+//! annotations are left exactly as they were.
+//!
+//! Without root: the wrapper's `create` against a recording stand-in for runc, then
+//! the patched `config.json` read back. As root: one real `runc run --detach` of the
+//! fixture with nerdctl's hooks replaced by a stand-in at the same positions.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+const ID: &str = "3f1c5b2a9d8e7f60a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
+
+fn fixture() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("oci/fixtures/nerdctl-config.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+fn is_ours(hook: &Value, stage: &str) -> bool {
+    let args: Vec<&str> = hook["args"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    hook["path"] == cli_bin().display().to_string()
+        && args.ends_with(&["hook", stage, "--namespace", "default"])
+}
+
+fn env_of(spec: &Value) -> Vec<String> {
+    spec["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn env_var(spec: &Value, name: &str) -> Option<String> {
+    env_of(spec)
+        .iter()
+        .find_map(|e| e.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
+fn nerdctl_annotations(spec: &Value) -> Vec<(String, Value)> {
+    spec["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("nerdctl/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The fixture in a temporary bundle, a wrapper config whose `runtime.runc` is a
+/// stand-in that records its argv and succeeds, and containerd's runc root for
+/// nerdctl's namespace `default` (`.../runc/default`).
+struct Fake {
+    dir: PathBuf,
+    config: PathBuf,
+    state: PathBuf,
+    bundle: PathBuf,
+    argv_log: PathBuf,
+    /// The fixture as written into the bundle.
+    original: Value,
+}
+
+impl Fake {
+    fn new(name: &str, tweak: impl FnOnce(&mut Value)) -> Fake {
+        let dir = std::env::temp_dir().join(format!("es-nerdctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bundle")).unwrap();
+        let argv_log = dir.join("argv.log");
+        let runc = dir.join("fake-runc");
+        write_script(
+            &runc,
+            &format!(
+                "#!/bin/sh\necho \"$*\" >> {log}\nfor a; do case \"$a\" in state) [ -f {dir}/gone ] && exit 1; exit 0;; \
+                 create|delete|kill|start) exit 0;; esac; done\n",
+                log = argv_log.display(),
+                dir = dir.display()
+            ),
+        );
+        let out = Command::new(cli_bin())
+            .args(["generate-ca", "--out"])
+            .arg(dir.join("ca"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let state = dir.join("state");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
+                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\n[host]\naddress = \"198.51.100.9\"\n\
+                 memory_capacity_mb = 4096\n",
+                dir.join("ca/ca.crt"),
+                dir.join("ca/ca.key"),
+                runc,
+                state
+            ),
+        )
+        .unwrap();
+        let mut original = fixture();
+        // The credentials directory is chowned to process.user: be that user.
+        original["process"]["user"]["uid"] = json!(unsafe { libc::getuid() });
+        original["process"]["user"]["gid"] = json!(unsafe { libc::getgid() });
+        tweak(&mut original);
+        std::fs::write(
+            dir.join("bundle/config.json"),
+            serde_json::to_vec(&original).unwrap(),
+        )
+        .unwrap();
+        Fake {
+            bundle: dir.join("bundle"),
+            dir,
+            config,
+            state,
+            argv_log,
+            original,
+        }
+    }
+
+    /// The wrapper as containerd's runc shim runs it for nerdctl (namespace `default`).
+    fn wrapper(&self, args: &[&str]) -> Output {
+        let root = self.dir.join("runc-root/runc/default");
+        Command::new(wrapper_bin())
+            .arg("--root")
+            .arg(&root)
+            .arg("--log")
+            .arg(self.dir.join("log.json"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("ENVOY_SIDECAR_CONFIG", &self.config)
+            .output()
+            .unwrap()
+    }
+
+    fn create(&self) {
+        let b = self.bundle.display().to_string();
+        let pid = self.dir.join("init.pid").display().to_string();
+        let out = self.wrapper(&["create", "--bundle", &b, "--pid-file", &pid, ID]);
+        assert!(out.status.success(), "create: {}", text(&out));
+    }
+
+    fn spec(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.bundle.join("config.json")).unwrap()).unwrap()
+    }
+
+    fn state_of(&self) -> Option<Value> {
+        std::fs::read(self.state.join("default").join(ID).join("state.json"))
+            .ok()
+            .map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    fn runc_calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.argv_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn our_hooks_wrap_nerdctls_which_stay_untouched() {
+    let f = Fake::new("hooks", |_| {});
+    f.create();
+    let spec = f.spec();
+    let orig = &f.original;
+
+    // createRuntime: nerdctl's (CNI set-up, which gives the container its IP) first.
+    let cr = spec["hooks"]["createRuntime"].as_array().unwrap();
+    assert_eq!(cr.len(), 2, "{cr:#?}");
+    assert_eq!(
+        cr[0], orig["hooks"]["createRuntime"][0],
+        "nerdctl's createRuntime hook changed or moved"
+    );
+    assert!(is_ours(&cr[1], "createRuntime"), "{:#?}", cr[1]);
+
+    // poststop: ours (stop Envoy, release) before nerdctl's (CNI tear-down).
+    let ps = spec["hooks"]["poststop"].as_array().unwrap();
+    assert_eq!(ps.len(), 2, "{ps:#?}");
+    assert!(is_ours(&ps[0], "poststop"), "{:#?}", ps[0]);
+    assert_eq!(
+        ps[1], orig["hooks"]["poststop"][0],
+        "nerdctl's poststop hook changed or moved"
+    );
+    assert_eq!(
+        ps[1]["args"][3], "postStop",
+        "nerdctl's own event name for the poststop stage"
+    );
+
+    // poststart: nerdctl registers none; ours is the only one.
+    let st = spec["hooks"]["poststart"].as_array().unwrap();
+    assert_eq!(st.len(), 1);
+    assert!(is_ours(&st[0], "poststart"), "{:#?}", st[0]);
+    assert_eq!(
+        spec["hooks"].as_object().unwrap().len(),
+        3,
+        "no other stage added: {:#?}",
+        spec["hooks"]
+    );
+
+    // Every nerdctl/* annotation unchanged, none added or dropped, same order.
+    assert_eq!(nerdctl_annotations(&spec), nerdctl_annotations(orig));
+    let ours: Vec<&String> = spec["annotations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| !k.starts_with("nerdctl/"))
+        .collect();
+    assert!(
+        ours.iter().all(|k| k.starts_with("envoy-sidecar/")),
+        "{ours:?}"
+    );
+
+    // nerdctl's environment and mounts are kept, in order; ours come after them.
+    let env = env_of(&spec);
+    let orig_env = env_of(orig);
+    assert_eq!(&env[..orig_env.len()], &orig_env[..]);
+    assert!(
+        env[orig_env.len()..]
+            .iter()
+            .all(|e| e.starts_with("CF_INSTANCE_")),
+        "{env:?}"
+    );
+    let mounts = spec["mounts"].as_array().unwrap();
+    let orig_mounts = orig["mounts"].as_array().unwrap();
+    assert_eq!(&mounts[..orig_mounts.len()], &orig_mounts[..]);
+    assert_eq!(mounts.len(), orig_mounts.len() + 1);
+    assert_eq!(
+        mounts.last().unwrap()["destination"],
+        "/etc/cf-instance-credentials"
+    );
+
+    // Nothing else of the spec moved.
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        for p in ["hooks", "annotations", "mounts"] {
+            v.as_object_mut().unwrap().remove(p);
+        }
+        v["process"].as_object_mut().unwrap().remove("env");
+        v["linux"]["resources"]
+            .as_object_mut()
+            .unwrap()
+            .remove("memory");
+        v
+    };
+    assert_eq!(strip(&spec), strip(orig));
+
+    // runc got the argv containerd's shim gave us.
+    let calls = f.runc_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0].contains(&format!("create --bundle {}", f.bundle.display())));
+}
+
+#[test]
+fn ports_come_from_nerdctl_ports_when_ours_are_absent() {
+    let f = Fake::new("ports", |_| {});
+    f.create();
+    let spec = f.spec();
+    // -p 8080:80 (tcp) and -p 5353:53/udp: only the TCP container port is proxied.
+    let ports: Value = serde_json::from_str(&env_var(&spec, "CF_INSTANCE_PORTS").unwrap()).unwrap();
+    let ports = ports.as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["internal"], 80);
+    assert_eq!(ports[0]["internal_tls_proxy"], 61001);
+    let state = f
+        .state_of()
+        .expect("state recorded under namespace default");
+    assert_eq!(state["ports"][0]["internal"], 80);
+    assert_eq!(state["namespace"], "default");
+    // nerdctl's -m 256m (swap defaulted to twice that) raised by the allocation.
+    let mem = &spec["linux"]["resources"]["memory"];
+    assert_eq!(mem["limit"], 288 * MIB, "{mem}");
+    assert_eq!(mem["swap"], 544 * MIB, "{mem}");
+    assert_eq!(
+        spec["annotations"]["envoy-sidecar/requested-memory-limit"],
+        (256 * MIB).to_string()
+    );
+    assert_eq!(
+        spec["annotations"]["envoy-sidecar/requested-memory-swap"],
+        (512 * MIB).to_string()
+    );
+    assert_eq!(
+        spec["annotations"]["nerdctl/ports"],
+        f.original["annotations"]["nerdctl/ports"]
+    );
+}
+
+#[test]
+fn envoy_sidecar_ports_win_over_nerdctl_ports() {
+    let f = Fake::new("ours", |s| {
+        s["annotations"]["envoy-sidecar/ports"] = json!("9000,80");
+    });
+    f.create();
+    let ports: Value =
+        serde_json::from_str(&env_var(&f.spec(), "CF_INSTANCE_PORTS").unwrap()).unwrap();
+    let internal: Vec<u64> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["internal"].as_u64().unwrap())
+        .collect();
+    assert_eq!(internal, [9000, 80]);
+}
+
+#[test]
+fn no_tcp_port_or_opt_out_leaves_the_spec_byte_for_byte() {
+    let udp_only = r#"[{"HostPort":5353,"ContainerPort":53,"Protocol":"udp","HostIP":"0.0.0.0"}]"#;
+    for (name, k, v) in [
+        ("udp", "nerdctl/ports", udp_only),
+        ("optout", "envoy-sidecar/enabled", "false"),
+    ] {
+        let f = Fake::new(name, |s| s["annotations"][k] = json!(v));
+        let before = std::fs::read(f.bundle.join("config.json")).unwrap();
+        f.create();
+        assert_eq!(
+            std::fs::read(f.bundle.join("config.json")).unwrap(),
+            before,
+            "{name}: spec touched"
+        );
+        assert!(f.state_of().is_none(), "{name}: state recorded");
+    }
+}
+
+#[test]
+fn a_second_create_on_the_bundle_does_not_stack() {
+    let f = Fake::new("twice", |_| {});
+    f.create();
+    let first = f.spec();
+    // containerd deletes the container (runc no longer knows it), then nerdctl
+    // starts it again from the same bundle.
+    let out = f.wrapper(&["delete", ID]);
+    assert!(out.status.success(), "delete: {}", text(&out));
+    assert!(f.state_of().is_none(), "delete released the state");
+    std::fs::write(f.dir.join("gone"), "").unwrap();
+    f.create();
+    let second = f.spec();
+    assert_eq!(second["hooks"], first["hooks"]);
+    assert_eq!(
+        second["hooks"]["createRuntime"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(second["hooks"]["poststop"].as_array().unwrap().len(), 2);
+    assert_eq!(second["process"]["env"], first["process"]["env"]);
+    assert_eq!(second["mounts"], first["mounts"]);
+    assert_eq!(second["linux"], first["linux"], "memory raised only once");
+    assert_eq!(second["annotations"], first["annotations"]);
+    assert!(f.state_of().is_some());
+}
+
+/// As root: the fixture run by real runc through the wrapper, nerdctl's hooks replaced
+/// by a stand-in at the same positions. Ours does not log, so the stand-in records
+/// what our state looked like when it ran: at nerdctl's createRuntime our state
+/// exists but has no init pid yet (our createRuntime hook, which records it, has not
+/// run); at nerdctl's poststop our state is gone (our poststop hook, which releases
+/// it, already ran — the wrapper itself releases only after runc's delete returned).
+#[test]
+fn nerdctl_hooks_run_around_ours_under_real_runc() {
+    if !can_run_without_containerd("nerdctl_hooks_run_around_ours_under_real_runc") {
+        return;
+    }
+    let net = Netns::new(21);
+    let sb = Sandbox::new(
+        "nerdctl",
+        "",
+        "[ports]\npool_start = 44032\npool_end = 44063\n",
+    );
+    let id = "es-nerdctl-1";
+    let c = DirectRun::new("nerdctl", id, &sb.config);
+    busybox_rootfs(&c.bundle.join("rootfs"));
+
+    let state = sb.state_dir.join("default").join(id).join("state.json");
+    let standin = c.dir.join("nerdctl");
+    let log = c.dir.join("nerdctl-hooks.log");
+    write_script(
+        &standin,
+        &format!(
+            "#!/bin/sh\n# Stand-in for `nerdctl internal oci-hook <event>`.\nevent=\"$3\"\n\
+             cat > {dir}/oci-state-$event.json\n\
+             if [ -f {state} ]; then cp {state} {dir}/ours-at-$event.json; \
+             else echo absent > {dir}/ours-at-$event.json; fi\n\
+             echo \"nerdctl-$event $1 $2 SUDO_USER=$SUDO_USER\" >> {log}\n",
+            dir = c.dir.display(),
+            state = state.display(),
+            log = log.display()
+        ),
+    );
+
+    let mut spec = fixture();
+    for stage in ["createRuntime", "poststop"] {
+        let h = &mut spec["hooks"][stage][0];
+        h["path"] = json!(standin.display().to_string());
+        h["args"][0] = json!(standin.display().to_string());
+    }
+    spec["process"]["args"] = json!(["/bin/httpd", "-f", "-p", "80", "-h", "/www"]);
+    // What this host cannot provide: AppArmor, nerdctl's data store, its cgroup parent.
+    spec["process"]
+        .as_object_mut()
+        .unwrap()
+        .remove("apparmorProfile");
+    spec["mounts"].as_array_mut().unwrap().retain(|m| {
+        !m["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("/var/lib/nerdctl/")
+    });
+    spec["linux"].as_object_mut().unwrap().remove("cgroupsPath");
+    // nerdctl passes on its own RLIMIT_NOFILE; ours may be lower (raising needs
+    // CAP_SYS_RESOURCE in the initial user namespace).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    spec["process"]["rlimits"] =
+        json!([{"type": "RLIMIT_NOFILE", "hard": lim.rlim_max, "soft": lim.rlim_max}]);
+    // The network nerdctl's CNI hook would have set up: a veth we made.
+    for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+        if n["type"] == "network" {
+            *n = json!({"type": "network", "path": net.path});
+        }
+    }
+    std::fs::write(
+        c.bundle.join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    let as_written = spec.clone();
+
+    let (status, said) = c.run_detached();
+    assert!(status.success(), "run --detach: {status}\n{said}");
+    let pid = c.pid();
+
+    // The hooks as runc ran them.
+    let patched: Value =
+        serde_json::from_slice(&std::fs::read(c.bundle.join("config.json")).unwrap()).unwrap();
+    let cr = patched["hooks"]["createRuntime"].as_array().unwrap();
+    assert_eq!(cr[0], as_written["hooks"]["createRuntime"][0]);
+    assert!(is_ours(&cr[1], "createRuntime"), "{cr:#?}");
+
+    // nerdctl's createRuntime ran, with its own argv and environment, before ours.
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        ["nerdctl-createRuntime internal oci-hook SUDO_USER=ubuntu"]
+    );
+    let oci: Value =
+        serde_json::from_slice(&std::fs::read(c.dir.join("oci-state-createRuntime.json")).unwrap())
+            .unwrap();
+    assert_eq!(oci["pid"], pid, "{oci}");
+    assert_eq!(oci["annotations"]["nerdctl/name"], "web", "{oci}");
+    let at_cr: Value =
+        serde_json::from_slice(&std::fs::read(c.dir.join("ours-at-createRuntime.json")).unwrap())
+            .expect("our state existed when nerdctl's createRuntime ran");
+    assert_eq!(at_cr["id"], id);
+    assert!(
+        at_cr.get("init_pid").is_none(),
+        "our createRuntime hook ran before nerdctl's: {at_cr}"
+    );
+    let st = c.inspect().expect("state");
+    assert_eq!(st["init_pid"], pid, "our createRuntime ran after: {st}");
+
+    // The container port came from nerdctl/ports; the proxy serves the app on it.
+    assert_eq!(st["ports"][0]["internal"], 80, "{st}");
+    assert_eq!(st["ports"].as_array().unwrap().len(), 1, "{st}");
+    let addr = format!("{}:{}", net.ip, st["ports"][0]["internal_tls_proxy"]);
+    let out = openssl_wait_for(
+        &addr,
+        &sb.dir.join("ca/ca.crt"),
+        id,
+        "hello from envoy-sidecar test app",
+    );
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert_eq!(memory_limit_of(pid), (288 * MIB).to_string());
+
+    // Stop and delete: our poststop released the state before nerdctl's ran.
+    let out = c.wrapper(&["kill", id, "KILL"]);
+    assert!(out.status.success(), "kill: {}", text(&out));
+    let start = std::time::Instant::now();
+    while c.status().as_deref() != Some("stopped") {
+        assert!(start.elapsed().as_secs() < 10, "not stopped");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(c.inspect().is_some(), "state kept until delete");
+    let out = c.wrapper(&["delete", id]);
+    assert!(out.status.success(), "delete: {}", text(&out));
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        [
+            "nerdctl-createRuntime internal oci-hook SUDO_USER=ubuntu",
+            "nerdctl-postStop internal oci-hook SUDO_USER=ubuntu"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(c.dir.join("ours-at-postStop.json"))
+            .unwrap()
+            .trim(),
+        "absent",
+        "our poststop hook must run (and release) before nerdctl's"
+    );
+    assert!(c.inspect().is_none());
+    assert_eq!(c.status(), None);
+}
