@@ -23,6 +23,9 @@ commands:
   serve-metrics --listen ADDR:PORT [--address SOCK]
                                   the same for every proxied container, plus Envoy
                                   restarts and credential expiry, as Prometheus text
+  recommend-memory --connections N [--mtls]
+                                  additional_memory_allocation_mb for N concurrent
+                                  connections, from Envoy's measured cost
   doctor                          check this host before enabling the product
   install [--dry-run] [--root DIR]
                                   binaries (from beside this one), default config (kept
@@ -44,6 +47,10 @@ The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
     CheckConfig,
+    RecommendMemory {
+        connections: u64,
+        mtls: bool,
+    },
     Doctor,
     Install {
         dry_run: bool,
@@ -104,6 +111,8 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut address = None;
     let mut listen = None;
     let mut root = None;
+    let mut connections = None;
+    let mut mtls = false;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -130,6 +139,18 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--address" | "-a" => address = Some(PathBuf::from(value("--address")?)),
             "--listen" => listen = Some(value("--listen")?),
             "--root" => root = Some(PathBuf::from(value("--root")?)),
+            "--mtls" => mtls = true,
+            "--connections" => {
+                let v = value("--connections")?;
+                connections = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| *n <= 10_000_000)
+                        .with_context(|| {
+                            format!("--connections {v:?}: valid: a whole number from 0 to 10000000")
+                        })?,
+                );
+            }
             "--grace" => {
                 let v = value("--grace")?;
                 grace =
@@ -140,7 +161,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -162,6 +183,10 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             namespace,
         },
         Some("doctor") => Cmd::Doctor,
+        Some("recommend-memory") => Cmd::RecommendMemory {
+            connections: connections.context("recommend-memory needs --connections N")?,
+            mtls,
+        },
         Some("install") => Cmd::Install {
             dry_run,
             root: root.clone().unwrap_or_else(|| "/".into()),
@@ -264,6 +289,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
             println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        Cmd::RecommendMemory { connections, mtls } => {
+            let mb = crate::sizing::recommend_mb(connections, mtls);
+            println!("additional_memory_allocation_mb = {mb}");
+            println!(
+                "# {connections} concurrent {} connections; measured model (docs/BENCHMARKS.md); \
+                 the reference's 10 + 0.03 x N rule gives {}",
+                if mtls { "mutual-TLS" } else { "TLS" },
+                crate::sizing::reference_mb(connections)
+            );
         }
         Cmd::Doctor => {
             let cfg = load(args.config.as_deref()).map_err(|e| format!("{e:#}"));

@@ -34,6 +34,7 @@ pub mod process;
 pub mod runc_args;
 pub mod runc_log;
 pub mod sidecar;
+pub mod sizing;
 pub mod spec;
 pub mod store;
 pub mod supervisor;

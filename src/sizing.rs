@@ -7,7 +7,7 @@
 //! one real Envoy with the generated configuration and fits `RssAnon = base + slope × N`
 //! by least squares; table, fit and method are in `docs/BENCHMARKS.md`, section "Sidecar
 //! memory per connection (sizing)". The values below: Envoy 1.40.0 (BoringSSL,
-//! `--concurrency 1`), kernel 6.18, cgroup v1, two runs on 2026-11-26. Rerun the
+//! `--concurrency 1`), kernel 6.18, cgroup v1, three runs on 2026-11-26. Rerun the
 //! benchmark and update them when Envoy or the generated configuration changes; its
 //! section shows these constants next to the fresh fit.
 //!
@@ -28,10 +28,11 @@ pub const TLS_BASE_KIB: u64 = 14_131;
 pub const MTLS_BASE_KIB: u64 = 14_131;
 /// Private memory per concurrent open TLS connection (the downstream TLS connection
 /// and its upstream connection to the app, both idle), bytes (23.5 KiB: least-squares
-/// slope, r² > 0.999; two runs gave 23.4 and 23.6 KiB).
+/// slope, r² > 0.999; three runs gave 23.4–23.6 KiB).
 pub const TLS_PER_CONNECTION_BYTES: u64 = 24_064;
-/// The same with mutual TLS, bytes (29.9 KiB in both runs); the extra is presumably the
-/// client's certificate chain, which BoringSSL keeps with each connection.
+/// The same with mutual TLS, bytes (29.9 KiB; three runs gave 29.7–29.9 KiB); the
+/// extra is presumably the client's certificate chain, which BoringSSL keeps with each
+/// connection.
 pub const MTLS_PER_CONNECTION_BYTES: u64 = 30_618;
 /// Kernel memory charged to Envoy's cgroup at idle (listening sockets, epoll, ...),
 /// KiB (0.47 MiB; cgroup v1 `memory.kmem.usage_in_bytes`, part of `usage_in_bytes`).

@@ -394,3 +394,41 @@ fn hook_stages_through_the_cli() {
     assert!(f.state_of("c1").is_none());
     assert!(hook("poststop", st).status.success(), "idempotent");
 }
+
+#[test]
+fn recommend_memory_follows_the_measured_model() {
+    let run = |args: &[&str]| {
+        let o = Command::new(cli_bin()).args(args).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let (ok, out) = run(&["recommend-memory", "--connections", "1000"]);
+    let mb = |o: &str| -> u64 {
+        o.lines()
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        ok && out.starts_with("additional_memory_allocation_mb = "),
+        "{out}"
+    );
+    let tls = mb(&out);
+    let (_, m) = run(&["recommend-memory", "--connections", "1000", "--mtls"]);
+    assert!(mb(&m) > tls, "mTLS costs more: {m} vs {out}");
+    assert!(
+        tls > 40,
+        "must exceed the reference's 40 MB at 1000 connections: {out}"
+    );
+    let (ok, out) = run(&["recommend-memory", "--connections", "lots"]);
+    assert!(
+        !ok && out.contains("--connections") && out.contains("valid:"),
+        "{out}"
+    );
+}
