@@ -20,13 +20,21 @@
 # io.containerd.image.name annotation in index.json.
 set -euo pipefail
 
-IMAGE_REF="localhost/envoy-sidecar/busybox:latest"
+# IMAGE_NAME=pause builds the same rootfs whose command sleeps forever: the pod
+# sandbox ("pause") image containerd's CRI plugin needs, made without a registry.
+IMAGE_NAME="${IMAGE_NAME:-busybox}"
+IMAGE_REF="localhost/envoy-sidecar/$IMAGE_NAME:latest"
+case "$IMAGE_NAME" in
+    busybox) IMAGE_CMD='["/bin/sh"]' ;;
+    pause) IMAGE_CMD='["/bin/sleep", "2147483647"]' ;;
+    *) echo "build-image.sh: IMAGE_NAME=$IMAGE_NAME; valid: busybox, pause" >&2; exit 2 ;;
+esac
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
 REPO_ROOT="$(cd "$(dirname "$SCRIPT")/.." && pwd)"
 OUT_DIR="$REPO_ROOT/target/oci"
-OUT="$OUT_DIR/busybox-oci.tar"
+OUT="$OUT_DIR/$IMAGE_NAME-oci.tar"
 
 force=0
 import_addr=""
@@ -82,13 +90,13 @@ build() {
     layer_size="$(fsize "$work/layer.tar.gz")"
     mv "$work/layer.tar.gz" "$layout/blobs/sha256/$layer_digest"
 
-    jq -cn --arg diff "sha256:$diff_id" '{
+    jq -cn --arg diff "sha256:$diff_id" --argjson cmd "$IMAGE_CMD" '{
         created: "1970-01-01T00:00:00Z",
         architecture: "amd64",
         os: "linux",
         config: {
             Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            Cmd: ["/bin/sh"],
+            Cmd: $cmd,
             WorkingDir: "/"
         },
         rootfs: { type: "layers", diff_ids: [$diff] },

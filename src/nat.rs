@@ -104,10 +104,20 @@ pub struct Nat {
 impl Default for Nat {
     fn default() -> Self {
         Nat {
-            nft: PathBuf::from("nft"),
-            conntrack: PathBuf::from("conntrack"),
+            nft: find_tool("nft"),
+            conntrack: find_tool("conntrack"),
         }
     }
+}
+
+/// Hooks may run with an empty environment (podman runs OCI hooks without PATH):
+/// look in the usual places rather than rely on PATH.
+fn find_tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 impl Nat {
@@ -179,13 +189,34 @@ impl Nat {
         parse_listing(&String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Add one container's mappings atomically.
+    /// Add one container's mappings atomically. Mappings already present as they are
+    /// (a repeated hook) are fine; a host port mapped elsewhere is a conflict.
     pub fn add(&self, maps: &[Mapping]) -> Result<()> {
         if maps.is_empty() {
             return Ok(());
         }
         self.ensure_table()?;
-        self.nft_script(&add_script(maps))
+        let present = self.list()?;
+        if let Some((m, other)) = maps.iter().find_map(|m| {
+            present
+                .iter()
+                .find(|p| p.host_port == m.host_port && *p != m)
+                .map(|p| (m, p))
+        }) {
+            return Err(Error::Nat(format!(
+                "host port {} is already mapped to {}:{} (a leftover? `envoy-sidecar gc` removes mappings no container claims)",
+                m.host_port, other.container_ip, other.container_port
+            )));
+        }
+        let new: Vec<Mapping> = maps
+            .iter()
+            .filter(|m| !present.contains(m))
+            .copied()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.nft_script(&add_script(&new))
     }
 
     /// Remove mappings that are still present (idempotent), then drop the conntrack

@@ -205,10 +205,14 @@ impl Sandbox {
     }
 
     pub fn inspect(&self, id: &str) -> Option<serde_json::Value> {
+        self.inspect_ns(id, NAMESPACE)
+    }
+
+    pub fn inspect_ns(&self, id: &str, namespace: &str) -> Option<serde_json::Value> {
         let out = Command::new(cli_bin())
             .arg("--config")
             .arg(&self.config)
-            .args(["inspect", id, "--namespace", NAMESPACE])
+            .args(["inspect", id, "--namespace", namespace])
             .output()
             .unwrap();
         out.status

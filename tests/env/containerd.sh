@@ -23,6 +23,9 @@ LOG=$RUN_DIR/containerd.log
 PIDFILE=$RUN_DIR/containerd.pid
 NS=envoy-sidecar-test
 IMAGE_REF=localhost/envoy-sidecar/busybox:latest
+CRI_NS=k8s.io
+CRI_RUNTIME=$RUN_DIR/cri-runtime
+CNI_CONF_DIR=$RUN_DIR/cni-conf
 READY_TIMEOUT=20
 
 CONTAINERD_BIN="${CONTAINERD_BIN:-containerd}"
@@ -78,7 +81,6 @@ root = "$ROOT_DIR"
 state = "$STATE_DIR"
 oom_score = 0
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -101,7 +103,32 @@ disabled_plugins = [
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = "$ROOT_DIR/opt"
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "localhost/envoy-sidecar/pause:latest"
+    # Sandboxed machines may refuse a lower oom_score_adj than containerd's own.
+    restrict_oom_score_adj = true
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "$CNI_CONF_DIR"
 EOF
+    # The CRI runtime handler "envoy-sidecar" is the product's drop-in
+    # (hooks/containerd-runtime.toml) with BinaryName pointed at CRI_RUNTIME. Appended,
+    # not imported: containerd 1.6 replaces a whole plugin section on import.
+    sed "s#BinaryName = .*#BinaryName = \"$CRI_RUNTIME\"#" "$REPO_ROOT/hooks/containerd-runtime.toml" >>"$CONF"
+    # Until a test installs its own, the handler behaves as plain runc.
+    [ -x "$CRI_RUNTIME" ] || printf '#!/bin/sh\nexec /usr/sbin/runc "$@"\n' >"$CRI_RUNTIME"
+    chmod 0755 "$CRI_RUNTIME"
+    # Pod network for CRI: a CNI bridge on a documentation range (203.0.113.224/28).
+    mkdir -p "$CNI_CONF_DIR"
+    cat >"$CNI_CONF_DIR/10-envoy-sidecar-test.conflist" <<CNI
+{"cniVersion": "1.0.0", "name": "es-cri", "plugins": [
+  {"type": "bridge", "bridge": "es-br14", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "subnet": "203.0.113.224/28", "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": "$RUN_DIR/cni-cri"}},
+  {"type": "loopback"}]}
+CNI
 }
 
 ensure_image() {
@@ -110,6 +137,9 @@ ensure_image() {
         return 1
     fi
     "$BUILD_IMAGE" --import "$SOCK" "$NS"
+    # CRI works in namespace k8s.io and needs the pod sandbox image there.
+    "$BUILD_IMAGE" --import "$SOCK" "$CRI_NS"
+    IMAGE_NAME=pause "$BUILD_IMAGE" --import "$SOCK" "$CRI_NS"
 }
 
 cmd_up() {
