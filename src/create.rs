@@ -224,6 +224,7 @@ pub fn prepare(
 
     // From here on the state claims ports and memory: undo it on any failure.
     let applied = store.create(&state).and_then(|()| {
+        fault_delay();
         if !t.mutate_spec {
             return Ok(());
         }
@@ -243,6 +244,18 @@ pub fn prepare(
         return Err(e);
     }
     Ok(Some(state))
+}
+
+/// Fault injection for the reliability suite: `ENVOY_SIDECAR_FAULT_DELAY_CREATE_MS`
+/// holds a create between recording its claims and writing the spec (under the host
+/// lock), so a test can SIGKILL the wrapper mid-create. Unset in production.
+fn fault_delay() {
+    if let Some(ms) = std::env::var("ENVOY_SIDECAR_FAULT_DELAY_CREATE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+    }
 }
 
 #[allow(clippy::type_complexity)]
