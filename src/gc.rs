@@ -9,7 +9,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use crate::cgroup::{self, SidecarCgroup};
@@ -43,15 +42,7 @@ fn exists_in_runc(runc: &Path, root: Option<&Path>, id: &str) -> bool {
     if !root.exists() {
         return false; // e.g. /run wiped by a reboot
     }
-    Command::new(runc)
-        .arg("--root")
-        .arg(root)
-        .args(["state", id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::runc::knows(runc, &[Path::new("--root"), root], id)
 }
 
 fn age(created_at: &str) -> Duration {

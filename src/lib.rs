@@ -31,6 +31,7 @@ pub mod pem_check;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod runc;
 pub mod runc_args;
 pub mod runc_log;
 pub mod sidecar;

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command as Process, Stdio};
+use std::process::Command as Process;
 
 use crate::config::Config;
 use crate::create::{self, Target};
@@ -72,14 +72,7 @@ impl Ctx {
 
     /// Whether runc knows the container (`runc <global flags> state <id>`).
     fn exists_in_runc(&self, id: &str) -> bool {
-        Process::new(&self.runc)
-            .args(&self.argv[1..1 + self.inv.global_len])
-            .args(["state", id])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        crate::runc::knows(&self.runc, &self.argv[1..1 + self.inv.global_len], id)
     }
 }
 
