@@ -38,6 +38,8 @@ ID_PREFIX="esbench-$$-"
 die() { echo "bench: error: $*" >&2; exit 1; }
 log() { echo "bench: $*" >&2; }
 ctr_() { ctr --address "$SOCK" -n "$NS" "$@"; }
+# shellcheck source=scripts/bench-lib.sh
+. "$REPO/scripts/bench-lib.sh"
 
 # ---- preflight -------------------------------------------------------------------
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, got '$ROUNDS'"
@@ -188,39 +190,10 @@ done
 log "measured in $(( $(date +%s) - start_s )) s"
 
 # ---- leak checks ------------------------------------------------------------------
-left="$(ctr_ containers ls -q | grep -F "$ID_PREFIX" || true)"
-[ -z "$left" ] || die "containers left behind: $left"
-# Only the host-wide allocation lock file may remain in the state dir: any container
-# directory (or namespace directory) left is a leak.
-if [ -d "$STATE" ]; then
-    leaked="$(find "$STATE" -mindepth 1 ! -path "$STATE/.lock" -print)"
-    [ -z "$leaked" ] || die "envoy-sidecar state dir $STATE not empty after the runs:"$'\n'"$leaked"
-fi
+bench_leak_check
 
 # ---- report -----------------------------------------------------------------------
-cgroup_version() {
-    if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
-        echo "v2 (unified)"
-    elif [ "$(stat -fc %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]; then
-        echo "v1 (hybrid; v2 also mounted at /sys/fs/cgroup/unified)"
-    else
-        echo "v1"
-    fi
-}
-commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]; then
-    commit="$commit (with uncommitted changes)"
-fi
-
-export B_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
-export B_NPROC="$(nproc)"
-export B_CPU="$(awk -F': *' '/^model name/{print $2; exit}' /proc/cpuinfo)"
-export B_MEM="$(free -g | awk '/^Mem:/{print $2}')"
-export B_KERNEL="$(uname -r)"
-export B_CONTAINERD="$(ctr --address "$SOCK" version | awk '/^Server:/{s=1} s && /Version:/{print $2; exit}')"
-export B_RUNC="$("$RUNC" --version | awk 'NR==1{print $3}')"
-export B_CGROUP="$(cgroup_version)"
-export B_COMMIT="$commit"
+bench_export_machine_facts
 export B_ROUNDS="$ROUNDS" B_WARMUP="$WARMUP" B_TARGET="$TARGET_RATIO" B_ANN="$PORTS_ANNOTATION"
 export B_RUNC_PATH="$RUNC"
 

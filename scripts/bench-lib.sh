@@ -1,0 +1,44 @@
+# Shared by the bench scripts (sourced): the leak check every bench ends with, and the
+# machine facts every report states. Expects REPO, SOCK, RUNC, STATE, ID_PREFIX,
+# ctr_ and die from the caller.
+
+# No container of this run left in containerd, and nothing but the host-wide lock file
+# left in the product's state directory.
+bench_leak_check() {
+    local left leaked
+    left="$(ctr_ containers ls -q | grep -F "$ID_PREFIX" || true)"
+    [ -z "$left" ] || die "containers left behind: $left"
+    if [ -d "$STATE" ]; then
+        leaked="$(find "$STATE" -mindepth 1 ! -path "$STATE/.lock" -print)"
+        [ -z "$leaked" ] || die "envoy-sidecar state dir $STATE not empty after the runs:"$'\n'"$leaked"
+    fi
+}
+
+bench_cgroup_version() {
+    if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+        echo "v2 (unified)"
+    elif [ "$(stat -fc %T /sys/fs/cgroup/unified 2>/dev/null)" = cgroup2fs ]; then
+        echo "v1 (hybrid; v2 also mounted at /sys/fs/cgroup/unified)"
+    else
+        echo "v1"
+    fi
+}
+
+# Exports B_DATE, B_NPROC, B_CPU, B_MEM, B_KERNEL, B_CONTAINERD, B_RUNC, B_CGROUP,
+# B_COMMIT for the report generators.
+bench_export_machine_facts() {
+    local commit
+    commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    if [ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]; then
+        commit="$commit (with uncommitted changes)"
+    fi
+    export B_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
+    export B_NPROC="$(nproc)"
+    export B_CPU="$(awk -F': *' '/^model name/{print $2; exit}' /proc/cpuinfo)"
+    export B_MEM="$(free -g | awk '/^Mem:/{print $2}')"
+    export B_KERNEL="$(uname -r)"
+    export B_CONTAINERD="$(ctr --address "$SOCK" version | awk '/^Server:/{s=1} s && /Version:/{print $2; exit}')"
+    export B_RUNC="$("$RUNC" --version 2>/dev/null | awk 'NR==1{print $3}')"
+    export B_CGROUP="$(bench_cgroup_version)"
+    export B_COMMIT="$commit"
+}
