@@ -109,7 +109,10 @@ pub fn parse_ports(value: &str) -> Result<Vec<u16>> {
                 bad(
                     PORTS,
                     value,
-                    format!("{item:?} is not a TCP port; valid: comma-separated numbers 1-65535, e.g. 8080,9999"),
+                    format!(
+                        "{:?} is not a TCP port; valid: comma-separated numbers 1-65535, e.g. 8080,9999",
+                        item.chars().take(20).collect::<String>()
+                    ),
                 )
             })?;
         push_unique(&mut ports, p as u16, PORTS, value)?;
@@ -124,7 +127,13 @@ pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
         bad(
             NERDCTL_PORTS,
             value,
-            format!("not a JSON array of port mappings: {e}"),
+            // serde's message may quote the input: give the position only.
+            format!(
+                "not a JSON array of port mappings (error at line {} column {}); \
+                 valid: [{{\"ContainerPort\":80,\"Protocol\":\"tcp\"}}, ...]",
+                e.line(),
+                e.column()
+            ),
         )
     })?;
     let mut ports = Vec::new();

@@ -35,6 +35,37 @@ fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Read at most `max` bytes of `path`, refusing anything but a regular file when
+/// `regular_only` (opening a FIFO would block, `/dev/zero` would never end). Larger
+/// files are an error, not a truncation.
+pub fn read_bounded(path: &Path, max: u64, regular_only: bool) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if regular_only && !fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut buf = Vec::new();
+    fs::File::open(path)?.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// The size limit for the PEM files the product reads (CAs, keys).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+pub fn read_pem_file(path: &Path) -> std::io::Result<String> {
+    let bytes = read_bounded(path, MAX_PEM_BYTES, true)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 /// RFC 3339 UTC timestamp with second precision, as runc's logrus JSON lines carry.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()

@@ -62,7 +62,10 @@ pub fn read_state(mut input: impl Read) -> Result<OciState> {
             "stdin is not an OCI state JSON object with an \"id\": {e}"
         ))
     })?;
-    store::check_id(&s.id)?;
+    store::check_id(&s.id).map_err(|e| match e {
+        Error::Args(m) => Error::Hook(format!("OCI state on stdin: {m}")),
+        other => other,
+    })?;
     Ok(s)
 }
 

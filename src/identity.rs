@@ -214,7 +214,8 @@ impl Ca {
     /// certificates (intermediates) are sent along in every chain.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca> {
         let what = format!("CA certificate {}", cert_path.display());
-        let text = fs::read_to_string(cert_path).map_err(|e| err(format!("{what}: {e}")))?;
+        let text =
+            crate::fsutil::read_pem_file(cert_path).map_err(|e| err(format!("{what}: {e}")))?;
         let blocks =
             pem::parse_many(&text).map_err(|e| err(format!("{what}: not valid PEM: {e}")))?;
         let certs = blocks
@@ -501,7 +502,7 @@ fn generate_key(kt: KeyType) -> Result<(String, SubjectPublicKeyInfoOwned)> {
 /// The CA key file: the first PEM private key block (openssl's `EC PARAMETERS` block
 /// before a SEC1 key is skipped). Errors are messages; the caller names the file.
 fn load_key(path: &Path) -> std::result::Result<CaKey, String> {
-    let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = crate::fsutil::read_pem_file(path).map_err(|e| e.to_string())?;
     let blocks = pem::parse_many(&text).map_err(|e| format!("not valid PEM: {e}"))?;
     let block = blocks
         .iter()

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    crate::fsutil::read_pem_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 fn blocks(text: &str, what: &str) -> Result<Vec<pem::Pem>, String> {

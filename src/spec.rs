@@ -23,15 +23,20 @@ pub struct JsonFile {
 }
 
 impl JsonFile {
+    /// A spec or process file on disk: a regular file of bounded size.
     pub fn load(path: &Path) -> Result<JsonFile> {
+        Self::load_from(path, true)
+    }
+
+    /// Also a pipe (Garden's dadoo hands the exec process spec over on one).
+    pub fn load_stream(path: &Path) -> Result<JsonFile> {
+        Self::load_from(path, false)
+    }
+
+    fn load_from(path: &Path, regular_only: bool) -> Result<JsonFile> {
         let meta = std::fs::metadata(path).at(path)?;
-        if meta.len() > MAX_SPEC_BYTES {
-            return Err(spec_err(
-                path,
-                format!("larger than {MAX_SPEC_BYTES} bytes"),
-            ));
-        }
-        let bytes = std::fs::read(path).at(path)?;
+        let bytes = fsutil::read_bounded(path, MAX_SPEC_BYTES, regular_only)
+            .map_err(|e| spec_err(path, format!("cannot read: {e}")))?;
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| spec_err(path, format!("invalid JSON: {e}")))?;
         if !value.is_object() {
@@ -173,12 +178,21 @@ impl JsonFile {
         let path = self.path.clone();
         let mounts = array_at(&mut self.value, "mounts").map_err(|m| spec_err(&path, m))?;
         let src = source.to_string_lossy();
-        let mut clash = None;
+        let mut clash: Option<String> = None;
         mounts.retain(|m| {
             let same_dest = m.get("destination").and_then(Value::as_str) == Some(destination);
             let ours = m.get("source").and_then(Value::as_str) == Some(&*src);
-            if same_dest && !ours {
-                clash = m.get("source").and_then(Value::as_str).map(str::to_string);
+            // Any other mount there is the user's (OCI mounts need no source).
+            if same_dest && !ours && clash.is_none() {
+                clash = Some(match m.get("source").and_then(Value::as_str) {
+                    Some(other) => other.to_string(),
+                    None => format!(
+                        "a {} mount",
+                        m.get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("source-less")
+                    ),
+                });
             }
             !ours
         });

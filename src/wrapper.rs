@@ -253,7 +253,7 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
         return Ok(());
     };
     let path = Path::new(&process);
-    let mut f = JsonFile::load(path)?;
+    let mut f = JsonFile::load_stream(path)?;
     f.merge_env(false, &create::env_vars(&state), &[], true)?;
     if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
         return f.save();
