@@ -748,3 +748,349 @@ impl Drop for DirectRun {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Footprint and clean-up helpers for the scale and fault suites (tests/scale.rs,
+// tests/faults.rs): what the product holds on the host for one sandbox, and guards
+// that take it all back whatever happens.
+
+pub mod footprint {
+    use std::ops::RangeInclusive;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output};
+    use std::time::{Duration, Instant};
+
+    use super::{IMAGE, Sandbox, cli_bin, text};
+
+    /// `(host port, "container ip . container port")` of every element of the NAT map
+    /// whose host port lies in `pool`.
+    pub fn nat_in_pool(pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
+        let o = Command::new("nft")
+            .args(["list", "map", "ip", "envoy_sidecar", "ports"])
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&o.stdout);
+        t.split([',', '{', '}', '\n'])
+            .filter_map(|e| {
+                // "tcp . 50000 : 203.0.113.82 . 61001"
+                let f: Vec<&str> = e.split_whitespace().collect();
+                if f.len() != 7 || f[1] != "." || f[3] != ":" {
+                    return None;
+                }
+                let port: u16 = f[2].parse().ok()?;
+                pool.contains(&port)
+                    .then(|| (port, format!("{} . {}", f[4], f[6])))
+            })
+            .collect()
+    }
+
+    /// Delete NAT elements in `pool` (clean-up after a failed test only).
+    pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
+        for (port, to) in nat_in_pool(pool) {
+            let _ = Command::new("nft")
+                .arg(format!(
+                    "delete element ip envoy_sidecar ports {{ tcp . {port} : {to} }}"
+                ))
+                .output();
+        }
+    }
+
+    /// `(pid, command line)` of every process whose command line contains `needle`
+    /// (this test process excepted).
+    pub fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
+        let me = std::process::id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push((pid, cmd.trim_end().to_string()));
+            }
+        }
+        out
+    }
+
+    /// Processes of this sandbox: supervisors (`--config <dir>/config.toml`), Envoys
+    /// (`-c <dir>/state/...`), wrappers and hooks.
+    pub fn our_processes(sb: &Sandbox) -> Vec<(i32, String)> {
+        processes_mentioning(&format!("{}/", sb.dir.display()))
+    }
+
+    /// Files and directories under `dir`, recursively (0 if it does not exist).
+    pub fn count_entries(dir: &Path) -> usize {
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            n += 1;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += count_entries(&e.path());
+            }
+        }
+        n
+    }
+
+    /// Container directories under `<state_dir>/<namespace>`.
+    pub fn state_entries(sb: &Sandbox, namespace: &str) -> Vec<String> {
+        std::fs::read_dir(sb.state_dir.join(namespace))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Cgroup directories `/sys/fs/cgroup/<hierarchy>/<namespace>/<id>` left for `ids`.
+    pub fn cgroup_leftovers(namespace: &str, ids: &[String]) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for id in ids {
+                let d = h.path().join(namespace).join(id);
+                if d.is_dir() {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// Running `containerd-shim-runc-v2` processes of `namespace` whose container id
+    /// starts with `id_prefix` (`""`: the whole namespace).
+    pub fn shims(namespace: &str, id_prefix: &str) -> usize {
+        processes_mentioning(&format!("-namespace {namespace} -id {id_prefix}"))
+            .iter()
+            .filter(|(_, c)| c.contains("containerd-shim"))
+            .count()
+    }
+
+    /// `MemAvailable` from /proc/meminfo, in KiB.
+    pub fn mem_available_kib() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("MemAvailable in /proc/meminfo")
+    }
+
+    /// Alive and not a zombie.
+    pub fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            .unwrap_or(false)
+    }
+
+    /// User + system CPU time of `pid` so far.
+    pub fn cpu_time(pid: i32) -> Duration {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+            return Duration::ZERO;
+        };
+        // Fields after the command: state is field 3, utime 14, stime 15.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz.max(1))
+    }
+
+    /// `envoy-sidecar --config C gc ARGS`; panics unless it succeeds; returns stdout.
+    pub fn gc(config: &Path, args: &[&str]) -> String {
+        let o = Command::new(cli_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("gc")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "gc {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Poll `f` every 100 ms until it returns `Some`, at most `limit`.
+    pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Poll `f` (every 200 ms, at most 10 s: asynchronous exits of shims and
+    /// supervisors) until it returns nothing; returns what is still there.
+    pub fn settled<T>(f: impl Fn() -> Vec<T>) -> Vec<T> {
+        let start = Instant::now();
+        loop {
+            let v = f();
+            if v.is_empty() || start.elapsed() > Duration::from_secs(10) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `ctr --address A -n NS ARGS`, killed after `secs`.
+    pub fn ctr_at(address: &str, namespace: &str, secs: u32, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args([
+                &secs.to_string(),
+                "ctr",
+                "--address",
+                address,
+                "-n",
+                namespace,
+            ])
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// A containerd task (and container) in any containerd/namespace, removed on drop
+    /// with bounded waits: SIGKILL, `task rm` until it is stopped (60 s, then -f),
+    /// `containers rm`.
+    pub struct Task {
+        pub id: String,
+        pub address: String,
+        pub namespace: String,
+    }
+
+    impl Task {
+        /// `ctr run -d --runc-binary RUNTIME [--annotation K=V]... OPTS IMAGE ID CMD...`.
+        /// The handle is returned whether or not the run succeeded (it cleans up).
+        pub fn run(
+            address: &str,
+            namespace: &str,
+            runtime: &Path,
+            id: &str,
+            annotations: &[(&str, &str)],
+            opts: &[&str],
+            cmd: &[&str],
+        ) -> (Task, Output) {
+            let t = Task {
+                id: id.into(),
+                address: address.into(),
+                namespace: namespace.into(),
+            };
+            let mut a: Vec<String> = vec![
+                "run".into(),
+                "-d".into(),
+                "--runc-binary".into(),
+                runtime.display().to_string(),
+            ];
+            for (k, v) in annotations {
+                a.push("--annotation".into());
+                a.push(format!("{k}={v}"));
+            }
+            a.extend(opts.iter().map(|s| s.to_string()));
+            a.push(IMAGE.into());
+            a.push(id.into());
+            a.extend(cmd.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = ctr_at(address, namespace, 120, &refs);
+            (t, out)
+        }
+
+        pub fn ctr(&self, args: &[&str]) -> Output {
+            ctr_at(&self.address, &self.namespace, 60, args)
+        }
+
+        /// The task's pid and status from `ctr task ls` (None: no task).
+        pub fn status(&self) -> Option<(u32, String)> {
+            let out = self.ctr(&["task", "ls"]);
+            String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3 && f[0] == self.id).then(|| (f[1].parse().unwrap_or(0), f[2].into()))
+            })
+        }
+
+        pub fn remove(&self) -> Result<(), String> {
+            let gone = |o: &Output| {
+                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
+            };
+            self.ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
+            let start = Instant::now();
+            loop {
+                let o = self.ctr(&["task", "rm", &self.id]);
+                if gone(&o) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(60) {
+                    let f = self.ctr(&["task", "rm", "-f", &self.id]);
+                    if !gone(&f) {
+                        return Err(format!("task rm {}: {}", self.id, text(&f)));
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let start = Instant::now();
+            loop {
+                let o = self.ctr(&["containers", "rm", &self.id]);
+                if gone(&o) {
+                    return Ok(());
+                }
+                if start.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("containers rm {}: {}", self.id, text(&o)));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    impl Drop for Task {
+        fn drop(&mut self) {
+            if let Err(e) = self.remove() {
+                eprintln!("clean-up: {e}");
+            }
+        }
+    }
+
+    /// Last line of defence for one sandbox, dropped after its containers and before
+    /// the sandbox: kills what is left of its processes, runs `gc --grace 0`, and
+    /// deletes NAT elements left in its pool.
+    pub struct Scrub {
+        pub config: PathBuf,
+        pub dir: PathBuf,
+        pub pool: RangeInclusive<u16>,
+    }
+
+    impl Scrub {
+        pub fn new(sb: &Sandbox, pool: RangeInclusive<u16>) -> Scrub {
+            Scrub {
+                config: sb.config.clone(),
+                dir: sb.dir.clone(),
+                pool,
+            }
+        }
+    }
+
+    impl Drop for Scrub {
+        fn drop(&mut self) {
+            let _ = Command::new(cli_bin())
+                .arg("--config")
+                .arg(&self.config)
+                .args(["gc", "--grace", "0"])
+                .output();
+            for (pid, cmd) in processes_mentioning(&format!("{}/", self.dir.display())) {
+                if !cmd.starts_with("ctr ") {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            nat_flush_pool(&self.pool);
+        }
+    }
+}

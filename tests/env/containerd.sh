@@ -12,16 +12,22 @@
 #   env     print export lines for CONTAINERD_ADDRESS / CONTAINERD_NAMESPACE.
 #
 # Never touches a system containerd: own root, state, socket and config.
+#
+# ES_CONTAINERD_INSTANCE=NAME (optional) runs a second, independent instance: its run
+# and root directories, socket and test namespace get the suffix "-NAME"
+# (/run/envoy-sidecar-test-NAME/containerd.sock, namespace envoy-sidecar-test-NAME).
+# Unset or empty: the paths above.
 set -euo pipefail
 
-RUN_DIR=/run/envoy-sidecar-test
-ROOT_DIR=/var/lib/envoy-sidecar-test/containerd
+INSTANCE_SUFFIX="${ES_CONTAINERD_INSTANCE:+-$ES_CONTAINERD_INSTANCE}"
+RUN_DIR=/run/envoy-sidecar-test$INSTANCE_SUFFIX
+ROOT_DIR=/var/lib/envoy-sidecar-test$INSTANCE_SUFFIX/containerd
 STATE_DIR=$RUN_DIR/containerd
 SOCK=$RUN_DIR/containerd.sock
 CONF=$RUN_DIR/containerd.toml
 LOG=$RUN_DIR/containerd.log
 PIDFILE=$RUN_DIR/containerd.pid
-NS=envoy-sidecar-test
+NS=envoy-sidecar-test$INSTANCE_SUFFIX
 IMAGE_REF=localhost/envoy-sidecar/busybox:latest
 CRI_NS=k8s.io
 CRI_RUNTIME=$RUN_DIR/cri-runtime

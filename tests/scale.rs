@@ -1,0 +1,404 @@
+//! Scale and churn through the real stack (containerd + runc + Envoy + nftables):
+//! 50 proxied containers at once on CNI bridges, and hundreds of short lifecycles,
+//! with the product's host footprint measured before and after.
+//!
+//! `ES_SCALE_N` (default 50, at most 52), `ES_SCALE_PAR` (containers created/removed
+//! at once, default all), `ES_CHURN` (lifecycles, default 300).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::footprint::*;
+use common::*;
+
+const PORTS: &str = "envoy-sidecar/ports";
+const HELLO: &str = "hello from envoy-sidecar test app";
+
+/// The two tests measure the host: never at the same time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Run `f(i)` for `i in 0..n` on `workers` threads.
+fn parallel(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, n.max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        break;
+                    }
+                    f(i);
+                }
+            });
+        }
+    });
+}
+
+fn httpd3() -> Vec<&'static str> {
+    vec![
+        "/bin/sh",
+        "-c",
+        "httpd -p 9999 -h /www && httpd -p 2222 -h /www && exec httpd -f -p 8080 -h /www",
+    ]
+}
+
+/// What the product holds on the host for one sandbox.
+#[derive(Debug, Clone, PartialEq)]
+struct Footprint {
+    state_files: usize,
+    processes: usize,
+    nat_in_pool: usize,
+    shims: usize,
+}
+
+fn footprint(sb: &Sandbox, pool: &RangeInclusive<u16>, id_prefix: &str) -> Footprint {
+    Footprint {
+        state_files: count_entries(&sb.state_dir),
+        processes: our_processes(sb).len(),
+        nat_in_pool: nat_in_pool(pool).len(),
+        shims: shims(NAMESPACE, id_prefix),
+    }
+}
+
+#[test]
+fn fifty_containers_in_parallel_then_nothing_left() {
+    if !can_run("fifty_containers_in_parallel_then_nothing_left") {
+        return;
+    }
+    let _serial = serial();
+    let n = env_usize("ES_SCALE_N", 50).min(52);
+    let par = env_usize("ES_SCALE_PAR", n);
+    let pool = 50000..=50399u16;
+    let sb = Sandbox::new(
+        "scale",
+        "",
+        "[ports]\npool_start = 50000\npool_end = 50399\n",
+    );
+    let _scrub = Scrub::new(&sb, pool.clone());
+    let ca = sb.dir.join("ca/ca.crt");
+    // Four /28 bridges (13 container addresses each): 52 distinct IPs.
+    let nets: Vec<CniNet> = [5u8, 6, 7, 8].into_iter().map(CniNet::new).collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("es-scale-{i:02}")).collect();
+
+    let t = Instant::now();
+    let attached: Vec<(String, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| nets[i % 4].attach(id))
+        .collect();
+    let ips: BTreeSet<&str> = attached.iter().map(|(_, ip)| ip.as_str()).collect();
+    assert_eq!(ips.len(), n, "container IPs must be distinct: {attached:?}");
+    eprintln!(
+        "{n} network namespaces on 4 CNI bridges in {:?}",
+        t.elapsed()
+    );
+
+    let mem0 = mem_available_kib();
+    // Create and start, `par` at a time (default: all at once).
+    let tasks: Mutex<Vec<Task>> = Mutex::new(Vec::new());
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let t = Instant::now();
+    parallel(n, par, |i| {
+        let (task, out) = Task::run(
+            &address(),
+            NAMESPACE,
+            &sb.runtime,
+            &ids[i],
+            &[(PORTS, "8080,9999,2222")],
+            &[&attached[i].0],
+            &httpd3(),
+        );
+        if !out.status.success() {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{}: {}", ids[i], text(&out)));
+        }
+        tasks.lock().unwrap().push(task);
+    });
+    let created = t.elapsed();
+    let mut tasks = tasks.into_inner().unwrap();
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "ctr run -d failed: {failures:#?}");
+    eprintln!(
+        "{n} containers created and started ({par} at a time) in {created:?} ({:?} per container)",
+        created / n as u32
+    );
+
+    // Distinct host ports across all containers; per container three proxy ports.
+    let mut host_ports = Vec::new();
+    for id in &ids {
+        let st = sb
+            .inspect(id)
+            .unwrap_or_else(|| panic!("no state for {id}"));
+        let ports = st["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 3, "{id}: {st}");
+        let proxies: BTreeSet<u64> = ports
+            .iter()
+            .map(|p| p["internal_tls_proxy"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            proxies,
+            BTreeSet::from([61001, 61002, 61003]),
+            "{id}: proxy ports"
+        );
+        for p in ports {
+            for k in ["external", "external_tls_proxy"] {
+                let hp = p[k].as_u64().unwrap() as u16;
+                assert!(pool.contains(&hp), "{id}: {k} {hp} outside the pool");
+                host_ports.push(hp);
+            }
+        }
+    }
+    let distinct: BTreeSet<u16> = host_ports.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        6 * n,
+        "host ports shared between containers"
+    );
+    eprintln!(
+        "{} distinct host ports {}..={}",
+        distinct.len(),
+        distinct.first().unwrap(),
+        distinct.last().unwrap()
+    );
+
+    // Every proxy answers TLS (chain verified against the sandbox CA) with the app.
+    let t = Instant::now();
+    let served: Mutex<Vec<(String, Duration)>> = Mutex::new(Vec::new());
+    let unserved: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    parallel(n, 4, |i| {
+        let addr = format!("{}:61001", attached[i].1);
+        let deadline = t + Duration::from_secs(180);
+        loop {
+            let out = openssl_get(&addr, &ca, &ids[i]);
+            if out.contains(HELLO) && out.contains("Verify return code: 0 (ok)") {
+                served.lock().unwrap().push((ids[i].clone(), t.elapsed()));
+                break;
+            }
+            if Instant::now() > deadline {
+                unserved
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} ({addr}): {out}", ids[i]));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    let unserved = unserved.into_inner().unwrap();
+    assert!(unserved.is_empty(), "proxies not serving: {unserved:#?}");
+    let served = served.into_inner().unwrap();
+    let last = served.iter().map(|(_, d)| *d).max().unwrap();
+    let restarts: u64 = ids
+        .iter()
+        .map(|id| {
+            let p = sb
+                .state_dir
+                .join(NAMESPACE)
+                .join(id)
+                .join("supervisor.json");
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            v["envoy_restarts"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    let envoys = our_processes(&sb)
+        .iter()
+        .filter(|(_, c)| c.contains("bootstrap.json"))
+        .count();
+    eprintln!(
+        "all {n} proxies served TLS on <ip>:61001, the last {last:?} after the TLS checks began; \
+         {envoys} Envoy processes, {restarts} Envoy restarts in total; host memory in use +{} MiB",
+        (mem0 as i64 - mem_available_kib() as i64) / 1024
+    );
+    assert_eq!(envoys, n, "one Envoy per container");
+
+    // Remove, `par` at a time.
+    let t = Instant::now();
+    let errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let queue = Mutex::new(std::mem::take(&mut tasks));
+    parallel(n, par, |_| {
+        let task = queue.lock().unwrap().pop();
+        if let Some(task) = task {
+            match task.remove() {
+                // Removed: no need for the drop to try again.
+                Ok(()) => std::mem::forget(task),
+                // Dropped: the handle's clean-up tries once more.
+                Err(e) => errors.lock().unwrap().push(e),
+            }
+        }
+    });
+    let errors = errors.into_inner().unwrap();
+    assert!(errors.is_empty(), "removal failed: {errors:#?}");
+    eprintln!(
+        "{n} containers removed ({par} at a time) in {:?}",
+        t.elapsed()
+    );
+
+    // Nothing of ours is left: NAT, state, processes, cgroups, shims.
+    let nat = nat_in_pool(&pool);
+    assert!(nat.is_empty(), "NAT elements left in the pool: {nat:?}");
+    assert!(
+        sb.leftovers().is_empty(),
+        "state left: {:?}",
+        sb.leftovers()
+    );
+    let procs = settled(|| our_processes(&sb));
+    assert!(procs.is_empty(), "processes left: {procs:#?}");
+    let cgs = cgroup_leftovers(NAMESPACE, &ids);
+    assert!(cgs.is_empty(), "cgroups left: {cgs:?}");
+    let sh = settled(|| processes_mentioning(&format!("-namespace {NAMESPACE} -id es-scale-")));
+    assert!(sh.is_empty(), "containerd shims left: {sh:#?}");
+    let out = gc(&sb.config, &["--grace", "0"]);
+    assert!(
+        !out.contains("es-scale-") && !out.contains("NAT mapping host port 50"),
+        "gc found something of ours after removal: {out}"
+    );
+}
+
+/// `num_cgroups` of the memory controller (/proc/cgroups).
+fn memory_cgroups() -> u64 {
+    std::fs::read_to_string("/proc/cgroups")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"memory")).then(|| f.get(2)?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn churn_leaves_a_flat_footprint() {
+    if !can_run("churn_leaves_a_flat_footprint") {
+        return;
+    }
+    let _serial = serial();
+    let lifecycles = env_usize("ES_CHURN", 300);
+    let workers = 4;
+    let pool = 50400..=50463u16;
+    let sb = Sandbox::new(
+        "churn",
+        "",
+        "[ports]\npool_start = 50400\npool_end = 50463\n",
+    );
+    let _scrub = Scrub::new(&sb, pool.clone());
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let lifecycle = |i: usize| {
+        let id = format!("es-churn-{i}");
+        let out = ctr_at(
+            &address(),
+            NAMESPACE,
+            120,
+            &[
+                "run",
+                "--rm",
+                "--runc-binary",
+                &sb.runtime.display().to_string(),
+                "--annotation",
+                &format!("{PORTS}=8080"),
+                IMAGE,
+                &id,
+                "/bin/true",
+            ],
+        );
+        if !out.status.success() {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{id}: {}", text(&out)));
+            ctr(&["task", "rm", "-f", &id]);
+            ctr(&["containers", "rm", &id]);
+        }
+    };
+    let settle = || {
+        // Lifecycles end when ctr returns; shims and supervisors exit just after.
+        let start = Instant::now();
+        while (our_processes(&sb).len() + shims(NAMESPACE, "es-churn-") > 0)
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+
+    // Warm-up (containerd's and the page cache's one-time growth), then measure. One
+    // lifecycle shows the wrapper really decides for these containers (the proxy is on).
+    let out = sb.run_rm(
+        "es-churn-probe",
+        &[(PORTS, "8080")],
+        &[],
+        "echo $CF_INSTANCE_PORTS",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("external_tls_proxy"),
+        "{}",
+        text(&out)
+    );
+    parallel(workers, workers, |i| lifecycle(100_000 + i));
+    settle();
+    let before = footprint(&sb, &pool, "es-churn-");
+    let mem_before = mem_available_kib();
+    let ns_shims_before = shims(NAMESPACE, "");
+    let memcgs_before = memory_cgroups();
+
+    let t = Instant::now();
+    parallel(lifecycles, workers, lifecycle);
+    let took = t.elapsed();
+    settle();
+    let after = footprint(&sb, &pool, "es-churn-");
+    // Other users of the host come and go: take the best of a few readings.
+    let tolerance_mib = env_usize("ES_CHURN_MEM_TOLERANCE_MB", 64) as i64;
+    let mut mem_after = mem_available_kib();
+    for _ in 0..5 {
+        if (mem_before as i64 - mem_after as i64) / 1024 <= tolerance_mib {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        mem_after = mem_after.max(mem_available_kib());
+    }
+    let ns_shims_after = shims(NAMESPACE, "");
+    let memcgs_after = memory_cgroups();
+    let failures = failures.into_inner().unwrap();
+
+    let delta_mib = (mem_before as i64 - mem_after as i64) / 1024;
+    eprintln!(
+        "churn: {lifecycles} lifecycles ({workers} at a time) in {took:?}, {:.1}/s; \
+         {} failed\n  before: {before:?}, MemAvailable {} MiB, shims in namespace {ns_shims_before}\n  \
+         after:  {after:?}, MemAvailable {} MiB, shims in namespace {ns_shims_after}\n  \
+         host memory used delta: {delta_mib} MiB; memory cgroups on the host (all users, \
+         including dying ones): {memcgs_before} -> {memcgs_after}",
+        lifecycles as f64 / took.as_secs_f64(),
+        failures.len(),
+        mem_before / 1024,
+        mem_after / 1024,
+    );
+    assert!(failures.is_empty(), "lifecycles failed: {failures:#?}");
+    assert_eq!(after, before, "the product's footprint grew");
+    assert!(
+        sb.leftovers().is_empty(),
+        "state left: {:?}",
+        sb.leftovers()
+    );
+    assert!(
+        delta_mib <= tolerance_mib,
+        "host memory in use grew by {delta_mib} MiB over {lifecycles} lifecycles (tolerance {tolerance_mib} MiB)"
+    );
+}
