@@ -386,6 +386,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     grace: std::time::Duration::from_secs(grace_secs),
                     cgroup_root: std::path::Path::new("/sys/fs/cgroup"),
                     pool: cfg.pool(),
+                    config: cfg.source.as_deref(),
                 },
             )?;
             let verb = if dry_run { "would" } else { "did" };

@@ -29,6 +29,8 @@ pub struct Options<'a> {
     pub cgroup_root: &'a Path,
     /// This configuration's host port pool: NAT elements outside it are not ours.
     pub pool: std::ops::RangeInclusive<u16>,
+    /// The configuration file, handed to supervisors gc restarts.
+    pub config: Option<&'a Path>,
 }
 
 /// What gc did (or, with `dry_run`, would do), one line per action.
@@ -60,6 +62,17 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
     let mut live: Vec<ContainerState> = Vec::new();
     for s in store.list()? {
         if age(&s.created_at) < o.grace || exists_in_runc(o.runc, s.runc_root.as_deref(), &s.id) {
+            // A running container whose supervisor died (killed, OOM): its Envoy
+            // would serve on unsupervised and never get a rotated certificate.
+            if let Some(dead) = unsupervised(store, &s).filter(|_| age(&s.created_at) >= o.grace) {
+                r.actions.push(format!(
+                    "restarting the supervisor of {}/{} ({dead})",
+                    s.namespace, s.id
+                ));
+                if !o.dry_run {
+                    sidecar::launch(o.config, store, &s.namespace, &s.id)?;
+                }
+            }
             live.push(s);
             continue;
         }
@@ -169,6 +182,21 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
         }
     }
     Ok(r)
+}
+
+/// Why a started, still running container has no live supervisor, if it has none.
+fn unsupervised(store: &Store, s: &ContainerState) -> Option<String> {
+    let pid = s.init_pid?;
+    s.started_at.as_ref()?;
+    if !crate::process::exists(pid) {
+        return None; // stopped: nothing to supervise
+    }
+    let rec = Paths::new(store, &s.namespace, &s.id).read_record().ok()?;
+    match rec.and_then(|r| r.supervisor) {
+        Some(p) if p.alive() => None,
+        Some(p) => Some(format!("supervisor pid {} is gone", p.pid)),
+        None => Some("no supervisor recorded".into()),
+    }
 }
 
 fn dirs_without_state(store: &Store) -> Result<Vec<(String, String)>> {

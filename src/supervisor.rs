@@ -84,7 +84,18 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         ));
         return Ok(());
     }
+    // Taking over from a supervisor that died (gc restarts supervision): its Envoy
+    // still holds the ports; stop it so ours can bind and be supervised again.
+    if let Some(orphan) = record.envoy.filter(|e| e.alive()) {
+        log(format!(
+            "{ns}/{id}: taking over; stopping the unsupervised Envoy pid {}",
+            orphan.pid
+        ));
+        orphan.terminate(Duration::from_secs(2));
+        record.envoy = None;
+    }
     record.supervisor = ProcId::of(std::process::id() as i32);
+    record.ready_at = None;
     paths.write_record(&record)?;
 
     // Signals first, so a SIGTERM from delete during set-up is not lost.

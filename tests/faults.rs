@@ -226,14 +226,55 @@ fn supervisor_sigkill_envoy_keeps_serving_until_removal() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(served(&nb.ip, &ca, b), "the survivor is affected");
-    // gc leaves a live container alone, supervisor or not.
+    // gc restores supervision: a new supervisor takes over (replacing the orphaned
+    // Envoy with one it supervises) and the container serves again; b is untouched.
     let out = gc(&sb.config, &["--grace", "0"]);
-    assert!(!out.contains(a) && !out.contains(b), "{out}");
     assert!(
-        alive(envoy) && served(&na.ip, &ca, a),
-        "gc touched a live container"
+        out.contains(&format!("restarting the supervisor of {NAMESPACE}/{a}")),
+        "{out}"
     );
-    eprintln!("supervisor {sup} SIGKILLed: Envoy {envoy} kept serving; gc left it alone");
+    assert!(!out.contains(b), "{out}");
+    let start_t = std::time::Instant::now();
+    let (sup2, envoy2) = loop {
+        let rec = record(&sb, a);
+        if let (Some(s2), Some(e2)) = (pid_of(&rec, "supervisor"), pid_of(&rec, "envoy"))
+            && s2 != sup
+            && e2 != envoy
+            && rec["ready_at"].is_string()
+        {
+            break (s2, e2);
+        }
+        assert!(
+            start_t.elapsed() < Duration::from_secs(15),
+            "no new supervisor: {rec}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    wait_dead(envoy, Duration::from_secs(5));
+    assert!(
+        alive(sup2),
+        "new supervisor {sup2} not alive: {}",
+        supervisor_log(&sb, a)
+    );
+    assert!(
+        alive(envoy2),
+        "new envoy {envoy2} not alive: {}",
+        supervisor_log(&sb, a)
+    );
+    assert!(
+        served(&na.ip, &ca, a),
+        "not served: {}",
+        supervisor_log(&sb, a)
+    );
+    let again = gc(&sb.config, &["--grace", "0"]);
+    assert!(
+        !again.contains(a),
+        "a second gc finds nothing to restart: {again}"
+    );
+    eprintln!(
+        "supervisor {sup} SIGKILLed: Envoy {envoy} kept serving; gc restarted supervision ({sup2}, Envoy {envoy2})"
+    );
+    let envoy = envoy2;
 
     // Removal finds the orphaned Envoy by its recorded pid / cgroup and kills it.
     victim.remove().unwrap();
