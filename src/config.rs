@@ -53,9 +53,10 @@ pub struct Proxy {
     pub envoy_path: PathBuf,
     /// Envoy worker threads; 1 keeps memory independent of the host's CPU count.
     pub concurrency: i64,
-    /// Unprivileged identity Envoy runs as (no capabilities).
-    pub envoy_uid: u32,
-    pub envoy_gid: u32,
+    /// Envoy runs as a uid (and gid) of its own per container, from this range, with no
+    /// capabilities: one container's Envoy cannot read another's instance key.
+    pub envoy_uid_pool_start: i64,
+    pub envoy_uid_pool_size: i64,
     /// Envoy's cap on open downstream connections (global_downstream_max_connections).
     pub max_connections: i64,
 }
@@ -72,8 +73,8 @@ impl Default for Proxy {
             enable_unproxied_port_mappings: true,
             envoy_path: PathBuf::from("/usr/local/bin/envoy"),
             concurrency: 1,
-            envoy_uid: 65534,
-            envoy_gid: 65534,
+            envoy_uid_pool_start: 2_000_000_000,
+            envoy_uid_pool_size: 65536,
             max_connections: 4096,
         }
     }
@@ -262,10 +263,17 @@ impl Config {
                 format!("{} is out of range; valid: 1 to 1000000", p.max_connections),
             ));
         }
-        if p.envoy_uid == 0 || p.envoy_gid == 0 {
+        let (u0, un) = (p.envoy_uid_pool_start, p.envoy_uid_pool_size);
+        if !(1000..=4_294_967_294).contains(&u0)
+            || !(1..=1 << 24).contains(&un)
+            || u0 + un - 1 > 4_294_967_294
+        {
             return Err(self.err(
-                "proxy.envoy_uid/envoy_gid",
-                "Envoy must not run as root; valid: a non-zero uid and gid (default 65534, nobody)",
+                "proxy.envoy_uid_pool_start/envoy_uid_pool_size",
+                format!(
+                    "{u0}+{un} is not a valid uid range; valid: start >= 1000 (never root or a system user), \
+                     1 <= size <= 16777216, start + size - 1 <= 4294967294 (default 2000000000 + 65536)"
+                ),
             ));
         }
         if p.enabled {
@@ -391,6 +399,12 @@ impl Config {
 
     pub fn additional_memory_bytes(&self) -> u64 {
         self.proxy.additional_memory_allocation_mb as u64 * 1024 * 1024
+    }
+
+    /// The per-container Envoy uids (validated to fit in u32).
+    pub fn envoy_uid_pool(&self) -> std::ops::RangeInclusive<u32> {
+        let start = self.proxy.envoy_uid_pool_start as u32;
+        start..=start + (self.proxy.envoy_uid_pool_size as u32 - 1)
     }
 
     pub fn pool(&self) -> std::ops::RangeInclusive<u16> {
@@ -567,8 +581,13 @@ mod tests {
         assert!(e.contains("out of range"), "{e}");
         let e = invalid("[proxy]\nconcurrency = 0\n");
         assert!(e.contains("proxy.concurrency"), "{e}");
-        let e = invalid("[proxy]\nenvoy_uid = 0\n");
-        assert!(e.contains("envoy_uid") && e.contains("root"), "{e}");
+        let e = invalid("[proxy]\nenvoy_uid_pool_start = 0\n");
+        assert!(
+            e.contains("envoy_uid_pool_start") && e.contains("root"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\nenvoy_uid_pool_start = 4294967000\nenvoy_uid_pool_size = 1000\n");
+        assert!(e.contains("4294967294"), "{e}");
         let e = invalid("[proxy]\nmax_connections = 0\n");
         assert!(e.contains("proxy.max_connections"), "{e}");
         let e = invalid("[metrics]\nmode = \"fuzzy\"\n");

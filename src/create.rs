@@ -190,6 +190,15 @@ pub fn prepare(
         })
         .collect();
 
+    let envoy_uid = cfg
+        .envoy_uid_pool()
+        .find(|u| !claims.envoy_uids.contains(u))
+        .ok_or_else(|| {
+            Error::Ports(format!(
+                "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use",
+                cfg.proxy.envoy_uid_pool_size
+            ))
+        })?;
     let dir = store.dir(t.namespace, t.id);
     let state = ContainerState {
         version: store::new_state_version(),
@@ -215,6 +224,7 @@ pub fn prepare(
             additional_bytes: if limit_bytes.is_some() { additional } else { 0 },
         },
         user,
+        envoy_uid,
         credentials_dir: dir.join(store::CREDENTIALS_DIR),
         runc_root: t.runc_root.map(Path::to_path_buf),
         created_at: now_rfc3339(),

@@ -70,6 +70,8 @@ pub struct ContainerState {
     pub host_ip: IpAddr,
     pub memory: Memory,
     pub user: User,
+    /// The uid (and gid) this container's Envoy runs as, unique among live containers.
+    pub envoy_uid: u32,
     pub credentials_dir: PathBuf,
     /// runc's `--root` at create; `None`: runc's default.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -96,6 +98,7 @@ impl ContainerState {
 #[derive(Debug, Default)]
 pub struct Claims {
     pub host_ports: BTreeSet<u16>,
+    pub envoy_uids: BTreeSet<u32>,
     pub memory_limit_bytes: u64,
     pub containers: usize,
 }
@@ -174,6 +177,7 @@ impl Store {
                 continue;
             }
             c.host_ports.extend(s.host_ports());
+            c.envoy_uids.insert(s.envoy_uid);
             c.memory_limit_bytes += s.memory.limit_bytes.unwrap_or(0);
             c.containers += 1;
         }
@@ -359,6 +363,7 @@ pub(crate) mod tests {
                 uid: nix_uid(),
                 gid: nix_gid(),
             },
+            envoy_uid: 2_000_000_000,
             credentials_dir: root.join(ns).join(id).join(CREDENTIALS_DIR),
             runc_root: None,
             created_at: "2026-01-01T00:00:00Z".into(),

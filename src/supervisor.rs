@@ -267,7 +267,7 @@ impl Supervisor<'_> {
     }
 
     fn prepare_envoy_dirs(&self) -> Result<()> {
-        let (uid, gid) = (self.cfg.proxy.envoy_uid, self.cfg.proxy.envoy_gid);
+        let (uid, gid) = (self.state.envoy_uid, self.state.envoy_uid);
         // Envoy (unprivileged) must reach its files: every ancestor of the state root
         // must be searchable by others (we do not change directories we do not own).
         for a in self.cfg.runtime.state_dir.ancestors().skip(1) {
@@ -325,8 +325,8 @@ impl Supervisor<'_> {
             &self.paths.sds_dir(),
             &issued.cert_chain_pem,
             &issued.key_pem,
-            self.cfg.proxy.envoy_uid,
-            self.cfg.proxy.envoy_gid,
+            self.state.envoy_uid,
+            self.state.envoy_uid,
         )?;
         self.rotate_at = identity::rotate_after(&issued);
         self.record.cert_serial = Some(issued.serial_hex.clone());
@@ -395,7 +395,7 @@ impl Supervisor<'_> {
             serde_json::to_vec_pretty(&envoy_config::bootstrap(&inputs)).expect("serialises");
         let path = self.paths.bootstrap();
         crate::fsutil::write_atomic(&path, &json, 0o640)?;
-        std::os::unix::fs::chown(&path, Some(0), Some(p.envoy_gid)).at(&path)?;
+        std::os::unix::fs::chown(&path, Some(0), Some(self.state.envoy_uid)).at(&path)?;
         Ok(())
     }
 
@@ -409,7 +409,7 @@ impl Supervisor<'_> {
             .open(&log_path)
             .at(&log_path)?;
         let procs = self.record.cgroup.procs_files();
-        let (uid, gid) = (p.envoy_uid, p.envoy_gid);
+        let (uid, gid) = (self.state.envoy_uid, self.state.envoy_uid);
         let mut cmd = Command::new(&p.envoy_path);
         cmd.args(envoy_config::args(
             &self.paths.bootstrap(),

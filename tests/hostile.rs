@@ -397,7 +397,7 @@ fn parse_config(text: &str) -> Result<Config, Error> {
 const CONFIG_KEYS: &[&str] = &[
     "proxy.additional_memory_allocation_mb", "proxy.enable_unproxied_port_mappings",
     "proxy.trusted_ca_certificates", "proxy.verify_subject_alt_name", "proxy.concurrency",
-    "proxy.max_connections", "proxy.envoy_uid/envoy_gid", "proxy.envoy_path",
+    "proxy.max_connections", "proxy.envoy_uid_pool_start/envoy_uid_pool_size", "proxy.envoy_path",
     "instance_identity.ca_cert", "instance_identity.ca_key", "instance_identity",
     "instance_identity.validity", "instance_identity.key_type", "metrics.mode",
     "ports.pool_start/pool_end", "host.memory_capacity_mb", "runtime.runc",
@@ -427,7 +427,7 @@ fn check_valid_config(c: &Config) -> TestCaseResult {
     prop_assert!((0..=65536).contains(&p.additional_memory_allocation_mb));
     prop_assert!((1..=64).contains(&p.concurrency));
     prop_assert!((1..=1_000_000).contains(&p.max_connections));
-    prop_assert!(p.envoy_uid != 0 && p.envoy_gid != 0);
+    prop_assert!(p.envoy_uid_pool_start >= 1000 && p.envoy_uid_pool_size >= 1);
     prop_assert!(p.enable_unproxied_port_mappings || p.enabled);
     prop_assert!(
         !p.require_and_verify_client_certificates || !p.trusted_ca_certificates.is_empty()
@@ -558,8 +558,8 @@ const BOOL_KEYS: &[&str] = &[
 const INT_KEYS: &[&str] = &[
     "additional_memory_allocation_mb",
     "concurrency",
-    "envoy_uid",
-    "envoy_gid",
+    "envoy_uid_pool_start",
+    "envoy_uid_pool_size",
     "max_connections",
     "pool_start",
     "pool_end",
@@ -1588,6 +1588,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
             additional_bytes: 32 << 20,
         },
         user: User { uid: 0, gid: 0 },
+        envoy_uid: 2_000_000_000,
         credentials_dir: root.join(ns).join(id).join("credentials"),
         runc_root: None,
         created_at: "2026-01-01T00:00:00Z".into(),

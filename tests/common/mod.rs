@@ -261,8 +261,13 @@ impl Container {
             .unwrap_or_else(|| panic!("task {} not in `ctr task ls`: {t}", self.id))
     }
 
+    /// `ctr task exec`; the command's output is captured through files in the
+    /// container (read from the host via /proc/<pid>/root), because ctr's own output
+    /// copy of a short-lived exec is sometimes empty under load.
     pub fn exec(&self, exec_id: &str, cmd: &str) -> Output {
-        ctr(&[
+        let base = format!("/tmp/.es-exec-{exec_id}");
+        let wrapped = format!("( {cmd} ) >{base}.out 2>{base}.err; echo $? >{base}.rc");
+        let out = ctr(&[
             "task",
             "exec",
             "--exec-id",
@@ -270,8 +275,20 @@ impl Container {
             &self.id,
             "/bin/sh",
             "-c",
-            cmd,
-        ])
+            &wrapped,
+        ]);
+        let root = format!("/proc/{}/root", self.pid());
+        let read = |ext: &str| std::fs::read(format!("{root}{base}.{ext}")).unwrap_or_default();
+        let rc = String::from_utf8_lossy(&read("rc")).trim().parse::<i32>();
+        let Ok(rc) = rc else {
+            return out; // the exec itself failed: ctr's own report says why
+        };
+        use std::os::unix::process::ExitStatusExt;
+        Output {
+            status: std::process::ExitStatus::from_raw(rc << 8),
+            stdout: read("out"),
+            stderr: read("err"),
+        }
     }
 
     /// Kill and remove now (also done on drop).
