@@ -266,7 +266,7 @@ containerd of `tests/env/containerd.sh`, runs `scripts/bench.sh`).
 (`free -g` total), kernel {e['B_KERNEL']}, cgroup {e['B_CGROUP']}  
 **Runtime:** containerd {e['B_CONTAINERD']}, runc {e['B_RUNC']}  
 **Rounds:** {rounds} measured (+ {e['B_WARMUP']} warm-up rounds not counted), each
-round running (a), (b), (c) once, in an order rotated every round; a fresh container
+round running (a), (b), (c), (d) once, in an order rotated every round; a fresh container
 id per run.
 
 {chr(10).join(table)}
@@ -281,7 +281,7 @@ share, median(c) ÷ median(d) = {rcd:.3f}× (no target set).
 
 - This runs on a shared, noisy machine; single runs scatter widely. The variants are
   interleaved round-robin (order rotated each round) so background noise and drift hit
-  all three alike, and the comparison uses **medians**, which a few slow outliers do
+  all variants alike, and the comparison uses **medians**, which a few slow outliers do
   not move. p90 shows the tail; it is much noisier than the median.
 - (b) is the wrapper binary itself as `--runc-binary` with no configuration file
   (built-in defaults: proxy disabled), as a host that has not enabled the proxy runs it.
