@@ -216,6 +216,13 @@ impl Config {
     /// Every check an operator can fail. `wrapper_paths` are the files that are this
     /// product's wrapper, which `runtime.runc` must not point back to.
     pub fn validate(&self, wrapper_paths: &[PathBuf]) -> Result<()> {
+        self.validate_for(wrapper_paths, true)
+    }
+
+    /// `validate` without reading the CA and trusted-CA files (`files = false`): what
+    /// runc's pass-through commands need (they only use `runtime.runc`), so that the
+    /// wrapper does not load the CA on every `state`/`kill`/`delete` call.
+    pub fn validate_for(&self, wrapper_paths: &[PathBuf], files: bool) -> Result<()> {
         let p = &self.proxy;
         if !(0..=MAX_ADDITIONAL_MEMORY_MB).contains(&p.additional_memory_allocation_mb) {
             return Err(self.err(
@@ -239,7 +246,12 @@ impl Config {
                  proxy.require_and_verify_client_certificates = true",
             ));
         }
-        for (i, entry) in p.trusted_ca_certificates.iter().enumerate() {
+        for (i, entry) in p
+            .trusted_ca_certificates
+            .iter()
+            .enumerate()
+            .filter(|_| files)
+        {
             let key = format!("proxy.trusted_ca_certificates[{i}]");
             pem_check::certificates(entry).map_err(|m| self.err(&key, m))?;
         }
@@ -293,16 +305,19 @@ impl Config {
                     "required when proxy.enabled = true (path to the operator CA private key, PEM)",
                 )
             })?;
-            pem_check::certificate_file(cert)
-                .map_err(|m| self.err("instance_identity.ca_cert", m))?;
-            pem_check::private_key_file(key)
-                .map_err(|m| self.err("instance_identity.ca_key", m))?;
-            // Loading proves what issuing needs: a supported key that matches a CA
-            // certificate which has not expired. The message names the file.
-            Ca::load(cert, key).map_err(|e| match e {
-                Error::Identity(m) => self.err("instance_identity", m),
-                e => e,
-            })?;
+            // Without `files`, presence only: contents are checked where they are used.
+            if files {
+                pem_check::certificate_file(cert)
+                    .map_err(|m| self.err("instance_identity.ca_cert", m))?;
+                pem_check::private_key_file(key)
+                    .map_err(|m| self.err("instance_identity.ca_key", m))?;
+                // Loading proves what issuing needs: a supported key that matches a CA
+                // certificate which has not expired. The message names the file.
+                Ca::load(cert, key).map_err(|e| match e {
+                    Error::Identity(m) => self.err("instance_identity", m),
+                    e => e,
+                })?;
+            }
         }
         self.validity()?;
         self.metrics_mode()?;
@@ -491,6 +506,24 @@ mod tests {
         assert!(
             e.contains("instance_identity.ca_cert") && e.contains("/nonexistent/ca.crt"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn pass_through_validation_reads_no_files() {
+        let c = parse(
+            "[proxy]\nenabled = true\n[instance_identity]\nca_cert = \"/nonexistent/ca.crt\"\nca_key = \"/nonexistent/ca.key\"\n",
+        )
+        .unwrap();
+        assert!(
+            c.validate(&[]).is_err(),
+            "create-time validation reads the CA"
+        );
+        c.validate_for(&[], false).unwrap();
+        let c = parse("[proxy]\nenabled = true\n").unwrap();
+        assert!(
+            c.validate_for(&[], false).is_err(),
+            "missing keys are still errors"
         );
     }
 
