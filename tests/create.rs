@@ -307,22 +307,14 @@ fn proxy_disabled_is_plain_runc() {
         &["--memory-limit", &lim],
         cmd,
     );
-    let args = vec![
-        "run",
-        "--rm",
-        "--runc-binary",
-        "/usr/sbin/runc",
-        "--annotation",
-        "envoy-sidecar/ports=8080",
-        "--memory-limit",
-        &lim,
-        IMAGE,
+    // The same through plain runc (same output capture, same annotation).
+    *sb.runtime_override.lock().unwrap() = Some("/usr/sbin/runc".into());
+    let plain = sb.run_rm(
         "es-pass-b",
-        "/bin/sh",
-        "-c",
+        &[(PORTS, "8080")],
+        &["--memory-limit", &lim],
         cmd,
-    ];
-    let plain = ctr(&args);
+    );
     assert_eq!(
         String::from_utf8_lossy(&ours.stdout),
         String::from_utf8_lossy(&plain.stdout),

@@ -83,6 +83,8 @@ pub struct Sandbox {
     pub state_dir: PathBuf,
     /// `--runc-binary` for ctr: a script that runs the wrapper with this config.
     pub runtime: PathBuf,
+    /// Set to run the next containers with another runtime (e.g. plain runc).
+    pub runtime_override: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl Sandbox {
@@ -138,6 +140,7 @@ impl Sandbox {
             config,
             state_dir,
             runtime,
+            runtime_override: Default::default(),
         }
     }
 
@@ -145,7 +148,13 @@ impl Sandbox {
         let mut a = vec![
             "run".to_string(),
             "--runc-binary".into(),
-            self.runtime.display().to_string(),
+            self.runtime_override
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| self.runtime.clone())
+                .display()
+                .to_string(),
         ];
         for (k, v) in annotations {
             a.push("--annotation".into());
@@ -165,16 +174,35 @@ impl Sandbox {
         opts: &[&str],
         cmd: &str,
     ) -> Output {
+        // The command's output goes to files in a bind-mounted host directory: ctr's
+        // own copy of a short-lived task's output is sometimes empty under load.
+        let outdir = self.dir.join(format!("out-{id}"));
+        let _ = std::fs::remove_dir_all(&outdir);
+        std::fs::create_dir_all(&outdir).unwrap();
+        let mount = format!(
+            "--mount=type=bind,src={},dst=/.es-out,options=rbind:rw",
+            outdir.display()
+        );
+        let wrapped = format!(
+            "( {cmd} ) >/.es-out/out 2>/.es-out/err; rc=$?; echo $rc >/.es-out/rc; exit $rc"
+        );
         let mut a = self.run_args(id, annotations);
         let tail = a.split_off(a.len() - 2);
         a.insert(1, "--rm".into());
         a.extend(opts.iter().map(|s| s.to_string()));
+        a.push(mount);
         a.extend(tail);
-        a.extend(["/bin/sh".into(), "-c".into(), cmd.into()]);
+        a.extend(["/bin/sh".into(), "-c".into(), wrapped]);
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        let out = ctr(&refs);
+        let mut out = ctr(&refs);
         // A failed create can leave the container record behind.
         ctr(&["containers", "rm", id]);
+        if outdir.join("rc").exists() {
+            // The task ran: its own output (ctr's report of a failed create stays).
+            out.stdout = std::fs::read(outdir.join("out")).unwrap_or_default();
+            out.stderr = std::fs::read(outdir.join("err")).unwrap_or_default();
+        }
+        let _ = std::fs::remove_dir_all(&outdir);
         out
     }
 
