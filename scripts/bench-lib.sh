@@ -42,3 +42,26 @@ bench_export_machine_facts() {
     export B_CGROUP="$(bench_cgroup_version)"
     export B_COMMIT="$commit"
 }
+
+# Kill and remove one container of this run (bounded waits).
+remove_container() {
+    local id="$1" i out
+    ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    for ((i = 0; i < 100; i++)); do
+        if out="$(ctr_ tasks rm "$id" 2>&1)" || grep -qi 'not found' <<<"$out"; then break; fi
+        sleep 0.1
+    done
+    ctr_ containers rm "$id" >/dev/null 2>&1 || true
+}
+
+# Pids of processes whose command line mentions the run's temp dir $TMP (Envoy: its
+# bootstrap in the state dir; the supervisor: --config; a load client: --ca). Only
+# ever ours. (A process may exit between the glob and the read.)
+our_pids() {
+    local d pid
+    for d in /proc/[0-9]*; do
+        pid="${d#/proc/}"
+        [ "$pid" = "$$" ] && continue
+        if { tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null | grep -qF "$TMP/"; then echo "$pid"; fi
+    done
+}

@@ -103,27 +103,6 @@ RESULTS="$TMP/results.jsonl"
 CURRENT_ID=""
 LOAD_PID=""
 
-remove_container() {
-    local id="$1" i out
-    ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-    for ((i = 0; i < 100; i++)); do
-        if out="$(ctr_ tasks rm "$id" 2>&1)" || grep -qi 'not found' <<<"$out"; then break; fi
-        sleep 0.1
-    done
-    ctr_ containers rm "$id" >/dev/null 2>&1 || true
-}
-
-# Pids of processes whose command line mentions our temp dir (Envoy: its bootstrap in
-# the state dir; the supervisor: --config; the load client: --ca). Only ever ours.
-our_pids() {
-    local d pid
-    for d in /proc/[0-9]*; do
-        pid="${d#/proc/}"
-        [ "$pid" = "$$" ] && continue
-        if { tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null | grep -qF "$TMP/"; then echo "$pid"; fi
-    done
-}
-
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
