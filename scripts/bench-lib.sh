@@ -65,3 +65,22 @@ our_pids() {
         if { tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null | grep -qF "$TMP/"; then echo "$pid"; fi
     done
 }
+
+# Exit-trap work shared by the benches: leftover containers of this run first (removing
+# one runs the wrapper, whose config and state live in $TMP), then leftover processes,
+# then the run's network namespace (deleting it destroys the veth pair; the link delete
+# is for a half-made setup) and $TMP.
+bench_remove_leftovers() {
+    local id pid
+    for id in $( (echo "$CURRENT_ID"; ctr_ containers ls -q 2>/dev/null | grep -F "$ID_PREFIX") | sort -u); do
+        log "removing leftover container $id"
+        remove_container "$id"
+    done
+    for pid in $(our_pids); do
+        log "killing leftover process $pid: $({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null)"
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    ip netns del "$NETNS" 2>/dev/null || true
+    ip link del "$HOST_IF" 2>/dev/null || true
+    rm -rf "$TMP"
+}

@@ -106,19 +106,8 @@ LOAD_PID=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local id pid
     if [ -n "$LOAD_PID" ]; then kill -9 "$LOAD_PID" 2>/dev/null || true; fi
-    for id in $( (echo "$CURRENT_ID"; ctr_ containers ls -q 2>/dev/null | grep -F "$ID_PREFIX") | sort -u); do
-        log "removing leftover container $id"
-        remove_container "$id"
-    done
-    for pid in $(our_pids); do
-        log "killing leftover process $pid: $({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null)"
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    ip netns del "$NETNS" 2>/dev/null || true
-    ip link del "$HOST_IF" 2>/dev/null || true
-    rm -rf "$TMP"
+    bench_remove_leftovers
     exit "$rc"
 }
 trap cleanup EXIT

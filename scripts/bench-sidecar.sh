@@ -87,22 +87,7 @@ CURRENT_ID=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    # Containers first: removing a wrapper container runs the wrapper, whose config and
-    # state live in $TMP.
-    local id pid
-    for id in $( (echo "$CURRENT_ID"; ctr_ containers ls -q 2>/dev/null | grep -F "$ID_PREFIX") | sort -u); do
-        log "removing leftover container $id"
-        remove_container "$id"
-    done
-    for pid in $(our_pids); do
-        log "killing leftover process $pid: $({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null)"
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    # Deleting the namespace destroys the veth pair with it; the link delete is for a
-    # half-made setup.
-    ip netns del "$NETNS" 2>/dev/null || true
-    ip link del "$HOST_IF" 2>/dev/null || true
-    rm -rf "$TMP"
+    bench_remove_leftovers
     exit "$rc"
 }
 trap cleanup EXIT
