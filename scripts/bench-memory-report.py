@@ -34,9 +34,9 @@ def fit(xs, ys):
 
 
 def sizing_constants():
-    """The model src/sizing.rs currently holds (None when it cannot be read)."""
+    """The model src/envoy/sizing.rs currently holds (None when it cannot be read)."""
     try:
-        with open(os.path.join(REPO, "src", "sizing.rs")) as f:
+        with open(os.path.join(REPO, "src", "envoy", "sizing.rs")) as f:
             text = f.read()
     except OSError:
         return None
@@ -49,7 +49,7 @@ def sizing_constants():
 
 
 def recommend(c, n, mtls):
-    """The rule of src/sizing.rs::recommend_mb, on the constants c."""
+    """The rule of src/envoy/sizing.rs::recommend_mb, on the constants c."""
     base = (c["MTLS_BASE_KIB"] if mtls else c["TLS_BASE_KIB"]) + c["KERNEL_BASE_KIB"] \
         + c["FIXED_OVERHEAD_KIB"]
     per = (c["MTLS_PER_CONNECTION_BYTES"] if mtls else c["TLS_PER_CONNECTION_BYTES"]) \
@@ -273,7 +273,7 @@ except the kernel part. {ret}. tcmalloc keeps the freed pages and reuses them fo
 next connections (each larger N here started from the previous peak), so a sidecar's
 private memory stays at its peak until Envoy restarts: size for the peak number of
 concurrent connections, not the average. The extra allocated while closing
-(≤ {close_extra:.1f} KiB per connection) is within the headroom of `src/sizing.rs`.
+(≤ {close_extra:.1f} KiB per connection) is within the headroom of `src/envoy/sizing.rs`.
 (Envoy's bootstrap has a `memory_allocator_manager` with
 `bytes_to_release`/`memory_release_interval` to hand free pages back periodically; the
 generated configuration does not set it and this bench did not try it.)""")
@@ -308,7 +308,7 @@ cache.)""")
             drift.append(f"{d['label']} {base:.1f} MiB + {mine:.1f} KiB per connection "
                          f"(this run: {d['base']:.1f} MiB + {d['slope']:.1f} KiB)")
         sizing = fill(f"""
-**Sizing.** `src/sizing.rs` holds the model as constants: `RssAnon` base and slope per
+**Sizing.** `src/envoy/sizing.rs` holds the model as constants: `RssAnon` base and slope per
 mode, {'; '.join(drift)}; the kernel memory charged to Envoy's cgroup,
 {c['KERNEL_BASE_KIB'] / KIB:.1f} MiB + {c['KERNEL_PER_CONNECTION_BYTES'] / KIB:.1f} KiB
 per connection; {c['PER_CONNECTION_HEADROOM_PERCENT']} % headroom on the per-connection
@@ -320,13 +320,13 @@ By this rule the default allocation of 32 MiB holds a peak of about {covered(Fal
 or {covered(True)} mTLS connections, while `proxy.max_connections` lets Envoy accept
 4096 by default.""")
     else:
-        sizing = "**Sizing.** (`src/sizing.rs` not found or not in the expected shape.)"
+        sizing = "**Sizing.** (`src/envoy/sizing.rs` not found or not in the expected shape.)"
     how = fill(f"""
 **How to read this.** The connections are idle while measured. A connection moving data
 also holds, while the data is in flight, Envoy's buffers (bounded by
 `per_connection_buffer_limit_bytes`, 32 KiB per direction: ~75 KiB for a stalled
 connection), BoringSSL's record buffers, and socket buffers in the kernel; the headroom
-of `src/sizing.rs` covers that for a fraction of the connections only. Each point is a
+of `src/envoy/sizing.rs` covers that for a fraction of the connections only. Each point is a
 single reading (the sequence ran once per mode), but the fits are close to exact (r²
 above), and the shared machine's noise moves timings, not memory. All connections of a
 point were open within {open_s:.1f} s of the first and {drops} closed early (busybox

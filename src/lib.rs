@@ -1,45 +1,20 @@
 //! envoy-sidecar: a runc-compatible runtime wrapper (and OCI hooks) that gives every
 //! container a TLS-terminating Envoy, the way a Cloud Foundry Diego cell does.
-//!
-//! Modules by concern: `config` (operator TOML), `annotations` (what a container asks
-//! for), `ports` (port selection), `store` (per-container state and allocation),
-//! `spec` (JSON-tree patching of OCI files), `create` (the create-time decisions),
-//! `envoy_config` (the per-container Envoy bootstrap, SDS file and command line),
-//! `runc_args`/`runc_log`/`wrapper` (the drop-in runc), `hook` (OCI hook stages),
-//! `ca`/`identity` (the operator CA and per-container certificates), `cli` (the
-//! operator command).
+//! `docs/ARCHITECTURE.md` explains the layout; this is the map, one line a module.
 
-pub mod admin;
-pub mod annotations;
-pub mod ca;
-pub mod cgroup;
-pub mod cli;
-pub mod config;
-pub mod create;
-pub mod doctor;
-pub mod envoy_config;
-pub mod error;
-pub mod exporter;
-pub mod fsutil;
-pub mod gc;
-pub mod hook;
-pub mod identity;
-pub mod install;
-pub mod metrics;
-pub mod nat;
-pub mod pem_check;
-pub mod ports;
-pub mod probe;
-pub mod process;
-pub mod runc;
-pub mod runc_args;
-pub mod runc_log;
-pub mod sidecar;
-pub mod sizing;
-pub mod spec;
-pub mod store;
-pub mod supervisor;
-pub mod wrapper;
+pub mod cmd; // the executables' front ends (cli, wrapper, hook): the only modules that print
+pub mod config; // the operator's TOML configuration and its validation
+pub mod create; // create-time decisions: annotations, ports, memory, env, spec patching
+pub mod envoy; // one Envoy: bootstrap and SDS, admin API, TLS readiness probe, sizing model
+pub mod error; // the crate's one error enum
+pub mod identity; // the operator CA and per-container instance identity credentials
+pub mod metrics; // memory metrics rescaled to the requested quota; Prometheus exporter
+pub mod nat; // host port NAT in one nftables verdict map
+pub mod ops; // host operations: gc, doctor, install
+pub mod runc; // the real runc: argv parsing, its log file, state queries
+pub mod sidecar; // the per-container sidecar at run time: control and supervisor
+pub mod state; // per-container state on disk and the host-wide lock
+pub mod sys; // the OS seam: processes, netns, cgroups, files (the only home of unsafe)
 
 pub use error::{Error, Result};
 

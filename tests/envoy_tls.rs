@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use envoy_sidecar::envoy_config::{self, Alpn, Inputs, Listener, Mtls};
+use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
@@ -217,7 +217,7 @@ impl Envoy {
         let out = std::fs::File::create(&log).unwrap();
         let started = Instant::now();
         let child = Command::new(bin)
-            .args(envoy_config::args(bootstrap, 1, Duration::from_secs(1)))
+            .args(bootstrap::args(bootstrap, 1, Duration::from_secs(1)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -274,7 +274,7 @@ impl Setup {
         let sds_dir = dir.path().join("sds");
         std::fs::create_dir(&sds_dir).unwrap();
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        envoy_config::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
+        bootstrap::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
 
         let p = free_ports(2 * ports + 1);
         let listeners: Vec<Listener> = (0..ports)
@@ -286,7 +286,7 @@ impl Setup {
         let admin_port = p[2 * ports];
         let apps = listeners.iter().map(|l| App::start(l.app_port)).collect();
         let node_id = format!("test/{name}");
-        let b = envoy_config::bootstrap(&Inputs {
+        let b = bootstrap::bootstrap(&Inputs {
             node_id: &node_id,
             listeners: &listeners,
             admin_port,
@@ -297,7 +297,7 @@ impl Setup {
             max_connections: 100,
         });
         let bootstrap = dir.path().join("bootstrap.json");
-        std::fs::write(&bootstrap, envoy_config::render(&b)).unwrap();
+        std::fs::write(&bootstrap, bootstrap::render(&b)).unwrap();
         let envoy = Envoy::start(bin, &bootstrap, dir.path().join("envoy.log"));
         Setup {
             dir,
@@ -469,7 +469,7 @@ fn golden_bootstraps_validate() {
     // parse the SDS file or the CA in validate mode: that is what the TLS tests are for.
     let sds = dir.path().join("sds");
     std::fs::create_dir(&sds).unwrap();
-    std::fs::write(sds.join(envoy_config::SDS_FILE), "{}").unwrap();
+    std::fs::write(sds.join(bootstrap::SDS_FILE), "{}").unwrap();
     let mut n = 0;
     for entry in std::fs::read_dir(&golden).unwrap() {
         let path = entry.unwrap().path();
@@ -482,16 +482,16 @@ fn golden_bootstraps_validate() {
         for l in b["static_resources"]["listeners"].as_array_mut().unwrap() {
             let ctx = &mut l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
                 ["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"];
-            ctx["path"] = sds.join(envoy_config::SDS_FILE).to_str().unwrap().into();
+            ctx["path"] = sds.join(bootstrap::SDS_FILE).to_str().unwrap().into();
             ctx["watched_directory"]["path"] = sds.to_str().unwrap().into();
             rewired += 1;
         }
         assert!(rewired > 0, "{}: no listeners", path.display());
         let file = dir.path().join(path.file_name().unwrap());
-        std::fs::write(&file, envoy_config::render(&b)).unwrap();
+        std::fs::write(&file, bootstrap::render(&b)).unwrap();
         let t = Instant::now();
         let o = Command::new(&bin)
-            .args(envoy_config::validate_args(&file))
+            .args(bootstrap::validate_args(&file))
             .output()
             .unwrap();
         assert!(
@@ -593,7 +593,7 @@ fn tls_alpn_admin_and_rotation() {
     assert_ne!(der(&rotated.0), der(&s.serving.0));
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let t = Instant::now();
-    envoy_config::write_sds(&s.sds_dir(), &rotated.0, &rotated.1, uid, gid).unwrap();
+    bootstrap::write_sds(&s.sds_dir(), &rotated.0, &rotated.1, uid, gid).unwrap();
     loop {
         let got = tls(port, &s.ca.pem(), None, &[]).unwrap();
         if got.peer_cert == der(&rotated.0) {

@@ -21,13 +21,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use envoy_sidecar::Error;
-use envoy_sidecar::annotations::{self, Request, parse_nerdctl_ports, parse_ports};
+use envoy_sidecar::cmd::hook::read_state;
 use envoy_sidecar::config::Config;
-use envoy_sidecar::envoy_config::{self, Alpn, Inputs, Listener, Mtls, parse_alpn};
-use envoy_sidecar::hook::read_state;
-use envoy_sidecar::runc_args::{Command, Invocation};
-use envoy_sidecar::spec::JsonFile;
-use envoy_sidecar::store::{self, ContainerState, Memory, PortMapping, Store, User};
+use envoy_sidecar::create::annotations::{self, Request, parse_nerdctl_ports, parse_ports};
+use envoy_sidecar::create::spec::JsonFile;
+use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls, parse_alpn};
+use envoy_sidecar::runc::argv::{Command, Invocation};
+use envoy_sidecar::state::store::{self, ContainerState, Memory, PortMapping, Store, User};
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{
@@ -511,7 +511,7 @@ fn router_ca_path() -> PathBuf {
 
 fn config_files() -> ConfigFiles {
     let dir = TempDir::new("cfg");
-    envoy_sidecar::ca::generate(&dir.path().join("ca"), "hostile CA").unwrap();
+    envoy_sidecar::identity::ca::generate(&dir.path().join("ca"), "hostile CA").unwrap();
     let garbage = dir.path().join("garbage.pem");
     fs::write(
         &garbage,
@@ -859,9 +859,9 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
             Some(_) => return Err(k),
         });
     }
-    let alpn = match a.get(envoy_config::ALPN_ANNOTATION) {
+    let alpn = match a.get(bootstrap::ALPN_ANNOTATION) {
         None => None,
-        Some(v) => Some(model_alpn(v).ok_or(envoy_config::ALPN_ANNOTATION)?),
+        Some(v) => Some(model_alpn(v).ok_or(bootstrap::ALPN_ANNOTATION)?),
     };
     let [instance_guid, app_guid, space_guid, org_guid] = guids.try_into().unwrap();
     Ok(Some(Request {
@@ -997,7 +997,7 @@ fn annotation_map() -> BoxedStrategy<BTreeMap<String, String>> {
                 (annotations::APP_GUID, ag),
                 (annotations::SPACE_GUID, sg),
                 (annotations::ORG_GUID, og),
-                (envoy_config::ALPN_ANNOTATION, alpn),
+                (bootstrap::ALPN_ANNOTATION, alpn),
             ] {
                 if let Some(v) = v {
                     m.insert(k.to_string(), v);
@@ -1066,7 +1066,7 @@ fn annotations_parse_alpn_exact_values_only() {
         match (model_alpn(&v), parse_alpn(&v)) {
             (Some(want), Ok(got)) => prop_assert_eq!(want, got),
             (None, Err(e)) => {
-                check_annotation_error(&e, envoy_config::ALPN_ANNOTATION)?;
+                check_annotation_error(&e, bootstrap::ALPN_ANNOTATION)?;
                 prop_assert!(e.to_string().len() <= MAX_ANNOTATION_ERROR);
             }
             (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
@@ -1725,8 +1725,8 @@ fn tls_context(b: &Value, listener: usize) -> &Value {
 
 /// Render, parse back, and prove every hostile string came back exactly, in its place.
 fn check_bootstrap(i: &Inputs, sans: &[String], pem: Option<&str>) -> TestCaseResult {
-    let b = envoy_config::bootstrap(i);
-    let text = envoy_config::render(&b);
+    let b = bootstrap::bootstrap(i);
+    let text = bootstrap::render(&b);
     let back: Value = serde_json::from_slice(&text).unwrap();
     prop_assert_eq!(&back, &b);
 
@@ -1741,14 +1741,14 @@ fn check_bootstrap(i: &Inputs, sans: &[String], pem: Option<&str>) -> TestCaseRe
         mtls: benign_mtls.as_ref(),
         ..*i
     };
-    prop_assert_eq!(skeleton(&back), skeleton(&envoy_config::bootstrap(&benign)));
+    prop_assert_eq!(skeleton(&back), skeleton(&bootstrap::bootstrap(&benign)));
 
     prop_assert_eq!(back["node"]["id"].as_str(), Some(i.node_id));
     for (n, _) in i.listeners.iter().enumerate() {
         let tls = tls_context(&back, n);
         let sds = &tls["common_tls_context"]["tls_certificate_sds_secret_configs"][0]["sds_config"]
             ["path_config_source"];
-        let want = i.sds_dir.join(envoy_config::SDS_FILE);
+        let want = i.sds_dir.join(bootstrap::SDS_FILE);
         prop_assert_eq!(sds["path"].as_str(), Some(&*want.to_string_lossy()));
         prop_assert_eq!(
             sds["watched_directory"]["path"].as_str(),
@@ -1821,12 +1821,9 @@ fn bootstrap_escapes_every_string() {
 
             // The SDS file: certificate and key stay two strings of one secret.
             if let Some((pem, _)) = &mtls {
-                let v = envoy_config::sds_response(pem, &node_id);
-                let back: Value = serde_json::from_slice(&envoy_config::render(&v)).unwrap();
-                prop_assert_eq!(
-                    skeleton(&back),
-                    skeleton(&envoy_config::sds_response("", ""))
-                );
+                let v = bootstrap::sds_response(pem, &node_id);
+                let back: Value = serde_json::from_slice(&bootstrap::render(&v)).unwrap();
+                prop_assert_eq!(skeleton(&back), skeleton(&bootstrap::sds_response("", "")));
                 let tc = &back["resources"][0]["tls_certificate"];
                 prop_assert_eq!(
                     tc["certificate_chain"]["inline_string"].as_str(),
@@ -2145,7 +2142,7 @@ fn injection_annotations_refused_naming_the_annotation() {
         annotations::APP_GUID,
         annotations::SPACE_GUID,
         annotations::ORG_GUID,
-        envoy_config::ALPN_ANNOTATION,
+        bootstrap::ALPN_ANNOTATION,
         annotations::PORTS,
         annotations::NERDCTL_PORTS,
     ];
@@ -2217,7 +2214,7 @@ fn injection_through_config_json() {
     let path = dir.path().join("config.json");
     for key in GUID_KEYS
         .iter()
-        .chain(&[envoy_config::ALPN_ANNOTATION, annotations::ENABLED])
+        .chain(&[bootstrap::ALPN_ANNOTATION, annotations::ENABLED])
     {
         for value in injection_values() {
             let spec = json!({"ociVersion": "1.2.0", "annotations": {annotations::PORTS: "8080", *key: value}});

@@ -1,3 +1,5 @@
 fn main() {
-    std::process::exit(envoy_sidecar::wrapper::main(std::env::args_os().collect()));
+    std::process::exit(envoy_sidecar::cmd::wrapper::main(
+        std::env::args_os().collect(),
+    ));
 }

@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(envoy_sidecar::cli::main(std::env::args().collect()));
+    std::process::exit(envoy_sidecar::cmd::cli::main(std::env::args().collect()));
 }

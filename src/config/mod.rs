@@ -5,6 +5,8 @@
 //! `check-config` (and by the first `create`) naming the key and what would be valid,
 //! never discovered half-way through setting a container up.
 
+pub mod pem;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +15,6 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::identity::{Ca, KeyType};
-use crate::pem_check;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/envoy-sidecar/config.toml";
 pub const CONFIG_ENV: &str = "ENVOY_SIDECAR_CONFIG";
@@ -253,7 +254,7 @@ impl Config {
             .filter(|_| files)
         {
             let key = format!("proxy.trusted_ca_certificates[{i}]");
-            pem_check::certificates(entry).map_err(|m| self.err(&key, m))?;
+            pem::certificates(entry).map_err(|m| self.err(&key, m))?;
         }
         for (i, san) in p.verify_subject_alt_name.iter().enumerate() {
             if san.is_empty() || san.len() > 253 || san.chars().any(|c| c.is_control()) {
@@ -307,10 +308,9 @@ impl Config {
             })?;
             // Without `files`, presence only: contents are checked where they are used.
             if files {
-                pem_check::certificate_file(cert)
+                pem::certificate_file(cert)
                     .map_err(|m| self.err("instance_identity.ca_cert", m))?;
-                pem_check::private_key_file(key)
-                    .map_err(|m| self.err("instance_identity.ca_key", m))?;
+                pem::private_key_file(key).map_err(|m| self.err("instance_identity.ca_key", m))?;
                 // Loading proves what issuing needs: a supported key that matches a CA
                 // certificate which has not expired. The message names the file.
                 Ca::load(cert, key).map_err(|e| match e {
@@ -548,8 +548,8 @@ mod tests {
     fn ca_key_must_match_the_certificate() {
         let dir = std::env::temp_dir().join(format!("es-cfg-ca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        crate::ca::generate(&dir.join("a"), "A").unwrap();
-        crate::ca::generate(&dir.join("b"), "B").unwrap();
+        crate::identity::ca::generate(&dir.join("a"), "A").unwrap();
+        crate::identity::ca::generate(&dir.join("b"), "B").unwrap();
         let cfg = |crt: &str, key: &str| {
             format!(
                 "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n",

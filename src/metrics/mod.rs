@@ -6,6 +6,8 @@
 //! figure used is the working set: usage minus inactive file cache (what the kernel
 //! cannot simply drop, and what the OOM killer is about).
 
+pub mod exporter;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,8 +16,8 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::sidecar::Paths;
-use crate::store::{ContainerState, Store};
+use crate::sidecar::control::Paths;
+use crate::state::store::{ContainerState, Store};
 
 pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
 
@@ -273,7 +275,7 @@ pub fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{sample, tempdir};
+    use crate::state::store::tests::{sample, tempdir};
 
     const MIB: u64 = 1 << 20;
 

@@ -16,8 +16,8 @@ use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use x509_cert::time::{Time, Validity};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
 use crate::identity::{Names, add_extension, name, random_serial, whole_seconds};
+use crate::sys::fs::write_atomic;
 
 const VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Back-dated so that hosts with a slightly slow clock accept it at once.

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 
+use crate::cmd::hook::{self, Stage};
 use crate::config::Config;
-use crate::hook::{self, Stage};
-use crate::store::{self, Store};
+use crate::state::store::{self, Store};
 
 pub const USAGE: &str = "\
 usage: envoy-sidecar [--config PATH] COMMAND
@@ -270,7 +270,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Help => println!("{USAGE}"),
         Cmd::GenerateCa { out, cn } => {
-            crate::ca::generate(&out, &cn)?;
+            crate::identity::ca::generate(&out, &cn)?;
             println!("wrote {0}/ca.crt and {0}/ca.key", out.display());
         }
         Cmd::CheckConfig => {
@@ -291,20 +291,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
         Cmd::RecommendMemory { connections, mtls } => {
-            let mb = crate::sizing::recommend_mb(connections, mtls);
+            let mb = crate::envoy::sizing::recommend_mb(connections, mtls);
             println!("additional_memory_allocation_mb = {mb}");
             println!(
                 "# {connections} concurrent {} connections; measured model (docs/BENCHMARKS.md); \
                  the reference's 10 + 0.03 x N rule gives {}",
                 if mtls { "mutual-TLS" } else { "TLS" },
-                crate::sizing::reference_mb(connections)
+                crate::envoy::sizing::reference_mb(connections)
             );
         }
         Cmd::Doctor => {
             let cfg = load(args.config.as_deref()).map_err(|e| format!("{e:#}"));
-            let checks = crate::doctor::run(
+            let checks = crate::ops::doctor::run(
                 cfg,
-                &std::path::Path::new("/").join(crate::install::DROP_IN),
+                &std::path::Path::new("/").join(crate::ops::install::DROP_IN),
             );
             for c in &checks {
                 println!(
@@ -322,12 +322,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Install { dry_run, root } => {
             let exe = std::env::current_exe()?;
             let bins = exe.parent().context("no directory for this executable")?;
-            for a in crate::install::install(&root, bins, dry_run)? {
+            for a in crate::ops::install::install(&root, bins, dry_run)? {
                 println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
             }
         }
         Cmd::Uninstall { dry_run, root } => {
-            for a in crate::install::uninstall(&root, dry_run)? {
+            for a in crate::ops::install::uninstall(&root, dry_run)? {
                 println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
             }
         }
@@ -369,7 +369,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::ServeMetrics { listen, address } => {
             let cfg = load(args.config.as_deref())?;
-            crate::exporter::serve(&cfg, &listen, &address)?;
+            crate::metrics::exporter::serve(&cfg, &listen, &address)?;
         }
         Cmd::Gc {
             dry_run,
@@ -377,10 +377,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         } => {
             let cfg = load(args.config.as_deref())?;
             let store = Store::new(&cfg.runtime.state_dir);
-            let report = crate::gc::run(
+            let report = crate::ops::gc::run(
                 &store,
                 &crate::nat::Nat::default(),
-                &crate::gc::Options {
+                &crate::ops::gc::Options {
                     runc: &cfg.runtime.runc,
                     dry_run,
                     grace: std::time::Duration::from_secs(grace_secs),
@@ -399,7 +399,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             store::check_id(&id)?;
             store::check_namespace(&namespace)?;
             let cfg = load(args.config.as_deref())?;
-            crate::supervisor::run(&cfg, &namespace, &id)
+            crate::sidecar::supervisor::run(&cfg, &namespace, &id)
                 .with_context(|| format!("supervisor for {namespace}/{id}"))?;
         }
         Cmd::Hook { stage, namespace } => {

@@ -9,6 +9,8 @@
 //! authority key id = the CA's. rcgen cannot express several OUs (its distinguished
 //! name is a map keyed by attribute type), hence the RustCrypto `x509-cert` builder.
 
+pub mod ca;
+
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -215,7 +217,7 @@ impl Ca {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Ca> {
         let what = format!("CA certificate {}", cert_path.display());
         let text =
-            crate::fsutil::read_pem_file(cert_path).map_err(|e| err(format!("{what}: {e}")))?;
+            crate::sys::fs::read_pem_file(cert_path).map_err(|e| err(format!("{what}: {e}")))?;
         let blocks =
             pem::parse_many(&text).map_err(|e| err(format!("{what}: not valid PEM: {e}")))?;
         let certs = blocks
@@ -502,7 +504,7 @@ fn generate_key(kt: KeyType) -> Result<(String, SubjectPublicKeyInfoOwned)> {
 /// The CA key file: the first PEM private key block (openssl's `EC PARAMETERS` block
 /// before a SEC1 key is skipped). Errors are messages; the caller names the file.
 fn load_key(path: &Path) -> std::result::Result<CaKey, String> {
-    let text = crate::fsutil::read_pem_file(path).map_err(|e| e.to_string())?;
+    let text = crate::sys::fs::read_pem_file(path).map_err(|e| e.to_string())?;
     let blocks = pem::parse_many(&text).map_err(|e| format!("not valid PEM: {e}"))?;
     let block = blocks
         .iter()
@@ -1024,7 +1026,7 @@ mod tests {
         let dir = TempDir::new("leaves");
         let (rsa_crt, rsa_key) = openssl_ca(&dir.0, "rsa-pkcs8", 30, true);
         let rsa_ca = Ca::load(&rsa_crt, &rsa_key).unwrap();
-        crate::ca::generate(&dir.0, "generated CA").unwrap();
+        crate::identity::ca::generate(&dir.0, "generated CA").unwrap();
         let ec_crt = dir.0.join("ca.crt");
         let ec_ca = Ca::load(&ec_crt, &dir.0.join("ca.key")).unwrap();
         for (ca, crt, sig) in [
@@ -1195,7 +1197,7 @@ mod tests {
     #[test]
     fn credentials_are_written_and_rotated() {
         let dir = TempDir::new("write");
-        crate::ca::generate(&dir.0.join("ca"), "CA").unwrap();
+        crate::identity::ca::generate(&dir.0.join("ca"), "CA").unwrap();
         let ca = Ca::load(&dir.0.join("ca/ca.crt"), &dir.0.join("ca/ca.key")).unwrap();
         let creds = dir.0.join("credentials");
         fs::create_dir(&creds).unwrap();
@@ -1263,7 +1265,7 @@ mod tests {
     #[test]
     fn readers_never_see_a_torn_pair() {
         let dir = TempDir::new("race");
-        crate::ca::generate(&dir.0.join("ca"), "CA").unwrap();
+        crate::identity::ca::generate(&dir.0.join("ca"), "CA").unwrap();
         let ca = Ca::load(&dir.0.join("ca/ca.crt"), &dir.0.join("ca/ca.key")).unwrap();
         let pairs: Vec<Issued> = (0..4)
             .map(|_| ca.issue(&id(KeyType::EcdsaP256)).unwrap())
@@ -1342,7 +1344,7 @@ mod tests {
     #[ignore]
     fn issuance_timings() {
         let dir = TempDir::new("timing");
-        crate::ca::generate(&dir.0, "timing CA").unwrap();
+        crate::identity::ca::generate(&dir.0, "timing CA").unwrap();
         let (rsa_crt, rsa_key) = openssl_ca(&dir.0, "rsa-pkcs1", 30, true);
         let t = std::time::Instant::now();
         let rsa_ca = Ca::load(&rsa_crt, &rsa_key).unwrap();

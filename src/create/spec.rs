@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil;
-use crate::store::User;
+use crate::state::store::User;
+use crate::sys::fs as fsutil;
 
 /// Upper bound on a spec file we are willing to parse (runc's are a few KiB).
 const MAX_SPEC_BYTES: u64 = 16 << 20;

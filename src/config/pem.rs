@@ -5,7 +5,7 @@
 use std::path::Path;
 
 fn read(path: &Path) -> Result<String, String> {
-    crate::fsutil::read_pem_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    crate::sys::fs::read_pem_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 fn blocks(text: &str, what: &str) -> Result<Vec<pem::Pem>, String> {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::annotations::bad;
+use crate::create::annotations::bad;
 use crate::error::{IoContext, Result};
 
 /// The per-container ALPN override (the host default comes from `proxy.enable_http2`).

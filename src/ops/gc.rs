@@ -11,12 +11,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::cgroup::{self, SidecarCgroup};
 use crate::error::Result;
 use crate::nat::{Applied, Mapping, Nat};
-use crate::process::ProcId;
-use crate::sidecar::{self, Paths};
-use crate::store::{self, ContainerState, Store};
+use crate::sidecar::control::{self, Paths};
+use crate::state::store::{self, ContainerState, Store};
+use crate::sys::cgroup::{self, SidecarCgroup};
+use crate::sys::process::ProcId;
 
 /// runc's own default `--root`.
 const RUNC_DEFAULT_ROOT: &str = "/run/runc";
@@ -44,7 +44,7 @@ fn exists_in_runc(runc: &Path, root: Option<&Path>, id: &str) -> bool {
     if !root.exists() {
         return false; // e.g. /run wiped by a reboot
     }
-    crate::runc::knows(runc, &[Path::new("--root"), root], id)
+    crate::runc::query::knows(runc, &[Path::new("--root"), root], id)
 }
 
 fn age(created_at: &str) -> Duration {
@@ -70,7 +70,7 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
                     s.namespace, s.id
                 ));
                 if !o.dry_run {
-                    sidecar::launch(o.config, store, &s.namespace, &s.id)?;
+                    control::launch(o.config, store, &s.namespace, &s.id)?;
                 }
             }
             live.push(s);
@@ -90,7 +90,7 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
             maps.mappings.len()
         ));
         if !o.dry_run {
-            sidecar::teardown(store, &s.namespace, &s.id)?;
+            control::teardown(store, &s.namespace, &s.id)?;
             store.remove(&s.namespace, &s.id)?;
         }
     }
@@ -109,7 +109,7 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
                 dir.display()
             ));
             if !o.dry_run {
-                sidecar::teardown(store, &ns, &id)?;
+                control::teardown(store, &ns, &id)?;
                 store.remove(&ns, &id)?;
             }
         }
@@ -188,7 +188,7 @@ pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
 fn unsupervised(store: &Store, s: &ContainerState) -> Option<String> {
     let pid = s.init_pid?;
     s.started_at.as_ref()?;
-    if !crate::process::exists(pid) {
+    if !crate::sys::process::exists(pid) {
         return None; // stopped: nothing to supervise
     }
     let rec = Paths::new(store, &s.namespace, &s.id).read_record().ok()?;
@@ -284,7 +284,7 @@ fn envoy_args(args: &[String], state_root: &Path) -> Option<(String, String)> {
     let rel = Path::new(args.get(i + 1)?).strip_prefix(state_root).ok()?;
     let mut parts = rel.iter().map(|p| p.to_string_lossy().into_owned());
     let (ns, id) = (parts.next()?, parts.next()?);
-    (parts.next().as_deref() == Some(sidecar::ENVOY_DIR)).then_some((ns, id))
+    (parts.next().as_deref() == Some(control::ENVOY_DIR)).then_some((ns, id))
 }
 
 fn container_cgroup_busy(cg: &SidecarCgroup) -> bool {
@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn cgroup_scan() {
-        let root = crate::store::tests::tempdir("gc-cg");
+        let root = crate::state::store::tests::tempdir("gc-cg");
         std::fs::create_dir_all(root.join("memory/ns1/c1/envoy-sidecar")).unwrap();
         std::fs::create_dir_all(root.join("pids/ns1/c1/envoy-sidecar")).unwrap();
         std::fs::create_dir_all(root.join("memory/ns1/c2")).unwrap();

@@ -14,16 +14,16 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::cgroup::SidecarCgroup;
 use crate::config::Config;
-use crate::envoy_config::{self, Inputs, Listener, Mtls};
+use crate::envoy::bootstrap::{self, Inputs, Listener, Mtls};
+use crate::envoy::probe::Probe;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::now_rfc3339;
 use crate::identity::{self, Ca, Identity, Issued};
-use crate::probe::Probe;
-use crate::process::{self, ProcId};
-use crate::sidecar::{Paths, Record};
-use crate::store::{ContainerState, Store};
+use crate::sidecar::control::{Paths, Record};
+use crate::state::store::{ContainerState, Store};
+use crate::sys::cgroup::SidecarCgroup;
+use crate::sys::fs::now_rfc3339;
+use crate::sys::process::{self, ProcId};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -321,7 +321,7 @@ impl Supervisor<'_> {
             key_type: self.cfg.key_type()?,
         })?;
         identity::write_credentials(&s.credentials_dir, &issued, s.user.uid, s.user.gid)?;
-        envoy_config::write_sds(
+        bootstrap::write_sds(
             &self.paths.sds_dir(),
             &issued.cert_chain_pem,
             &issued.key_pem,
@@ -385,16 +385,15 @@ impl Supervisor<'_> {
             node_id: &node_id,
             listeners: &listeners,
             admin_port: self.state.admin_port,
-            alpn: envoy_config::parse_alpn(&self.state.alpn)?,
+            alpn: bootstrap::parse_alpn(&self.state.alpn)?,
             mtls,
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             max_connections: p.max_connections as u32,
         };
-        let json =
-            serde_json::to_vec_pretty(&envoy_config::bootstrap(&inputs)).expect("serialises");
+        let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
         let path = self.paths.bootstrap();
-        crate::fsutil::write_atomic(&path, &json, 0o640)?;
+        crate::sys::fs::write_atomic(&path, &json, 0o640)?;
         std::os::unix::fs::chown(&path, Some(0), Some(self.state.envoy_uid)).at(&path)?;
         Ok(())
     }
@@ -411,7 +410,7 @@ impl Supervisor<'_> {
         let procs = self.record.cgroup.procs_files();
         let (uid, gid) = (self.state.envoy_uid, self.state.envoy_uid);
         let mut cmd = Command::new(&p.envoy_path);
-        cmd.args(envoy_config::args(
+        cmd.args(bootstrap::args(
             &self.paths.bootstrap(),
             p.concurrency as u32,
             DRAIN_TIME,

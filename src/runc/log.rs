@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
-use crate::fsutil::now_rfc3339;
+use crate::sys::fs::now_rfc3339;
 
 /// One log line in runc's shape: JSON (`--log-format json`) or logrus text.
 pub fn format_line(level: &str, msg: &str, json: bool) -> String {

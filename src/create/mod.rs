@@ -2,18 +2,21 @@
 //! credentials mount, memory limit and hooks — recorded in the state store and
 //! written into the bundle's `config.json`, all or nothing.
 
+pub mod annotations;
+pub mod ports;
+pub mod spec;
+
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::annotations::{self, Request};
 use crate::config::Config;
+use crate::create::annotations::Request;
+use crate::create::spec::JsonFile;
 use crate::error::{Error, Result};
-use crate::fsutil::now_rfc3339;
-use crate::ports;
-use crate::spec::JsonFile;
-use crate::store::{self, ContainerState, Memory, PortMapping, Store};
+use crate::state::store::{self, ContainerState, Memory, PortMapping, Store};
+use crate::sys::fs::now_rfc3339;
 
 pub const CREDENTIALS_MOUNT: &str = "/etc/cf-instance-credentials";
 pub const REQUESTED_SWAP: &str = "envoy-sidecar/requested-memory-swap";
@@ -214,7 +217,7 @@ pub fn prepare(
         admin_port: proxy.admin,
         alpn: req
             .alpn
-            .unwrap_or_else(|| crate::envoy_config::Alpn::host_default(cfg.proxy.enable_http2))
+            .unwrap_or_else(|| crate::envoy::bootstrap::Alpn::host_default(cfg.proxy.enable_http2))
             .as_str()
             .into(),
         host_ip: cfg.host.address.unwrap_or_else(default_host_ip),
@@ -333,7 +336,7 @@ fn mib(b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::tempdir;
+    use crate::state::store::tests::tempdir;
     use std::fs;
 
     #[test]
@@ -361,7 +364,8 @@ mod tests {
     #[test]
     fn cf_instance_ports_shape() {
         let root = tempdir("env");
-        let mut s = crate::store::tests::sample("default", "c1", &root, (61011, Some(61008)));
+        let mut s =
+            crate::state::store::tests::sample("default", "c1", &root, (61011, Some(61008)));
         let vars = env_vars(&s);
         assert_eq!(
             vars[0].1,

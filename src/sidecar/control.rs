@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::SidecarCgroup;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil;
 use crate::nat::{Applied, Mapping, Nat};
-use crate::process::{self, ProcId};
-use crate::store::Store;
+use crate::state::store::Store;
+use crate::sys::cgroup::SidecarCgroup;
+use crate::sys::fs as fsutil;
+use crate::sys::process::{self, ProcId};
 
 pub const RECORD_FILE: &str = "supervisor.json";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
@@ -162,7 +162,7 @@ pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
     let admin = state.admin_port;
     let t = std::thread::spawn(move || -> std::io::Result<()> {
         process::enter_netns(pid)?;
-        crate::admin::drain_listeners(admin, Duration::from_secs(2))
+        crate::envoy::admin::drain_listeners(admin, Duration::from_secs(2))
     });
     t.join()
         .map_err(|_| Error::Hook("drain thread panicked".into()))?

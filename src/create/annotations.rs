@@ -34,7 +34,7 @@ pub struct Request {
     pub space_guid: Option<String>,
     pub org_guid: Option<String>,
     /// `envoy-sidecar/alpn`; `None`: the host default.
-    pub alpn: Option<crate::envoy_config::Alpn>,
+    pub alpn: Option<crate::envoy::bootstrap::Alpn>,
 }
 
 impl Request {
@@ -62,8 +62,8 @@ impl Request {
             space_guid: guid(a, SPACE_GUID)?,
             org_guid: guid(a, ORG_GUID)?,
             alpn: a
-                .get(crate::envoy_config::ALPN_ANNOTATION)
-                .map(|v| crate::envoy_config::parse_alpn(v))
+                .get(crate::envoy::bootstrap::ALPN_ANNOTATION)
+                .map(|v| crate::envoy::bootstrap::parse_alpn(v))
                 .transpose()?,
         }))
     }
@@ -267,7 +267,7 @@ mod tests {
             Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "http/1.1")]))
                 .unwrap()
                 .unwrap();
-        assert_eq!(r.alpn, Some(crate::envoy_config::Alpn::Http11));
+        assert_eq!(r.alpn, Some(crate::envoy::bootstrap::Alpn::Http11));
         let e = Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]))
             .unwrap_err()
             .to_string();

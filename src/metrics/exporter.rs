@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Mode};
-use crate::sidecar::Paths;
-use crate::store::{ContainerState, Store};
+use crate::sidecar::control::Paths;
+use crate::state::store::{ContainerState, Store};
 
 pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {
     let listener =
@@ -157,7 +157,7 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{sample, tempdir};
+    use crate::state::store::tests::{sample, tempdir};
 
     #[test]
     fn renders_state_gauges_even_without_containerd() {

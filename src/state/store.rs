@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil;
+use crate::sys::fs as fsutil;
 
 pub const STATE_FILE: &str = "state.json";
 pub const CREDENTIALS_DIR: &str = "credentials";

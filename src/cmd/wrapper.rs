@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
 use crate::config::Config;
+use crate::create::spec::JsonFile;
 use crate::create::{self, Target};
 use crate::error::{Error, Result};
-use crate::runc_args::{Command, Invocation};
-use crate::runc_log;
-use crate::sidecar;
-use crate::spec::JsonFile;
-use crate::store::{self, Store};
+use crate::runc::argv::{Command, Invocation};
+use crate::runc::log;
+use crate::sidecar::control;
+use crate::state::store::{self, Store};
 
 struct Ctx {
     argv: Vec<OsString>,
@@ -31,7 +31,7 @@ impl Ctx {
         eprintln!("envoy-sidecar-runc: {level}: {msg}");
         if let Some(log) = self.inv.global("log") {
             let json = self.inv.global("log-format") == Some("json");
-            runc_log::append(
+            log::append(
                 Path::new(log),
                 level,
                 &format!("envoy-sidecar: {msg}"),
@@ -72,7 +72,7 @@ impl Ctx {
 
     /// Whether runc knows the container (`runc <global flags> state <id>`).
     fn exists_in_runc(&self, id: &str) -> bool {
-        crate::runc::knows(&self.runc, &self.argv[1..1 + self.inv.global_len], id)
+        crate::runc::query::knows(&self.runc, &self.argv[1..1 + self.inv.global_len], id)
     }
 }
 
@@ -331,7 +331,7 @@ fn on_kill(ctx: &Ctx, cfg: &Config) {
     let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return;
     };
-    if let Err(e) = sidecar::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id) {
+    if let Err(e) = control::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id) {
         ctx.log("warning", &format!("draining the proxy of {id}: {e}"));
     }
 }
@@ -351,7 +351,7 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         return ctx.exec();
     }
     // runc cannot remove a cgroup that still holds Envoy: stop the sidecar first.
-    if let Err(e) = sidecar::teardown(&store, &ids.0, &ids.1) {
+    if let Err(e) = control::teardown(&store, &ids.0, &ids.1) {
         ctx.log(
             "warning",
             &format!("stopping the sidecar of {}: {e}", ids.1),

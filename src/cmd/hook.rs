@@ -9,8 +9,8 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::create::Target;
 use crate::error::{Error, Result};
-use crate::fsutil::now_rfc3339;
-use crate::store::{self, ContainerState, Store};
+use crate::state::store::{self, ContainerState, Store};
+use crate::sys::fs::now_rfc3339;
 
 /// runc's state JSON is a few hundred bytes; anything near this is not runc's.
 const MAX_STATE_BYTES: u64 = 1 << 20;
@@ -76,7 +76,7 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
     match stage {
         Stage::Poststop => {
             // Second line after the wrapper's delete: stop the sidecar, then release.
-            let stopped = crate::sidecar::teardown(store, namespace, &st.id);
+            let stopped = crate::sidecar::control::teardown(store, namespace, &st.id);
             store.remove(namespace, &st.id)?;
             stopped?;
         }
@@ -98,8 +98,13 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             };
             s.started_at = Some(now_rfc3339());
             store.write(&s)?;
-            crate::sidecar::apply_nat(store, &crate::nat::Nat::default(), namespace, &st.id)?;
-            crate::sidecar::launch(cfg.source.as_deref(), store, namespace, &st.id)?;
+            crate::sidecar::control::apply_nat(
+                store,
+                &crate::nat::Nat::default(),
+                namespace,
+                &st.id,
+            )?;
+            crate::sidecar::control::launch(cfg.source.as_deref(), store, namespace, &st.id)?;
         }
     }
     Ok(())
@@ -131,7 +136,7 @@ fn hooks_only_create(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{sample, tempdir};
+    use crate::state::store::tests::{sample, tempdir};
 
     #[test]
     fn stages_update_and_release() {

@@ -207,7 +207,7 @@ mod tests {
     fn reports_every_check_and_names_failures() {
         let mut cfg = Config::default();
         cfg.runtime.runc = "/nonexistent/runc".into();
-        cfg.runtime.state_dir = crate::store::tests::tempdir("doctor");
+        cfg.runtime.state_dir = crate::state::store::tests::tempdir("doctor");
         let checks = run(Ok(cfg.clone()), Path::new("/nonexistent/drop-in.toml"));
         let by = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
         assert!(!by("runc").ok && by("runc").detail.contains("/nonexistent/runc"));

@@ -10,13 +10,13 @@ use crate::error::{Error, IoContext, Result};
 pub const DROP_IN: &str = "etc/containerd/conf.d/envoy-sidecar.toml";
 const MANIFEST: &str = "var/lib/envoy-sidecar/installed-files";
 
-const CONFIG: &str = include_str!("../hooks/config.toml");
-const CONTAINERD: &str = include_str!("../hooks/containerd-runtime.toml");
-const GC_SERVICE: &str = include_str!("../hooks/envoy-sidecar-gc.service");
-const GC_TIMER: &str = include_str!("../hooks/envoy-sidecar-gc.timer");
-const HOOK_CREATE: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-createRuntime.json");
-const HOOK_POSTSTART: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-poststart.json");
-const HOOK_POSTSTOP: &str = include_str!("../hooks/oci-hooks.d/envoy-sidecar-poststop.json");
+const CONFIG: &str = include_str!("../../hooks/config.toml");
+const CONTAINERD: &str = include_str!("../../hooks/containerd-runtime.toml");
+const GC_SERVICE: &str = include_str!("../../hooks/envoy-sidecar-gc.service");
+const GC_TIMER: &str = include_str!("../../hooks/envoy-sidecar-gc.timer");
+const HOOK_CREATE: &str = include_str!("../../hooks/oci-hooks.d/envoy-sidecar-createRuntime.json");
+const HOOK_POSTSTART: &str = include_str!("../../hooks/oci-hooks.d/envoy-sidecar-poststart.json");
+const HOOK_POSTSTOP: &str = include_str!("../../hooks/oci-hooks.d/envoy-sidecar-poststop.json");
 
 enum Source {
     File(PathBuf),
@@ -113,7 +113,7 @@ pub fn install(root: &Path, bin_dir: &Path, dry_run: bool) -> Result<Vec<String>
             Source::Text(t) => t.as_bytes().to_vec(),
         };
         // Atomic, so a running container never sees a half-written binary.
-        crate::fsutil::write_atomic(&to, &bytes, it.mode)?;
+        crate::sys::fs::write_atomic(&to, &bytes, it.mode)?;
         if !written.contains(&to) {
             written.push(to);
         }
@@ -190,7 +190,7 @@ fn write_manifest(root: &Path, files: &[PathBuf]) -> Result<()> {
         std::fs::create_dir_all(d).at(d)?;
     }
     let text: String = files.iter().map(|f| format!("{}\n", f.display())).collect();
-    crate::fsutil::write_atomic(&m, text.as_bytes(), 0o644)
+    crate::sys::fs::write_atomic(&m, text.as_bytes(), 0o644)
 }
 
 #[cfg(test)]
@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn uninstall_removes_exactly_what_install_added() {
-        let root = crate::store::tests::tempdir("install");
+        let root = crate::state::store::tests::tempdir("install");
         let bins = root.join("build");
         std::fs::create_dir_all(&bins).unwrap();
         std::fs::write(bins.join("envoy-sidecar"), b"cli").unwrap();
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn fresh_install_writes_the_default_config() {
-        let root = crate::store::tests::tempdir("install-fresh");
+        let root = crate::state::store::tests::tempdir("install-fresh");
         let bins = root.join("build");
         std::fs::create_dir_all(&bins).unwrap();
         std::fs::write(bins.join("envoy-sidecar"), b"cli").unwrap();

@@ -1,0 +1,5 @@
+//! Host operations: garbage collection, health checks, installation.
+
+pub mod doctor;
+pub mod gc;
+pub mod install;

@@ -1,0 +1,5 @@
+//! The operating-system seam: processes, namespaces, cgroups, files.
+
+pub mod cgroup;
+pub mod fs;
+pub mod process;
