@@ -64,6 +64,31 @@ pub enum Error {
     #[error("instance identity: {0}")]
     Identity(String),
 
+    /// A cryptographic operation (key generation, signing, encoding) failed; `what`
+    /// says which and for whom.
+    #[error("{what}: {source}")]
+    Crypto {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// The pool of Envoy uids (`proxy.envoy_uid_pool_*`) has none free.
+    #[error("Envoy uid pool: {0}")]
+    UidPool(String),
+
+    /// The per-container supervisor cannot set up or run the proxy.
+    #[error("supervisor of {container}: {msg}")]
+    Supervisor { container: String, msg: String },
+
+    /// A process could not be started, entered or signalled; `what` names it.
+    #[error("{what}: {source}")]
+    Process {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -73,6 +98,42 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A library's own error, kept as the source of ours.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl Error {
+    pub fn crypto(what: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Crypto {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn process(what: impl Into<String>, source: io::Error) -> Error {
+        Error::Process {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The whole chain of an error on one line, `outer: cause: root cause`, with a cause
+/// left out where the outer message already ends with it (our variants print their
+/// source). The one rendering used for runc's log and the CLI's stderr.
+pub fn render(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
 
 /// Attach the path to an `io::Error`, the context operators need most.
 pub trait IoContext<T> {
@@ -85,5 +146,37 @@ impl<T> IoContext<T> for io::Result<T> {
             path: path.into(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_chained_and_rendered_once() {
+        let e = Error::process(
+            "starting proxy.envoy_path /x",
+            io::Error::from(io::ErrorKind::NotFound),
+        );
+        let src = std::error::Error::source(&e).expect("a source");
+        assert_eq!(src.to_string(), "entity not found");
+        assert_eq!(render(&e), "starting proxy.envoy_path /x: entity not found");
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] Error);
+        let o = Outer(e);
+        assert_eq!(
+            render(&o),
+            "outer: starting proxy.envoy_path /x: entity not found"
+        );
+    }
+
+    #[test]
+    fn crypto_keeps_the_library_error() {
+        let e = Error::crypto("generating a p256 key", "rng failed");
+        assert_eq!(render(&e), "generating a p256 key: rng failed");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }
