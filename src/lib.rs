@@ -7,6 +7,7 @@ pub mod config; // the operator's TOML configuration and its validation
 pub mod create; // create-time decisions: annotations, ports, memory, env, spec patching
 pub mod envoy; // one Envoy: bootstrap and SDS, admin API, TLS readiness probe, sizing model
 pub mod error; // the crate's one error enum
+pub mod host; // the host handle: every side effect behind one bundle of traits (faked in tests)
 pub mod identity; // the operator CA and per-container instance identity credentials
 pub mod metrics; // memory metrics rescaled to the requested quota; Prometheus exporter
 pub mod nat; // host port NAT in one nftables verdict map

@@ -379,12 +379,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             let store = Store::new(&cfg.runtime.state_dir);
             let report = crate::ops::gc::run(
                 &store,
-                &crate::nat::Nat::default(),
+                &crate::host::Host::system(&cfg.runtime.runc),
                 &crate::ops::gc::Options {
-                    runc: &cfg.runtime.runc,
                     dry_run,
                     grace: std::time::Duration::from_secs(grace_secs),
-                    cgroup_root: std::path::Path::new("/sys/fs/cgroup"),
                     pool: cfg.pool(),
                     config: cfg.source.as_deref(),
                 },
@@ -393,7 +391,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             for a in &report.actions {
                 println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
             }
+            for (a, e) in &report.failures {
+                eprintln!(
+                    "envoy-sidecar: gc: failed: {a}: {}",
+                    crate::error::render(e)
+                );
+            }
             println!("gc: {verb} {} action(s)", report.actions.len());
+            if !report.failures.is_empty() {
+                bail!("gc: {} action(s) failed", report.failures.len());
+            }
         }
         Cmd::Supervise { id, namespace } => {
             store::check_id(&id)?;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::config::Config;
 use crate::create::Target;
 use crate::error::{Error, Result};
+use crate::host::Host;
 use crate::state::store::{self, ContainerState, Store};
 use crate::sys::fs::now_rfc3339;
 
@@ -73,10 +74,11 @@ pub fn read_state(mut input: impl Read) -> Result<OciState> {
 pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result<()> {
     store::check_namespace(namespace)?;
     let store = &Store::new(&cfg.runtime.state_dir);
+    let host = &Host::system(&cfg.runtime.runc);
     match stage {
         Stage::Poststop => {
             // Second line after the wrapper's delete: stop the sidecar, then release.
-            let stopped = crate::sidecar::control::teardown(store, namespace, &st.id);
+            let stopped = crate::sidecar::control::teardown(store, host, namespace, &st.id);
             store.remove(namespace, &st.id)?;
             stopped?;
         }
@@ -98,13 +100,14 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             };
             s.started_at = Some(now_rfc3339());
             store.write(&s)?;
-            crate::sidecar::control::apply_nat(
+            crate::sidecar::control::apply_nat(store, host.nat.as_ref(), namespace, &st.id)?;
+            crate::sidecar::control::launch(
+                host.procs.as_ref(),
+                cfg.source.as_deref(),
                 store,
-                &crate::nat::Nat::default(),
                 namespace,
                 &st.id,
             )?;
-            crate::sidecar::control::launch(cfg.source.as_deref(), store, namespace, &st.id)?;
         }
     }
     Ok(())

@@ -351,7 +351,8 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         return ctx.exec();
     }
     // runc cannot remove a cgroup that still holds Envoy: stop the sidecar first.
-    if let Err(e) = control::teardown(&store, &ids.0, &ids.1) {
+    let host = crate::host::Host::system(&cfg.runtime.runc);
+    if let Err(e) = control::teardown(&store, &host, &ids.0, &ids.1) {
         ctx.log(
             "warning",
             &format!("stopping the sidecar of {}: {e}", ids.1),

@@ -196,23 +196,7 @@ impl Nat {
             return Ok(());
         }
         self.ensure_table()?;
-        let present = self.list()?;
-        if let Some((m, other)) = maps.iter().find_map(|m| {
-            present
-                .iter()
-                .find(|p| p.host_port == m.host_port && *p != m)
-                .map(|p| (m, p))
-        }) {
-            return Err(Error::Nat(format!(
-                "host port {} is already mapped to {}:{} (a leftover? `envoy-sidecar gc` removes mappings no container claims)",
-                m.host_port, other.container_ip, other.container_port
-            )));
-        }
-        let new: Vec<Mapping> = maps
-            .iter()
-            .filter(|m| !present.contains(m))
-            .copied()
-            .collect();
+        let new = to_add(&self.list()?, maps)?;
         if new.is_empty() {
             return Ok(());
         }
@@ -250,6 +234,76 @@ impl Nat {
     }
 }
 
+/// Of `maps`, those not yet in `present`; an error if a host port is already mapped
+/// to somewhere else.
+pub fn to_add(present: &[Mapping], maps: &[Mapping]) -> Result<Vec<Mapping>> {
+    if let Some((m, other)) = maps.iter().find_map(|m| {
+        present
+            .iter()
+            .find(|p| p.host_port == m.host_port && *p != m)
+            .map(|p| (m, p))
+    }) {
+        return Err(Error::Nat(format!(
+            "host port {} is already mapped to {}:{} (a leftover? `envoy-sidecar gc` removes mappings no container claims)",
+            m.host_port, other.container_ip, other.container_port
+        )));
+    }
+    Ok(maps
+        .iter()
+        .filter(|m| !present.contains(m))
+        .copied()
+        .collect())
+}
+
+/// The NAT table as the product's decisions use it: the seam with an in-memory fake.
+pub trait Backend {
+    /// Add one container's mappings, all or none (present ones are fine).
+    fn add(&self, maps: &[Mapping]) -> Result<()>;
+    /// Remove mappings (absent ones are fine) and the connections tracked to them.
+    fn remove(&self, maps: &[Mapping]) -> Result<()>;
+    /// Every mapping in the table.
+    fn list(&self) -> Result<Vec<Mapping>>;
+}
+
+impl Backend for Nat {
+    fn add(&self, maps: &[Mapping]) -> Result<()> {
+        Nat::add(self, maps)
+    }
+    fn remove(&self, maps: &[Mapping]) -> Result<()> {
+        Nat::remove(self, maps)
+    }
+    fn list(&self) -> Result<Vec<Mapping>> {
+        Nat::list(self)
+    }
+}
+
+/// An in-memory NAT table with the kernel's rules: one element per host port.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeNat {
+    pub elements: std::cell::RefCell<std::collections::BTreeSet<Mapping>>,
+}
+
+#[cfg(test)]
+impl Backend for FakeNat {
+    fn add(&self, maps: &[Mapping]) -> Result<()> {
+        let present: Vec<Mapping> = self.elements.borrow().iter().copied().collect();
+        let new = to_add(&present, maps)?;
+        self.elements.borrow_mut().extend(new);
+        Ok(())
+    }
+    fn remove(&self, maps: &[Mapping]) -> Result<()> {
+        let mut e = self.elements.borrow_mut();
+        for m in maps {
+            e.remove(m);
+        }
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<Mapping>> {
+        Ok(self.elements.borrow().iter().copied().collect())
+    }
+}
+
 /// What was applied for one container (`nat.json` beside its state).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
@@ -258,19 +312,7 @@ pub struct Applied {
 
 impl Applied {
     pub fn read(path: &Path) -> Result<Option<Applied>> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| Error::State {
-                    path: path.into(),
-                    msg: format!("malformed NAT record: {e}"),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io {
-                path: path.into(),
-                source: e,
-            }),
-        }
+        crate::sys::fs::read_json_or_none(path, "NAT record")
     }
 }
 

@@ -4,199 +4,468 @@
 //! crashed hook, a killed supervisor, a containerd restart, or a reboot that wiped
 //! `/run` but not the nftables table.
 //!
+//! Three steps: `observe` reads the host (through the `Host` seam), `plan` decides —
+//! a pure function from what was seen to a typed list of actions, unit-tested without
+//! root — and `apply` carries the actions out (not with `--dry-run`).
+//!
 //! A container younger than the grace period is left alone: between the wrapper
 //! recording its state and runc creating it, runc does not know it yet.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::error::Result;
-use crate::nat::{Applied, Mapping, Nat};
-use crate::sidecar::control::{self, Paths};
-use crate::state::store::{self, ContainerState, Store};
-use crate::sys::cgroup::{self, SidecarCgroup};
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::nat::{Applied, Mapping};
+use crate::sidecar::control::{self, Paths, Record};
+use crate::state::store::{self, Store};
+use crate::sys::cgroup::SidecarCgroup;
 use crate::sys::process::ProcId;
 
 /// runc's own default `--root`.
 const RUNC_DEFAULT_ROOT: &str = "/run/runc";
+/// How long a stray process gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 pub struct Options<'a> {
-    pub runc: &'a Path,
     pub dry_run: bool,
     pub grace: Duration,
-    /// Root of the cgroup v1 memory/pids hierarchies (tests may point elsewhere).
-    pub cgroup_root: &'a Path,
     /// This configuration's host port pool: NAT elements outside it are not ours.
     pub pool: std::ops::RangeInclusive<u16>,
     /// The configuration file, handed to supervisors gc restarts.
     pub config: Option<&'a Path>,
 }
 
-/// What gc did (or, with `dry_run`, would do), one line per action.
+/// One container with state, as observed.
+#[derive(Debug, Clone, Default)]
+pub struct SeenContainer {
+    pub namespace: String,
+    pub id: String,
+    pub age: Duration,
+    /// Whether runc knows it; `None` when not asked (younger than the grace period).
+    pub runc_knows: Option<bool>,
+    /// The poststart hook ran (the sidecar should be supervised).
+    pub started: bool,
+    /// Its init process still exists.
+    pub init_running: bool,
+    pub host_ports: Vec<u16>,
+    /// `nat.json`: what was mapped for it.
+    pub applied: Vec<Mapping>,
+    pub record: Record,
+    /// Whether the recorded supervisor is still alive.
+    pub supervisor_alive: bool,
+}
+
+/// A container directory without a state file (a create that died early).
+#[derive(Debug, Clone)]
+pub struct SeenDir {
+    pub namespace: String,
+    pub id: String,
+    pub dir: PathBuf,
+    pub age: Duration,
+    pub record: Record,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Supervisor,
+    Envoy,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Supervisor => "supervisor",
+            Kind::Envoy => "envoy",
+        })
+    }
+}
+
+/// A supervisor or Envoy of this state root, found in the process table.
+#[derive(Debug, Clone)]
+pub struct SeenProcess {
+    pub proc: ProcId,
+    pub namespace: String,
+    pub id: String,
+    pub kind: Kind,
+}
+
+/// An Envoy child cgroup found on the host.
+#[derive(Debug, Clone)]
+pub struct SeenCgroup {
+    pub namespace: String,
+    pub id: String,
+    pub cgroup: SidecarCgroup,
+    /// The container's own cgroup still has processes.
+    pub container_busy: bool,
+}
+
+/// Everything gc decides from.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub containers: Vec<SeenContainer>,
+    pub interrupted: Vec<SeenDir>,
+    pub nat: Vec<Mapping>,
+    pub processes: Vec<SeenProcess>,
+    pub cgroups: Vec<SeenCgroup>,
+}
+
+/// What gc does, one action each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A running container's supervisor died: start a new one (it takes over Envoy).
+    RestartSupervisor {
+        namespace: String,
+        id: String,
+        why: String,
+    },
+    /// runc no longer knows the container: stop its sidecar, unmap it, drop its state.
+    RemoveContainer {
+        namespace: String,
+        id: String,
+        supervisor: Option<i32>,
+        envoy: Option<i32>,
+        mappings: usize,
+    },
+    /// A directory without state (an interrupted create): tear down and remove it.
+    RemoveInterrupted {
+        namespace: String,
+        id: String,
+        dir: PathBuf,
+    },
+    /// A NAT element in our pool that no container claims.
+    RemoveNat(Mapping),
+    /// A supervisor or Envoy of a container without state.
+    Kill {
+        proc: ProcId,
+        kind: Kind,
+        namespace: String,
+        id: String,
+    },
+    /// Envoy cgroups of a container without state whose own cgroup is empty.
+    RemoveCgroups {
+        namespace: String,
+        id: String,
+        cgroup: SidecarCgroup,
+    },
+}
+
+fn pid_or_dash(p: Option<i32>) -> String {
+    p.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Action::RestartSupervisor { namespace, id, why } => {
+                write!(f, "restarting the supervisor of {namespace}/{id} ({why})")
+            }
+            Action::RemoveContainer {
+                namespace,
+                id,
+                supervisor,
+                envoy,
+                mappings,
+            } => write!(
+                f,
+                "container {namespace}/{id} is gone: stopping its sidecar (supervisor {}, envoy {}), removing {mappings} NAT mappings and its state",
+                pid_or_dash(*supervisor),
+                pid_or_dash(*envoy)
+            ),
+            Action::RemoveInterrupted { dir, .. } => write!(
+                f,
+                "removing {} (no state: an interrupted create)",
+                dir.display()
+            ),
+            Action::RemoveNat(m) => write!(
+                f,
+                "removing NAT mapping host port {} -> {}:{} (no container claims it)",
+                m.host_port, m.container_ip, m.container_port
+            ),
+            Action::Kill {
+                proc,
+                kind,
+                namespace,
+                id,
+            } => write!(
+                f,
+                "killing {kind} pid {} of {namespace}/{id} (no state)",
+                proc.pid
+            ),
+            Action::RemoveCgroups {
+                namespace,
+                id,
+                cgroup,
+            } => write!(
+                f,
+                "removing cgroups {:?} of {namespace}/{id} (no state)",
+                cgroup.dirs
+            ),
+        }
+    }
+}
+
+/// What gc did (or, with `dry_run`, would do), and what failed.
 #[derive(Debug, Default)]
 pub struct Report {
-    pub actions: Vec<String>,
+    pub actions: Vec<Action>,
+    /// Actions that failed, with the reason (every other action was still carried out).
+    pub failures: Vec<(Action, Error)>,
 }
 
-fn exists_in_runc(runc: &Path, root: Option<&Path>, id: &str) -> bool {
-    let root = root.unwrap_or(Path::new(RUNC_DEFAULT_ROOT));
-    if !root.exists() {
-        return false; // e.g. /run wiped by a reboot
-    }
-    crate::runc::query::knows(runc, &[Path::new("--root"), root], id)
+fn since(t: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(t).unwrap_or(Duration::ZERO)
 }
 
-fn age(created_at: &str) -> Duration {
+fn age(created_at: &str, now: SystemTime) -> Duration {
     humantime::parse_rfc3339(created_at)
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|t| since(t, now))
         .unwrap_or(Duration::MAX)
 }
 
-pub fn run(store: &Store, nat: &Nat, o: &Options) -> Result<Report> {
-    let mut r = Report::default();
-    let _lock = store.lock()?;
-
-    // 1. State of containers runc no longer knows.
-    let mut live: Vec<ContainerState> = Vec::new();
+/// Read everything gc decides from. runc is asked only about containers older than
+/// `grace` (one `runc state` each); nothing is changed.
+pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> {
+    let now = host.clock.wall();
+    let mut o = Observed::default();
     for s in store.list()? {
-        if age(&s.created_at) < o.grace || exists_in_runc(o.runc, s.runc_root.as_deref(), &s.id) {
-            // A running container whose supervisor died (killed, OOM): its Envoy
-            // would serve on unsupervised and never get a rotated certificate.
-            if let Some(dead) = unsupervised(store, &s).filter(|_| age(&s.created_at) >= o.grace) {
-                r.actions.push(format!(
-                    "restarting the supervisor of {}/{} ({dead})",
-                    s.namespace, s.id
-                ));
-                if !o.dry_run {
-                    control::launch(o.config, store, &s.namespace, &s.id)?;
-                }
-            }
-            live.push(s);
-            continue;
-        }
-        let who = format!("{}/{}", s.namespace, s.id);
         let paths = Paths::new(store, &s.namespace, &s.id);
-        let rec = paths.read_record().ok().flatten().unwrap_or_default();
-        let maps = Applied::read(&paths.nat())
+        let record = paths.read_record().ok().flatten().unwrap_or_default();
+        let age = age(&s.created_at, now);
+        let root = s
+            .runc_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_ROOT));
+        o.containers.push(SeenContainer {
+            runc_knows: (age >= grace).then(|| host.runc.knows(&root, &s.id)),
+            started: s.started_at.is_some(),
+            init_running: s.init_pid.is_some_and(|p| host.procs.exists(p)),
+            host_ports: s.host_ports().collect(),
+            applied: Applied::read(&paths.nat())
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .mappings,
+            supervisor_alive: record.supervisor.is_some_and(|p| host.procs.alive(&p)),
+            record,
+            age,
+            namespace: s.namespace,
+            id: s.id,
+        });
+    }
+    for (ns, id) in dirs_without_state(store)? {
+        let dir = store.dir(&ns, &id);
+        let age = std::fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .map(|t| since(t, now))
+            .unwrap_or(Duration::MAX);
+        let record = Paths::new(store, &ns, &id)
+            .read_record()
             .ok()
             .flatten()
             .unwrap_or_default();
-        r.actions.push(format!(
-            "container {who} is gone: stopping its sidecar (supervisor {}, envoy {}), removing {} NAT mappings and its state",
-            rec.supervisor.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into()),
-            rec.envoy.map(|p| p.pid.to_string()).unwrap_or_else(|| "-".into()),
-            maps.mappings.len()
-        ));
-        if !o.dry_run {
-            control::teardown(store, &s.namespace, &s.id)?;
-            store.remove(&s.namespace, &s.id)?;
+        o.interrupted.push(SeenDir {
+            namespace: ns,
+            id,
+            dir,
+            age,
+            record,
+        });
+    }
+    o.nat = host.nat.list()?;
+    for (proc, args) in host.procs.scan() {
+        let found = supervisor_args(&args, store.root())
+            .map(|(n, i)| (n, i, Kind::Supervisor))
+            .or_else(|| envoy_args(&args, store.root()).map(|(n, i)| (n, i, Kind::Envoy)));
+        if let Some((namespace, id, kind)) = found {
+            o.processes.push(SeenProcess {
+                proc,
+                namespace,
+                id,
+                kind,
+            });
         }
+    }
+    for f in host.cgroups.envoy_children() {
+        o.cgroups.push(SeenCgroup {
+            container_busy: host.cgroups.container_busy(&f.cgroup),
+            namespace: f.namespace,
+            id: f.id,
+            cgroup: f.cgroup,
+        });
+    }
+    Ok(o)
+}
+
+/// Decide, from what was seen, what to remove and what to restart. Pure.
+pub fn plan(seen: &Observed, grace: Duration, pool: &std::ops::RangeInclusive<u16>) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut live = Vec::new();
+    // Processes and cgroups a teardown below already covers (by its record).
+    let mut covered_procs: BTreeSet<ProcId> = BTreeSet::new();
+    let mut covered_cgroups: Vec<&SidecarCgroup> = Vec::new();
+    let mut covered_nat: BTreeSet<Mapping> = BTreeSet::new();
+
+    // 1. Containers: kept while young or known to runc, else removed.
+    for c in &seen.containers {
+        let young = c.age < grace;
+        if young || c.runc_knows == Some(true) {
+            // A running container whose supervisor died (killed, OOM): its Envoy
+            // would serve on unsupervised and never get a rotated certificate.
+            if !young && c.started && c.init_running && !c.supervisor_alive {
+                let why = match c.record.supervisor {
+                    Some(p) => format!("supervisor pid {} is gone", p.pid),
+                    None => "no supervisor recorded".into(),
+                };
+                actions.push(Action::RestartSupervisor {
+                    namespace: c.namespace.clone(),
+                    id: c.id.clone(),
+                    why,
+                });
+            }
+            live.push(c);
+            continue;
+        }
+        actions.push(Action::RemoveContainer {
+            namespace: c.namespace.clone(),
+            id: c.id.clone(),
+            supervisor: c.record.supervisor.map(|p| p.pid),
+            envoy: c.record.envoy.map(|p| p.pid),
+            mappings: c.applied.len(),
+        });
+        covered_procs.extend(c.record.supervisor.into_iter().chain(c.record.envoy));
+        covered_cgroups.push(&c.record.cgroup);
+        covered_nat.extend(c.applied.iter().copied());
     }
 
     // 2. Directories of creates that died before writing their state.
-    for (ns, id) in dirs_without_state(store)? {
-        let dir = store.dir(&ns, &id);
-        let old = std::fs::metadata(&dir)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_none_or(|a| a >= o.grace);
-        if old {
-            r.actions.push(format!(
-                "removing {} (no state: an interrupted create)",
-                dir.display()
-            ));
-            if !o.dry_run {
-                control::teardown(store, &ns, &id)?;
-                store.remove(&ns, &id)?;
-            }
-        }
+    for d in seen.interrupted.iter().filter(|d| d.age >= grace) {
+        actions.push(Action::RemoveInterrupted {
+            namespace: d.namespace.clone(),
+            id: d.id.clone(),
+            dir: d.dir.clone(),
+        });
+        covered_procs.extend(d.record.supervisor.into_iter().chain(d.record.envoy));
+        covered_cgroups.push(&d.record.cgroup);
     }
+    let young_dirs: BTreeSet<(&str, &str)> = seen
+        .interrupted
+        .iter()
+        .filter(|d| d.age < grace)
+        .map(|d| (d.namespace.as_str(), d.id.as_str()))
+        .collect();
 
-    // 3. NAT elements no live container claims (state lost, table kept).
+    // 3. NAT elements no live container claims (state lost, table kept). A live
+    //    container between claiming a port and recording its NAT keeps it.
     let claimed: BTreeSet<Mapping> = live
         .iter()
-        .filter_map(|s| {
-            Applied::read(&Paths::new(store, &s.namespace, &s.id).nat())
-                .ok()
-                .flatten()
-        })
-        .flat_map(|a| a.mappings)
+        .flat_map(|c| c.applied.iter().copied())
+        .chain(covered_nat)
         .collect();
     let live_ports: BTreeSet<u16> = live
         .iter()
-        .flat_map(|s| s.host_ports().collect::<Vec<_>>())
+        .flat_map(|c| c.host_ports.iter().copied())
         .collect();
-    let stray: Vec<Mapping> = nat
-        .list()?
-        .into_iter()
-        // A live container between claiming a port and recording its NAT keeps it.
-        .filter(|m| {
-            o.pool.contains(&m.host_port)
-                && !claimed.contains(m)
-                && !live_ports.contains(&m.host_port)
-        })
-        .collect();
-    for m in &stray {
-        r.actions.push(format!(
-            "removing NAT mapping host port {} -> {}:{} (no container claims it)",
-            m.host_port, m.container_ip, m.container_port
-        ));
-    }
-    if !stray.is_empty() && !o.dry_run {
-        nat.remove(&stray)?;
+    for m in &seen.nat {
+        if pool.contains(&m.host_port) && !claimed.contains(m) && !live_ports.contains(&m.host_port)
+        {
+            actions.push(Action::RemoveNat(*m));
+        }
     }
 
-    // 4. Supervisors and Envoys of containers without state.
-    let known: BTreeSet<(String, String)> = live
+    // 4. Supervisors and Envoys of containers without (live) state.
+    let known: BTreeSet<(&str, &str)> = live
         .iter()
-        .map(|s| (s.namespace.clone(), s.id.clone()))
+        .map(|c| (c.namespace.as_str(), c.id.as_str()))
+        .chain(young_dirs.iter().copied())
         .collect();
-    for (pid, ns, id, what) in our_processes(store.root()) {
-        if known.contains(&(ns.clone(), id.clone())) {
+    for p in &seen.processes {
+        if known.contains(&(p.namespace.as_str(), p.id.as_str())) || covered_procs.contains(&p.proc)
+        {
             continue;
         }
-        r.actions
-            .push(format!("killing {what} pid {pid} of {ns}/{id} (no state)"));
-        if !o.dry_run
-            && let Some(p) = ProcId::of(pid)
-        {
-            p.terminate(Duration::from_secs(2));
-        }
+        actions.push(Action::Kill {
+            proc: p.proc,
+            kind: p.kind,
+            namespace: p.namespace.clone(),
+            id: p.id.clone(),
+        });
     }
 
     // 5. Envoy cgroups of containers without state whose own cgroup is empty (the
     //    container is gone; a live container's init is still in it).
-    for (ns, id, cg) in our_cgroups(o.cgroup_root) {
-        if known.contains(&(ns.clone(), id.clone())) || container_cgroup_busy(&cg) {
+    for g in &seen.cgroups {
+        if known.contains(&(g.namespace.as_str(), g.id.as_str()))
+            || g.container_busy
+            || covered_cgroups.contains(&&g.cgroup)
+        {
             continue;
         }
-        r.actions.push(format!(
-            "removing cgroups {:?} of {ns}/{id} (no state)",
-            cg.dirs
-        ));
-        if !o.dry_run {
-            cg.kill_and_remove()?;
-        }
+        actions.push(Action::RemoveCgroups {
+            namespace: g.namespace.clone(),
+            id: g.id.clone(),
+            cgroup: g.cgroup.clone(),
+        });
     }
-    Ok(r)
+    actions
 }
 
-/// Why a started, still running container has no live supervisor, if it has none.
-fn unsupervised(store: &Store, s: &ContainerState) -> Option<String> {
-    let pid = s.init_pid?;
-    s.started_at.as_ref()?;
-    if !crate::sys::process::exists(pid) {
-        return None; // stopped: nothing to supervise
+/// Carry the actions out. Every action is attempted; those that fail are returned
+/// with their error.
+pub fn apply(
+    store: &Store,
+    host: &Host,
+    config: Option<&Path>,
+    actions: &[Action],
+) -> Vec<(Action, Error)> {
+    let mut failures = Vec::new();
+    let stray: Vec<Mapping> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RemoveNat(m) => Some(*m),
+            _ => None,
+        })
+        .collect();
+    for a in actions {
+        let r = match a {
+            Action::RestartSupervisor { namespace, id, .. } => {
+                control::launch(host.procs.as_ref(), config, store, namespace, id)
+            }
+            Action::RemoveContainer { namespace, id, .. }
+            | Action::RemoveInterrupted { namespace, id, .. } => {
+                control::teardown(store, host, namespace, id)
+                    .and_then(|()| store.remove(namespace, id).map(drop))
+            }
+            // All stray elements go in one transaction, reported with the first.
+            Action::RemoveNat(m) if Some(m) == stray.first() => host.nat.remove(&stray),
+            Action::RemoveNat(_) => Ok(()),
+            Action::Kill { proc, .. } => {
+                if host.procs.alive(proc) {
+                    host.procs.terminate(proc, KILL_GRACE);
+                }
+                Ok(())
+            }
+            Action::RemoveCgroups { cgroup, .. } => host.cgroups.kill_and_remove(cgroup),
+        };
+        if let Err(e) = r {
+            failures.push((a.clone(), e));
+        }
     }
-    let rec = Paths::new(store, &s.namespace, &s.id).read_record().ok()?;
-    match rec.and_then(|r| r.supervisor) {
-        Some(p) if p.alive() => None,
-        Some(p) => Some(format!("supervisor pid {} is gone", p.pid)),
-        None => Some("no supervisor recorded".into()),
-    }
+    failures
+}
+
+pub fn run(store: &Store, host: &Host, o: &Options) -> Result<Report> {
+    let _lock = store.lock()?;
+    let seen = observe(store, host, o.grace)?;
+    let actions = plan(&seen, o.grace, &o.pool);
+    let failures = if o.dry_run {
+        Vec::new()
+    } else {
+        apply(store, host, o.config, &actions)
+    };
+    Ok(Report { actions, failures })
 }
 
 fn dirs_without_state(store: &Store) -> Result<Vec<(String, String)>> {
@@ -222,34 +491,6 @@ fn dirs_without_state(store: &Store) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
-}
-
-/// `(pid, namespace, id, what)` for every supervisor (`... supervise ID --namespace NS`)
-/// and every Envoy whose bootstrap lies under `state_root/<ns>/<id>/`.
-fn our_processes(state_root: &Path) -> Vec<(i32, String, String, &'static str)> {
-    let mut out = Vec::new();
-    let me = std::process::id() as i32;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if let Some(found) = supervisor_args(&args, state_root) {
-            out.push((pid, found.0, found.1, "supervisor"));
-        } else if let Some(found) = envoy_args(&args, state_root) {
-            out.push((pid, found.0, found.1, "envoy"));
-        }
-    }
-    out
 }
 
 /// A supervisor of *this* state root: `envoy-sidecar [--config C] supervise ID --namespace NS`.
@@ -285,45 +526,6 @@ fn envoy_args(args: &[String], state_root: &Path) -> Option<(String, String)> {
     let mut parts = rel.iter().map(|p| p.to_string_lossy().into_owned());
     let (ns, id) = (parts.next()?, parts.next()?);
     (parts.next().as_deref() == Some(control::ENVOY_DIR)).then_some((ns, id))
-}
-
-fn container_cgroup_busy(cg: &SidecarCgroup) -> bool {
-    cg.dirs
-        .first()
-        .and_then(|d| d.parent())
-        .is_some_and(|parent| {
-            std::fs::read_to_string(parent.join("cgroup.procs")).is_ok_and(|t| !t.trim().is_empty())
-        })
-}
-
-/// Envoy child cgroups under `<root>/memory/<ns>/<id>/envoy-sidecar` (the layout
-/// containerd's `/<ns>/<id>` cgroups path gives), with their pids counterparts.
-fn our_cgroups(root: &Path) -> Vec<(String, String, SidecarCgroup)> {
-    let mut out = Vec::new();
-    let mem = root.join("memory");
-    for ns in std::fs::read_dir(&mem).into_iter().flatten().flatten() {
-        for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-            let child = c.path().join(cgroup::CHILD);
-            if !child.is_dir() {
-                continue;
-            }
-            let (ns_name, id) = (
-                ns.file_name().to_string_lossy().into_owned(),
-                c.file_name().to_string_lossy().into_owned(),
-            );
-            let mut dirs = vec![child];
-            let pids = root
-                .join("pids")
-                .join(&ns_name)
-                .join(&id)
-                .join(cgroup::CHILD);
-            if pids.is_dir() {
-                dirs.push(pids);
-            }
-            out.push((ns_name, id, SidecarCgroup { dirs }));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -378,16 +580,381 @@ mod tests {
         assert_eq!(supervisor_args(&not_ours, root), None);
     }
 
+    // ---- plan: every case the fault suite covers, without root ----
+
+    use std::net::Ipv4Addr;
+
+    const GRACE: Duration = Duration::from_secs(60);
+    const POOL: std::ops::RangeInclusive<u16> = 61001..=65534;
+    const OLD: Duration = Duration::from_secs(3600);
+
+    fn proc(pid: i32) -> ProcId {
+        ProcId { pid, start_time: 7 }
+    }
+
+    fn map(host_port: u16, last: u8, container_port: u16) -> Mapping {
+        Mapping {
+            host_port,
+            container_ip: Ipv4Addr::new(203, 0, 113, last),
+            container_port,
+        }
+    }
+
+    fn cg(id: &str) -> SidecarCgroup {
+        SidecarCgroup {
+            dirs: vec![PathBuf::from(format!(
+                "/sys/fs/cgroup/memory/ns/{id}/envoy-sidecar"
+            ))],
+        }
+    }
+
+    /// A started, running, supervised container runc knows, with NAT applied.
+    fn running(id: &str, last: u8, port: u16) -> SeenContainer {
+        SeenContainer {
+            namespace: "ns".into(),
+            id: id.into(),
+            age: OLD,
+            runc_knows: Some(true),
+            started: true,
+            init_running: true,
+            host_ports: vec![port],
+            applied: vec![map(port, last, 61001)],
+            record: Record {
+                supervisor: Some(proc(100 + last as i32)),
+                envoy: Some(proc(200 + last as i32)),
+                cgroup: cg(id),
+                ..Record::default()
+            },
+            supervisor_alive: true,
+        }
+    }
+
+    fn healthy() -> Observed {
+        let a = running("a", 1, 61010);
+        Observed {
+            nat: a.applied.clone(),
+            processes: vec![
+                SeenProcess {
+                    proc: proc(101),
+                    namespace: "ns".into(),
+                    id: "a".into(),
+                    kind: Kind::Supervisor,
+                },
+                SeenProcess {
+                    proc: proc(201),
+                    namespace: "ns".into(),
+                    id: "a".into(),
+                    kind: Kind::Envoy,
+                },
+            ],
+            cgroups: vec![SeenCgroup {
+                namespace: "ns".into(),
+                id: "a".into(),
+                cgroup: cg("a"),
+                container_busy: true,
+            }],
+            containers: vec![a],
+            interrupted: vec![],
+        }
+    }
+
     #[test]
-    fn cgroup_scan() {
-        let root = crate::state::store::tests::tempdir("gc-cg");
-        std::fs::create_dir_all(root.join("memory/ns1/c1/envoy-sidecar")).unwrap();
-        std::fs::create_dir_all(root.join("pids/ns1/c1/envoy-sidecar")).unwrap();
-        std::fs::create_dir_all(root.join("memory/ns1/c2")).unwrap();
-        let found = our_cgroups(&root);
-        assert_eq!(found.len(), 1);
-        assert_eq!((found[0].0.as_str(), found[0].1.as_str()), ("ns1", "c1"));
-        assert_eq!(found[0].2.dirs.len(), 2);
-        std::fs::remove_dir_all(root).unwrap();
+    fn plan_healthy_host_does_nothing() {
+        assert_eq!(plan(&healthy(), GRACE, &POOL), vec![]);
+    }
+
+    #[test]
+    fn plan_vanished_container_is_removed_with_what_its_record_covers() {
+        let mut seen = healthy();
+        seen.containers[0].runc_knows = Some(false);
+        seen.containers[0].init_running = false;
+        seen.cgroups[0].container_busy = false;
+        let actions = plan(&seen, GRACE, &POOL);
+        assert_eq!(
+            actions,
+            vec![Action::RemoveContainer {
+                namespace: "ns".into(),
+                id: "a".into(),
+                supervisor: Some(101),
+                envoy: Some(201),
+                mappings: 1,
+            }],
+            "its recorded processes, cgroup and NAT go with the teardown, not twice"
+        );
+        assert!(actions[0].to_string().contains("ns/a is gone"));
+    }
+
+    #[test]
+    fn plan_young_container_is_left_alone_even_unknown_to_runc() {
+        let mut seen = healthy();
+        seen.containers[0].age = Duration::from_secs(5);
+        seen.containers[0].runc_knows = None;
+        seen.containers[0].supervisor_alive = false;
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![]);
+    }
+
+    #[test]
+    fn plan_dead_supervisor_is_restarted() {
+        let mut seen = healthy();
+        seen.containers[0].supervisor_alive = false;
+        seen.processes.remove(0);
+        let actions = plan(&seen, GRACE, &POOL);
+        assert_eq!(
+            actions,
+            vec![Action::RestartSupervisor {
+                namespace: "ns".into(),
+                id: "a".into(),
+                why: "supervisor pid 101 is gone".into(),
+            }]
+        );
+        assert!(
+            actions[0]
+                .to_string()
+                .starts_with("restarting the supervisor of ns/a")
+        );
+        // Never recorded one at all: also restarted, and said so.
+        seen.containers[0].record.supervisor = None;
+        assert!(matches!(&plan(&seen, GRACE, &POOL)[0],
+            Action::RestartSupervisor { why, .. } if why == "no supervisor recorded"));
+    }
+
+    #[test]
+    fn plan_does_not_restart_what_is_not_running() {
+        let mut seen = healthy();
+        seen.containers[0].supervisor_alive = false;
+        seen.containers[0].init_running = false; // stopped, not yet deleted
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![]);
+        seen.containers[0].init_running = true;
+        seen.containers[0].started = false; // created, never started
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![]);
+    }
+
+    #[test]
+    fn plan_orphan_envoy_and_supervisor_without_state_are_killed() {
+        let mut seen = healthy();
+        for (pid, kind) in [(301, Kind::Envoy), (302, Kind::Supervisor)] {
+            seen.processes.push(SeenProcess {
+                proc: proc(pid),
+                namespace: "ns".into(),
+                id: "ghost".into(),
+                kind,
+            });
+        }
+        let actions = plan(&seen, GRACE, &POOL);
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert_eq!(
+            actions[0].to_string(),
+            "killing envoy pid 301 of ns/ghost (no state)"
+        );
+        assert!(matches!(
+            actions[1],
+            Action::Kill {
+                kind: Kind::Supervisor,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn plan_unrecorded_process_of_a_vanished_container_is_killed_too() {
+        let mut seen = healthy();
+        seen.containers[0].runc_knows = Some(false);
+        seen.processes.push(SeenProcess {
+            proc: proc(999),
+            namespace: "ns".into(),
+            id: "a".into(),
+            kind: Kind::Envoy,
+        });
+        let actions = plan(&seen, GRACE, &POOL);
+        assert!(matches!(actions[0], Action::RemoveContainer { .. }));
+        assert_eq!(
+            actions[1..],
+            [Action::Kill {
+                proc: proc(999),
+                kind: Kind::Envoy,
+                namespace: "ns".into(),
+                id: "a".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn plan_stray_nat_element_in_pool_is_removed_others_kept() {
+        let mut seen = healthy();
+        let stray = map(61020, 9, 61001);
+        let foreign = map(8080, 9, 80); // outside our pool: another tool's
+        let claimed_port_unrecorded = map(61010, 9, 61002); // live container's port
+        seen.nat.extend([stray, foreign]);
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![Action::RemoveNat(stray)]);
+        // A live container that claimed a port but has not recorded its NAT yet keeps it.
+        seen.containers[0].applied.clear();
+        seen.nat = vec![claimed_port_unrecorded];
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![]);
+    }
+
+    #[test]
+    fn plan_leftover_cgroup_is_removed_only_when_its_container_is_empty() {
+        let mut seen = healthy();
+        seen.cgroups.push(SeenCgroup {
+            namespace: "ns".into(),
+            id: "gone".into(),
+            cgroup: cg("gone"),
+            container_busy: false,
+        });
+        seen.cgroups.push(SeenCgroup {
+            namespace: "ns".into(),
+            id: "other-tool".into(),
+            cgroup: cg("other-tool"),
+            container_busy: true,
+        });
+        assert_eq!(
+            plan(&seen, GRACE, &POOL),
+            vec![Action::RemoveCgroups {
+                namespace: "ns".into(),
+                id: "gone".into(),
+                cgroup: cg("gone"),
+            }]
+        );
+    }
+
+    #[test]
+    fn plan_interrupted_create_removed_after_grace_only() {
+        let mut seen = healthy();
+        seen.interrupted.push(SeenDir {
+            namespace: "ns".into(),
+            id: "half".into(),
+            dir: PathBuf::from("/run/envoy-sidecar/ns/half"),
+            age: Duration::from_secs(1),
+            record: Record::default(),
+        });
+        seen.processes.push(SeenProcess {
+            proc: proc(400),
+            namespace: "ns".into(),
+            id: "half".into(),
+            kind: Kind::Supervisor,
+        });
+        assert_eq!(plan(&seen, GRACE, &POOL), vec![], "still being created");
+        seen.interrupted[0].age = OLD;
+        let actions = plan(&seen, GRACE, &POOL);
+        assert_eq!(
+            actions[0].to_string(),
+            "removing /run/envoy-sidecar/ns/half (no state: an interrupted create)"
+        );
+        assert!(matches!(actions[1], Action::Kill { .. }));
+    }
+
+    // ---- apply, against the fake host ----
+
+    #[test]
+    fn apply_carries_out_each_action_through_the_host() {
+        use crate::host::fake::Fakes;
+        use crate::nat::Backend;
+        let dir = crate::state::store::tests::tempdir("gc-apply");
+        let store = Store::new(&dir);
+        let fakes = Fakes::default();
+        let host = fakes.host();
+        let stray = map(61020, 9, 61001);
+        let keep = map(61010, 1, 61001);
+        fakes.nat.add(&[stray, keep]).unwrap();
+        let orphan = fakes.procs.add(301, &["/usr/local/bin/envoy"]);
+        fakes
+            .cgroups
+            .found
+            .borrow_mut()
+            .push(crate::sys::cgroup::Found {
+                namespace: "ns".into(),
+                id: "gone".into(),
+                cgroup: cg("gone"),
+            });
+        let actions = vec![
+            Action::RemoveNat(stray),
+            Action::Kill {
+                proc: orphan,
+                kind: Kind::Envoy,
+                namespace: "ns".into(),
+                id: "ghost".into(),
+            },
+            Action::RemoveCgroups {
+                namespace: "ns".into(),
+                id: "gone".into(),
+                cgroup: cg("gone"),
+            },
+            Action::RestartSupervisor {
+                namespace: "ns".into(),
+                id: "a".into(),
+                why: "test".into(),
+            },
+        ];
+        let failures = apply(&store, &host, None, &actions);
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(fakes.nat.list().unwrap(), vec![keep]);
+        assert_eq!(*fakes.procs.terminated.borrow(), vec![orphan]);
+        assert_eq!(*fakes.cgroups.removed.borrow(), vec![cg("gone")]);
+        let spawned = fakes.procs.spawned.borrow();
+        assert_eq!(spawned.len(), 1);
+        assert_eq!(spawned[0][..], ["supervise", "a", "--namespace", "ns"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn observe_and_run_on_a_fake_host_remove_a_vanished_container() {
+        use crate::host::fake::Fakes;
+        use crate::nat::Backend;
+        let dir = crate::state::store::tests::tempdir("gc-run");
+        let store = Store::new(&dir);
+        let st = crate::state::store::tests::sample("ns", "gone", &dir, (61010, None));
+        {
+            let _l = store.lock().unwrap();
+            store.create(&st).unwrap();
+        }
+        let paths = Paths::new(&store, "ns", "gone");
+        let sup = ProcId {
+            pid: 4242,
+            start_time: 1,
+        };
+        paths
+            .write_record(&Record {
+                supervisor: Some(sup),
+                ..Record::default()
+            })
+            .unwrap();
+        let m = map(st.ports[0].external_tls_proxy, 3, 61001);
+        crate::sys::fs::write_json_atomic(&paths.nat(), &Applied { mappings: vec![m] }, 0o600)
+            .unwrap();
+        let fakes = Fakes::default();
+        fakes.nat.add(&[m]).unwrap();
+        let host = fakes.host();
+        let o = Options {
+            dry_run: true,
+            grace: Duration::ZERO,
+            pool: POOL,
+            config: None,
+        };
+        let seen = observe(&store, &host, o.grace).unwrap();
+        assert_eq!(seen.containers.len(), 1);
+        assert_eq!(seen.containers[0].runc_knows, Some(false));
+        assert_eq!(seen.containers[0].applied, vec![m]);
+        // Dry run: reported, nothing touched.
+        let r = run(&store, &host, &o).unwrap();
+        assert!(matches!(
+            r.actions[..],
+            [Action::RemoveContainer { mappings: 1, .. }]
+        ));
+        assert_eq!(fakes.nat.list().unwrap(), vec![m]);
+        assert!(store.read("ns", "gone").unwrap().is_some());
+        // For real: NAT element, state and record gone.
+        let r = run(
+            &store,
+            &host,
+            &Options {
+                dry_run: false,
+                ..o
+            },
+        )
+        .unwrap();
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert_eq!(fakes.nat.list().unwrap(), vec![]);
+        assert!(store.read("ns", "gone").unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! The real runc, run as a child for the questions the product asks it.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Whether runc knows container `id` (`runc <global flags> state <id>` succeeds).
@@ -15,4 +15,37 @@ pub fn knows<S: AsRef<OsStr>>(runc: &Path, global: &[S], id: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// What the product asks runc: the seam gc's decisions run against (faked in tests).
+pub trait RuncQuery {
+    /// Whether runc, with state under `root`, knows container `id`.
+    fn knows(&self, root: &Path, id: &str) -> bool;
+}
+
+/// The real runc binary.
+#[derive(Debug, Clone)]
+pub struct RuncBinary {
+    pub path: PathBuf,
+}
+
+impl RuncQuery for RuncBinary {
+    fn knows(&self, root: &Path, id: &str) -> bool {
+        // A missing root (e.g. /run wiped by a reboot) knows nothing.
+        root.exists() && knows(&self.path, &[Path::new("--root"), root], id)
+    }
+}
+
+/// A runc that knows exactly the `(root, id)` pairs it is given.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeRunc {
+    pub known: Vec<(PathBuf, String)>,
+}
+
+#[cfg(test)]
+impl RuncQuery for FakeRunc {
+    fn knows(&self, root: &Path, id: &str) -> bool {
+        self.known.iter().any(|(r, i)| r == root && i == id)
+    }
 }

@@ -1,3 +1,6 @@
-//! Per-container state on disk and the host-wide allocation lock.
+//! Per-container state on disk: the container record the wrapper writes at create,
+//! the supervisor's record, where each file lives, and the host-wide lock.
 
+pub mod layout;
+pub mod record;
 pub mod store;

@@ -373,10 +373,10 @@ pub(crate) mod tests {
     }
 
     fn nix_uid() -> u32 {
-        unsafe { libc::getuid() }
+        crate::sys::process::real_ids().0
     }
     fn nix_gid() -> u32 {
-        unsafe { libc::getgid() }
+        crate::sys::process::real_ids().1
     }
 
     pub fn tempdir(tag: &str) -> PathBuf {

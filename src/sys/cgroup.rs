@@ -128,7 +128,7 @@ impl SidecarCgroup {
                 break;
             }
             for p in pids {
-                unsafe { libc::kill(p, libc::SIGKILL) };
+                crate::sys::process::kill(p, libc::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -144,6 +144,140 @@ impl SidecarCgroup {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// An Envoy child cgroup found on the host, with the container it belongs to (from
+/// containerd's default cgroups path `/<namespace>/<id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub namespace: String,
+    pub id: String,
+    pub cgroup: SidecarCgroup,
+}
+
+/// cgroup access as gc needs it: the seam that lets its decisions run against a fake
+/// hierarchy.
+pub trait Cgroups {
+    /// Every Envoy child cgroup under the product's layout, cgroup v1 and v2.
+    fn envoy_children(&self) -> Vec<Found>;
+    /// Whether the container's own cgroup (the parent of Envoy's) still has processes.
+    fn container_busy(&self, cg: &SidecarCgroup) -> bool;
+    /// Kill what is inside and remove the directories.
+    fn kill_and_remove(&self, cg: &SidecarCgroup) -> Result<()>;
+}
+
+/// The real hierarchy under `root` (normally `/sys/fs/cgroup`).
+#[derive(Debug, Clone)]
+pub struct CgroupFs {
+    pub root: PathBuf,
+}
+
+impl Default for CgroupFs {
+    fn default() -> Self {
+        CgroupFs { root: ROOT.into() }
+    }
+}
+
+impl CgroupFs {
+    fn is_unified(&self) -> bool {
+        self.root.join("cgroup.controllers").is_file()
+    }
+
+    /// `<base>/<ns>/<id>/envoy-sidecar` for every ns/id directory under `base`.
+    fn children_under(base: &Path) -> Vec<(String, String, PathBuf)> {
+        let mut out = Vec::new();
+        for ns in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let child = c.path().join(CHILD);
+                if child.is_dir() {
+                    out.push((
+                        ns.file_name().to_string_lossy().into_owned(),
+                        c.file_name().to_string_lossy().into_owned(),
+                        child,
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Cgroups for CgroupFs {
+    fn envoy_children(&self) -> Vec<Found> {
+        if self.is_unified() {
+            return Self::children_under(&self.root)
+                .into_iter()
+                .map(|(namespace, id, d)| Found {
+                    namespace,
+                    id,
+                    cgroup: SidecarCgroup { dirs: vec![d] },
+                })
+                .collect();
+        }
+        // v1: the memory hierarchy decides; the pids counterpart joins it.
+        Self::children_under(&self.root.join("memory"))
+            .into_iter()
+            .map(|(namespace, id, d)| {
+                let mut dirs = vec![d];
+                let pids = self
+                    .root
+                    .join("pids")
+                    .join(&namespace)
+                    .join(&id)
+                    .join(CHILD);
+                if pids.is_dir() {
+                    dirs.push(pids);
+                }
+                Found {
+                    namespace,
+                    id,
+                    cgroup: SidecarCgroup { dirs },
+                }
+            })
+            .collect()
+    }
+
+    fn container_busy(&self, cg: &SidecarCgroup) -> bool {
+        cg.dirs
+            .first()
+            .and_then(|d| d.parent())
+            .is_some_and(|parent| {
+                std::fs::read_to_string(parent.join("cgroup.procs"))
+                    .is_ok_and(|t| !t.trim().is_empty())
+            })
+    }
+
+    fn kill_and_remove(&self, cg: &SidecarCgroup) -> Result<()> {
+        cg.kill_and_remove()
+    }
+}
+
+/// An in-memory hierarchy for unit tests.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeCgroups {
+    pub found: std::cell::RefCell<Vec<Found>>,
+    /// Containers (`ns/id`) whose own cgroup still has processes.
+    pub busy: Vec<String>,
+    pub removed: std::cell::RefCell<Vec<SidecarCgroup>>,
+}
+
+#[cfg(test)]
+impl Cgroups for FakeCgroups {
+    fn envoy_children(&self) -> Vec<Found> {
+        self.found.borrow().clone()
+    }
+    fn container_busy(&self, cg: &SidecarCgroup) -> bool {
+        self.found
+            .borrow()
+            .iter()
+            .any(|f| &f.cgroup == cg && self.busy.contains(&format!("{}/{}", f.namespace, f.id)))
+    }
+    fn kill_and_remove(&self, cg: &SidecarCgroup) -> Result<()> {
+        self.found.borrow_mut().retain(|f| &f.cgroup != cg);
+        self.removed.borrow_mut().push(cg.clone());
         Ok(())
     }
 }
@@ -177,5 +311,53 @@ mod tests {
                 "/sys/fs/cgroup/system.slice/ns-c1.scope/envoy-sidecar"
             )]
         );
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("es-cg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn scan_v1_pairs_memory_with_pids() {
+        let root = tempdir("v1");
+        std::fs::create_dir_all(root.join("memory/ns1/c1/envoy-sidecar")).unwrap();
+        std::fs::create_dir_all(root.join("pids/ns1/c1/envoy-sidecar")).unwrap();
+        std::fs::create_dir_all(root.join("memory/ns1/c2")).unwrap();
+        let found = CgroupFs { root: root.clone() }.envoy_children();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].namespace.as_str(), found[0].id.as_str()),
+            ("ns1", "c1")
+        );
+        assert_eq!(found[0].cgroup.dirs.len(), 2);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn scan_v2_unified() {
+        let root = tempdir("v2");
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        std::fs::create_dir_all(root.join("k8s.io/c9/envoy-sidecar")).unwrap();
+        std::fs::create_dir_all(root.join("system.slice/ssh.service")).unwrap();
+        std::fs::write(root.join("k8s.io/c9/cgroup.procs"), "").unwrap();
+        let fs = CgroupFs { root: root.clone() };
+        let found = fs.envoy_children();
+        assert_eq!(
+            found,
+            [Found {
+                namespace: "k8s.io".into(),
+                id: "c9".into(),
+                cgroup: SidecarCgroup {
+                    dirs: vec![root.join("k8s.io/c9/envoy-sidecar")]
+                },
+            }]
+        );
+        assert!(!fs.container_busy(&found[0].cgroup));
+        std::fs::write(root.join("k8s.io/c9/cgroup.procs"), "42\n").unwrap();
+        assert!(fs.container_busy(&found[0].cgroup));
+        std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -5,26 +5,115 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
+
+/// How `write_atomic_with` creates the file.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    pub mode: u32,
+    /// `chown` the file to `(uid, gid)` before it becomes visible.
+    pub owner: Option<(u32, u32)>,
+    /// fsync the file before the rename (and the directory after it): for records
+    /// that must survive a power cut, not for files rewritten at every start.
+    pub durable: bool,
+}
+
+impl WriteOptions {
+    pub fn mode(mode: u32) -> WriteOptions {
+        WriteOptions {
+            mode,
+            owner: None,
+            durable: false,
+        }
+    }
+}
 
 /// Replace `path` so that readers see either the old or the new content, never a mix:
 /// write a temporary file beside it, then rename over it.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_atomic_with(path, bytes, WriteOptions::mode(mode))
+}
+
+/// `write_atomic` with an owner and durability; the one atomic writer of the crate.
+pub fn write_atomic_with(path: &Path, bytes: &[u8], o: WriteOptions) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(o.mode)
             .open(&tmp)
             .at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
-        fs::rename(&tmp, path).at(path)
+        if let Some((uid, gid)) = o.owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).at(&tmp)?;
+        }
+        if o.durable {
+            f.sync_all().at(&tmp)?;
+        }
+        fs::rename(&tmp, path).at(path)?;
+        if o.durable
+            && let Some(dir) = path.parent()
+        {
+            fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// `value` as pretty JSON, written atomically.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T, mode: u32) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).expect("our records serialise");
+    write_atomic(path, &bytes, mode)
+}
+
+/// The JSON record at `path`, or `None` when there is no file. A file that does not
+/// parse is an error naming it and `what` it should have been.
+pub fn read_json_or_none<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::State {
+                path: path.into(),
+                msg: format!("malformed {what}: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            path: path.into(),
+            source: e,
+        }),
+    }
+}
+
+/// Remove a file; one that is not there is fine.
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io {
+            path: path.into(),
+            source: e,
+        }),
+    }
+}
+
+/// Remove a directory tree; one that is not there is fine.
+pub fn remove_dir_all_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io {
+            path: path.into(),
+            source: e,
+        }),
+    }
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
@@ -69,4 +158,64 @@ pub fn read_pem_file(path: &Path) -> std::io::Result<String> {
 /// RFC 3339 UTC timestamp with second precision, as runc's logrus JSON lines carry.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("es-fs-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_leaves_no_temp_file() {
+        let d = tempdir("w");
+        let p = d.join("f.json");
+        write_atomic_with(
+            &p,
+            b"one",
+            WriteOptions {
+                mode: 0o640,
+                owner: None,
+                durable: true,
+            },
+        )
+        .unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::read_dir(&d).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
+        // Into a missing directory: an error naming the temp path, nothing left.
+        let e = write_atomic(&d.join("no/such"), b"x", 0o600).unwrap_err();
+        assert!(e.to_string().contains("no/.such"), "{e}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn json_or_none_and_remove_if_exists() {
+        let d = tempdir("j");
+        let p = d.join("r.json");
+        assert_eq!(read_json_or_none::<Vec<u32>>(&p, "list").unwrap(), None);
+        write_json_atomic(&p, &vec![1u32, 2], 0o600).unwrap();
+        assert_eq!(
+            read_json_or_none::<Vec<u32>>(&p, "list").unwrap(),
+            Some(vec![1, 2])
+        );
+        fs::write(&p, "{not json").unwrap();
+        let e = read_json_or_none::<Vec<u32>>(&p, "list").unwrap_err();
+        assert!(e.to_string().contains("malformed list"), "{e}");
+        remove_if_exists(&p).unwrap();
+        remove_if_exists(&p).unwrap();
+        assert!(!p.exists());
+        fs::remove_dir_all(d).unwrap();
+    }
 }

@@ -4,7 +4,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::sys::signal::{SigSet, Signal};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// A process as identified over time: pid plus its start time (clock ticks since boot,
 /// field 22 of `/proc/<pid>/stat`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ProcId {
     pub pid: i32,
     pub start_time: u64,
@@ -30,7 +32,7 @@ impl ProcId {
 
     /// Signal it only if it is still the process we recorded.
     pub fn signal(&self, sig: i32) -> bool {
-        self.alive() && unsafe { libc::kill(self.pid, sig) } == 0
+        self.alive() && kill(self.pid, sig)
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL; true once it is gone.
@@ -75,35 +77,30 @@ fn is_zombie(pid: i32) -> bool {
 
 /// A pidfd: becomes readable when the process exits, even if it is not our child.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// Wait until one of `fds` is readable or `timeout` passes; returns the indexes ready.
 pub fn poll_readable(fds: &[&OwnedFd], timeout: Duration) -> io::Result<Vec<usize>> {
-    let mut p: Vec<libc::pollfd> = fds
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut p: Vec<PollFd> = fds
         .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
         .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(Vec::new());
-        }
-        return Err(e);
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match nix::poll::poll(&mut p, ms) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
     }
     Ok(p.iter()
         .enumerate()
-        .filter(|(_, x)| x.revents != 0)
+        .filter(|(_, x)| x.revents().is_some_and(|r| !r.is_empty()))
         .map(|(i, _)| i)
         .collect())
 }
@@ -111,9 +108,7 @@ pub fn poll_readable(fds: &[&OwnedFd], timeout: Duration) -> io::Result<Vec<usiz
 /// Enter the network namespace of `pid` (this thread only: setns is per-thread).
 pub fn enter_netns(pid: i32) -> io::Result<()> {
     let f = File::open(format!("/proc/{pid}/ns/net"))?;
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
     Ok(())
 }
 
@@ -140,34 +135,25 @@ pub fn trim_text_pages() {
         let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
             continue;
         };
-        unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+        let Some(addr) = std::ptr::NonNull::new(a as *mut std::ffi::c_void) else {
+            continue;
+        };
+        // SAFETY: [a, b) is a whole mapping the kernel listed for this process, and it
+        // is private, read-only, file-backed text: MADV_DONTNEED only drops its resident
+        // pages, which fault back in unchanged from the file on the next access, so no
+        // memory any Rust value lives in is affected.
+        let _ = unsafe {
+            nix::sys::mman::madvise(addr, b - a, nix::sys::mman::MmapAdvise::MADV_DONTNEED)
+        };
     }
 }
 
 /// The first non-loopback IPv4 address of the current network namespace.
 pub fn first_ipv4() -> Option<std::net::Ipv4Addr> {
-    let mut found = None;
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return None;
-        }
-        let mut cur = ifap;
-        while !cur.is_null() {
-            let a = (*cur).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() {
-                    found = Some(ip);
-                    break;
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    found
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .find(|ip| !ip.is_loopback())
 }
 
 /// `first_ipv4` of the network namespace of `pid`, looked up from a short-lived
@@ -187,67 +173,220 @@ pub fn same_netns(a: i32, b: i32) -> bool {
     matches!((ns(a), ns(b)), (Some(x), Some(y)) if x == y)
 }
 
+fn termination_set() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
 /// A signalfd for SIGTERM and SIGINT, with both blocked so they arrive only there.
 pub fn termination_signalfd() -> io::Result<OwnedFd> {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    let set = termination_set();
+    set.thread_block()?;
+    let fd =
+        nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)?;
+    Ok(fd.into())
 }
 
 /// Undo `termination_signalfd`'s mask in a child before exec.
 pub fn unblock_all_signals() {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+    let _ = SigSet::empty().thread_set_mask();
 }
 
 /// In a forked child before exec: become `uid:gid` with no supplementary groups and no
 /// capabilities (a root -> non-root setuid clears them all), and forbid regaining any.
 pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
-    unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(gid, gid, gid) != 0
-            || libc::setresuid(uid, uid, uid) != 0
-            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setgroups(&[])?;
+    setresgid(gid, gid, gid)?;
+    setresuid(uid, uid, uid)?;
+    nix::sys::prctl::set_no_new_privs()?;
     Ok(())
 }
 
-/// Write our own pid into a cgroup (from a pre-exec child: raw syscalls only).
+/// Write our own pid into a cgroup (from a pre-exec child: no allocation, plain
+/// syscalls only).
 pub fn join_cgroup_raw(procs_file: &std::ffi::CStr) -> io::Result<()> {
-    unsafe {
-        let fd = libc::open(procs_file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let buf = b"0\n";
-        let n = libc::write(fd, buf.as_ptr().cast(), buf.len());
-        libc::close(fd);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::open(
+        procs_file,
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::write(&fd, b"0\n")?;
     Ok(())
+}
+
+/// Send `sig` to `pid` (callers that hold a `ProcId` use `ProcId::signal`, which
+/// checks the pid was not reused). False if the signal could not be sent.
+pub fn kill(pid: i32, sig: i32) -> bool {
+    match Signal::try_from(sig) {
+        Ok(s) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Make a spawned command the leader of a new session (no controlling terminal, no
+/// process group shared with its parent): what a detached daemon needs.
+pub fn new_session_before_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setsid(2), which is async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+}
+
+/// The effective uid and gid of this process.
+pub fn effective_ids() -> (u32, u32) {
+    (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+}
+
+/// The real uid and gid of this process.
+pub fn real_ids() -> (u32, u32) {
+    (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    )
+}
+
+/// An anonymous in-memory file holding `bytes`, its offset back at 0: a way to hand
+/// data to a child as a path (`/proc/self/fd/N`) without touching the disk.
+pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
+    use std::io::{Seek, Write};
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::empty())?;
+    let mut f = File::from(fd);
+    f.write_all(bytes)?;
+    f.rewind()?;
+    Ok(f)
 }
 
 pub fn exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Process inspection and control as gc and the sidecar's control need it: the seam
+/// that lets their decisions run against a fake process table.
+pub trait Processes {
+    /// Whether `p` is still the same live process.
+    fn alive(&self, p: &ProcId) -> bool;
+    /// Whether any process has pid `pid`.
+    fn exists(&self, pid: i32) -> bool;
+    /// SIGTERM, wait up to `grace`, SIGKILL; true once gone.
+    fn terminate(&self, p: &ProcId, grace: Duration) -> bool;
+    /// Every process with its command line, for recognising ours.
+    fn scan(&self) -> Vec<(ProcId, Vec<String>)>;
+    /// Start `program args` fully detached: a session of its own, stdin from
+    /// /dev/null, stdout and stderr appended to `log`, nothing inherited (runc waits
+    /// for its hooks' pipes to close).
+    fn spawn_detached(&self, program: &Path, args: &[String], log: &Path) -> io::Result<()>;
+}
+
+/// The real process table (`/proc`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Procfs;
+
+impl Processes for Procfs {
+    fn alive(&self, p: &ProcId) -> bool {
+        p.alive()
+    }
+    fn exists(&self, pid: i32) -> bool {
+        exists(pid)
+    }
+    fn terminate(&self, p: &ProcId, grace: Duration) -> bool {
+        p.terminate(grace)
+    }
+    fn scan(&self) -> Vec<(ProcId, Vec<String>)> {
+        let me = std::process::id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let (Ok(raw), Some(id)) = (
+                std::fs::read(format!("/proc/{pid}/cmdline")),
+                ProcId::of(pid),
+            ) else {
+                continue;
+            };
+            let args = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            out.push((id, args));
+        }
+        out
+    }
+    fn spawn_detached(&self, program: &Path, args: &[String], log: &Path) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        new_session_before_exec(&mut cmd);
+        cmd.spawn().map(drop)
+    }
+}
+
+/// An in-memory process table for unit tests: `terminate` removes the process.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeProcesses {
+    pub table: std::cell::RefCell<Vec<(ProcId, Vec<String>)>>,
+    pub terminated: std::cell::RefCell<Vec<ProcId>>,
+    pub spawned: std::cell::RefCell<Vec<Vec<String>>>,
+}
+
+#[cfg(test)]
+impl FakeProcesses {
+    pub fn add(&self, pid: i32, argv: &[&str]) -> ProcId {
+        let p = ProcId {
+            pid,
+            start_time: 1000 + pid as u64,
+        };
+        self.table
+            .borrow_mut()
+            .push((p, argv.iter().map(|s| s.to_string()).collect()));
+        p
+    }
+}
+
+#[cfg(test)]
+impl Processes for FakeProcesses {
+    fn alive(&self, p: &ProcId) -> bool {
+        self.table.borrow().iter().any(|(q, _)| q == p)
+    }
+    fn exists(&self, pid: i32) -> bool {
+        self.table.borrow().iter().any(|(q, _)| q.pid == pid)
+    }
+    fn terminate(&self, p: &ProcId, _grace: Duration) -> bool {
+        self.table.borrow_mut().retain(|(q, _)| q != p);
+        self.terminated.borrow_mut().push(*p);
+        true
+    }
+    fn scan(&self) -> Vec<(ProcId, Vec<String>)> {
+        self.table.borrow().clone()
+    }
+    fn spawn_detached(&self, _program: &Path, args: &[String], _log: &Path) -> io::Result<()> {
+        self.spawned.borrow_mut().push(args.to_vec());
+        Ok(())
+    }
 }
 
 #[cfg(test)]
