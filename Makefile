@@ -29,9 +29,13 @@ integration:
 	$(TEST_ENV) up
 	$(CARGO) test --test '*'
 
+# The [lints] table of Cargo.toml (SAFETY comments, casts) is enforced by clippy here;
+# unsafe code lives only in src/sys/.
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	@if grep -rnw unsafe src | grep -v '^src/sys/'; then \
+		echo "lint: unsafe outside src/sys/ (above)" >&2; exit 1; fi
 
 # Fresh machine to a container with CF_INSTANCE_PORTS, in one command.
 demo: deps release

@@ -15,7 +15,7 @@ pub mod ops; // host operations: gc, doctor, install
 pub mod runc; // the real runc: argv parsing, its log file, state queries
 pub mod sidecar; // the per-container sidecar at run time: control and supervisor
 pub mod state; // per-container state on disk and the host-wide lock
-pub mod sys; // the OS seam: processes, netns, cgroups, files (the only home of unsafe)
+pub mod sys; // the OS seam: processes, netns, cgroups, files (the only home of raw syscalls)
 
 pub use error::{Error, Result};
 

@@ -240,11 +240,14 @@ pub fn main(argv: Vec<String>) -> i32 {
         Err(e) if is_poststop => {
             // A failing poststop would stop runc's other poststop hooks and fail
             // `runc delete`; report and succeed.
-            eprintln!("envoy-sidecar: poststop: {e:#}");
+            eprintln!(
+                "envoy-sidecar: poststop: {}",
+                crate::error::render(e.as_ref())
+            );
             0
         }
         Err(e) => {
-            eprintln!("envoy-sidecar: {e:#}");
+            eprintln!("envoy-sidecar: {}", crate::error::render(e.as_ref()));
             1
         }
     }

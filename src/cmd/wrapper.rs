@@ -92,7 +92,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 inv: fallback_invocation(&args),
                 runc: default_runc,
             };
-            ctx.log("error", &e.to_string());
+            ctx.log("error", &crate::error::render(&e));
             return 2;
         }
     };
@@ -110,7 +110,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Ok(c) => c,
         Err(e) => {
             if matches!(ctx.inv.command, Command::Create | Command::Run) {
-                ctx.log("error", &e.to_string());
+                ctx.log("error", &crate::error::render(&e));
                 return 1;
             }
             ctx.log(
@@ -140,7 +140,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Ok(None) => ctx.exec(),
         Ok(Some(code)) => code,
         Err(e) => {
-            ctx.log("error", &e.to_string());
+            ctx.log("error", &crate::error::render(&e));
             1
         }
     }
@@ -261,33 +261,19 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
         return f.save();
     }
-    let fd = memfd_with(&f.to_bytes()).map_err(|e| Error::Spec {
-        path: path.to_path_buf(),
-        msg: format!("passing the patched process spec on: {e}"),
-    })?;
+    // Left open (and inherited across exec) for runc to read as /proc/self/fd/N.
+    let fd = crate::sys::process::memfd_with(c"envoy-sidecar-process", &f.to_bytes())
+        .map(std::os::fd::IntoRawFd::into_raw_fd)
+        .map_err(|e| Error::Spec {
+            path: path.to_path_buf(),
+            msg: format!("passing the patched process spec on: {e}"),
+        })?;
     replace_flag_value(
         &mut ctx.argv,
         &["p", "process"],
         &format!("/proc/self/fd/{fd}"),
     );
     Ok(())
-}
-
-/// An anonymous file holding `bytes`, left open (without close-on-exec) for runc.
-fn memfd_with(bytes: &[u8]) -> std::io::Result<i32> {
-    let fd = unsafe { libc::memfd_create(c"envoy-sidecar-process".as_ptr(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut written = 0;
-    while written < bytes.len() {
-        let n = unsafe { libc::write(fd, bytes[written..].as_ptr().cast(), bytes.len() - written) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        written += n as usize;
-    }
-    Ok(fd)
 }
 
 /// Replace the value of the (subcommand) flag named in `names`, in either form.
@@ -341,7 +327,7 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         Ok(Some(c)) => c,
         Ok(None) => return ctx.exec(),
         Err(e) => {
-            ctx.log("error", &e.to_string());
+            ctx.log("error", &crate::error::render(&e));
             return ctx.exec();
         }
     };

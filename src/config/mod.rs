@@ -375,10 +375,10 @@ impl Config {
         Ok(())
     }
 
-    pub fn metrics_mode(&self) -> Result<crate::metrics::Mode> {
+    pub fn metrics_mode(&self) -> Result<MetricsMode> {
         match self.metrics.mode.as_str() {
-            "linear" => Ok(crate::metrics::Mode::Linear),
-            "exact" => Ok(crate::metrics::Mode::Exact),
+            "linear" => Ok(MetricsMode::Linear),
+            "exact" => Ok(MetricsMode::Exact),
             other => Err(self.err(
                 "metrics.mode",
                 format!("{other:?} is not a mode; valid: \"linear\", \"exact\""),
@@ -413,26 +413,37 @@ impl Config {
     }
 
     pub fn additional_memory_bytes(&self) -> u64 {
-        self.proxy.additional_memory_allocation_mb as u64 * 1024 * 1024
+        self.proxy.additional_memory_allocation_mb.unsigned_abs() * 1024 * 1024
     }
 
     /// The per-container Envoy uids (validated to fit in u32).
     pub fn envoy_uid_pool(&self) -> std::ops::RangeInclusive<u32> {
-        let start = self.proxy.envoy_uid_pool_start as u32;
-        start..=start + (self.proxy.envoy_uid_pool_size as u32 - 1)
+        let fit = |v: i64| u32::try_from(v).expect("validated by Config::check");
+        let start = fit(self.proxy.envoy_uid_pool_start);
+        start..=start + (fit(self.proxy.envoy_uid_pool_size) - 1)
     }
 
+    /// The host port pool (validated to be ports).
     pub fn pool(&self) -> std::ops::RangeInclusive<u16> {
-        self.ports.pool_start as u16..=self.ports.pool_end as u16
+        let port = |v: i64| u16::try_from(v).expect("validated by Config::check");
+        port(self.ports.pool_start)..=port(self.ports.pool_end)
     }
 
     /// `[host] memory_capacity_mb` in bytes, defaulting to physical memory.
     pub fn memory_capacity_bytes(&self) -> Result<u64> {
         match self.host.memory_capacity_mb {
-            Some(mb) => Ok(mb as u64 * 1024 * 1024),
+            Some(mb) => Ok(mb.unsigned_abs() * 1024 * 1024),
             None => physical_memory_bytes(),
         }
     }
+}
+
+/// `[metrics] mode`: `linear` rescales usage to the requested quota (the reference's
+/// way); `exact` subtracts Envoy's own cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsMode {
+    Linear,
+    Exact,
 }
 
 fn physical_memory_bytes() -> Result<u64> {

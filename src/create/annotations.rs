@@ -115,7 +115,12 @@ pub fn parse_ports(value: &str) -> Result<Vec<u16>> {
                     ),
                 )
             })?;
-        push_unique(&mut ports, p as u16, PORTS, value)?;
+        push_unique(
+            &mut ports,
+            u16::try_from(p).expect("checked 1-65535 above"),
+            PORTS,
+            value,
+        )?;
     }
     Ok(ports)
 }
@@ -156,7 +161,12 @@ pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
                     "each entry needs \"ContainerPort\" between 1 and 65535",
                 )
             })?;
-        push_unique(&mut ports, p as u16, NERDCTL_PORTS, value)?;
+        push_unique(
+            &mut ports,
+            u16::try_from(p).expect("checked 1-65535 above"),
+            NERDCTL_PORTS,
+            value,
+        )?;
     }
     Ok(ports)
 }

@@ -76,12 +76,13 @@ pub fn raise_memory(
     match limit.filter(|l| *l > 0) {
         None => (None, limit, swap),
         Some(l) => {
-            let new_limit = l.saturating_add(additional as i64);
+            let additional = i64::try_from(additional).unwrap_or(i64::MAX);
+            let new_limit = l.saturating_add(additional);
             let new_swap = match swap {
-                Some(s) if s > 0 => Some(s.saturating_add(additional as i64).max(new_limit)),
+                Some(s) if s > 0 => Some(s.saturating_add(additional).max(new_limit)),
                 other => other,
             };
-            (Some(l as u64), Some(new_limit), new_swap)
+            (Some(l.unsigned_abs()), Some(new_limit), new_swap)
         }
     }
 }
@@ -149,7 +150,7 @@ pub fn prepare(
     }
     let claims = store.claims(None)?;
 
-    let limit_bytes = new_limit.filter(|l| *l > 0).map(|l| l as u64);
+    let limit_bytes = new_limit.filter(|l| *l > 0).map(i64::unsigned_abs);
     if let Some(l) = limit_bytes {
         let capacity = cfg.memory_capacity_bytes()?;
         let total = claims.memory_limit_bytes.saturating_add(l);
@@ -197,7 +198,7 @@ pub fn prepare(
         .envoy_uid_pool()
         .find(|u| !claims.envoy_uids.contains(u))
         .ok_or_else(|| {
-            Error::Ports(format!(
+            Error::UidPool(format!(
                 "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use",
                 cfg.proxy.envoy_uid_pool_size
             ))
@@ -402,7 +403,8 @@ mod tests {
         json!({
             "ociVersion": "1.0.2",
             "process": {"args": ["sh"], "env": ["PATH=/bin"],
-                        "user": {"uid": unsafe { libc::getuid() }, "gid": unsafe { libc::getgid() }}},
+                        "user": {"uid": crate::sys::process::real_ids().0,
+                                 "gid": crate::sys::process::real_ids().1}},
             "annotations": {"envoy-sidecar/ports": ports},
             "linux": {"resources": {"memory": {"limit": limit_mb << 20}}}
         })

@@ -474,7 +474,7 @@ mod tests {
         Inputs {
             node_id: "default/app1",
             listeners,
-            admin_port: 61000 + listeners.len() as u16 + 1,
+            admin_port: 61001 + u16::try_from(listeners.len()).unwrap(),
             alpn,
             mtls,
             sds_dir: Path::new("/run/envoy-sidecar/default/app1/sds"),
@@ -717,7 +717,7 @@ mod tests {
     fn write_sds_replaces_by_rename() {
         use std::os::unix::fs::MetadataExt;
         let dir = temp_dir("sds");
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = crate::sys::process::effective_ids();
         write_sds(&dir, "CERT1", "KEY1", uid, gid).unwrap();
         let path = dir.join(SDS_FILE);
         let m1 = fs::metadata(&path).unwrap();

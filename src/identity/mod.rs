@@ -64,6 +64,11 @@ fn err(msg: impl Into<String>) -> Error {
     Error::Identity(msg.into())
 }
 
+/// A cryptographic failure, its library error kept as the source.
+fn crypto(what: &str, e: crate::error::BoxError) -> Error {
+    Error::crypto(format!("instance identity: {what}"), e)
+}
+
 /// The leaf key algorithm. ECDSA P-256 is the default: generating an RSA key costs
 /// orders of magnitude more, which matters when a host starts many containers at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -342,26 +347,29 @@ impl Ca {
             .skip_while(|&&b| b == 0)
             .map(|b| format!("{b:02x}"))
             .collect();
-        let failed = |e: &dyn fmt::Display| err(format!("issuing for {}: {e}", id.instance_guid));
+        let what = format!("issuing for {}", id.instance_guid);
+        let failed = |e| crypto(&what, e);
 
         let profile = Names {
             issuer: self.subject.clone(),
-            subject: subject_name(id).map_err(|e| failed(&e))?,
+            subject: subject_name(id).map_err(|e| failed(e.into()))?,
         };
         let validity = Validity::new(
-            Time::try_from(not_before).map_err(|e| failed(&e))?,
-            Time::try_from(not_after).map_err(|e| failed(&e))?,
+            Time::try_from(not_before).map_err(|e| failed(e.into()))?,
+            Time::try_from(not_after).map_err(|e| failed(e.into()))?,
         );
         let mut builder = CertificateBuilder::new(profile, serial, validity, leaf_spki.clone())
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(e.into()))?;
         let mut sans = vec![GeneralName::DnsName(
-            Ia5String::new(id.instance_guid).map_err(|e| failed(&e))?,
+            Ia5String::new(id.instance_guid).map_err(|e| failed(e.into()))?,
         )];
         sans.extend(id.ip.map(GeneralName::from));
-        let leaf_key_id =
-            SubjectKeyIdentifier::try_from(leaf_spki.owned_to_ref()).map_err(|e| failed(&e))?;
+        let leaf_key_id = SubjectKeyIdentifier::try_from(leaf_spki.owned_to_ref())
+            .map_err(|e| failed(e.into()))?;
         let aki = AuthorityKeyIdentifier {
-            key_identifier: Some(OctetString::new(self.key_id.clone()).map_err(|e| failed(&e))?),
+            key_identifier: Some(
+                OctetString::new(self.key_id.clone()).map_err(|e| failed(e.into()))?,
+            ),
             ..Default::default()
         };
         let b = &mut builder;
@@ -384,9 +392,9 @@ impl Ca {
         .and_then(|()| add_extension(b, false, &SubjectAltName(sans)))
         .and_then(|()| add_extension(b, false, &leaf_key_id))
         .and_then(|()| add_extension(b, false, &aki))
-        .map_err(|e| failed(&e))?;
-        let cert = self.key.sign(builder).map_err(|e| failed(&e))?;
-        let leaf_pem = cert.to_pem(LineEnding::LF).map_err(|e| failed(&e))?;
+        .map_err(|e| failed(e.into()))?;
+        let cert = self.key.sign(builder).map_err(|e| failed(e.into()))?;
+        let leaf_pem = cert.to_pem(LineEnding::LF).map_err(|e| failed(e.into()))?;
         Ok(Issued {
             cert_chain_pem: leaf_pem + &self.chain_pem,
             key_pem,
@@ -477,27 +485,34 @@ pub(crate) fn whole_seconds(t: SystemTime) -> SystemTime {
 
 /// A new leaf key: PKCS#8 PEM and its public key info.
 fn generate_key(kt: KeyType) -> Result<(String, SubjectPublicKeyInfoOwned)> {
-    let failed = |e: &dyn fmt::Display| err(format!("generating a {kt} key: {e}"));
+    let what = format!("generating a {kt} key");
+    let failed = |e| crypto(&what, e);
     let (pem, spki_der) = match kt {
         KeyType::EcdsaP256 => {
-            let k = p256::SecretKey::try_generate().map_err(|e| failed(&e))?;
+            let k = p256::SecretKey::try_generate().map_err(|e| failed(e.into()))?;
             (
-                k.to_pkcs8_pem(LineEnding::LF).map_err(|e| failed(&e))?,
-                k.public_key().to_public_key_der().map_err(|e| failed(&e))?,
+                k.to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| failed(e.into()))?,
+                k.public_key()
+                    .to_public_key_der()
+                    .map_err(|e| failed(e.into()))?,
             )
         }
         KeyType::Rsa2048 | KeyType::Rsa3072 => {
             let bits = if kt == KeyType::Rsa2048 { 2048 } else { 3072 };
-            let k = rsa::PrivateKey::new(&mut getrandom::SysRng, bits).map_err(|e| failed(&e))?;
+            let k =
+                rsa::PrivateKey::new(&mut getrandom::SysRng, bits).map_err(|e| failed(e.into()))?;
             (
-                k.to_pkcs8_pem(LineEnding::LF).map_err(|e| failed(&e))?,
+                k.to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| failed(e.into()))?,
                 k.to_public_key()
                     .to_public_key_der()
-                    .map_err(|e| failed(&e))?,
+                    .map_err(|e| failed(e.into()))?,
             )
         }
     };
-    let spki = SubjectPublicKeyInfoOwned::from_der(spki_der.as_bytes()).map_err(|e| failed(&e))?;
+    let spki =
+        SubjectPublicKeyInfoOwned::from_der(spki_der.as_bytes()).map_err(|e| failed(e.into()))?;
     Ok((pem.to_string(), spki))
 }
 
@@ -841,7 +856,7 @@ mod tests {
     }
 
     fn secs(t: SystemTime) -> i64 {
-        t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+        i64::try_from(t.duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap()
     }
 
     fn iso(t: SystemTime) -> String {
@@ -1177,10 +1192,9 @@ mod tests {
     }
 
     fn owner() -> (u32, u32) {
-        if unsafe { libc::geteuid() } == 0 {
-            (2000, 2000)
-        } else {
-            (unsafe { libc::geteuid() }, unsafe { libc::getegid() })
+        match crate::sys::process::effective_ids() {
+            (0, _) => (2000, 2000),
+            ids => ids,
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Mode};
-use crate::sidecar::control::Paths;
+use crate::state::layout::Paths;
 use crate::state::store::{ContainerState, Store};
 
 pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {

@@ -16,7 +16,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::sidecar::control::Paths;
+use crate::state::layout::Paths;
 use crate::state::store::{ContainerState, Store};
 
 pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
@@ -102,11 +102,8 @@ pub fn decode(type_url: &str, value: &[u8]) -> Result<Raw> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Linear,
-    Exact,
-}
+/// `[metrics] mode`: how the proxy's allocation is hidden (defined with the config).
+pub use crate::config::MetricsMode as Mode;
 
 /// What the user sees for one container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -133,7 +130,9 @@ pub fn linear(usage: u64, requested: Option<u64>, additional: u64) -> Option<u64
     if additional == 0 {
         return None;
     }
-    Some(((usage as u128 * r as u128) / (r as u128 + additional as u128)) as u64)
+    let scaled = u128::from(usage) * u128::from(r) / (u128::from(r) + u128::from(additional));
+    // At most `usage` (r / (r + additional) <= 1), so it fits.
+    Some(u64::try_from(scaled).unwrap_or(usage))
 }
 
 pub fn report(s: &ContainerState, raw: Raw, envoy: Option<u64>, mode: Mode) -> Report {

@@ -269,6 +269,11 @@ pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+/// This process's pid as the kernel's signed type.
+pub fn self_pid() -> i32 {
+    nix::unistd::getpid().as_raw()
+}
+
 pub fn exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -305,7 +310,7 @@ impl Processes for Procfs {
         p.terminate(grace)
     }
     fn scan(&self) -> Vec<(ProcId, Vec<String>)> {
-        let me = std::process::id() as i32;
+        let me = self_pid();
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -358,7 +363,7 @@ impl FakeProcesses {
     pub fn add(&self, pid: i32, argv: &[&str]) -> ProcId {
         let p = ProcId {
             pid,
-            start_time: 1000 + pid as u64,
+            start_time: 1000 + u64::from(pid.unsigned_abs()),
         };
         self.table
             .borrow_mut()
@@ -399,12 +404,12 @@ mod tests {
         // Code keeps running (pages fault back in) and data is intact.
         let v: Vec<u64> = (0..1000).collect();
         assert_eq!(v.iter().sum::<u64>(), 499500);
-        assert!(ProcId::of(std::process::id() as i32).is_some());
+        assert!(ProcId::of(self_pid()).is_some());
     }
 
     #[test]
     fn identity_survives_only_while_alive() {
-        let me = ProcId::of(std::process::id() as i32).unwrap();
+        let me = ProcId::of(self_pid()).unwrap();
         assert!(me.alive());
         let stale = ProcId {
             start_time: me.start_time + 1,
@@ -418,7 +423,7 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let c = ProcId::of(child.id() as i32).unwrap();
+        let c = ProcId::of(i32::try_from(child.id()).unwrap()).unwrap();
         let fd = pidfd_open(c.pid).unwrap();
         assert!(
             poll_readable(&[&fd], Duration::from_millis(10))
