@@ -3,8 +3,13 @@
 //! written into the bundle's `config.json`, all or nothing.
 
 pub mod annotations;
+pub mod env;
+pub mod memory;
 pub mod ports;
 pub mod spec;
+
+pub use env::{CREDENTIALS_MOUNT, env_vars};
+pub use memory::raise_memory;
 
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -18,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::state::store::{self, ContainerState, Memory, PortMapping, Store};
 use crate::sys::fs::now_rfc3339;
 
-pub const CREDENTIALS_MOUNT: &str = "/etc/cf-instance-credentials";
 pub const REQUESTED_SWAP: &str = "envoy-sidecar/requested-memory-swap";
 const UNLIMITED: &str = "unlimited";
 
@@ -41,50 +45,6 @@ pub struct Target<'a> {
     /// `false` in hooks-only mode (podman/CRI-O hooks.d, no wrapper): the spec is
     /// already in force, so nothing is written to it — no env, mount or extra memory.
     pub mutate_spec: bool,
-}
-
-/// Environment the app (and every later `exec`) sees; recomputed from the state so
-/// that create and exec agree by construction.
-pub fn env_vars(s: &ContainerState) -> Vec<(String, String)> {
-    let mut v = vec![(
-        "CF_INSTANCE_PORTS".to_string(),
-        serde_json::to_string(&s.ports).expect("ports serialise"),
-    )];
-    v.push(("CF_INSTANCE_IP".into(), s.host_ip.to_string()));
-    if let Some(ext) = s.ports.first().and_then(|p| p.external) {
-        v.push(("CF_INSTANCE_PORT".into(), ext.to_string()));
-        v.push(("CF_INSTANCE_ADDR".into(), format!("{}:{ext}", s.host_ip)));
-    }
-    v.push((
-        "CF_INSTANCE_CERT".into(),
-        format!("{CREDENTIALS_MOUNT}/instance.crt"),
-    ));
-    v.push((
-        "CF_INSTANCE_KEY".into(),
-        format!("{CREDENTIALS_MOUNT}/instance.key"),
-    ));
-    v
-}
-
-/// The user's requested memory and what the container gets. No limit stays no limit;
-/// swap (memory+swap in runc terms) is raised with the limit and never left below it.
-pub fn raise_memory(
-    limit: Option<i64>,
-    swap: Option<i64>,
-    additional: u64,
-) -> (Option<u64>, Option<i64>, Option<i64>) {
-    match limit.filter(|l| *l > 0) {
-        None => (None, limit, swap),
-        Some(l) => {
-            let additional = i64::try_from(additional).unwrap_or(i64::MAX);
-            let new_limit = l.saturating_add(additional);
-            let new_swap = match swap {
-                Some(s) if s > 0 => Some(s.saturating_add(additional).max(new_limit)),
-                other => other,
-            };
-            (Some(l.unsigned_abs()), Some(new_limit), new_swap)
-        }
-    }
 }
 
 /// Source address of the default route, found without sending a packet (a UDP
