@@ -10,7 +10,6 @@ use std::fs::OpenOptions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +23,7 @@ use crate::state::store::{ContainerState, Store};
 use crate::sys::cgroup::SidecarCgroup;
 use crate::sys::fs::now_rfc3339;
 use crate::sys::process::{self, ProcId};
+use crate::sys::{exec, pagecache};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -36,6 +36,14 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("{} supervisor: {}", now_rfc3339(), msg.as_ref());
+}
+
+/// The supervisor's error for container `ns/id`.
+fn failure(ns: &str, id: &str, msg: String) -> Error {
+    Error::Supervisor {
+        container: format!("{ns}/{id}"),
+        msg,
+    }
 }
 
 enum Wake {
@@ -61,16 +69,26 @@ struct Supervisor<'a> {
 /// Entry point; returns when the container is gone or on SIGTERM.
 pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let store = Store::new(&cfg.runtime.state_dir);
-    let state = store
-        .read(ns, id)?
-        .ok_or_else(|| Error::Hook(format!("no state for {ns}/{id}: not a proxied container")))?;
+    let state = store.read(ns, id)?.ok_or_else(|| {
+        failure(
+            ns,
+            id,
+            format!("no state for {ns}/{id}: not a proxied container"),
+        )
+    })?;
     let pid = state.init_pid.ok_or_else(|| {
-        Error::Hook(format!(
-            "{ns}/{id}: init pid not recorded (createRuntime hook did not run)"
-        ))
+        failure(
+            ns,
+            id,
+            format!("{ns}/{id}: init pid not recorded (createRuntime hook did not run)"),
+        )
     })?;
     if ProcId::of(pid).is_none() {
-        return Err(Error::Hook(format!("{ns}/{id}: init pid {pid} is gone")));
+        return Err(failure(
+            ns,
+            id,
+            format!("{ns}/{id}: init pid {pid} is gone"),
+        ));
     }
     let paths = Paths::new(&store, ns, id);
     let mut record = paths.read_record()?.unwrap_or_default();
@@ -136,50 +154,6 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     result
 }
 
-/// Pull the Envoy binary into the page cache from here, outside the container's
-/// cgroup. Page cache is charged to the cgroup that first reads it: without this the
-/// first sidecar on a host pays ~90 MiB of Envoy's binary against its container's
-/// memory limit. A no-op when the pages are cached already.
-fn preload(binary: &std::path::Path) {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(binary) else {
-        return;
-    };
-    if fully_cached(&f) {
-        return;
-    }
-    // A plain read, synchronously: readahead(2) may return before the pages exist.
-    let mut buf = vec![0u8; 1 << 20];
-    while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
-}
-
-/// Whether every page of `f` is in the page cache (mincore on a read-only mapping).
-fn fully_cached(f: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    if len == 0 {
-        return true;
-    }
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        if addr == libc::MAP_FAILED {
-            return false;
-        }
-        let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        let ok = libc::mincore(addr, len, vec.as_mut_ptr()) == 0;
-        libc::munmap(addr, len);
-        ok && vec.iter().all(|b| b & 1 == 1)
-    }
-}
-
 /// The last `n` non-empty lines of a log file (reading at most its last 4 KiB).
 fn tail(path: &std::path::Path, n: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
@@ -205,7 +179,7 @@ impl Supervisor<'_> {
             &self.state.instance_guid,
             self.record.container_ip,
         )
-        .map_err(Error::Hook)?;
+        .map_err(|e| self.fail(e))?;
         let mut backoff = BACKOFF_START;
         loop {
             if let Err(e) = self.start_envoy() {
@@ -260,6 +234,10 @@ impl Supervisor<'_> {
         }
     }
 
+    fn fail(&self, msg: String) -> Error {
+        failure(&self.state.namespace, &self.state.id, msg)
+    }
+
     fn save(&self) {
         if let Err(e) = self.paths.write_record(&self.record) {
             log(format!("writing {}: {e}", self.paths.record().display()));
@@ -273,7 +251,7 @@ impl Supervisor<'_> {
         for a in self.cfg.runtime.state_dir.ancestors().skip(1) {
             let mode = std::fs::metadata(a).at(a)?.permissions().mode();
             if mode & 0o001 == 0 {
-                return Err(Error::Hook(format!(
+                return Err(self.fail(format!(
                     "runtime.state_dir {}: its parent {} (mode {:o}) is not searchable by others, \
                      so Envoy (uid {uid}) cannot read its configuration; use a state_dir whose \
                      parents are world-searchable (the default /run/envoy-sidecar is)",
@@ -400,7 +378,7 @@ impl Supervisor<'_> {
 
     fn start_envoy(&mut self) -> Result<()> {
         let p = &self.cfg.proxy;
-        preload(&p.envoy_path);
+        pagecache::preload(&p.envoy_path);
         let log_path = self.paths.envoy_log();
         let log_file = OpenOptions::new()
             .create(true)
@@ -418,18 +396,10 @@ impl Supervisor<'_> {
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().at(&log_path)?)
         .stderr(log_file);
-        unsafe {
-            cmd.pre_exec(move || {
-                // Join the cgroups before exec so every page Envoy touches is charged there.
-                for f in &procs {
-                    process::join_cgroup_raw(f)?;
-                }
-                process::unblock_all_signals();
-                process::drop_privileges(uid, gid)
-            });
-        }
+        // Join the cgroups before exec so every page Envoy touches is charged there.
+        exec::confine(&mut cmd, procs, uid, gid);
         let child = cmd.spawn().map_err(|e| {
-            Error::Hook(format!(
+            self.fail(format!(
                 "starting proxy.envoy_path {}: {e}",
                 p.envoy_path.display()
             ))
@@ -487,8 +457,9 @@ impl Supervisor<'_> {
             "not ready after {READY_TIMEOUT:?}: {last_err}; restarting Envoy"
         ));
         self.record.last_error = Some(format!("not ready: {last_err}"));
-        if let Some((c, _, _)) = &self.envoy {
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        let envoy = self.envoy.as_ref();
+        if let Some(p) = envoy.and_then(|(c, _, _)| ProcId::of(c.id() as i32)) {
+            p.signal(libc::SIGKILL);
         }
         Wake::EnvoyExited
     }
