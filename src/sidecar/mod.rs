@@ -1,4 +1,6 @@
-//! The per-container sidecar at run time: its control from outside and its supervisor.
+//! The per-container sidecar at run time: its control from outside, its
+//! supervisor, and the supervisor's decisions (policy).
 
 pub mod control;
+pub mod policy;
 pub mod supervisor;

@@ -5,14 +5,16 @@
 //! config, runs Envoy in a child of the container's cgroup as an unprivileged user,
 //! restarts it with backoff, rotates credentials before expiry, and leaves — after
 //! stopping Envoy — when the container's init is gone or it is told to (SIGTERM).
+//!
+//! The decisions (when to start, restart, kill, rotate or stop) are the policy's
+//! (`sidecar::policy`); this loop performs them and reports what happened.
 
 use std::fs::OpenOptions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::envoy::bootstrap::{self, Inputs, Listener, Mtls};
@@ -20,17 +22,16 @@ use crate::envoy::probe::Probe;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::{self, Ca, Identity, Issued};
 use crate::sidecar::control::{Paths, Record};
+use crate::sidecar::policy::{Action, Event, Policy};
 use crate::state::store::{ContainerState, Store};
 use crate::sys::cgroup::SidecarCgroup;
+use crate::sys::clock::{Clock, SystemClock};
 use crate::sys::fs::now_rfc3339;
 use crate::sys::process::{self, ProcId};
+use crate::sys::{exec, pagecache};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
-const BACKOFF_START: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// An Envoy that lived this long resets the backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-const RETRY_ISSUE: Duration = Duration::from_secs(60);
+/// How long one probe handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Envoy's --drain-time-s: bounds how long a graceful drain would keep listeners open.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
@@ -38,11 +39,12 @@ fn log(msg: impl AsRef<str>) {
     eprintln!("{} supervisor: {}", now_rfc3339(), msg.as_ref());
 }
 
-enum Wake {
-    InitExited,
-    Terminate,
-    EnvoyExited,
-    Timeout,
+/// The supervisor's error for container `ns/id`.
+fn failure(ns: &str, id: &str, msg: String) -> Error {
+    Error::Supervisor {
+        container: format!("{ns}/{id}"),
+        msg,
+    }
 }
 
 struct Supervisor<'a> {
@@ -54,23 +56,39 @@ struct Supervisor<'a> {
     ca_pem: String,
     init_fd: OwnedFd,
     sig_fd: OwnedFd,
-    envoy: Option<(Child, OwnedFd, Instant)>,
-    rotate_at: SystemTime,
+    envoy: Option<(Child, OwnedFd)>,
+    clock: SystemClock,
+    /// Listener ports that have not completed a TLS handshake since Envoy started.
+    pending: Vec<u16>,
+    /// Why the last failed handshake failed.
+    probe_err: String,
+    /// Set-up or rotation code ran: drop its text pages before idling.
+    trim: bool,
 }
 
 /// Entry point; returns when the container is gone or on SIGTERM.
 pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let store = Store::new(&cfg.runtime.state_dir);
-    let state = store
-        .read(ns, id)?
-        .ok_or_else(|| Error::Hook(format!("no state for {ns}/{id}: not a proxied container")))?;
+    let state = store.read(ns, id)?.ok_or_else(|| {
+        failure(
+            ns,
+            id,
+            format!("no state for {ns}/{id}: not a proxied container"),
+        )
+    })?;
     let pid = state.init_pid.ok_or_else(|| {
-        Error::Hook(format!(
-            "{ns}/{id}: init pid not recorded (createRuntime hook did not run)"
-        ))
+        failure(
+            ns,
+            id,
+            format!("{ns}/{id}: init pid not recorded (createRuntime hook did not run)"),
+        )
     })?;
     if ProcId::of(pid).is_none() {
-        return Err(Error::Hook(format!("{ns}/{id}: init pid {pid} is gone")));
+        return Err(failure(
+            ns,
+            id,
+            format!("{ns}/{id}: init pid {pid} is gone"),
+        ));
     }
     let paths = Paths::new(&store, ns, id);
     let mut record = paths.read_record()?.unwrap_or_default();
@@ -129,55 +147,14 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         init_fd,
         sig_fd,
         envoy: None,
-        rotate_at: SystemTime::now(),
+        clock: SystemClock,
+        pending: Vec::new(),
+        probe_err: String::new(),
+        trim: false,
     };
     let result = s.main_loop();
     s.shutdown();
     result
-}
-
-/// Pull the Envoy binary into the page cache from here, outside the container's
-/// cgroup. Page cache is charged to the cgroup that first reads it: without this the
-/// first sidecar on a host pays ~90 MiB of Envoy's binary against its container's
-/// memory limit. A no-op when the pages are cached already.
-fn preload(binary: &std::path::Path) {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(binary) else {
-        return;
-    };
-    if fully_cached(&f) {
-        return;
-    }
-    // A plain read, synchronously: readahead(2) may return before the pages exist.
-    let mut buf = vec![0u8; 1 << 20];
-    while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
-}
-
-/// Whether every page of `f` is in the page cache (mincore on a read-only mapping).
-fn fully_cached(f: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
-    if len == 0 {
-        return true;
-    }
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        if addr == libc::MAP_FAILED {
-            return false;
-        }
-        let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        let ok = libc::mincore(addr, len, vec.as_mut_ptr()) == 0;
-        libc::munmap(addr, len);
-        ok && vec.iter().all(|b| b & 1 == 1)
-    }
 }
 
 /// The last `n` non-empty lines of a log file (reading at most its last 4 KiB).
@@ -198,66 +175,132 @@ fn tail(path: &std::path::Path, n: usize) -> String {
 impl Supervisor<'_> {
     fn main_loop(&mut self) -> Result<()> {
         self.prepare_envoy_dirs()?;
-        self.issue()?;
+        let mut policy = Policy::new(self.clock.now());
+        let rotate_at = self.issue()?;
+        policy.on(
+            Event::Issued { rotate_at },
+            self.clock.now(),
+            self.clock.wall(),
+        );
         self.write_bootstrap()?;
         let probe = Probe::new(
             &self.ca_pem,
             &self.state.instance_guid,
             self.record.container_ip,
         )
-        .map_err(Error::Hook)?;
-        let mut backoff = BACKOFF_START;
+        .map_err(|e| self.fail(e))?;
         loop {
-            if let Err(e) = self.start_envoy() {
-                // A missing or broken binary may be fixed by the operator: keep trying.
-                log(format!("{e}; retrying in {backoff:?}"));
-                self.record.last_error = Some(e.to_string());
-                self.save();
-                if let Wake::InitExited | Wake::Terminate = self.wait(backoff)? {
+            if std::mem::take(&mut self.trim) {
+                // Set-up or rotation code (issuance, config, TLS) is done: idle with a
+                // small RSS.
+                process::trim_text_pages();
+            }
+            let timeout = policy.next_wake(self.clock.now(), self.clock.wall());
+            let mut event = self.wait(timeout)?;
+            if event == Event::EnvoyExited {
+                self.reap_envoy();
+            }
+            // Do what the policy says, telling it each outcome, until it says wait.
+            loop {
+                let action = policy.on(event, self.clock.now(), self.clock.wall());
+                if action == Action::Stop {
                     return Ok(());
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
+                match self.perform(action, &probe) {
+                    Some(outcome) => event = outcome,
+                    None => break,
+                }
             }
-            match self.wait_ready(&probe) {
-                Wake::InitExited | Wake::Terminate => return Ok(()),
-                Wake::EnvoyExited => {}
-                Wake::Timeout => loop {
-                    let wait = self
-                        .rotate_at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO);
-                    match self.wait(wait)? {
-                        Wake::InitExited | Wake::Terminate => return Ok(()),
-                        Wake::EnvoyExited => break,
-                        Wake::Timeout => {
-                            if let Err(e) = self.issue() {
-                                log(format!("rotation failed, retrying in {RETRY_ISSUE:?}: {e}"));
-                                self.record.last_error = Some(e.to_string());
-                                self.rotate_at = SystemTime::now() + RETRY_ISSUE;
-                            }
-                            process::trim_text_pages();
-                        }
-                    }
-                },
-            }
-            // Envoy died: restart with backoff (reset after a healthy run).
-            let ran = self.reap_envoy();
-            if ran >= HEALTHY_RUN {
-                backoff = BACKOFF_START;
-            }
-            self.record.envoy_restarts += 1;
-            self.record.ready_at = None;
-            self.save();
-            log(format!(
-                "Envoy exited after {ran:?}; restart #{} in {backoff:?}",
-                self.record.envoy_restarts
-            ));
-            if let Wake::InitExited | Wake::Terminate = self.wait(backoff)? {
-                return Ok(());
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Carry out `action`; returns its outcome when the policy awaits one.
+    fn perform(&mut self, action: Action, probe: &Probe) -> Option<Event> {
+        match action {
+            Action::Wait | Action::Stop => None,
+            Action::Start => Some(match self.start_envoy() {
+                Ok(()) => Event::Started,
+                Err(e) => {
+                    // A missing or broken binary may be fixed by the operator: keep trying.
+                    self.record.last_error = Some(e.to_string());
+                    Event::StartFailed
+                }
+            }),
+            Action::RetryStart { backoff } => {
+                log(format!("{}; retrying in {backoff:?}", self.last_error()));
+                self.save();
+                None
+            }
+            Action::Probe => Some(Event::Probed {
+                ready: self.probe_round(probe),
+            }),
+            Action::Ready { after } => {
+                self.record.ready_at = Some(now_rfc3339());
+                self.save();
+                log(format!(
+                    "ready after {after:?} (TLS handshake on {:?})",
+                    self.ports()
+                ));
+                self.trim = true;
+                None
+            }
+            Action::Kill { not_ready_after } => {
+                log(format!(
+                    "not ready after {not_ready_after:?}: {}; restarting Envoy",
+                    self.probe_err
+                ));
+                self.record.last_error = Some(format!("not ready: {}", self.probe_err));
+                // Its exit wakes the loop like any other (the pidfd), and it restarts.
+                let envoy = self.envoy.as_ref();
+                if let Some(p) = envoy.and_then(|(c, _)| ProcId::of(c.id() as i32)) {
+                    p.signal(libc::SIGKILL);
+                }
+                None
+            }
+            Action::Restart { ran, backoff } => {
+                self.record.envoy_restarts += 1;
+                self.record.ready_at = None;
+                self.save();
+                log(format!(
+                    "Envoy exited after {ran:?}; restart #{} in {backoff:?}",
+                    self.record.envoy_restarts
+                ));
+                None
+            }
+            Action::Rotate => {
+                self.trim = true;
+                Some(match self.issue() {
+                    Ok(rotate_at) => Event::Issued { rotate_at },
+                    Err(e) => {
+                        self.record.last_error = Some(e.to_string());
+                        Event::IssueFailed
+                    }
+                })
+            }
+            Action::RetryRotation { after } => {
+                log(format!(
+                    "rotation failed, retrying in {after:?}: {}",
+                    self.last_error()
+                ));
+                None
+            }
+        }
+    }
+
+    fn fail(&self, msg: String) -> Error {
+        failure(&self.state.namespace, &self.state.id, msg)
+    }
+
+    fn last_error(&self) -> &str {
+        self.record.last_error.as_deref().unwrap_or_default()
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        self.state
+            .ports
+            .iter()
+            .map(|m| m.internal_tls_proxy)
+            .collect()
     }
 
     fn save(&self) {
@@ -273,7 +316,7 @@ impl Supervisor<'_> {
         for a in self.cfg.runtime.state_dir.ancestors().skip(1) {
             let mode = std::fs::metadata(a).at(a)?.permissions().mode();
             if mode & 0o001 == 0 {
-                return Err(Error::Hook(format!(
+                return Err(self.fail(format!(
                     "runtime.state_dir {}: its parent {} (mode {:o}) is not searchable by others, \
                      so Envoy (uid {uid}) cannot read its configuration; use a state_dir whose \
                      parents are world-searchable (the default /run/envoy-sidecar is)",
@@ -308,8 +351,9 @@ impl Supervisor<'_> {
         Ok(())
     }
 
-    /// Issue a fresh identity, hand it to the app and to Envoy (both atomically).
-    fn issue(&mut self) -> Result<()> {
+    /// Issue a fresh identity, hand it to the app and to Envoy (both atomically);
+    /// returns when it is due for rotation.
+    fn issue(&mut self) -> Result<SystemTime> {
         let s = &self.state;
         let issued: Issued = self.ca.issue(&Identity {
             instance_guid: &s.instance_guid,
@@ -328,7 +372,7 @@ impl Supervisor<'_> {
             self.state.envoy_uid,
             self.state.envoy_uid,
         )?;
-        self.rotate_at = identity::rotate_after(&issued);
+        let rotate_at = identity::rotate_after(&issued);
         self.record.cert_serial = Some(issued.serial_hex.clone());
         self.record.cert_not_after = issued
             .not_after
@@ -340,11 +384,11 @@ impl Supervisor<'_> {
         log(format!(
             "issued certificate serial {} (rotation due in {:?})",
             issued.serial_hex,
-            self.rotate_at
-                .duration_since(SystemTime::now())
+            rotate_at
+                .duration_since(self.clock.wall())
                 .unwrap_or_default()
         ));
-        Ok(())
+        Ok(rotate_at)
     }
 
     fn write_bootstrap(&self) -> Result<()> {
@@ -400,7 +444,7 @@ impl Supervisor<'_> {
 
     fn start_envoy(&mut self) -> Result<()> {
         let p = &self.cfg.proxy;
-        preload(&p.envoy_path);
+        pagecache::preload(&p.envoy_path);
         let log_path = self.paths.envoy_log();
         let log_file = OpenOptions::new()
             .create(true)
@@ -418,18 +462,10 @@ impl Supervisor<'_> {
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().at(&log_path)?)
         .stderr(log_file);
-        unsafe {
-            cmd.pre_exec(move || {
-                // Join the cgroups before exec so every page Envoy touches is charged there.
-                for f in &procs {
-                    process::join_cgroup_raw(f)?;
-                }
-                process::unblock_all_signals();
-                process::drop_privileges(uid, gid)
-            });
-        }
+        // Join the cgroups before exec so every page Envoy touches is charged there.
+        exec::confine(&mut cmd, procs, uid, gid);
         let child = cmd.spawn().map_err(|e| {
-            Error::Hook(format!(
+            self.fail(format!(
                 "starting proxy.envoy_path {}: {e}",
                 p.envoy_path.display()
             ))
@@ -439,99 +475,68 @@ impl Supervisor<'_> {
         self.record.envoy = ProcId::of(pid);
         self.save();
         log(format!("started Envoy pid {pid}"));
-        self.envoy = Some((child, fd, Instant::now()));
+        self.envoy = Some((child, fd));
+        self.pending = self.ports();
+        self.probe_err.clear();
         Ok(())
     }
 
-    /// Probe every listener with a TLS handshake until all succeed.
-    fn wait_ready(&mut self, probe: &Probe) -> Wake {
-        let started = Instant::now();
-        let ports: Vec<u16> = self
-            .state
-            .ports
-            .iter()
-            .map(|m| m.internal_tls_proxy)
-            .collect();
-        let mut pending = ports.clone();
-        let mut last_err = String::new();
-        while started.elapsed() < READY_TIMEOUT {
-            pending.retain(|port| {
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
-                match probe.handshake(addr, Duration::from_millis(500)) {
-                    Ok(()) => false,
-                    Err(e) => {
-                        last_err = e;
-                        true
-                    }
+    /// One TLS handshake on each listener not yet ready; true once all have
+    /// completed one.
+    fn probe_round(&mut self, probe: &Probe) -> bool {
+        let err = &mut self.probe_err;
+        self.pending.retain(|port| {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+            match probe.handshake(addr, HANDSHAKE_TIMEOUT) {
+                Ok(()) => false,
+                Err(e) => {
+                    *err = e;
+                    true
                 }
-            });
-            if pending.is_empty() {
-                self.record.ready_at = Some(now_rfc3339());
-                self.save();
-                log(format!(
-                    "ready after {:?} (TLS handshake on {:?})",
-                    started.elapsed(),
-                    ports
-                ));
-                // Set-up code (issuance, config, TLS) is done: idle with a small RSS.
-                process::trim_text_pages();
-                return Wake::Timeout;
             }
-            match self.wait(Duration::from_millis(20)) {
-                Ok(Wake::Timeout) => {}
-                Ok(w) => return w,
-                Err(_) => return Wake::Terminate,
-            }
-        }
-        log(format!(
-            "not ready after {READY_TIMEOUT:?}: {last_err}; restarting Envoy"
-        ));
-        self.record.last_error = Some(format!("not ready: {last_err}"));
-        if let Some((c, _, _)) = &self.envoy {
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-        }
-        Wake::EnvoyExited
+        });
+        self.pending.is_empty()
     }
 
-    fn wait(&self, timeout: Duration) -> Result<Wake> {
+    /// Wait up to `timeout` for the container's init or Envoy to exit, or a signal.
+    fn wait(&self, timeout: Duration) -> Result<Event> {
         let mut fds = vec![&self.init_fd, &self.sig_fd];
-        if let Some((_, fd, _)) = &self.envoy {
+        if let Some((_, fd)) = &self.envoy {
             fds.push(fd);
         }
+        // poll counts whole milliseconds, rounding down; round up instead so a wake-up
+        // is never early (one would find nothing due yet and poll again at once).
+        let timeout = timeout.saturating_add(Duration::from_nanos(999_999));
         let ready = process::poll_readable(&fds, timeout).at("poll")?;
         Ok(if ready.contains(&0) {
-            Wake::InitExited
+            Event::InitExited
         } else if ready.contains(&1) {
-            Wake::Terminate
+            Event::Terminate
         } else if ready.contains(&2) {
-            Wake::EnvoyExited
+            Event::EnvoyExited
         } else {
-            Wake::Timeout
+            Event::Timeout
         })
     }
 
-    /// Collect the exited Envoy; returns how long it ran.
-    fn reap_envoy(&mut self) -> Duration {
-        match self.envoy.take() {
-            Some((mut c, _, since)) => {
-                let st = c.wait();
-                // Say why: Envoy's own last words (bad config, unreadable files, ...).
-                let why = tail(&self.paths.envoy_log(), 2);
-                log(format!(
-                    "Envoy pid {} exited: {st:?}; envoy.log: {why}",
-                    c.id()
-                ));
-                self.record.last_error = Some(format!("Envoy exited ({st:?}): {why}"));
-                self.record.envoy = None;
-                since.elapsed()
-            }
-            None => Duration::ZERO,
+    /// Collect the exited Envoy and say why it exited.
+    fn reap_envoy(&mut self) {
+        if let Some((mut c, _)) = self.envoy.take() {
+            let st = c.wait();
+            // Say why: Envoy's own last words (bad config, unreadable files, ...).
+            let why = tail(&self.paths.envoy_log(), 2);
+            log(format!(
+                "Envoy pid {} exited: {st:?}; envoy.log: {why}",
+                c.id()
+            ));
+            self.record.last_error = Some(format!("Envoy exited ({st:?}): {why}"));
+            self.record.envoy = None;
         }
     }
 
     /// Stop Envoy and empty its cgroups (runc cannot remove a busy cgroup).
     fn shutdown(&mut self) {
-        if let Some((mut c, _, _)) = self.envoy.take() {
+        if let Some((mut c, _)) = self.envoy.take() {
             if let Some(p) = ProcId::of(c.id() as i32) {
                 p.terminate(Duration::from_secs(2));
             }

@@ -2,5 +2,7 @@
 
 pub mod cgroup;
 pub mod clock;
+pub mod exec;
 pub mod fs;
+pub mod pagecache;
 pub mod process;
