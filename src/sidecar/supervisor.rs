@@ -94,7 +94,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let mut record = paths.read_record()?.unwrap_or_default();
     if let Some(other) = record
         .supervisor
-        .filter(|s| s.alive() && s.pid != std::process::id() as i32)
+        .filter(|s| s.alive() && s.pid != process::self_pid())
     {
         log(format!(
             "another supervisor (pid {}) already runs for {ns}/{id}; leaving",
@@ -112,7 +112,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         orphan.terminate(Duration::from_secs(2));
         record.envoy = None;
     }
-    record.supervisor = ProcId::of(std::process::id() as i32);
+    record.supervisor = ProcId::of(process::self_pid());
     record.ready_at = None;
     paths.write_record(&record)?;
 
@@ -252,7 +252,7 @@ impl Supervisor<'_> {
                 self.record.last_error = Some(format!("not ready: {}", self.probe_err));
                 // Its exit wakes the loop like any other (the pidfd), and it restarts.
                 let envoy = self.envoy.as_ref();
-                if let Some(p) = envoy.and_then(|(c, _)| ProcId::of(c.id() as i32)) {
+                if let Some(p) = envoy.and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of)) {
                     p.signal(libc::SIGKILL);
                 }
                 None
@@ -433,7 +433,7 @@ impl Supervisor<'_> {
             mtls,
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            max_connections: p.max_connections as u32,
+            max_connections: u32::try_from(p.max_connections).expect("validated by Config::check"),
         };
         let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
         let path = self.paths.bootstrap();
@@ -456,7 +456,7 @@ impl Supervisor<'_> {
         let mut cmd = Command::new(&p.envoy_path);
         cmd.args(bootstrap::args(
             &self.paths.bootstrap(),
-            p.concurrency as u32,
+            u32::try_from(p.concurrency).expect("validated by Config::check"),
             DRAIN_TIME,
         ))
         .stdin(Stdio::null())
@@ -470,7 +470,7 @@ impl Supervisor<'_> {
                 p.envoy_path.display()
             ))
         })?;
-        let pid = child.id() as i32;
+        let pid = i32::try_from(child.id()).expect("pids fit in pid_t");
         let fd = process::pidfd_open(pid).at(format!("pidfd of envoy {pid}"))?;
         self.record.envoy = ProcId::of(pid);
         self.save();
@@ -537,7 +537,7 @@ impl Supervisor<'_> {
     /// Stop Envoy and empty its cgroups (runc cannot remove a busy cgroup).
     fn shutdown(&mut self) {
         if let Some((mut c, _)) = self.envoy.take() {
-            if let Some(p) = ProcId::of(c.id() as i32) {
+            if let Some(p) = i32::try_from(c.id()).ok().and_then(ProcId::of) {
                 p.terminate(Duration::from_secs(2));
             }
             let _ = c.wait();

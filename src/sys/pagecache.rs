@@ -25,21 +25,26 @@ pub fn preload(binary: &Path) {
 /// Whether every page of `f` is in the page cache (mincore on a read-only mapping).
 /// False when that cannot be told.
 pub fn fully_cached(f: &File) -> bool {
-    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let len = f
+        .metadata()
+        .ok()
+        .and_then(|m| usize::try_from(m.len()).ok())
+        .unwrap_or(0);
     if len == 0 {
         return true;
     }
-    // SAFETY: sysconf only reads a system constant.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if page <= 0 {
+    let Ok(Some(page)) = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) else {
         // mincore writes one byte per (real) page: without the size, no buffer is
         // known to be large enough.
         return false;
-    }
+    };
+    let Ok(page) = usize::try_from(page) else {
+        return false;
+    };
     let Some(map) = Mapping::new(f, len) else {
         return false;
     };
-    let mut vec = vec![0u8; len.div_ceil(page as usize)];
+    let mut vec = vec![0u8; len.div_ceil(page)];
     // SAFETY: `map` is a live mapping of `len` bytes (page-aligned, as mmap returns
     // it); `vec` holds ceil(len / page size) bytes, the number mincore writes.
     // mincore only reports residency: it does not touch the mapped pages, so a file
