@@ -69,26 +69,18 @@ struct Supervisor<'a> {
 /// Entry point; returns when the container is gone or on SIGTERM.
 pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let store = Store::new(&cfg.runtime.state_dir);
-    let state = store.read(ns, id)?.ok_or_else(|| {
-        failure(
-            ns,
-            id,
-            format!("no state for {ns}/{id}: not a proxied container"),
-        )
-    })?;
+    let state = store
+        .read(ns, id)?
+        .ok_or_else(|| failure(ns, id, "no state: not a proxied container".into()))?;
     let pid = state.init_pid.ok_or_else(|| {
         failure(
             ns,
             id,
-            format!("{ns}/{id}: init pid not recorded (createRuntime hook did not run)"),
+            "init pid not recorded (createRuntime hook did not run)".into(),
         )
     })?;
     if ProcId::of(pid).is_none() {
-        return Err(failure(
-            ns,
-            id,
-            format!("{ns}/{id}: init pid {pid} is gone"),
-        ));
+        return Err(failure(ns, id, format!("init pid {pid} is gone")));
     }
     let paths = Paths::new(&store, ns, id);
     let mut record = paths.read_record()?.unwrap_or_default();
@@ -252,7 +244,9 @@ impl Supervisor<'_> {
                 self.record.last_error = Some(format!("not ready: {}", self.probe_err));
                 // Its exit wakes the loop like any other (the pidfd), and it restarts.
                 let envoy = self.envoy.as_ref();
-                if let Some(p) = envoy.and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of)) {
+                if let Some(p) =
+                    envoy.and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of))
+                {
                     p.signal(libc::SIGKILL);
                 }
                 None
@@ -465,10 +459,10 @@ impl Supervisor<'_> {
         // Join the cgroups before exec so every page Envoy touches is charged there.
         exec::confine(&mut cmd, procs, uid, gid);
         let child = cmd.spawn().map_err(|e| {
-            self.fail(format!(
-                "starting proxy.envoy_path {}: {e}",
-                p.envoy_path.display()
-            ))
+            Error::process(
+                format!("starting proxy.envoy_path {}", p.envoy_path.display()),
+                e,
+            )
         })?;
         let pid = i32::try_from(child.id()).expect("pids fit in pid_t");
         let fd = process::pidfd_open(pid).at(format!("pidfd of envoy {pid}"))?;
