@@ -10,18 +10,14 @@
 //! Order of operations: [`write_sds`] before Envoy starts — Envoy 1.40 refuses to
 //! start (and to validate) when the SDS file does not exist.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::create::annotations::bad;
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 
 /// The per-container ALPN override (the host default comes from `proxy.enable_http2`).
 pub const ALPN_ANNOTATION: &str = "envoy-sidecar/alpn";
@@ -373,34 +369,16 @@ pub fn write_sds(
     uid: u32,
     gid: u32,
 ) -> Result<()> {
-    // Unique per call: two rotations racing in one process must not share a temp file.
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = sds_dir.join(format!(
-        ".{SDS_FILE}.{}.{}.tmp",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let dest = sds_dir.join(SDS_FILE);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&tmp)
-            .at(&tmp)?;
-        f.write_all(&render(&sds_response(cert_chain_pem, key_pem)))
-            .at(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).at(&tmp)?;
-        // Explicitly: the creation mode was filtered through the umask.
-        f.set_permissions(fs::Permissions::from_mode(0o400))
-            .at(&tmp)?;
-        f.sync_all().at(&tmp)?;
-        fs::rename(&tmp, &dest).at(&dest)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    // Inside `sds_dir` (a rename must not cross file systems), by rename only.
+    crate::sys::fs::write_atomic_with(
+        &sds_dir.join(SDS_FILE),
+        &render(&sds_response(cert_chain_pem, key_pem)),
+        crate::sys::fs::WriteOptions {
+            mode: 0o400,
+            owner: Some((uid, gid)),
+            durable: true,
+        },
+    )
 }
 
 /// Envoy's argv (without the binary).
@@ -440,6 +418,7 @@ pub fn validate_args(bootstrap_path: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::net::Ipv4Addr;
     use std::path::PathBuf;
 

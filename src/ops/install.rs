@@ -156,16 +156,7 @@ pub fn uninstall(root: &Path, dry_run: bool) -> Result<Vec<String>> {
     for f in files.iter().chain(std::iter::once(&root.join(MANIFEST))) {
         actions.push(format!("remove {}", f.display()));
         if !dry_run {
-            match std::fs::remove_file(f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::Io {
-                        path: f.clone(),
-                        source: e,
-                    });
-                }
-            }
+            crate::sys::fs::remove_if_exists(f)?;
         }
     }
     Ok(actions)

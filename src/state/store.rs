@@ -218,26 +218,10 @@ impl Store {
     /// then the rest of its directory. Idempotent.
     pub fn remove(&self, ns: &str, id: &str) -> Result<bool> {
         let dir = self.dir(ns, id);
-        let existed = match fs::remove_file(dir.join(STATE_FILE)) {
-            Ok(()) => true,
-            Err(e) if e.kind() == ErrorKind::NotFound => false,
-            Err(e) => {
-                return Err(Error::Io {
-                    path: dir.join(STATE_FILE),
-                    source: e,
-                });
-            }
-        };
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::Io {
-                    path: dir,
-                    source: e,
-                });
-            }
-        }
+        let state = dir.join(STATE_FILE);
+        let existed = state.exists();
+        fsutil::remove_if_exists(&state)?;
+        fsutil::remove_dir_all_if_exists(&dir)?;
         // An empty namespace directory is noise for `ls` and gc; a concurrent create
         // recreates it (DirBuilder is recursive), and a non-empty one is left alone.
         let _ = fs::remove_dir(self.root.join(ns));

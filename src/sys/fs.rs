@@ -2,7 +2,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -48,6 +48,9 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], o: WriteOptions) -> Result<(
         if let Some((uid, gid)) = o.owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).at(&tmp)?;
         }
+        // Explicitly: the creation mode was filtered through the umask.
+        f.set_permissions(std::fs::Permissions::from_mode(o.mode))
+            .at(&tmp)?;
         if o.durable {
             f.sync_all().at(&tmp)?;
         }
@@ -121,7 +124,10 @@ fn temp_sibling(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    // Unique per call: two writers in one process must not share a temp file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 /// Read at most `max` bytes of `path`, refusing anything but a regular file when
