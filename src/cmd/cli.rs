@@ -13,7 +13,14 @@ usage: envoy-sidecar [--config PATH] COMMAND
 
 commands:
   check-config                    validate the configuration; non-zero exit on error
-  inspect ID [--namespace NS]     print a container's decided state as JSON (NS: default)
+  status [--namespace NS] [--json]
+                                  one row per proxied container: status (waiting-for-
+                                  network, starting, ready, degraded + why, stopping),
+                                  ports, IP, NAT, Envoy, restarts, cert expiry, error
+  inspect ID [--namespace NS]     print a container's decided state and status as JSON
+                                  (NS: default)
+  rotate [ID...|--all] [--namespace NS]
+                                  re-issue instance identity now (re-reading the CA)
   hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
                                   poststop) with the OCI state JSON on stdin
   metrics [ID...] [--namespace NS] [--json] [--address SOCK]
@@ -47,6 +54,15 @@ The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
     CheckConfig,
+    Status {
+        namespace: Option<String>,
+        json: bool,
+    },
+    Rotate {
+        ids: Vec<String>,
+        all: bool,
+        namespace: String,
+    },
     RecommendMemory {
         connections: u64,
         mtls: bool,
@@ -113,6 +129,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut root = None;
     let mut connections = None;
     let mut mtls = false;
+    let mut all = false;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -140,6 +157,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--listen" => listen = Some(value("--listen")?),
             "--root" => root = Some(PathBuf::from(value("--root")?)),
             "--mtls" => mtls = true,
+            "--all" => all = true,
             "--connections" => {
                 let v = value("--connections")?;
                 connections = Some(
@@ -161,17 +179,33 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --all, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
         }
     }
+    let namespace_given = namespace.clone();
     let namespace = namespace.unwrap_or_else(|| "default".into());
     let mut pos = positional.into_iter();
     let cmd = match pos.next().as_deref() {
         None | Some("help") => Cmd::Help,
         Some("check-config") => Cmd::CheckConfig,
+        Some("status") => Cmd::Status {
+            namespace: namespace_given,
+            json,
+        },
+        Some("rotate") => {
+            let ids: Vec<String> = pos.by_ref().collect();
+            if all == !ids.is_empty() {
+                bail!("rotate needs container IDs or --all (not both)\n\n{USAGE}");
+            }
+            Cmd::Rotate {
+                ids,
+                all,
+                namespace,
+            }
+        }
         Some("inspect") => Cmd::Inspect {
             id: pos.next().context("inspect needs a container ID")?,
             namespace,
@@ -278,6 +312,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::CheckConfig => {
             let cfg = load(args.config.as_deref())?;
+            // `load` refused what create would refuse; a missing binary is the
+            // operator's to fix as well (create lets it pass: it may come later).
+            if cfg.proxy.enabled
+                && let Err(a) = cfg.unprivileged_access()
+            {
+                let (key, msg) = a.key_and_message();
+                bail!("config {}: {key}: {msg}", cfg.source_name());
+            }
             match &cfg.source {
                 Some(p) => println!("config OK: {}", p.display()),
                 None => println!("config OK: no file, built-in defaults (proxy disabled)"),
@@ -291,7 +333,67 @@ fn run(args: Args) -> anyhow::Result<()> {
             let s = st
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
-            println!("{}", serde_json::to_string_pretty(&s)?);
+            let rec = crate::state::layout::Paths::new(&st, &namespace, &id)
+                .read_record()
+                .ok()
+                .flatten();
+            let row = crate::ops::status::row(&s, rec.as_ref(), &crate::sys::process::Procfs);
+            let mut v = serde_json::to_value(&s)?;
+            v["status"] = serde_json::to_value(&row)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Cmd::Status { namespace, json } => {
+            if let Some(ns) = &namespace {
+                store::check_namespace(ns)?;
+            }
+            let cfg = load(args.config.as_deref())?;
+            let st = Store::new(&cfg.runtime.state_dir);
+            let rows =
+                crate::ops::status::rows(&st, namespace.as_deref(), &crate::sys::process::Procfs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", crate::ops::status::table(&rows));
+            }
+        }
+        Cmd::Rotate {
+            ids,
+            all,
+            namespace,
+        } => {
+            store::check_namespace(&namespace)?;
+            for id in &ids {
+                store::check_id(id)?;
+            }
+            let cfg = load(args.config.as_deref())?;
+            let st = Store::new(&cfg.runtime.state_dir);
+            let targets: Vec<(String, String)> = if all {
+                st.list()?
+                    .into_iter()
+                    .map(|s| (s.namespace, s.id))
+                    .collect()
+            } else {
+                ids.into_iter().map(|i| (namespace.clone(), i)).collect()
+            };
+            let mut failed = 0;
+            for (ns, id) in &targets {
+                match crate::sidecar::control::request_rotation(&st, ns, id) {
+                    Ok(pid) => println!("{ns}/{id}: rotation requested (supervisor pid {pid})"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!(
+                            "envoy-sidecar: rotate {ns}/{id}: {}",
+                            crate::error::render(&e)
+                        );
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!(
+                    "rotate: {failed} of {} container(s) not rotated",
+                    targets.len()
+                );
+            }
         }
         Cmd::RecommendMemory { connections, mtls } => {
             let mb = crate::envoy::sizing::recommend_mb(connections, mtls);

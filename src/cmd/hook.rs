@@ -100,7 +100,9 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             };
             s.started_at = Some(now_rfc3339());
             store.write(&s)?;
-            crate::sidecar::control::apply_nat(store, host.nat.as_ref(), namespace, &st.id)?;
+            // NAT is the supervisor's: under runc 1.1 poststart runs at the end of
+            // `create`, before `ctr run --cni` or Garden configure the network, so the
+            // address is followed from there (rtnetlink), not looked up once here.
             crate::sidecar::control::launch(
                 host.procs.as_ref(),
                 cfg.source.as_deref(),

@@ -8,6 +8,7 @@
 pub mod pem;
 
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,6 +61,9 @@ pub struct Proxy {
     pub envoy_uid_pool_size: i64,
     /// Envoy's cap on open downstream connections (global_downstream_max_connections).
     pub max_connections: i64,
+    /// How long a container may run without an IPv4 address before its status turns
+    /// `degraded` (humantime: `30s`, `2m`).
+    pub network_wait: String,
 }
 
 impl Default for Proxy {
@@ -77,6 +81,7 @@ impl Default for Proxy {
             envoy_uid_pool_start: 2_000_000_000,
             envoy_uid_pool_size: 65536,
             max_connections: 4096,
+            network_wait: "30s".into(),
         }
     }
 }
@@ -202,6 +207,14 @@ impl Config {
         })
     }
 
+    /// The configuration file, or what stands for it when there is none.
+    pub fn source_name(&self) -> String {
+        self.source
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(built-in defaults)".into())
+    }
+
     fn err(&self, key: &str, msg: impl Into<String>) -> Error {
         Error::Config {
             path: self
@@ -319,7 +332,14 @@ impl Config {
                 })?;
             }
         }
+        if p.enabled
+            && files
+            && let Err(Access::Denied(m)) = self.unprivileged_access()
+        {
+            return Err(self.err(m.0, m.1));
+        }
         self.validity()?;
+        self.network_wait()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -404,6 +424,110 @@ impl Config {
         Ok(d)
     }
 
+    /// `[proxy] network_wait`; checked by `validate`.
+    pub fn network_wait(&self) -> Result<Duration> {
+        let v = &self.proxy.network_wait;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.network_wait",
+                format!("{v:?}: {e}; valid: a duration such as \"30s\", \"2m\""),
+            )
+        })?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+            return Err(self.err(
+                "proxy.network_wait",
+                format!("{v:?} is out of range; valid: 1s to 1h"),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Whether Envoy, running as an unprivileged uid of its own, can execute
+    /// `proxy.envoy_path` and reach its files under `runtime.state_dir`. The one
+    /// decision `check-config`, `doctor`, `create` and the supervisor share: a binary
+    /// that is there but out of reach is refused at create (the container would never
+    /// get its proxy); a missing one fails `check-config`/`doctor` but not create (it
+    /// may be installed later: the supervisor retries and reports it in `status`).
+    pub fn unprivileged_access(&self) -> std::result::Result<(), Access> {
+        let bin = &self.proxy.envoy_path;
+        let key = "proxy.envoy_path";
+        let fix = format!(
+            "install a copy Envoy's uid can run, e.g. `install -m 0755 {} /usr/local/bin/envoy`, \
+             and set proxy.envoy_path to it",
+            bin.display()
+        );
+        let denied = |k: &'static str, m: String| Err(Access::Denied((k, m)));
+        // Every directory on the way, for the path as given and as resolved.
+        let real = std::fs::canonicalize(bin).ok();
+        for path in std::iter::once(bin.as_path()).chain(real.as_deref()) {
+            for d in path.ancestors().skip(1) {
+                match std::fs::metadata(d) {
+                    Ok(m) if m.permissions().mode() & 0o001 == 0 => {
+                        return denied(
+                            key,
+                            format!(
+                                "{}: directory {} (mode {:o}) is not searchable by others, so \
+                                 Envoy's unprivileged uid cannot execute it; {fix} (or `chmod o+x {}`)",
+                                bin.display(),
+                                d.display(),
+                                m.permissions().mode() & 0o7777,
+                                d.display()
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        match std::fs::metadata(bin) {
+            Err(e) => {
+                return Err(Access::Missing((
+                    key,
+                    format!(
+                        "{}: {e}; install Envoy there or point proxy.envoy_path at it",
+                        bin.display()
+                    ),
+                )));
+            }
+            Ok(m) if !m.is_file() => {
+                return denied(key, format!("{}: not a regular file", bin.display()));
+            }
+            Ok(m) if m.permissions().mode() & 0o001 == 0 => {
+                return denied(
+                    key,
+                    format!(
+                        "{}: mode {:o} is not executable by others, so Envoy's unprivileged uid \
+                         cannot execute it; `chmod o+x` it or {fix}",
+                        bin.display(),
+                        m.permissions().mode() & 0o7777
+                    ),
+                );
+            }
+            Ok(_) => {}
+        }
+        let sd = &self.runtime.state_dir;
+        for a in sd.ancestors().skip(1) {
+            if let Ok(m) = std::fs::metadata(a)
+                && m.permissions().mode() & 0o001 == 0
+            {
+                return denied(
+                    "runtime.state_dir",
+                    format!(
+                        "{}: its parent {} (mode {:o}) is not searchable by others, so Envoy's \
+                         unprivileged uid cannot read its configuration; `chmod o+x {}` or use a \
+                         state_dir whose parents are (the default /run/envoy-sidecar is)",
+                        sd.display(),
+                        a.display(),
+                        m.permissions().mode() & 0o7777,
+                        a.display()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Leaf key algorithm; checked by `validate`.
     pub fn key_type(&self) -> Result<KeyType> {
         self.instance_identity
@@ -434,6 +558,23 @@ impl Config {
         match self.host.memory_capacity_mb {
             Some(mb) => Ok(mb.unsigned_abs() * 1024 * 1024),
             None => physical_memory_bytes(),
+        }
+    }
+}
+
+/// Why an unprivileged Envoy could not do its job: `(config key, message)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The binary is not there (yet).
+    Missing((&'static str, String)),
+    /// It is there but out of reach of an unprivileged uid.
+    Denied((&'static str, String)),
+}
+
+impl Access {
+    pub fn key_and_message(&self) -> (&'static str, &str) {
+        match self {
+            Access::Missing((k, m)) | Access::Denied((k, m)) => (k, m),
         }
     }
 }
@@ -475,6 +616,98 @@ mod tests {
     fn invalid(text: &str) -> String {
         let c = parse(text).unwrap();
         c.validate(&[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unprivileged_access_names_the_path_and_the_fix() {
+        use std::fs::Permissions;
+        let root = crate::state::store::tests::tempdir("access");
+        std::fs::set_permissions(&root, Permissions::from_mode(0o755)).unwrap();
+        let open = root.join("open");
+        let closed = root.join("closed");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::create_dir_all(&closed).unwrap();
+        std::fs::set_permissions(&closed, Permissions::from_mode(0o700)).unwrap();
+        for (p, mode) in [
+            (open.join("envoy"), 0o755),
+            (open.join("private"), 0o750),
+            (closed.join("envoy"), 0o755),
+        ] {
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, Permissions::from_mode(mode)).unwrap();
+        }
+        let cfg = |bin: &Path, state: &Path| {
+            let mut c = Config::default();
+            c.proxy.envoy_path = bin.into();
+            c.runtime.state_dir = state.into();
+            c
+        };
+        let state_ok = open.join("state");
+        assert_eq!(
+            cfg(&open.join("envoy"), &state_ok).unprivileged_access(),
+            Ok(())
+        );
+
+        let Err(Access::Denied((k, m))) =
+            cfg(&closed.join("envoy"), &state_ok).unprivileged_access()
+        else {
+            panic!("a binary under a 0700 directory must be refused");
+        };
+        assert_eq!(k, "proxy.envoy_path");
+        assert!(
+            m.contains(&closed.display().to_string()) && m.contains("mode 700"),
+            "{m}"
+        );
+        assert!(
+            m.contains("install -m 0755") && m.contains("chmod o+x"),
+            "{m}"
+        );
+
+        // Through a symlink, the target's directories count.
+        let link = open.join("envoy-link");
+        std::os::unix::fs::symlink(closed.join("envoy"), &link).unwrap();
+        assert!(matches!(
+            cfg(&link, &state_ok).unprivileged_access(),
+            Err(Access::Denied(_))
+        ));
+
+        let Err(Access::Denied((_, m))) =
+            cfg(&open.join("private"), &state_ok).unprivileged_access()
+        else {
+            panic!("mode 0750 is not executable by others");
+        };
+        assert!(m.contains("not executable by others"), "{m}");
+
+        assert!(matches!(
+            cfg(&open.join("missing"), &state_ok).unprivileged_access(),
+            Err(Access::Missing(("proxy.envoy_path", _)))
+        ));
+
+        let Err(Access::Denied((k, m))) =
+            cfg(&open.join("envoy"), &closed.join("state")).unprivileged_access()
+        else {
+            panic!("a state_dir under a 0700 parent must be refused");
+        };
+        assert_eq!(k, "runtime.state_dir");
+        assert!(m.contains("not searchable by others"), "{m}");
+
+        std::fs::set_permissions(&closed, Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn network_wait_is_a_bounded_duration() {
+        assert_eq!(
+            Config::default().network_wait().unwrap(),
+            Duration::from_secs(30)
+        );
+        let e = invalid("[proxy]\nnetwork_wait = \"forever\"\n");
+        assert!(
+            e.contains("proxy.network_wait") && e.contains("valid:"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\nnetwork_wait = \"2h\"\n");
+        assert!(e.contains("1s to 1h"), "{e}");
     }
 
     #[test]

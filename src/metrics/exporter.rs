@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Mode};
 use crate::state::layout::Paths;
+use crate::state::record::State;
 use crate::state::store::{ContainerState, Store};
 
 pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {
@@ -107,6 +108,18 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         "envoy_sidecar_containerd_up",
         "Whether containerd answered the last metrics request (per namespace).",
     );
+    let mut ready = g(
+        "envoy_sidecar_ready",
+        "1 when the container's proxy is ready (TLS on every listener, network followed).",
+    );
+    let mut nat = g(
+        "envoy_sidecar_nat_applied",
+        "1 when host NAT to the container's current IP is in place.",
+    );
+    let mut status = g(
+        "envoy_sidecar_status",
+        "1 for the container's current status (waiting-for-network, starting, ready, degraded, stopping).",
+    );
 
     let states = store.list().unwrap_or_default();
     let mut by_ns: BTreeMap<String, Vec<ContainerState>> = BTreeMap::new();
@@ -121,10 +134,25 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         let fetched = fetched.unwrap_or_default();
         for s in list {
             let l = labels(s);
+            let rec = Paths::new(store, &s.namespace, &s.id)
+                .read_record()
+                .ok()
+                .flatten();
+            let row = crate::ops::status::row(s, rec.as_ref(), &crate::sys::process::Procfs);
+            ready
+                .samples
+                .push((l.clone(), u64::from(row.status == State::Ready)));
+            nat.samples.push((l.clone(), u64::from(row.nat_applied)));
+            for st in State::ALL {
+                status.samples.push((
+                    format!("{l},status=\"{}\"", st.as_str()),
+                    u64::from(row.status == st),
+                ));
+            }
             quota
                 .samples
                 .push((l.clone(), s.memory.requested_bytes.unwrap_or(0)));
-            if let Ok(Some(rec)) = Paths::new(store, &s.namespace, &s.id).read_record() {
+            if let Some(rec) = rec {
                 restarts
                     .samples
                     .push((l.clone(), rec.envoy_restarts as u64));
@@ -144,7 +172,9 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         }
     }
     let mut out = String::new();
-    for gauge in [quota, usage, raw, envoy, restarts, expiry, up] {
+    for gauge in [
+        quota, usage, raw, envoy, restarts, expiry, up, ready, nat, status,
+    ] {
         let _ = writeln!(out, "# HELP {} {}", gauge.name, gauge.help);
         let _ = writeln!(out, "# TYPE {} gauge", gauge.name);
         for (l, v) in gauge.samples {

@@ -183,6 +183,21 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             ))
         }
     }));
+    out.push(check(
+        "unprivileged Envoy",
+        match cfg.unprivileged_access() {
+            Ok(()) => Ok(format!(
+                "uid {}+ can execute {} and reach {}",
+                cfg.proxy.envoy_uid_pool_start,
+                cfg.proxy.envoy_path.display(),
+                cfg.runtime.state_dir.display()
+            )),
+            Err(a) => {
+                let (key, msg) = a.key_and_message();
+                Err(format!("{key}: {msg}"))
+            }
+        },
+    ));
     out.push(check("state dir", {
         let d = &cfg.runtime.state_dir;
         std::fs::create_dir_all(d)

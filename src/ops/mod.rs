@@ -3,3 +3,4 @@
 pub mod doctor;
 pub mod gc;
 pub mod install;
+pub mod status;

@@ -9,8 +9,11 @@ use crate::host::Host;
 use crate::nat::{self, Applied, Mapping};
 pub use crate::state::layout::{ENVOY_DIR, Paths};
 pub use crate::state::record::Record;
-use crate::state::store::Store;
+use std::net::Ipv4Addr;
+
+use crate::state::store::{ContainerState, Store};
 use crate::sys::fs as fsutil;
+use crate::sys::netns;
 use crate::sys::process::{self, Processes};
 
 /// How long the supervisor gets to stop Envoy and leave after SIGTERM.
@@ -56,6 +59,26 @@ pub fn stop(store: &Store, host: &Host, ns: &str, id: &str) -> Result<()> {
     host.cgroups.kill_and_remove(&rec.cgroup)
 }
 
+/// Ask a container's supervisor to re-issue its credentials now (SIGHUP; it re-reads
+/// the CA files first). Returns the supervisor's pid.
+pub fn request_rotation(store: &Store, ns: &str, id: &str) -> Result<i32> {
+    let what = || {
+        Error::Supervisor {
+        container: format!("{ns}/{id}"),
+        msg: "no running supervisor (not proxied, not started, or stopped; see `envoy-sidecar status`)".into(),
+    }
+    };
+    store.read(ns, id)?.ok_or_else(what)?;
+    let sup = Paths::new(store, ns, id)
+        .read_record()?
+        .and_then(|r| r.supervisor)
+        .ok_or_else(what)?;
+    if !sup.signal(libc::SIGHUP) {
+        return Err(what());
+    }
+    Ok(sup.pid)
+}
+
 /// Ask Envoy to stop accepting new connections (before the app gets SIGTERM). Runs in
 /// a thread that enters the container's netns, where the admin port is.
 pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
@@ -81,24 +104,9 @@ pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// Map the container's host ports (from its state) to its IP, now that it has one
-/// (networking is set up between create and start). Recorded in `nat.json` so that
-/// removal deletes exactly what was added. Returns the mappings (empty: no IPv4).
-pub fn apply_nat(
-    store: &Store,
-    nat: &dyn nat::Backend,
-    ns: &str,
-    id: &str,
-) -> Result<Vec<Mapping>> {
-    let Some(state) = store.read(ns, id)? else {
-        return Ok(Vec::new());
-    };
-    let Some(pid) = state.init_pid else {
-        return Ok(Vec::new());
-    };
-    let Some(ip) = process::ipv4_of(pid).at(format!("/proc/{pid}/ns/net"))? else {
-        return Ok(Vec::new());
-    };
+/// The host port mappings of a container whose IP is `ip`: each TLS proxy port and,
+/// with unproxied mappings on, each app port.
+pub fn mappings(state: &ContainerState, ip: Ipv4Addr) -> Vec<Mapping> {
     let mut maps = Vec::new();
     for p in &state.ports {
         if let Some(ext) = p.external {
@@ -114,8 +122,28 @@ pub fn apply_nat(
             container_port: p.internal_tls_proxy,
         });
     }
-    let paths = Paths::new(store, ns, id);
-    // Record first: a crash after the nft call still leaves the record for removal.
+    maps
+}
+
+/// Map the container's host ports to `ip`, moving them if they pointed at another IP
+/// (`nat.json` says what was mapped). Recorded in `nat.json` before the NAT change, so
+/// removal deletes exactly what was added even after a crash. Idempotent. Must run in
+/// the host's network namespace (nft and conntrack act on the caller's).
+pub fn map_to(
+    store: &Store,
+    nat: &dyn nat::Backend,
+    state: &ContainerState,
+    ip: Ipv4Addr,
+) -> Result<Vec<Mapping>> {
+    let maps = mappings(state, ip);
+    let paths = Paths::new(store, &state.namespace, &state.id);
+    let _lock = store.lock()?;
+    if let Some(old) = Applied::read(&paths.nat())?
+        && old.mappings != maps
+    {
+        // Moving: the old elements hold the same host ports.
+        nat.remove(&old.mappings)?;
+    }
     fsutil::write_json_atomic(
         &paths.nat(),
         &Applied {
@@ -123,13 +151,33 @@ pub fn apply_nat(
         },
         0o600,
     )?;
-    let _lock = store.lock()?;
     ensure_forwarding()?;
     if let Err(e) = nat.add(&maps) {
         let _ = fsutil::remove_if_exists(&paths.nat());
         return Err(e);
     }
     Ok(maps)
+}
+
+/// `map_to` the IPv4 address the container has now, if any (the wrapper's `start`,
+/// which under `ctr run --cni` runs after the network is configured). Returns the
+/// mappings (empty: no IPv4 address yet — the supervisor maps it when one appears).
+pub fn apply_nat(
+    store: &Store,
+    nat: &dyn nat::Backend,
+    ns: &str,
+    id: &str,
+) -> Result<Vec<Mapping>> {
+    let Some(state) = store.read(ns, id)? else {
+        return Ok(Vec::new());
+    };
+    let Some(pid) = state.init_pid else {
+        return Ok(Vec::new());
+    };
+    match netns::ipv4_of(pid).at(format!("/proc/{pid}/ns/net"))? {
+        Some(ip) => map_to(store, nat, &state, ip),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way.
@@ -141,7 +189,9 @@ fn ensure_forwarding() -> Result<()> {
     Ok(())
 }
 
-/// Remove what `apply_nat` added. Idempotent.
+/// Remove what `map_to` added. Idempotent. Must run in the host's network namespace.
+/// Takes no lock (gc calls it holding the store's): callers stop the supervisor, the
+/// only other writer of `nat.json`, first.
 pub fn remove_nat(store: &Store, nat: &dyn nat::Backend, ns: &str, id: &str) -> Result<()> {
     let paths = Paths::new(store, ns, id);
     let Some(applied) = Applied::read(&paths.nat())? else {

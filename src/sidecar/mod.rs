@@ -3,4 +3,5 @@
 
 pub mod control;
 pub mod policy;
+pub mod status;
 pub mod supervisor;

@@ -8,25 +8,37 @@
 //!
 //! The decisions (when to start, restart, kill, rotate or stop) are the policy's
 //! (`sidecar::policy`); this loop performs them and reports what happened.
+//!
+//! It also follows the container's network: under `ctr run --cni` and Garden the
+//! address appears only after runc's poststart (which starts us), so an rtnetlink
+//! subscription wakes the loop on every address change; a new address gets the host
+//! NAT (run in the host's netns, where the table is) and a certificate with the new
+//! IP SAN. The operator CA files are re-read when they change (checked every
+//! `CA_CHECK`), and SIGHUP (`envoy-sidecar rotate`) re-issues at once. What all this
+//! amounts to is recorded as one status (`sidecar::status`).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::envoy::bootstrap::{self, Inputs, Listener, Mtls};
 use crate::envoy::probe::Probe;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::{self, Ca, Identity, Issued};
-use crate::sidecar::control::{Paths, Record};
-use crate::sidecar::policy::{Action, Event, Policy};
+use crate::nat::Nat;
+use crate::sidecar::control::{self, Paths, Record};
+use crate::sidecar::policy::{Action, Event, Phase, Policy};
+use crate::sidecar::status;
+use crate::state::record::{Network, State, Status};
 use crate::state::store::{ContainerState, Store};
 use crate::sys::cgroup::SidecarCgroup;
 use crate::sys::clock::{Clock, SystemClock};
 use crate::sys::fs::now_rfc3339;
+use crate::sys::netns::{self, AddrWatch};
 use crate::sys::process::{self, ProcId};
 use crate::sys::{exec, pagecache};
 
@@ -34,6 +46,10 @@ use crate::sys::{exec, pagecache};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Envoy's --drain-time-s: bounds how long a graceful drain would keep listeners open.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// How often the operator CA and trusted CA files are checked for a change.
+const CA_CHECK: Duration = Duration::from_secs(10);
+/// The wait before retrying host NAT that failed.
+const NAT_RETRY: Duration = Duration::from_secs(5);
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("{} supervisor: {}", now_rfc3339(), msg.as_ref());
@@ -64,6 +80,51 @@ struct Supervisor<'a> {
     probe_err: String,
     /// Set-up or rotation code ran: drop its text pages before idling.
     trim: bool,
+    /// The host's network namespace, where NAT changes run.
+    host_ns: File,
+    /// Address-change notifications (none in the host's netns: nothing to follow).
+    watch: Option<AddrWatch>,
+    /// Since when the container has had no IPv4 address (`None`: it has one).
+    no_ip_since: Option<Instant>,
+    nat_error: Option<String>,
+    nat_retry_at: Option<Instant>,
+    rotation_error: Option<String>,
+    /// Why Envoy is not running or not ready; cleared once it is ready.
+    envoy_error: Option<String>,
+    /// The CA files as last loaded (identity of each), and when to look again.
+    ca_stamp: Vec<Stamp>,
+    next_ca_check: Instant,
+    /// SIGHUP: re-issue now.
+    rotate_now: bool,
+    /// The CA (or the container IP) changed: the readiness probe is rebuilt.
+    probe_stale: bool,
+}
+
+/// What identifies a file's content cheaply: device, inode, size, modification time
+/// (a replaced file, renamed over or rewritten, changes at least one).
+type Stamp = Option<(u64, u64, u64, i64, i64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// The files a rotation depends on: the CA pair and every trusted CA given as a path.
+fn ca_files(cfg: &Config) -> Vec<std::path::PathBuf> {
+    let ii = &cfg.instance_identity;
+    let mut v: Vec<std::path::PathBuf> =
+        ii.ca_cert.iter().chain(ii.ca_key.iter()).cloned().collect();
+    if cfg.proxy.require_and_verify_client_certificates {
+        v.extend(
+            cfg.proxy
+                .trusted_ca_certificates
+                .iter()
+                .filter(|e| !e.trim_start().starts_with("-----BEGIN"))
+                .map(std::path::PathBuf::from),
+        );
+    }
+    v
 }
 
 /// Entry point; returns when the container is gone or on SIGTERM.
@@ -111,22 +172,34 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     // Signals first, so a SIGTERM from delete during set-up is not lost.
     let sig_fd = process::termination_signalfd().at("signalfd")?;
     let init_fd = process::pidfd_open(pid).at(format!("pidfd of init {pid}"))?;
-    process::enter_netns(pid).at(format!("/proc/{pid}/ns/net"))?;
-    record.container_ip = process::first_ipv4().map(IpAddr::V4);
+    let host_ns = netns::current().at("/proc/thread-self/ns/net")?;
+    // A container in the host's netns (`--net-host`) has the host's ports and
+    // addresses: nothing to map, no address of its own to wait for.
+    record.network = if netns::same(process::self_pid(), pid) {
+        Network::Host
+    } else {
+        Network::Namespace
+    };
+    netns::enter(pid).at(format!("/proc/{pid}/ns/net"))?;
+    // Subscribe before the first look, so an address added in between still wakes us.
+    let watch = match record.network {
+        Network::Host => None,
+        Network::Namespace => Some(AddrWatch::open().at("rtnetlink socket")?),
+    };
+    record.container_ip = None;
+    record.nat_applied = false;
+    record.status = None;
     record.cgroup = SidecarCgroup::for_container(pid)?;
     record.cgroup.create()?;
     paths.write_record(&record)?;
     log(format!(
-        "{ns}/{id}: init {pid}, container IP {}, cgroup {:?}",
-        record
-            .container_ip
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "none".into()),
-        record.cgroup.dirs
+        "{ns}/{id}: init {pid}, network {:?}, cgroup {:?}",
+        record.network, record.cgroup.dirs
     ));
 
     let ii = &cfg.instance_identity;
     let (cert_path, key_path) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
+    let stamps_before: Vec<Stamp> = ca_files(cfg).iter().map(|p| stamp(p)).collect();
     let ca = Ca::load(cert_path, key_path)?;
     let ca_pem = std::fs::read_to_string(cert_path).at(cert_path)?;
     let mut s = Supervisor {
@@ -143,6 +216,17 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         pending: Vec::new(),
         probe_err: String::new(),
         trim: false,
+        host_ns,
+        watch,
+        no_ip_since: Some(Instant::now()),
+        nat_error: None,
+        nat_retry_at: None,
+        rotation_error: None,
+        envoy_error: None,
+        ca_stamp: stamps_before,
+        next_ca_check: Instant::now() + CA_CHECK,
+        rotate_now: false,
+        probe_stale: false,
     };
     let result = s.main_loop();
     s.shutdown();
@@ -168,6 +252,9 @@ impl Supervisor<'_> {
     fn main_loop(&mut self) -> Result<()> {
         self.prepare_envoy_dirs()?;
         let mut policy = Policy::new(self.clock.now());
+        // The address the container has now (pre-configured netns, CRI, nerdctl):
+        // NAT at once, and the first certificate already carries the IP.
+        self.follow_network(None);
         let rotate_at = self.issue()?;
         policy.on(
             Event::Issued { rotate_at },
@@ -175,27 +262,34 @@ impl Supervisor<'_> {
             self.clock.wall(),
         );
         self.write_bootstrap()?;
-        let probe = Probe::new(
-            &self.ca_pem,
-            &self.state.instance_guid,
-            self.record.container_ip,
-        )
-        .map_err(|e| self.fail(e))?;
+        let mut probe = self.new_probe()?;
         loop {
+            self.update_status(policy.phase(), false);
             if std::mem::take(&mut self.trim) {
                 // Set-up or rotation code (issuance, config, TLS) is done: idle with a
                 // small RSS.
                 process::trim_text_pages();
             }
-            let timeout = policy.next_wake(self.clock.now(), self.clock.wall());
+            let timeout = policy
+                .next_wake(self.clock.now(), self.clock.wall())
+                .min(self.own_wake());
             let mut event = self.wait(timeout)?;
             if event == Event::EnvoyExited {
                 self.reap_envoy();
+            }
+            if !matches!(event, Event::InitExited | Event::Terminate) {
+                // Our own concerns first: the network, the CA, a forced rotation.
+                self.follow_network(Some(&mut policy));
+                self.check_ca(&mut policy);
+                if std::mem::take(&mut self.probe_stale) {
+                    probe = self.new_probe()?;
+                }
             }
             // Do what the policy says, telling it each outcome, until it says wait.
             loop {
                 let action = policy.on(event, self.clock.now(), self.clock.wall());
                 if action == Action::Stop {
+                    self.update_status(policy.phase(), true);
                     return Ok(());
                 }
                 match self.perform(action, &probe) {
@@ -214,7 +308,9 @@ impl Supervisor<'_> {
                 Ok(()) => Event::Started,
                 Err(e) => {
                     // A missing or broken binary may be fixed by the operator: keep trying.
-                    self.record.last_error = Some(e.to_string());
+                    let e = crate::error::render(&e);
+                    self.record.last_error = Some(e.clone());
+                    self.envoy_error = Some(e);
                     Event::StartFailed
                 }
             }),
@@ -227,6 +323,7 @@ impl Supervisor<'_> {
                 ready: self.probe_round(probe),
             }),
             Action::Ready { after } => {
+                self.envoy_error = None;
                 self.record.ready_at = Some(now_rfc3339());
                 self.save();
                 log(format!(
@@ -242,6 +339,7 @@ impl Supervisor<'_> {
                     self.probe_err
                 ));
                 self.record.last_error = Some(format!("not ready: {}", self.probe_err));
+                self.envoy_error = Some(self.probe_err.clone());
                 // Its exit wakes the loop like any other (the pidfd), and it restarts.
                 let envoy = self.envoy.as_ref();
                 if let Some(p) =
@@ -263,13 +361,7 @@ impl Supervisor<'_> {
             }
             Action::Rotate => {
                 self.trim = true;
-                Some(match self.issue() {
-                    Ok(rotate_at) => Event::Issued { rotate_at },
-                    Err(e) => {
-                        self.record.last_error = Some(e.to_string());
-                        Event::IssueFailed
-                    }
-                })
+                Some(self.issue_event())
             }
             Action::RetryRotation { after } => {
                 log(format!(
@@ -305,20 +397,10 @@ impl Supervisor<'_> {
 
     fn prepare_envoy_dirs(&self) -> Result<()> {
         let (uid, gid) = (self.state.envoy_uid, self.state.envoy_uid);
-        // Envoy (unprivileged) must reach its files: every ancestor of the state root
-        // must be searchable by others (we do not change directories we do not own).
-        for a in self.cfg.runtime.state_dir.ancestors().skip(1) {
-            let mode = std::fs::metadata(a).at(a)?.permissions().mode();
-            if mode & 0o001 == 0 {
-                return Err(self.fail(format!(
-                    "runtime.state_dir {}: its parent {} (mode {:o}) is not searchable by others, \
-                     so Envoy (uid {uid}) cannot read its configuration; use a state_dir whose \
-                     parents are world-searchable (the default /run/envoy-sidecar is)",
-                    self.cfg.runtime.state_dir.display(),
-                    a.display(),
-                    mode & 0o7777
-                )));
-            }
+        // Envoy (unprivileged) must reach its files (and run its binary): the same
+        // decision check-config, doctor and create make.
+        if let Err(crate::config::Access::Denied((key, msg))) = self.cfg.unprivileged_access() {
+            return Err(self.fail(format!("{key}: {msg} (uid {uid})")));
         }
         // Envoy (unprivileged) must traverse to its files; it may list nothing else.
         for d in [
@@ -373,7 +455,7 @@ impl Supervisor<'_> {
             .duration_since(UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs());
-        self.record.last_error = None;
+        self.rotation_error = None;
         self.save();
         log(format!(
             "issued certificate serial {} (rotation due in {:?})",
@@ -493,24 +575,278 @@ impl Supervisor<'_> {
     }
 
     /// Wait up to `timeout` for the container's init or Envoy to exit, or a signal.
-    fn wait(&self, timeout: Duration) -> Result<Event> {
+    fn wait(&mut self, timeout: Duration) -> Result<Event> {
         let mut fds = vec![&self.init_fd, &self.sig_fd];
-        if let Some((_, fd)) = &self.envoy {
+        let envoy_at = self.envoy.as_ref().map(|(_, fd)| {
             fds.push(fd);
-        }
+            fds.len() - 1
+        });
+        let watch_at = self.watch.as_ref().map(|w| {
+            fds.push(w.fd());
+            fds.len() - 1
+        });
         // poll counts whole milliseconds, rounding down; round up instead so a wake-up
         // is never early (one would find nothing due yet and poll again at once).
         let timeout = timeout.saturating_add(Duration::from_nanos(999_999));
         let ready = process::poll_readable(&fds, timeout).at("poll")?;
+        if let Some(i) = watch_at
+            && ready.contains(&i)
+            && let Some(w) = &self.watch
+        {
+            // What changed is looked at by `follow_network` after every wake-up.
+            w.drain();
+        }
         Ok(if ready.contains(&0) {
             Event::InitExited
         } else if ready.contains(&1) {
-            Event::Terminate
-        } else if ready.contains(&2) {
+            match process::take_signal(&self.sig_fd) {
+                Some(libc::SIGHUP) => {
+                    self.rotate_now = true;
+                    Event::Timeout
+                }
+                Some(_) => Event::Terminate,
+                None => Event::Timeout,
+            }
+        } else if envoy_at.is_some_and(|i| ready.contains(&i)) {
             Event::EnvoyExited
         } else {
             Event::Timeout
         })
+    }
+
+    /// The soonest of our own timers: the next CA check, a NAT retry, the end of the
+    /// network wait (when the status turns degraded).
+    fn own_wake(&self) -> Duration {
+        let now = self.clock.now();
+        let mut at = self.next_ca_check;
+        if let Some(r) = self.nat_retry_at {
+            at = at.min(r);
+        }
+        if let (Some(since), Ok(wait)) = (self.no_ip_since, self.cfg.network_wait())
+            && now < since + wait
+        {
+            at = at.min(since + wait);
+        }
+        at.saturating_duration_since(now)
+    }
+
+    fn new_probe(&self) -> Result<Probe> {
+        Probe::new(
+            &self.ca_pem,
+            &self.state.instance_guid,
+            self.record.container_ip,
+        )
+        .map_err(|e| self.fail(e))
+    }
+
+    /// Issue and say how it went, for the policy.
+    fn issue_event(&mut self) -> Event {
+        match self.issue() {
+            Ok(rotate_at) => Event::Issued { rotate_at },
+            Err(e) => {
+                let e = crate::error::render(&e);
+                self.record.last_error = Some(e.clone());
+                self.rotation_error = Some(e);
+                Event::IssueFailed
+            }
+        }
+    }
+
+    /// Look at the container's address; map its host ports to a new one (moving them
+    /// from an old one), withdraw them when it is gone, and re-issue the certificate
+    /// so its IP SAN follows. `policy` is `None` before the first issue.
+    fn follow_network(&mut self, policy: Option<&mut Policy>) {
+        if self.record.network == Network::Host {
+            self.no_ip_since = None;
+            return;
+        }
+        let ip = netns::first_ipv4();
+        let now = self.clock.now();
+        let old = self.record.container_ip;
+        if ip.map(IpAddr::V4) != old {
+            log(format!(
+                "container IP {} -> {}",
+                old.map_or("none".into(), |i| i.to_string()),
+                ip.map_or("none".into(), |i| i.to_string())
+            ));
+            self.record.container_ip = ip.map(IpAddr::V4);
+            self.no_ip_since = if ip.is_some() { None } else { Some(now) };
+            self.nat_retry_at = None;
+            self.probe_stale = true;
+            match ip {
+                Some(ip) => self.map_nat(ip),
+                None => self.unmap_nat(),
+            }
+            self.save();
+            if let Some(p) = policy {
+                // The IP SAN follows the address (no Envoy restart: SDS swap).
+                let ev = self.issue_event();
+                self.tell(p, ev);
+            }
+        } else if let Some(ip) = ip
+            && self.nat_retry_at.is_some_and(|at| now >= at)
+        {
+            self.map_nat(ip);
+            self.save();
+        }
+    }
+
+    /// Hand `event` to the policy outside its own loop, logging what it says.
+    fn tell(&mut self, policy: &mut Policy, event: Event) {
+        if let Action::RetryRotation { after } =
+            policy.on(event, self.clock.now(), self.clock.wall())
+        {
+            log(format!(
+                "rotation failed, retrying in {after:?}: {}",
+                self.last_error()
+            ));
+        }
+    }
+
+    /// Host NAT for `ip`, from the host's netns (where nft must act).
+    fn map_nat(&mut self, ip: Ipv4Addr) {
+        let store = Store::new(&self.cfg.runtime.state_dir);
+        let state = self.state.clone();
+        let r = netns::run_in(&self.host_ns, move || {
+            control::map_to(&store, &Nat::default(), &state, ip)
+                .map_err(|e| crate::error::render(&e))
+        });
+        match r.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(maps) => {
+                log(format!(
+                    "NAT applied: {} host port mappings to {ip}",
+                    maps.len()
+                ));
+                self.record.nat_applied = true;
+                self.nat_error = None;
+                self.nat_retry_at = None;
+            }
+            Err(e) => {
+                log(format!(
+                    "NAT for {ip} failed, retrying in {NAT_RETRY:?}: {e}"
+                ));
+                self.record.nat_applied = false;
+                self.record.last_error = Some(format!("NAT: {e}"));
+                self.nat_error = Some(e);
+                self.nat_retry_at = Some(self.clock.now() + NAT_RETRY);
+            }
+        }
+    }
+
+    fn unmap_nat(&mut self) {
+        let store = Store::new(&self.cfg.runtime.state_dir);
+        let (ns, id) = (self.state.namespace.clone(), self.state.id.clone());
+        let r = netns::run_in(&self.host_ns, move || {
+            control::remove_nat(&store, &Nat::default(), &ns, &id)
+                .map_err(|e| crate::error::render(&e))
+        });
+        match r.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(()) => log("NAT withdrawn: the container has no IPv4 address"),
+            Err(e) => log(format!("withdrawing NAT: {e}")),
+        }
+        self.record.nat_applied = false;
+        self.nat_error = None;
+    }
+
+    /// Every `CA_CHECK`, or at once on SIGHUP: reload the operator CA (and the trusted
+    /// client CAs) if their files changed, and re-issue. A CA that does not load is
+    /// reported (status degraded) and the old one kept.
+    fn check_ca(&mut self, policy: &mut Policy) {
+        let now = self.clock.now();
+        let forced = std::mem::take(&mut self.rotate_now);
+        if !forced && now < self.next_ca_check {
+            return;
+        }
+        self.next_ca_check = now + CA_CHECK;
+        let stamps: Vec<Stamp> = ca_files(self.cfg).iter().map(|p| stamp(p)).collect();
+        let changed = stamps != self.ca_stamp;
+        if !changed && !forced {
+            return;
+        }
+        if changed {
+            log("CA files changed: reloading");
+            // The first two are the operator CA pair; the rest trusted client CAs.
+            let trusted_changed = stamps.get(2..) != self.ca_stamp.get(2..);
+            if let Err(e) = self.reload_ca(trusted_changed) {
+                let e = crate::error::render(&e);
+                log(format!(
+                    "reloading the CA failed (keeping the old one): {e}"
+                ));
+                self.record.last_error = Some(e.clone());
+                self.rotation_error = Some(e);
+                self.save();
+                return;
+            }
+            self.ca_stamp = stamps;
+            self.probe_stale = true;
+        } else {
+            log("rotation requested (SIGHUP)");
+        }
+        let ev = self.issue_event();
+        self.tell(policy, ev);
+    }
+
+    fn reload_ca(&mut self, trusted_changed: bool) -> Result<()> {
+        let ii = &self.cfg.instance_identity;
+        let (cert, key) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
+        let ca = Ca::load(cert, key)?;
+        let pem = std::fs::read_to_string(cert).at(cert)?;
+        if trusted_changed {
+            // Trusted client CAs are in the bootstrap, which Envoy reads at start: a
+            // new one takes a restart (open connections are reset; documented).
+            self.write_bootstrap()?;
+            if let Some(p) = self
+                .envoy
+                .as_ref()
+                .and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of))
+            {
+                log("trusted client CAs changed: restarting Envoy");
+                p.signal(libc::SIGTERM);
+            }
+        }
+        self.ca = ca;
+        self.ca_pem = pem;
+        Ok(())
+    }
+
+    /// Decide the status from what we know and record it when it changed (logged
+    /// once per change, so a long wait for the network is one line, not one a second).
+    fn update_status(&mut self, phase: Phase, stopping: bool) {
+        let wait = self.cfg.network_wait().unwrap_or(Duration::from_secs(30));
+        let (state, reason) = status::decide(&status::Inputs {
+            phase,
+            network: self.record.network,
+            has_ip: self.record.container_ip.is_some(),
+            without_ip_for: self.no_ip_since.map_or(Duration::ZERO, |s| {
+                self.clock.now().saturating_duration_since(s)
+            }),
+            network_wait: wait,
+            nat_error: self.nat_error.as_deref(),
+            rotation_error: self.rotation_error.as_deref(),
+            envoy_error: self.envoy_error.as_deref(),
+            stopping,
+        });
+        let same = self
+            .record
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == state && s.reason == reason);
+        if same {
+            return;
+        }
+        match &reason {
+            Some(r) => log(format!("status: {} ({r})", state.as_str())),
+            None => log(format!("status: {}", state.as_str())),
+        }
+        if state == State::Degraded {
+            self.record.last_error = reason.clone();
+        }
+        self.record.status = Some(Status {
+            state,
+            since: now_rfc3339(),
+            reason,
+        });
+        self.save();
     }
 
     /// Collect the exited Envoy and say why it exited.
@@ -524,6 +860,7 @@ impl Supervisor<'_> {
                 c.id()
             ));
             self.record.last_error = Some(format!("Envoy exited ({st:?}): {why}"));
+            self.envoy_error = self.record.last_error.clone();
             self.record.envoy = None;
         }
     }

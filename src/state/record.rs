@@ -21,4 +21,71 @@ pub struct Record {
     pub cert_not_after: Option<u64>,
     pub cgroup: SidecarCgroup,
     pub last_error: Option<String>,
+    /// The one status an operator reads (`envoy-sidecar status`).
+    #[serde(default)]
+    pub status: Option<Status>,
+    /// Host NAT for the current container IP is in place.
+    #[serde(default)]
+    pub nat_applied: bool,
+    /// How the container is networked, as the supervisor found it.
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// Where a proxied container stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// No IPv4 address in the container's netns yet (the engine has not configured
+    /// it): no host NAT, no IP SAN. Envoy already serves inside the container.
+    WaitingForNetwork,
+    /// Envoy started, not yet answering TLS on every listener.
+    #[default]
+    Starting,
+    Ready,
+    /// Something is wrong; `reason` says what.
+    Degraded,
+    Stopping,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::WaitingForNetwork,
+        State::Starting,
+        State::Ready,
+        State::Degraded,
+        State::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::WaitingForNetwork => "waiting-for-network",
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Degraded => "degraded",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// A status, the time it was entered, and (degraded) why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    /// RFC 3339 time the container entered this state.
+    pub since: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The container's network as the supervisor sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// Its own network namespace (host NAT maps host ports to its IP).
+    #[default]
+    Namespace,
+    /// The host's network namespace: its ports are the host's, there is nothing to
+    /// map and no container IP for the certificate.
+    Host,
 }

@@ -4,5 +4,6 @@ pub mod cgroup;
 pub mod clock;
 pub mod exec;
 pub mod fs;
+pub mod netns;
 pub mod pagecache;
 pub mod process;

@@ -105,11 +105,9 @@ pub fn poll_readable(fds: &[&OwnedFd], timeout: Duration) -> io::Result<Vec<usiz
         .collect())
 }
 
-/// Enter the network namespace of `pid` (this thread only: setns is per-thread).
+/// Enter the network namespace of `pid` (see `sys::netns`).
 pub fn enter_netns(pid: i32) -> io::Result<()> {
-    let f = File::open(format!("/proc/{pid}/ns/net"))?;
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    Ok(())
+    crate::sys::netns::enter(pid)
 }
 
 /// Drop this process's resident *executable* file pages (binary and shared libraries).
@@ -148,45 +146,40 @@ pub fn trim_text_pages() {
     }
 }
 
-/// The first non-loopback IPv4 address of the current network namespace.
-pub fn first_ipv4() -> Option<std::net::Ipv4Addr> {
-    nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
-        .find(|ip| !ip.is_loopback())
-}
-
-/// `first_ipv4` of the network namespace of `pid`, looked up from a short-lived
-/// thread so the caller stays in its own namespace.
-pub fn ipv4_of(pid: i32) -> io::Result<Option<std::net::Ipv4Addr>> {
-    std::thread::spawn(move || {
-        enter_netns(pid)?;
-        Ok(first_ipv4())
-    })
-    .join()
-    .map_err(|_| io::Error::other("netns thread panicked"))?
-}
-
-/// Whether two processes share a network namespace.
-pub fn same_netns(a: i32, b: i32) -> bool {
-    let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
-    matches!((ns(a), ns(b)), (Some(x), Some(y)) if x == y)
-}
-
 fn termination_set() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
     set
 }
 
-/// A signalfd for SIGTERM and SIGINT, with both blocked so they arrive only there.
+/// A signalfd for SIGTERM, SIGINT and SIGHUP (the supervisor's "rotate now"), all
+/// blocked so they arrive only there.
 pub fn termination_signalfd() -> io::Result<OwnedFd> {
     let set = termination_set();
     set.thread_block()?;
     let fd =
         nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)?;
     Ok(fd.into())
+}
+
+/// The next signal pending on a signalfd (non-blocking read of one
+/// `signalfd_siginfo`), or `None`.
+pub fn take_signal(fd: &OwnedFd) -> Option<i32> {
+    // struct signalfd_siginfo is 128 bytes; ssi_signo (u32) comes first.
+    let mut buf = [0u8; 128];
+    let mut p = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    if nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).ok()? == 0 {
+        return None;
+    }
+    match nix::unistd::read(fd, &mut buf) {
+        Ok(128) => i32::try_from(u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]])).ok(),
+        _ => None,
+    }
 }
 
 /// Undo `termination_signalfd`'s mask in a child before exec.

@@ -1,0 +1,318 @@
+//! `envoy-sidecar status`: one row per proxied container on the host — the table an
+//! operator runs first. The supervisor records its status; this adds what only an
+//! outside look can tell (the supervisor itself is gone, the container stopped).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::state::layout::Paths;
+use crate::state::record::{Network, Record, State};
+use crate::state::store::{ContainerState, Store};
+use crate::sys::process::Processes;
+
+/// One app port's way in: app port <- proxy port <- host ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortRow {
+    pub app: u16,
+    pub proxy: u16,
+    pub host_tls: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_plain: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub namespace: String,
+    pub id: String,
+    pub status: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the supervisor entered the status it recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    pub ports: Vec<PortRow>,
+    pub network: Network,
+    pub container_ip: Option<IpAddr>,
+    pub nat_applied: bool,
+    pub supervisor_pid: Option<i32>,
+    pub envoy_pid: Option<i32>,
+    pub ready_since: Option<String>,
+    pub restarts: u32,
+    /// Unix seconds.
+    pub cert_not_after: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// What the row says, from the state, the supervisor's record and a look at the
+/// processes. Pure but for `procs`.
+pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> Row {
+    let empty = Record::default();
+    let r = rec.unwrap_or(&empty);
+    let init_running = s.init_pid.is_some_and(|p| procs.exists(p));
+    let supervised = r.supervisor.is_some_and(|p| procs.alive(&p));
+    let recorded = r.status.clone();
+    let (status, reason, since) = if s.started_at.is_none() {
+        (
+            State::Starting,
+            Some("created, not started yet".to_string()),
+            None,
+        )
+    } else if !init_running {
+        (
+            State::Stopping,
+            Some("the container's init has exited".to_string()),
+            None,
+        )
+    } else if !supervised {
+        (
+            State::Degraded,
+            Some(match r.supervisor {
+                Some(p) => format!(
+                    "supervisor pid {} is not running: nothing restarts Envoy or rotates its \
+                     certificate (`envoy-sidecar gc` restarts it)",
+                    p.pid
+                ),
+                None => "no supervisor ever started (poststart hook failed?)".to_string(),
+            }),
+            None,
+        )
+    } else {
+        match recorded {
+            Some(st) => (st.state, st.reason, Some(st.since)),
+            None => (State::Starting, None, None),
+        }
+    };
+    Row {
+        namespace: s.namespace.clone(),
+        id: s.id.clone(),
+        status,
+        reason,
+        since,
+        ports: s
+            .ports
+            .iter()
+            .map(|p| PortRow {
+                app: p.internal,
+                proxy: p.internal_tls_proxy,
+                host_tls: p.external_tls_proxy,
+                host_plain: p.external,
+            })
+            .collect(),
+        network: r.network,
+        container_ip: r.container_ip,
+        nat_applied: r.nat_applied,
+        supervisor_pid: r.supervisor.filter(|_| supervised).map(|p| p.pid),
+        envoy_pid: r.envoy.filter(|p| procs.alive(p)).map(|p| p.pid),
+        ready_since: r.ready_at.clone(),
+        restarts: r.envoy_restarts,
+        cert_not_after: r.cert_not_after,
+        last_error: r.last_error.clone(),
+    }
+}
+
+/// Every proxied container under `store` (in `namespace`, if given), sorted.
+pub fn rows(
+    store: &Store,
+    namespace: Option<&str>,
+    procs: &dyn Processes,
+) -> crate::Result<Vec<Row>> {
+    let mut out: Vec<Row> = store
+        .list()?
+        .into_iter()
+        .filter(|s| namespace.is_none_or(|n| n == s.namespace))
+        .map(|s| {
+            let rec = Paths::new(store, &s.namespace, &s.id)
+                .read_record()
+                .ok()
+                .flatten();
+            row(&s, rec.as_ref(), procs)
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
+    Ok(out)
+}
+
+fn expiry(secs: Option<u64>) -> String {
+    secs.map_or("-".into(), |s| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+            .to_string()
+    })
+}
+
+/// The table: fixed columns, one line per container, reasons and errors last.
+pub fn table(rows: &[Row]) -> String {
+    let mut lines = vec![[
+        "NAMESPACE/ID".to_string(),
+        "STATUS".into(),
+        "PORTS (app<-proxy<-host tls[,plain])".into(),
+        "IP".into(),
+        "NAT".into(),
+        "ENVOY".into(),
+        "READY SINCE".into(),
+        "RESTARTS".into(),
+        "CERT EXPIRES".into(),
+        "LAST ERROR".into(),
+    ]];
+    for r in rows {
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| match p.host_plain {
+                Some(h) => format!("{}<-{}<-{},{h}", p.app, p.proxy, p.host_tls),
+                None => format!("{}<-{}<-{}", p.app, p.proxy, p.host_tls),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let status = match &r.reason {
+            Some(why) => format!("{} ({why})", r.status.as_str()),
+            None => r.status.as_str().to_string(),
+        };
+        let ip = match (r.network, r.container_ip) {
+            (Network::Host, _) => "host-network".to_string(),
+            (_, Some(ip)) => ip.to_string(),
+            (_, None) => "-".into(),
+        };
+        let nat = match (r.network, r.nat_applied) {
+            (Network::Host, _) => "n/a",
+            (_, true) => "yes",
+            (_, false) => "no",
+        };
+        lines.push([
+            format!("{}/{}", r.namespace, r.id),
+            status,
+            ports,
+            ip,
+            nat.into(),
+            r.envoy_pid.map_or("-".into(), |p| p.to_string()),
+            r.ready_since.clone().unwrap_or_else(|| "-".into()),
+            r.restarts.to_string(),
+            expiry(r.cert_not_after),
+            r.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    // Widths from every column but the last two free-text ones' overflow.
+    let mut widths = [0usize; 10];
+    for l in &lines {
+        for (w, c) in widths.iter_mut().zip(l.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let mut line = String::new();
+        for (i, c) in l.iter().enumerate() {
+            if i + 1 == l.len() {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::record::Status;
+    use crate::state::store::tests::sample;
+    use crate::sys::process::{FakeProcesses, ProcId};
+
+    fn started(root: &std::path::Path) -> ContainerState {
+        let mut s = sample("ns", "c1", root, (61010, Some(61011)));
+        s.init_pid = Some(10);
+        s.started_at = Some("2026-01-01T00:00:00Z".into());
+        s
+    }
+
+    fn rec(sup: ProcId, state: State, reason: Option<&str>) -> Record {
+        Record {
+            supervisor: Some(sup),
+            status: Some(Status {
+                state,
+                since: "2026-01-01T00:00:01Z".into(),
+                reason: reason.map(str::to_string),
+            }),
+            container_ip: Some("203.0.113.7".parse().unwrap()),
+            nat_applied: true,
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn a_supervised_container_shows_what_its_supervisor_recorded() {
+        let p = FakeProcesses::default();
+        p.add(10, &["init"]);
+        let sup = p.add(11, &["envoy-sidecar", "supervise"]);
+        let s = started(std::path::Path::new("/r"));
+        let r = row(&s, Some(&rec(sup, State::Ready, None)), &p);
+        assert_eq!((r.status, r.reason.as_deref()), (State::Ready, None));
+        assert_eq!(r.supervisor_pid, Some(11));
+        assert_eq!(
+            r.ports,
+            [PortRow {
+                app: 8080,
+                proxy: 61001,
+                host_tls: 61010,
+                host_plain: Some(61011)
+            }]
+        );
+        let t = table(&[r]);
+        assert!(t.starts_with("NAMESPACE/ID"), "{t}");
+        assert!(
+            t.contains("ns/c1") && t.contains("8080<-61001<-61010,61011"),
+            "{t}"
+        );
+        assert!(t.contains("203.0.113.7") && t.contains("ready"), "{t}");
+    }
+
+    #[test]
+    fn a_dead_supervisor_is_degraded_whatever_it_last_recorded() {
+        let p = FakeProcesses::default();
+        p.add(10, &["init"]);
+        let gone = ProcId {
+            pid: 12,
+            start_time: 1,
+        };
+        let s = started(std::path::Path::new("/r"));
+        let r = row(&s, Some(&rec(gone, State::Ready, None)), &p);
+        assert_eq!(r.status, State::Degraded);
+        assert!(
+            r.reason
+                .unwrap()
+                .contains("supervisor pid 12 is not running")
+        );
+        assert_eq!(r.supervisor_pid, None);
+    }
+
+    #[test]
+    fn created_and_stopped_containers_say_so() {
+        let p = FakeProcesses::default();
+        let mut s = started(std::path::Path::new("/r"));
+        s.started_at = None;
+        assert_eq!(row(&s, None, &p).status, State::Starting);
+        s.started_at = Some("x".into());
+        let r = row(&s, None, &p); // init 10 is not in the table
+        assert_eq!(r.status, State::Stopping);
+    }
+
+    #[test]
+    fn degraded_reason_and_host_network_in_the_table() {
+        let p = FakeProcesses::default();
+        p.add(10, &["init"]);
+        let sup = p.add(11, &["s"]);
+        let s = started(std::path::Path::new("/r"));
+        let mut rc = rec(sup, State::Degraded, Some("no network: no IPv4 address"));
+        rc.network = Network::Host;
+        let t = table(&[row(&s, Some(&rc), &p)]);
+        assert!(t.contains("degraded (no network: no IPv4 address)"), "{t}");
+        assert!(t.contains("host-network") && t.contains("n/a"), "{t}");
+        let json = serde_json::to_value(row(&s, Some(&rc), &p)).unwrap();
+        assert_eq!(json["status"], "degraded");
+        assert_eq!(json["network"], "host");
+    }
+}
