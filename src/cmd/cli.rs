@@ -197,7 +197,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
         },
         Some("rotate") => {
             let ids: Vec<String> = pos.by_ref().collect();
-            if all == !ids.is_empty() {
+            if all != ids.is_empty() {
                 bail!("rotate needs container IDs or --all (not both)\n\n{USAGE}");
             }
             Cmd::Rotate {
