@@ -561,6 +561,43 @@ mod tests {
     }
 
     #[test]
+    fn status_and_rotate_argv() {
+        assert_eq!(
+            p("status").unwrap().cmd,
+            Cmd::Status {
+                namespace: None,
+                json: false
+            }
+        );
+        assert_eq!(
+            p("status --namespace k8s.io --json").unwrap().cmd,
+            Cmd::Status {
+                namespace: Some("k8s.io".into()),
+                json: true
+            }
+        );
+        assert_eq!(
+            p("rotate a b -n ns").unwrap().cmd,
+            Cmd::Rotate {
+                ids: vec!["a".into(), "b".into()],
+                all: false,
+                namespace: "ns".into()
+            }
+        );
+        assert!(matches!(
+            p("rotate --all").unwrap().cmd,
+            Cmd::Rotate { all: true, .. }
+        ));
+        for bad in ["rotate", "rotate a --all"] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("rotate needs container IDs or --all"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn argv_errors() {
         assert!(
             p("inspect")
