@@ -506,8 +506,9 @@ fn envoy_binary_missing_supervisor_retries_and_records_the_path() {
     // Policy: create does not check the binary (it may be installed later) ...
     let c = start(&sb, id, &[], &["/bin/sleep", "3600"]);
     // ... the supervisor records why Envoy is not running and keeps trying, backing off.
+    // (The record may not be written yet: not yet, then.)
     let rec = wait_until("last_error", Duration::from_secs(20), || {
-        let r = sb.record(id);
+        let r = sb.try_record(NAMESPACE, id)?;
         r["last_error"].as_str().is_some().then_some(r)
     });
     let err = rec["last_error"].as_str().unwrap().to_string();
@@ -547,7 +548,7 @@ fn envoy_binary_missing_supervisor_retries_and_records_the_path() {
         "last_error naming the late path",
         Duration::from_secs(20),
         || {
-            sb.record(id2)["last_error"]
+            sb.try_record(NAMESPACE, id2)?["last_error"]
                 .as_str()
                 .filter(|e| e.contains(&late.display().to_string()))
                 .map(|_| ())

@@ -15,7 +15,7 @@
 //! - `198.51.100.16i/28`: up to [`LINKS`] veth links, the `k`-th a /30 at `16i + 4k`
 //!   (host `+1`, namespace `+2`), in namespace `es-s<i>n<k>` with host end `es-s<i>v<k>`;
 //!   and `16i + 13`, an address that is never on an interface ([`Slot::unrouted_address`]);
-//! - `203.0.113.16i/28`: one CNI bridge `es-s<i>br` (network `es-test-<i>`);
+//! - `203.0.113.16i/28`: one CNI bridge `es-s<i>br` (CNI network `es-s<i>net`);
 //! - host ports `16384 + 1024i ..= 16384 + 1024i + 1023`, below the kernel's ephemeral
 //!   range (32768-60999): the first [`POOL_MAX`] for the sandbox's host port pool
 //!   ([`Slot::pool`]), the rest for listeners a test starts itself ([`Slot::tcp_port`]).
@@ -203,7 +203,7 @@ impl Slot {
     pub fn bridge(&self) -> (String, String, String) {
         (
             format!("{}br", self.name()),
-            format!("es-test-{}", self.index()),
+            format!("{}net", self.name()),
             format!("203.0.113.{}/28", 16 * self.index()),
         )
     }
