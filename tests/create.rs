@@ -6,9 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const MIB: u64 = 1 << 20;
-
 fn cf_instance_ports(out: &std::process::Output) -> Value {
     assert!(out.status.success(), "{}", text(out));
     let env = env_map(&String::from_utf8_lossy(&out.stdout));
@@ -23,7 +20,15 @@ fn one_port_env_and_cleanup() {
     if !can_run("one_port_env_and_cleanup") {
         return;
     }
-    let sb = Sandbox::new("one", "", "[host]\naddress = \"192.0.2.10\"\n");
+    let slot = slots::next();
+    let host = slot.unrouted_address();
+    let sb = Sandbox::in_slot(
+        &slot,
+        "one",
+        "",
+        &format!("[host]\naddress = {host:?}\n"),
+        POOL,
+    );
     let out = sb.run_rm("es-one", &[(PORTS, "8080")], &[], "env");
     let ports = cf_instance_ports(&out);
     let env = env_map(&String::from_utf8_lossy(&out.stdout));
@@ -35,14 +40,15 @@ fn one_port_env_and_cleanup() {
         p["external"].as_u64().unwrap(),
         p["external_tls_proxy"].as_u64().unwrap(),
     );
+    let pool = sb.pool();
     assert!(
         // From the sandbox's own host port pool (see tests/common), distinct.
-        (40000..=65534).contains(&ext) && (40000..=65534).contains(&tls) && ext != tls,
-        "{p}"
+        pool.contains(&(ext as u16)) && pool.contains(&(tls as u16)) && ext != tls,
+        "{p} not in {pool:?}"
     );
     assert_eq!(env["CF_INSTANCE_PORT"], ext.to_string());
-    assert_eq!(env["CF_INSTANCE_ADDR"], format!("192.0.2.10:{ext}"));
-    assert_eq!(env["CF_INSTANCE_IP"], "192.0.2.10");
+    assert_eq!(env["CF_INSTANCE_ADDR"], format!("{host}:{ext}"));
+    assert_eq!(env["CF_INSTANCE_IP"], host);
     assert_eq!(
         env["CF_INSTANCE_CERT"],
         "/etc/cf-instance-credentials/instance.crt"
@@ -218,11 +224,8 @@ fn overcommit_and_exhausted_pool_hold_nothing() {
     if !can_run("overcommit_and_exhausted_pool_hold_nothing") {
         return;
     }
-    let sb = Sandbox::new(
-        "capacity",
-        "",
-        "[host]\nmemory_capacity_mb = 100\n[ports]\npool_start = 62000\npool_end = 62003\n",
-    );
+    // Four host ports.
+    let sb = Sandbox::with_pool("capacity", "", "[host]\nmemory_capacity_mb = 100\n", 4);
     let a = sb.start(
         "es-cap-a",
         &[(PORTS, "8080")],
@@ -357,14 +360,9 @@ fn failed_runc_create_releases_everything() {
     }
     // The real runc fails after the wrapper decided and recorded everything.
     let sb = Sandbox::new("runcfail", "", "");
-    let failing = sb.dir.join("failing-runc");
-    write_script(
-        &failing,
-        "#!/bin/sh\nfor a; do [ \"$a\" = create ] && exit 1; done\nexec /usr/sbin/runc \"$@\"\n",
-    );
-    let mut cfg = std::fs::read_to_string(&sb.config).unwrap();
-    cfg = cfg.replace("[runtime]\n", &format!("[runtime]\nrunc = {:?}\n", failing));
-    std::fs::write(&sb.config, cfg).unwrap();
+    let failing = FakeRunc::passthrough(&sb.dir, "/usr/sbin/runc");
+    failing.fail("create", 1);
+    sb.add_config_line("[runtime]", &format!("runc = {:?}", failing.path));
     let out = sb.run_rm("es-runcfail", &[(PORTS, "8080")], &[], "true");
     assert!(!out.status.success(), "{}", text(&out));
     assert!(

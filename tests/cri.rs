@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use common::*;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -39,20 +39,16 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     }
     let sb = Sandbox::new("cri", "", "");
     // The handler's binary: the wrapper with this test's configuration.
-    write_script(
-        std::path::Path::new(CRI_RUNTIME),
-        &format!(
-            "#!/bin/sh\nENVOY_SIDECAR_CONFIG={} exec {} \"$@\"\n",
-            sb.config.display(),
-            wrapper_bin().display()
-        ),
-    );
+    write_wrapper_script(Path::new(CRI_RUNTIME), &sb.config, &[], None);
     struct Restore;
     impl Drop for Restore {
         fn drop(&mut self) {
-            write_script(
-                std::path::Path::new(CRI_RUNTIME),
-                "#!/bin/sh\nexec /usr/sbin/runc \"$@\"\n",
+            // As tests/env/containerd.sh leaves it: plain runc.
+            write_exec_script(
+                Path::new(CRI_RUNTIME),
+                &[],
+                Path::new("/usr/sbin/runc"),
+                None,
             );
         }
     }
@@ -201,27 +197,7 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
             .unwrap()
     });
     let addr = format!("{ip}:{}", st["ports"][0]["internal_tls_proxy"]);
-    let ca = sb.dir.join("ca/ca.crt");
-    let start = Instant::now();
-    loop {
-        let o = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 openssl s_client -connect {addr} -CAfile {} -verify_return_error -ign_eof 2>&1",
-                ca.display()
-            ))
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&o.stdout).contains("hello from envoy-sidecar test app") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{addr}: {}",
-            text(&o)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Get::new(&sb.ca()).wait_for(&addr, HELLO);
     assert!(
         exec_out.contains("creds"),
         "credentials mounted: {exec_out}"

@@ -6,14 +6,17 @@
 //!
 //! Needs `/usr/local/bin/envoy` and the `openssl` CLI, not root.
 
-use std::collections::HashSet;
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use common::{Ca, Slot, TempDir, repo, sign_leaf, slots, wait_until_every};
 
 use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls};
 use rustls::pki_types::pem::PemObject;
@@ -38,121 +41,20 @@ fn envoy(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("es-envoy-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `n` ports in 20000-30000 that are free right now on every address. Binding port 0
-/// would land in the kernel's ephemeral range (where outgoing connections take their
-/// source ports), so probe the range instead; ports handed out in this process are
-/// remembered so that parallel tests never get the same one.
-fn free_ports(n: usize) -> Vec<u16> {
-    static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut taken = TAKEN.lock().unwrap();
-    let taken = taken.get_or_insert_with(HashSet::new);
-    let seed = std::process::id() as usize
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as usize;
-    let mut out = Vec::new();
-    for k in 0..10_000 {
-        let p = 20_000 + ((seed + k * 7919) % 10_000) as u16;
-        if taken.contains(&p) || TcpListener::bind(("0.0.0.0", p)).is_err() {
-            continue;
-        }
-        taken.insert(p);
-        out.push(p);
-        if out.len() == n {
-            return out;
-        }
-    }
-    panic!("no {n} free ports in 20000-30000");
-}
-
-/// `openssl <words>` in `dir` (the words are split on whitespace: no spaces in names).
-fn openssl(dir: &Path, words: &str) {
-    let args: Vec<&str> = words.split_whitespace().collect();
-    let o = Command::new("openssl")
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        o.status.success(),
-        "openssl {words}: {}",
-        String::from_utf8_lossy(&o.stderr)
+/// A leaf signed by `ca` in `dir` (server and client usage): `(cert PEM, key PEM)`.
+fn leaf(ca: &Ca, dir: &Path, name: &str, serial: u32, sans: &str) -> (String, String) {
+    let (crt, key) = sign_leaf(
+        dir,
+        ca,
+        name,
+        Some(serial),
+        &format!(
+            "subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n\
+             keyUsage=critical,digitalSignature\nbasicConstraints=critical,CA:FALSE\n"
+        ),
     );
-}
-
-const EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
-
-/// A CA made with the openssl CLI: `<dir>/<name>.crt` and `.key`.
-struct Ca {
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        openssl(
-            dir,
-            &format!(
-                "req -x509 {EC_KEY} -keyout {name}.key -out {name}.crt -days 2 -subj /CN={name}"
-            ),
-        );
-        Ca {
-            dir: dir.into(),
-            name: name.into(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.crt", self.name))).unwrap()
-    }
-
-    /// A leaf signed by this CA (server and client usage): `(cert PEM, key PEM)`.
-    fn leaf(&self, name: &str, serial: u32, sans: &str) -> (String, String) {
-        let (d, ca) = (&self.dir, &self.name);
-        std::fs::write(
-            d.join(format!("{name}.ext")),
-            format!(
-                "subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n\
-                 keyUsage=critical,digitalSignature\nbasicConstraints=critical,CA:FALSE\n"
-            ),
-        )
-        .unwrap();
-        openssl(
-            d,
-            &format!("req -new {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
-        );
-        openssl(
-            d,
-            &format!(
-                "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -set_serial {serial} \
-                 -days 1 -out {name}.crt -extfile {name}.ext"
-            ),
-        );
-        let read = |ext: &str| std::fs::read_to_string(d.join(format!("{name}.{ext}"))).unwrap();
-        (read("crt"), read("key"))
-    }
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    (read(&crt), read(&key))
 }
 
 /// The "app": answers `hello <port>\n` to each connection and counts the accepts.
@@ -258,6 +160,7 @@ impl Drop for Envoy {
 /// One container's worth of Envoy on loopback: PKI, SDS dir, apps, bootstrap, Envoy.
 struct Setup {
     dir: TempDir,
+    _slot: Slot,
     ca: Ca,
     serving: (String, String),
     listeners: Vec<Listener>,
@@ -268,15 +171,24 @@ struct Setup {
 
 impl Setup {
     fn start(bin: &Path, name: &str, ports: usize, alpn: Alpn, mtls: Option<&Mtls>) -> Setup {
-        let dir = TempDir::new(name);
+        let dir = TempDir::new(&format!("es-envoy-{name}"));
         let ca = Ca::new(dir.path(), "instance-ca");
-        let serving = ca.leaf("serving1", 0x1001, "DNS:localhost,IP:127.0.0.1");
+        let serving = leaf(
+            &ca,
+            dir.path(),
+            "serving1",
+            0x1001,
+            "DNS:localhost,IP:127.0.0.1",
+        );
         let sds_dir = dir.path().join("sds");
         std::fs::create_dir(&sds_dir).unwrap();
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         bootstrap::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
 
-        let p = free_ports(2 * ports + 1);
+        // Ports of a slot's own, free right now on every address (not in the kernel's
+        // ephemeral range, where outgoing connections take their source ports).
+        let slot = slots::next();
+        let p = slot.tcp_ports(2 * ports + 1);
         let listeners: Vec<Listener> = (0..ports)
             .map(|k| Listener {
                 proxy_port: p[k],
@@ -301,6 +213,7 @@ impl Setup {
         let envoy = Envoy::start(bin, &bootstrap, dir.path().join("envoy.log"));
         Setup {
             dir,
+            _slot: slot,
             ca,
             serving,
             listeners,
@@ -317,18 +230,17 @@ impl Setup {
     /// Poll with real TLS handshakes until listener 0 serves; returns the time since
     /// Envoy was spawned. (`/ready` is not readiness: it says LIVE without a cert.)
     fn wait_ready(&mut self, client: Option<&(String, String)>) -> Duration {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            self.envoy.assert_running();
-            if tls(self.listeners[0].proxy_port, &self.ca.pem(), client, &[]).is_ok() {
-                return self.envoy.started.elapsed();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "envoy did not serve TLS within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (port, ca) = (self.listeners[0].proxy_port, self.ca.pem());
+        wait_until_every(
+            "envoy serving TLS",
+            Duration::from_secs(10),
+            Duration::from_millis(2),
+            || {
+                self.envoy.assert_running();
+                tls(port, &ca, client, &[])
+            },
+        );
+        self.envoy.started.elapsed()
     }
 }
 
@@ -462,8 +374,8 @@ fn golden_bootstraps_validate() {
     let Some(bin) = envoy("golden_bootstraps_validate") else {
         return;
     };
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/envoy");
-    let dir = TempDir::new("validate");
+    let golden = repo().join("tests/golden/envoy");
+    let dir = TempDir::new("es-envoy-validate");
     // Envoy (even in validate mode) refuses a bootstrap whose SDS file does not exist,
     // so point the golden files' SDS paths at a directory that has one. It does not
     // parse the SDS file or the CA in validate mode: that is what the TLS tests are for.
@@ -525,7 +437,7 @@ fn tls_alpn_admin_and_rotation() {
     }
 
     // ALPN as openssl sees it: h2 preferred; http/1.1 when that is all a client offers.
-    let ca_file = s.dir.path().join("instance-ca.crt");
+    let ca_file = s.ca.crt.clone();
     let port = s.listeners[0].proxy_port;
     assert_eq!(
         s_client_alpn(port, &ca_file, "h2,http/1.1"),
@@ -589,28 +501,35 @@ fn tls_alpn_admin_and_rotation() {
 
     // Rotation: a new pair by rename; new handshakes present it, same process.
     let pid = s.envoy.child.id();
-    let rotated = s.ca.leaf("serving2", 0x2002, "DNS:localhost,IP:127.0.0.1");
+    let rotated = leaf(
+        &s.ca,
+        s.dir.path(),
+        "serving2",
+        0x2002,
+        "DNS:localhost,IP:127.0.0.1",
+    );
     assert_ne!(der(&rotated.0), der(&s.serving.0));
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let t = Instant::now();
     bootstrap::write_sds(&s.sds_dir(), &rotated.0, &rotated.1, uid, gid).unwrap();
-    loop {
-        let got = tls(port, &s.ca.pem(), None, &[]).unwrap();
-        if got.peer_cert == der(&rotated.0) {
-            assert_eq!(got.reply, format!("hello {}\n", s.apps[0].port));
-            break;
-        }
-        assert_eq!(
-            got.peer_cert,
-            der(&s.serving.0),
-            "neither the old nor the new cert"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "rotation not seen within 2 s"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until_every(
+        "rotation seen in handshakes",
+        Duration::from_secs(2),
+        Duration::from_millis(1),
+        || {
+            let got = tls(port, &s.ca.pem(), None, &[]).unwrap();
+            if got.peer_cert == der(&rotated.0) {
+                assert_eq!(got.reply, format!("hello {}\n", s.apps[0].port));
+                return true;
+            }
+            assert_eq!(
+                got.peer_cert,
+                der(&s.serving.0),
+                "neither the old nor the new cert"
+            );
+            false
+        },
+    );
     eprintln!(
         "MEASURED write_sds -> new cert in handshakes: {:?}",
         t.elapsed()
@@ -627,16 +546,12 @@ fn tls_alpn_admin_and_rotation() {
     assert_eq!(code, 200);
     let t = Instant::now();
     tls(port, &s.ca.pem(), None, &[]).expect("still served while draining");
-    loop {
-        if TcpStream::connect((LOOPBACK, port)).is_err() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "still accepting 5 s after drain"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_every(
+        "listeners refusing after the drain",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || TcpStream::connect((LOOPBACK, port)).is_err(),
+    );
     eprintln!(
         "MEASURED graceful drain -> listeners refuse: {:?}",
         t.elapsed()
@@ -667,7 +582,7 @@ fn alpn_none_and_http11_only() {
             None,
         );
         s.wait_ready(None);
-        let ca_file = s.dir.path().join("instance-ca.crt");
+        let ca_file = s.ca.crt.clone();
         let port = s.listeners[0].proxy_port;
         assert_eq!(
             s_client_alpn(port, &ca_file, "h2,http/1.1"),
@@ -685,7 +600,7 @@ fn mtls_failures_never_reach_the_app() {
     let Some(bin) = envoy("mtls_failures_never_reach_the_app") else {
         return;
     };
-    let pki = TempDir::new("mtls-pki");
+    let pki = TempDir::new("es-envoy-mtls-pki");
     let router_ca = Ca::new(pki.path(), "router-ca");
     let rogue_ca = Ca::new(pki.path(), "rogue-ca");
     let m = Mtls {
@@ -695,12 +610,42 @@ fn mtls_failures_never_reach_the_app() {
             "spiffe://cf.internal/gorouter".into(),
         ],
     };
-    let good_dns = router_ca.leaf("router-dns", 1, "DNS:gorouter.service.cf.internal");
-    let good_uri = router_ca.leaf("router-uri", 2, "URI:spiffe://cf.internal/gorouter");
-    let wrong_san = router_ca.leaf("router-other", 3, "DNS:other.service.cf.internal");
+    let good_dns = leaf(
+        &router_ca,
+        pki.path(),
+        "router-dns",
+        1,
+        "DNS:gorouter.service.cf.internal",
+    );
+    let good_uri = leaf(
+        &router_ca,
+        pki.path(),
+        "router-uri",
+        2,
+        "URI:spiffe://cf.internal/gorouter",
+    );
+    let wrong_san = leaf(
+        &router_ca,
+        pki.path(),
+        "router-other",
+        3,
+        "DNS:other.service.cf.internal",
+    );
     // The right name, but as an e-mail SAN: only DNS and URI SANs authenticate.
-    let wrong_type = router_ca.leaf("router-email", 4, "email:gorouter.service.cf.internal");
-    let untrusted = rogue_ca.leaf("rogue", 5, "DNS:gorouter.service.cf.internal");
+    let wrong_type = leaf(
+        &router_ca,
+        pki.path(),
+        "router-email",
+        4,
+        "email:gorouter.service.cf.internal",
+    );
+    let untrusted = leaf(
+        &rogue_ca,
+        pki.path(),
+        "rogue",
+        5,
+        "DNS:gorouter.service.cf.internal",
+    );
 
     let mut s = Setup::start(&bin, "mtls", 1, Alpn::H2Http11, Some(&m));
     let ready = s.wait_ready(Some(&good_dns));

@@ -6,7 +6,7 @@
 //! (An exhausted host port pool is covered by tests/create.rs
 //! `overcommit_and_exhausted_pool_hold_nothing`.)
 //!
-//! Networks: Netns slots 28-37. Host port pools: 50500-50723.
+//! Networks and host port pools: each sandbox's slot (tests/common/slots.rs).
 
 mod common;
 
@@ -23,21 +23,11 @@ use common::footprint::*;
 use common::*;
 use serde_json::Value;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const HELLO: &str = "hello from envoy-sidecar test app";
-
-fn httpd() -> Vec<&'static str> {
-    vec!["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
-}
-
-/// A sandbox with its own host port pool `start..=end`.
-fn sandbox(name: &str, proxy_extra: &str, start: u16, end: u16) -> (Sandbox, RangeInclusive<u16>) {
-    let sb = Sandbox::new(
-        name,
-        proxy_extra,
-        &format!("[ports]\npool_start = {start}\npool_end = {end}\n"),
-    );
-    (sb, start..=end)
+/// A sandbox in `slot` with a host port pool of `pool` ports, and that pool.
+fn sandbox(slot: &Slot, name: &str, pool: u16) -> (Sandbox, RangeInclusive<u16>) {
+    let sb = Sandbox::in_slot(slot, name, "", "", pool);
+    let pool = sb.pool();
+    (sb, pool)
 }
 
 /// `ctr run -d` in the shared containerd; fails the test (after cleaning up) unless it
@@ -56,20 +46,6 @@ fn start(sb: &Sandbox, id: &str, opts: &[&str], cmd: &[&str]) -> Task {
     t
 }
 
-fn record_ns(sb: &Sandbox, ns: &str, id: &str) -> Value {
-    let p = sb.state_dir.join(ns).join(id).join("supervisor.json");
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn record(sb: &Sandbox, id: &str) -> Value {
-    record_ns(sb, NAMESPACE, id)
-}
-
-fn pid_of(rec: &Value, what: &str) -> Option<i32> {
-    rec[what]["pid"].as_i64().map(|p| p as i32)
-}
-
 fn tls_addr(ip: &str) -> String {
     format!("{ip}:61001")
 }
@@ -81,11 +57,6 @@ fn served(ip: &str, ca: &Path, id: &str) -> bool {
 
 fn wait_served(ip: &str, ca: &Path, id: &str) {
     openssl_wait_for(&tls_addr(ip), ca, id, HELLO);
-}
-
-fn supervisor_log(sb: &Sandbox, id: &str) -> String {
-    std::fs::read_to_string(sb.state_dir.join(NAMESPACE).join(id).join("supervisor.log"))
-        .unwrap_or_default()
 }
 
 /// The waits the supervisor logged on lines containing `marker`: the word after the
@@ -108,7 +79,7 @@ fn mentions(cmdline: &str, id: &str) -> bool {
 /// their host ports and their processes; nothing of `gone` (state, NAT, processes,
 /// cgroups, shims).
 fn assert_only(sb: &Sandbox, ns: &str, pool: &RangeInclusive<u16>, live: &[&str], gone: &[&str]) {
-    let mut state = state_entries(sb, ns);
+    let mut state = sb.state_entries(ns);
     state.sort();
     let mut want: Vec<String> = live.iter().map(|s| s.to_string()).collect();
     want.sort();
@@ -172,25 +143,44 @@ fn sigkill(pid: i32) {
 }
 
 fn wait_dead(pid: i32, limit: Duration) {
-    wait_for(&format!("pid {pid} gone"), limit, || {
+    wait_until(&format!("pid {pid} gone"), limit, || {
         (!alive(pid)).then_some(())
     });
 }
 
-fn set_config_line(sb: &Sandbox, prefix: &str, line: &str) {
-    let cfg = std::fs::read_to_string(&sb.config).unwrap();
-    let new: Vec<String> = cfg
-        .lines()
-        .map(|l| {
-            if l.starts_with(prefix) {
-                line.to_string()
-            } else {
-                l.to_string()
-            }
-        })
-        .collect();
-    assert!(new.iter().any(|l| l == line), "{prefix} not in {cfg}");
-    std::fs::write(&sb.config, new.join("\n") + "\n").unwrap();
+/// Two containers of one sandbox, each serving in a network namespace of its own: a
+/// victim for the fault and a survivor that must not notice. (Fields drop in order:
+/// containers, networks, scrub, sandbox.)
+struct Pair {
+    victim: Task,
+    _survivor: Task,
+    na: Netns,
+    nb: Netns,
+    _scrub: Scrub,
+    ca: PathBuf,
+    pool: RangeInclusive<u16>,
+    sb: Sandbox,
+}
+
+fn pair(name: &str, a: &str, b: &str) -> Pair {
+    let (sb, pool) = sandbox(&slots::next(), name, POOL);
+    let scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    let (na, nb) = (sb.slot.netns(0), sb.slot.netns(1));
+    let victim = start(&sb, a, &[&na.ctr_opt()], &httpd());
+    let survivor = start(&sb, b, &[&nb.ctr_opt()], &httpd());
+    wait_served(&na.ip, &ca, a);
+    wait_served(&nb.ip, &ca, b);
+    Pair {
+        victim,
+        _survivor: survivor,
+        na,
+        nb,
+        _scrub: scrub,
+        ca,
+        pool,
+        sb,
+    }
 }
 
 #[test]
@@ -198,21 +188,15 @@ fn supervisor_sigkill_envoy_keeps_serving_until_removal() {
     if !can_run("supervisor_sigkill_envoy_keeps_serving_until_removal") {
         return;
     }
-    let (sb, pool) = sandbox("flt-sup", "", 50500, 50531);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let (na, nb) = (Netns::new(30), Netns::new(31));
     let (a, b) = ("es-flt-sup-a", "es-flt-sup-b");
-    let victim = start(&sb, a, &[&na.ctr_opt()], &httpd());
-    let _survivor = start(&sb, b, &[&nb.ctr_opt()], &httpd());
-    wait_served(&na.ip, &ca, a);
-    wait_served(&nb.ip, &ca, b);
-    let rec = record(&sb, a);
+    let p = pair("flt-sup", a, b);
+    let (sb, pool, ca, na, nb) = (&p.sb, &p.pool, &p.ca, &p.na, &p.nb);
+    let rec = sb.record(a);
     let (sup, envoy) = (
         pid_of(&rec, "supervisor").unwrap(),
         pid_of(&rec, "envoy").unwrap(),
     );
-    let b_envoy = pid_of(&record(&sb, b), "envoy").unwrap();
+    let b_envoy = pid_of(&sb.record(b), "envoy").unwrap();
 
     sigkill(sup);
     wait_dead(sup, Duration::from_secs(5));
@@ -220,12 +204,12 @@ fn supervisor_sigkill_envoy_keeps_serving_until_removal() {
     for _ in 0..5 {
         assert!(alive(envoy), "Envoy {envoy} died with its supervisor");
         assert!(
-            served(&na.ip, &ca, a),
+            served(&na.ip, ca, a),
             "Envoy stopped serving without its supervisor"
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(served(&nb.ip, &ca, b), "the survivor is affected");
+    assert!(served(&nb.ip, ca, b), "the survivor is affected");
     // gc restores supervision: a new supervisor takes over (replacing the orphaned
     // Envoy with one it supervises) and the container serves again; b is untouched.
     let out = gc(&sb.config, &["--grace", "0"]);
@@ -234,37 +218,32 @@ fn supervisor_sigkill_envoy_keeps_serving_until_removal() {
         "{out}"
     );
     assert!(!out.contains(b), "{out}");
-    let start_t = std::time::Instant::now();
-    let (sup2, envoy2) = loop {
-        let rec = record(&sb, a);
+    let (sup2, envoy2) = wait_until("a new supervisor", Duration::from_secs(15), || {
+        let rec = sb.record(a);
         if let (Some(s2), Some(e2)) = (pid_of(&rec, "supervisor"), pid_of(&rec, "envoy"))
             && s2 != sup
             && e2 != envoy
             && rec["ready_at"].is_string()
         {
-            break (s2, e2);
+            return Ok((s2, e2));
         }
-        assert!(
-            start_t.elapsed() < Duration::from_secs(15),
-            "no new supervisor: {rec}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        Err(rec)
+    });
     wait_dead(envoy, Duration::from_secs(5));
     assert!(
         alive(sup2),
         "new supervisor {sup2} not alive: {}",
-        supervisor_log(&sb, a)
+        sb.supervisor_log(a)
     );
     assert!(
         alive(envoy2),
         "new envoy {envoy2} not alive: {}",
-        supervisor_log(&sb, a)
+        sb.supervisor_log(a)
     );
     assert!(
-        served(&na.ip, &ca, a),
+        served(&na.ip, ca, a),
         "not served: {}",
-        supervisor_log(&sb, a)
+        sb.supervisor_log(a)
     );
     let again = gc(&sb.config, &["--grace", "0"]);
     assert!(
@@ -277,14 +256,14 @@ fn supervisor_sigkill_envoy_keeps_serving_until_removal() {
     let envoy = envoy2;
 
     // Removal finds the orphaned Envoy by its recorded pid / cgroup and kills it.
-    victim.remove().unwrap();
+    p.victim.remove().unwrap();
     wait_dead(envoy, Duration::from_secs(5));
-    assert_only(&sb, NAMESPACE, &pool, &[b], &[a]);
-    assert_gc_finds_nothing(&sb, &pool, &[a, b]);
+    assert_only(sb, NAMESPACE, pool, &[b], &[a]);
+    assert_gc_finds_nothing(sb, pool, &[a, b]);
 
     // The survivor never noticed.
-    assert!(served(&nb.ip, &ca, b));
-    let rec_b = record(&sb, b);
+    assert!(served(&nb.ip, ca, b));
+    let rec_b = sb.record(b);
     assert_eq!(pid_of(&rec_b, "envoy"), Some(b_envoy));
     assert_eq!(rec_b["envoy_restarts"], 0);
 }
@@ -294,37 +273,31 @@ fn envoy_sigkill_restarts_with_growing_backoff() {
     if !can_run("envoy_sigkill_restarts_with_growing_backoff") {
         return;
     }
-    let (sb, pool) = sandbox("flt-envoy", "", 50532, 50563);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let (na, nb) = (Netns::new(32), Netns::new(33));
     let (a, b) = ("es-flt-envoy-a", "es-flt-envoy-b");
-    let _victim = start(&sb, a, &[&na.ctr_opt()], &httpd());
-    let _survivor = start(&sb, b, &[&nb.ctr_opt()], &httpd());
-    wait_served(&na.ip, &ca, a);
-    wait_served(&nb.ip, &ca, b);
-    let sup = pid_of(&record(&sb, a), "supervisor").unwrap();
-    let b_envoy = pid_of(&record(&sb, b), "envoy").unwrap();
+    let p = pair("flt-envoy", a, b);
+    let (sb, pool, ca, na, nb) = (&p.sb, &p.pool, &p.ca, &p.na, &p.nb);
+    let sup = pid_of(&sb.record(a), "supervisor").unwrap();
+    let b_envoy = pid_of(&sb.record(b), "envoy").unwrap();
     let cpu0 = cpu_time(sup);
 
     let kills = 5;
     let mut back_after = Vec::new();
     for k in 1..=kills {
-        let envoy = pid_of(&record(&sb, a), "envoy").expect("Envoy running");
+        let envoy = pid_of(&sb.record(a), "envoy").expect("Envoy running");
         sigkill(envoy);
         let t = Instant::now();
-        let new = wait_for("Envoy restarted", Duration::from_secs(60), || {
-            pid_of(&record(&sb, a), "envoy").filter(|p| *p != envoy)
+        let new = wait_until("Envoy restarted", Duration::from_secs(60), || {
+            pid_of(&sb.record(a), "envoy").filter(|p| *p != envoy)
         });
         back_after.push(t.elapsed());
-        wait_served(&na.ip, &ca, a);
-        let rec = record(&sb, a);
+        wait_served(&na.ip, ca, a);
+        let rec = sb.record(a);
         assert_eq!(rec["envoy_restarts"], k, "{rec}");
         assert!(alive(new));
         assert_eq!(pid_of(&rec, "supervisor"), Some(sup));
     }
     let cpu = cpu_time(sup) - cpu0;
-    let waits = logged_waits(&supervisor_log(&sb, a), "restart #");
+    let waits = logged_waits(&sb.supervisor_log(a), "restart #");
     eprintln!(
         "Envoy SIGKILLed {kills} times: back after {back_after:?}; supervisor logged waits \
          {waits:?}; supervisor CPU during the test {cpu:?}"
@@ -348,22 +321,12 @@ fn envoy_sigkill_restarts_with_growing_backoff() {
     );
 
     // The survivor is untouched; gc has nothing to do.
-    assert!(served(&nb.ip, &ca, b));
-    let rec_b = record(&sb, b);
+    assert!(served(&nb.ip, ca, b));
+    let rec_b = sb.record(b);
     assert_eq!(pid_of(&rec_b, "envoy"), Some(b_envoy));
     assert_eq!(rec_b["envoy_restarts"], 0);
-    assert_gc_finds_nothing(&sb, &pool, &[a, b]);
-    assert_only(&sb, NAMESPACE, &pool, &[a, b], &[]);
-}
-
-/// Kills the child (and waits) on drop.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    assert_gc_finds_nothing(sb, pool, &[a, b]);
+    assert_only(sb, NAMESPACE, pool, &[a, b], &[]);
 }
 
 #[test]
@@ -372,10 +335,10 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
         return;
     }
     // Four host ports: the survivor holds two, a half-made create two.
-    let (sb, pool) = sandbox("flt-create", "", 50564, 50567);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let ns = Netns::new(34);
+    let (sb, pool) = sandbox(&slots::next(), "flt-create", 4);
+    let _scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    let ns = sb.slot.netns(0);
     let (s, half, half2, next) = (
         "es-flt-create-s",
         "es-flt-half",
@@ -389,36 +352,24 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
     //    pauses mid-create (and logs how the shim calls it).
     let slow = sb.dir.join("runc-wrapper-slow");
     let calls = sb.dir.join("slow-calls.log");
-    write_script(
+    write_wrapper_script(
         &slow,
-        &format!(
-            "#!/bin/sh\necho \"$*\" >> {}\n\
-             ENVOY_SIDECAR_FAULT_DELAY_CREATE_MS=30000 ENVOY_SIDECAR_CONFIG={} exec {} \"$@\"\n",
-            calls.display(),
-            sb.config.display(),
-            wrapper_bin().display()
-        ),
+        &sb.config,
+        &[("ENVOY_SIDECAR_FAULT_DELAY_CREATE_MS", "30000")],
+        Some(&calls),
     );
-    let half_task = Task {
-        id: half.into(),
-        address: address(),
-        namespace: NAMESPACE.into(),
-    };
-    let runtime = slow.display().to_string();
-    let annotation = format!("{PORTS}=8080");
+    let half_task = Task::adopt(half);
+    let run = run_args(
+        "-d",
+        &slow,
+        half,
+        &[(PORTS, "8080")],
+        &[],
+        &owned(&["/bin/sleep", "3600"]),
+    );
     let child = Command::new("timeout")
-        .args([
-            "120",
-            "ctr",
-            "--address",
-            &address(),
-            "-n",
-            NAMESPACE,
-            "run",
-            "-d",
-        ])
-        .args(["--runc-binary", &runtime, "--annotation", &annotation])
-        .args([IMAGE, half, "/bin/sleep", "3600"])
+        .args(["120", "ctr", "--address", &address(), "-n", NAMESPACE])
+        .args(&run)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -426,7 +377,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
         .unwrap();
     let mut child = ChildGuard(child);
     let state_file = sb.state_dir.join(NAMESPACE).join(half).join("state.json");
-    let wrapper = wait_for("the wrapper inside create", Duration::from_secs(30), || {
+    let wrapper = wait_until("the wrapper inside create", Duration::from_secs(30), || {
         if !state_file.exists() {
             return None;
         }
@@ -435,7 +386,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
             .find(|(_, c)| c.contains("envoy-sidecar-runc") && c.contains(" create "))
     });
     sigkill(wrapper.0);
-    let status = wait_for("ctr to give up", Duration::from_secs(90), || {
+    let status = wait_until("ctr to give up", Duration::from_secs(90), || {
         child.0.try_wait().unwrap()
     });
     let mut err = String::new();
@@ -470,7 +421,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
             .any(|l| l.contains(" delete ") && l.ends_with(half)),
         "no delete after the failed create: {called}"
     );
-    wait_for("state released", Duration::from_secs(10), || {
+    wait_until("state released", Duration::from_secs(10), || {
         (!state_file.exists()).then_some(())
     });
     assert_only(&sb, NAMESPACE, &pool, &[s], &[half]);
@@ -507,7 +458,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
         .unwrap();
     let mut direct = ChildGuard(direct);
     let state2 = sb.state_dir.join("default").join(half2).join("state.json");
-    wait_for(
+    wait_until(
         "the direct create recorded",
         Duration::from_secs(30),
         || state2.exists().then_some(()),
@@ -530,7 +481,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
     );
     assert!(out.contains(&format!("default/{half2} is gone")), "{out}");
     assert!(!out.contains(s), "gc touched the survivor: {out}");
-    assert!(state_entries(&sb, "default").is_empty());
+    assert!(sb.state_entries("default").is_empty());
     assert_only(&sb, NAMESPACE, &pool, &[s], &[half, next]);
     assert!(processes_mentioning(half2).is_empty());
     assert_gc_finds_nothing(&sb, &pool, &[s, half2]);
@@ -548,25 +499,26 @@ fn envoy_binary_missing_supervisor_retries_and_records_the_path() {
     if !can_run("envoy_binary_missing_supervisor_retries_and_records_the_path") {
         return;
     }
-    let (sb, pool) = sandbox("flt-noenvoy", "", 50596, 50627);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    set_config_line(&sb, "envoy_path", "envoy_path = \"/nonexistent/envoy\"");
+    let (sb, pool) = sandbox(&slots::next(), "flt-noenvoy", POOL);
+    let _scrub = Scrub::new(&sb);
+    sb.set_config_line("envoy_path", "envoy_path = \"/nonexistent/envoy\"");
     let id = "es-flt-noenvoy";
     // Policy: create does not check the binary (it may be installed later) ...
     let c = start(&sb, id, &[], &["/bin/sleep", "3600"]);
     // ... the supervisor records why Envoy is not running and keeps trying, backing off.
-    let rec = wait_for("last_error", Duration::from_secs(20), || {
-        let r = record(&sb, id);
+    // (The record may not be written yet: not yet, then.)
+    let rec = wait_until("last_error", Duration::from_secs(20), || {
+        let r = sb.try_record(NAMESPACE, id)?;
         r["last_error"].as_str().is_some().then_some(r)
     });
     let err = rec["last_error"].as_str().unwrap().to_string();
     assert!(err.contains("/nonexistent/envoy"), "{rec}");
-    let waits = wait_for("three retries", Duration::from_secs(20), || {
-        let w = logged_waits(&supervisor_log(&sb, id), "retrying in");
+    let waits = wait_until("three retries", Duration::from_secs(20), || {
+        let w = logged_waits(&sb.supervisor_log(id), "retrying in");
         (w.len() >= 3).then_some(w)
     });
     let sup = pid_of(&rec, "supervisor").unwrap();
-    let rec = record(&sb, id);
+    let rec = sb.record(id);
     eprintln!(
         "Envoy missing: create succeeded; last_error {err:?}; retry waits {waits:?}; \
          supervisor CPU {:?}",
@@ -585,19 +537,18 @@ fn envoy_binary_missing_supervisor_retries_and_records_the_path() {
 
     // And once the binary appears, the retrying supervisor starts it and serves.
     let late = sb.dir.join("late/envoy");
-    set_config_line(
-        &sb,
+    sb.set_config_line(
         "envoy_path",
         &format!("envoy_path = {:?}", late.display().to_string()),
     );
-    let net = Netns::new(35);
+    let net = sb.slot.netns(0);
     let id2 = "es-flt-lateenvoy";
     let c2 = start(&sb, id2, &[&net.ctr_opt()], &httpd());
-    wait_for(
+    wait_until(
         "last_error naming the late path",
         Duration::from_secs(20),
         || {
-            record(&sb, id2)["last_error"]
+            sb.try_record(NAMESPACE, id2)?["last_error"]
                 .as_str()
                 .filter(|e| e.contains(&late.display().to_string()))
                 .map(|_| ())
@@ -606,8 +557,8 @@ fn envoy_binary_missing_supervisor_retries_and_records_the_path() {
     std::fs::create_dir_all(late.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink("/usr/local/bin/envoy", &late).unwrap();
     let t = Instant::now();
-    let ca = sb.dir.join("ca/ca.crt");
-    wait_for(
+    let ca = sb.ca();
+    wait_until(
         "served once the binary exists",
         Duration::from_secs(40),
         || served(&net.ip, &ca, id2).then_some(()),
@@ -696,10 +647,9 @@ impl Drop for Tmpfs {
 }
 
 /// A sandbox whose state directory is the tmpfs (its config and `state_dir` updated).
-fn sandbox_on(tmpfs: &Tmpfs, name: &str, start: u16, end: u16) -> (Sandbox, RangeInclusive<u16>) {
-    let (mut sb, pool) = sandbox(name, "", start, end);
-    set_config_line(
-        &sb,
+fn sandbox_on(tmpfs: &Tmpfs, name: &str) -> (Sandbox, RangeInclusive<u16>) {
+    let (mut sb, pool) = sandbox(&slots::next(), name, POOL);
+    sb.set_config_line(
         "state_dir",
         &format!("state_dir = {:?}", tmpfs.path.display().to_string()),
     );
@@ -710,22 +660,8 @@ fn sandbox_on(tmpfs: &Tmpfs, name: &str, start: u16, end: u16) -> (Sandbox, Rang
 /// `ctr run --rm` of a proxied container that must fail; returns ctr's stderr after
 /// checking that containerd kept no container.
 fn failing_create(sb: &Sandbox, id: &str) -> String {
-    let _cleanup = Task {
-        id: id.into(),
-        address: address(),
-        namespace: NAMESPACE.into(),
-    };
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--runc-binary",
-        &sb.runtime.display().to_string(),
-        "--annotation",
-        &format!("{PORTS}=8080"),
-        IMAGE,
-        id,
-        "/bin/true",
-    ]);
+    let _cleanup = Task::adopt(id);
+    let out = sb.run_rm_plain(id, &[(PORTS, "8080")], &["/bin/true"]);
     assert!(!out.status.success(), "create succeeded: {}", text(&out));
     let ls = ctr(&["containers", "ls", "-q"]);
     assert!(
@@ -741,10 +677,10 @@ fn read_only_state_dir_fails_create_clearly_and_holds_nothing() {
         return;
     }
     let tmpfs = Tmpfs::new("es-flt-ro", "4m");
-    let (sb, pool) = sandbox_on(&tmpfs, "flt-ro", 50628, 50659);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let net = Netns::new(36);
+    let (sb, pool) = sandbox_on(&tmpfs, "flt-ro");
+    let _scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    let net = sb.slot.netns(0);
     let (s, new) = ("es-flt-ro-s", "es-flt-ro-new");
     let survivor = start(&sb, s, &[&net.ctr_opt()], &httpd());
     wait_served(&net.ip, &ca, s);
@@ -761,7 +697,7 @@ fn read_only_state_dir_fails_create_clearly_and_holds_nothing() {
 
     // Removing a container while the state directory is read-only: the sidecar,
     // NAT and cgroups go, only the state itself cannot be removed ...
-    let rec = record(&sb, s);
+    let rec = sb.record(s);
     let (sup, envoy) = (
         pid_of(&rec, "supervisor").unwrap(),
         pid_of(&rec, "envoy").unwrap(),
@@ -769,11 +705,7 @@ fn read_only_state_dir_fails_create_clearly_and_holds_nothing() {
     survivor.remove().unwrap();
     wait_dead(sup, Duration::from_secs(5));
     wait_dead(envoy, Duration::from_secs(5));
-    assert_eq!(
-        state_entries(&sb, NAMESPACE),
-        [s],
-        "the state cannot go yet"
-    );
+    assert_eq!(sb.state_entries(NAMESPACE), [s], "the state cannot go yet");
     let nat = nat_in_pool(&pool);
     assert!(nat.is_empty(), "NAT left: {nat:?}");
     let procs = settled(|| our_processes(&sb));
@@ -794,10 +726,10 @@ fn full_state_dir_fails_create_clearly_without_partial_state() {
         return;
     }
     let tmpfs = Tmpfs::new("es-flt-full", "1m");
-    let (sb, pool) = sandbox_on(&tmpfs, "flt-full", 50660, 50691);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let net = Netns::new(37);
+    let (sb, pool) = sandbox_on(&tmpfs, "flt-full");
+    let _scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    let net = sb.slot.netns(0);
     let (s, new) = ("es-flt-full-s", "es-flt-full-new");
     let survivor = start(&sb, s, &[&net.ctr_opt()], &httpd());
     wait_served(&net.ip, &ca, s);
@@ -851,11 +783,11 @@ type Probe = (Duration, &'static str, bool);
 /// A second private containerd (`ES_CONTAINERD_INSTANCE=<name> tests/env/containerd.sh`),
 /// stopped and removed with its directories on drop.
 struct Instance {
-    name: &'static str,
+    name: String,
 }
 
 impl Instance {
-    fn up(name: &'static str) -> Instance {
+    fn up(name: String) -> Instance {
         let i = Instance { name };
         i.teardown(); // leftovers of an aborted run
         let o = i.script("up");
@@ -864,9 +796,9 @@ impl Instance {
     }
 
     fn script(&self, cmd: &str) -> std::process::Output {
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/env/containerd.sh"))
+        Command::new(repo().join("tests/env/containerd.sh"))
             .arg(cmd)
-            .env("ES_CONTAINERD_INSTANCE", self.name)
+            .env("ES_CONTAINERD_INSTANCE", &self.name)
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -931,12 +863,13 @@ fn containerd_restart_keeps_sidecars_serving() {
     if !can_run("containerd_restart_keeps_sidecars_serving") {
         return;
     }
-    let inst = Instance::up("restart");
+    let slot = slots::next();
+    let inst = Instance::up(format!("restart{}", slot.index()));
     let (addr, ns) = (inst.address(), inst.namespace());
-    let (sb, pool) = sandbox("flt-restart", "", 50692, 50723);
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    let nets = [Netns::new(28), Netns::new(29)];
+    let (sb, pool) = sandbox(&slot, "flt-restart", POOL);
+    let _scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    let nets = [sb.slot.netns(0), sb.slot.netns(1)];
     let ids = ["es-rst-a", "es-rst-b"];
     let mut tasks = Vec::new();
     for (id, net) in ids.iter().zip(&nets) {
@@ -957,7 +890,7 @@ fn containerd_restart_keeps_sidecars_serving() {
     }
     let envoys: Vec<Option<i32>> = ids
         .iter()
-        .map(|id| pid_of(&record_ns(&sb, &ns, id), "envoy"))
+        .map(|id| pid_of(&sb.record_ns(&ns, id), "envoy"))
         .collect();
 
     // Probe both sidecars continuously while containerd dies and comes back.
@@ -992,7 +925,7 @@ fn containerd_restart_keeps_sidecars_serving() {
     assert!(o.status.success(), "restart: {}", text(&o));
     let back = t0.elapsed();
     for t in &tasks {
-        wait_for(
+        wait_until(
             "task RUNNING after the restart",
             Duration::from_secs(30),
             || t.status().filter(|(_, s)| s == "RUNNING").map(|_| ()),
@@ -1019,7 +952,7 @@ fn containerd_restart_keeps_sidecars_serving() {
     );
     assert!(failed.is_empty(), "sidecars stopped serving: {failed:?}");
     for (id, e) in ids.iter().zip(&envoys) {
-        let rec = record_ns(&sb, &ns, id);
+        let rec = sb.record_ns(&ns, id);
         assert_eq!(&pid_of(&rec, "envoy"), e, "{id}: Envoy was restarted");
         assert_eq!(rec["envoy_restarts"], 0);
         assert!(alive(pid_of(&rec, "supervisor").unwrap()));

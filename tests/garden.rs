@@ -13,47 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-const HELLO: &str = "hello from envoy-sidecar test app";
-const MIB: u64 = 1 << 20;
-
-fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
-        .unwrap_or(false)
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The container's memory cgroup directory on the host (cgroup v1 or v2).
-fn memory_cgroup_dir(pid: u32) -> std::path::PathBuf {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    for line in cg.lines() {
-        let parts: Vec<&str> = line.splitn(3, ':').collect();
-        if parts[1].split(',').any(|c| c == "memory") {
-            return format!("/sys/fs/cgroup/memory{}", parts[2]).into();
-        }
-    }
-    let line = cg.lines().find(|l| l.starts_with("0::")).unwrap();
-    format!("/sys/fs/cgroup{}", &line[3..]).into()
-}
-
-fn nft_map() -> String {
-    let o = Command::new("nft")
-        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 /// A container started as Garden starts one. Fields drop in declaration order: the
 /// container first, then the sandbox (config, CA, state), then the network namespace.
 struct Garden {
@@ -66,32 +25,16 @@ struct Garden {
     started: Instant,
 }
 
-fn start(slot: u8, name: &str, id: &str) -> Garden {
-    let net = Netns::new(slot);
-    let sb = Sandbox::new(
-        name,
-        "",
-        &format!(
-            "[ports]\npool_start = {}\npool_end = {}\n",
-            44000 + 32 * (slot as u32 - 20),
-            44031 + 32 * (slot as u32 - 20)
-        ),
-    );
+fn start(name: &str, id: &str) -> Garden {
+    let sb = Sandbox::new(name, "", "");
+    let net = sb.slot.netns(0);
     let c = DirectRun::new(name, id, &sb.config);
     // The bundle, as Garden's plugin gets it: `runc spec`, then edited.
-    busybox_rootfs(&c.bundle.join("rootfs"));
-    let out = c.runc(&["spec", "--bundle", &c.bundle.display().to_string()]);
-    assert!(out.status.success(), "runc spec: {}", text(&out));
-    let spec_path = c.bundle.join("config.json");
-    let mut spec: Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    spec["process"]["args"] = json!(["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]);
-    spec["process"]["terminal"] = json!(false);
-    spec["annotations"] = json!({"envoy-sidecar/ports": "8080"});
-    spec["linux"]["resources"]["memory"] = json!({"limit": 128 * MIB});
-    let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
-    let netns = ns.iter_mut().find(|n| n["type"] == "network").unwrap();
-    *netns = json!({"type": "network", "path": net.path});
-    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let spec_path = c.runc_spec_bundle(&net.path, |spec| {
+        spec["process"]["args"] = json!(httpd());
+        spec["annotations"] = json!({ PORTS: "8080" });
+        spec["linux"]["resources"]["memory"] = json!({"limit": 128 * MIB});
+    });
 
     // run --detach: returns once the container runs, with the pid file written.
     let started = Instant::now();
@@ -142,12 +85,12 @@ fn garden_run_detach_exec_events_kill_delete() {
         return;
     }
     let id = "es-garden-1";
-    let g = start(20, "garden", id);
+    let g = start("garden", id);
     let (c, sb, net, st, pid, started) = (&g.c, &g.sb, &g.net, &g.st, g.pid, g.started);
     let proxy = st["ports"][0]["internal_tls_proxy"].as_u64().unwrap();
 
     // The TLS proxy serves the app (HTTP/1.1 app; no ALPN asked for).
-    let ca = sb.dir.join("ca/ca.crt");
+    let ca = sb.ca();
     let addr = format!("{}:{proxy}", net.ip);
     let served = openssl_wait_for(&addr, &ca, id, HELLO);
     assert!(served.contains("Verify return code: 0 (ok)"), "{served}");
@@ -196,16 +139,7 @@ fn garden_run_detach_exec_events_kill_delete() {
     assert!(cgroup.is_dir(), "{}", cgroup.display());
 
     // Who runs now: supervisor and Envoy, and the NAT elements for the host ports.
-    let record: Value = serde_json::from_slice(
-        &std::fs::read(
-            sb.state_dir
-                .join("default")
-                .join(id)
-                .join("supervisor.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let record = sb.record_ns("default", id);
     let sup = record["supervisor"]["pid"]
         .as_i64()
         .expect("supervisor pid");
@@ -222,7 +156,7 @@ fn garden_run_detach_exec_events_kill_delete() {
     // kill KILL, as Garden's plugin does, then delete.
     let out = c.wrapper(&["kill", id, "KILL"]);
     assert!(out.status.success(), "kill: {}", text(&out));
-    wait_until("container stopped", 10, || {
+    wait_until("container stopped", Duration::from_secs(10), || {
         c.status().as_deref() == Some("stopped")
     });
     let out = c.wrapper(&["delete", id]);
@@ -235,7 +169,7 @@ fn garden_run_detach_exec_events_kill_delete() {
         !sb.state_dir.join("default").join(id).exists(),
         "state directory removed"
     );
-    wait_until("supervisor and Envoy gone", 10, || {
+    wait_until("supervisor and Envoy gone", Duration::from_secs(10), || {
         !alive(sup) && !alive(envoy)
     });
     assert!(!cgroup.exists(), "{} left behind", cgroup.display());
@@ -274,7 +208,7 @@ fn exec_with_the_process_spec_on_a_pipe_as_garden_dadoo_passes_it() {
         return;
     }
     let id = "es-garden-2";
-    let g = start(22, "garden-pipe", id);
+    let g = start("garden-pipe", id);
     let spec = json!({
         "terminal": false,
         "user": {"uid": 0, "gid": 0},

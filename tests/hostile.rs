@@ -13,6 +13,8 @@
 //!
 //! (`cargo test --test hostile -- --ignored`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use envoy_sidecar::Error;
 use envoy_sidecar::cmd::hook::read_state;
 use envoy_sidecar::config::Config;
@@ -124,30 +127,8 @@ fn scratch_base() -> PathBuf {
 }
 
 /// A directory under [`scratch_base`], removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let d = scratch_base().join(format!(
-            "es-hostile-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+fn scratch(tag: &str) -> TempDir {
+    TempDir::under(&scratch_base(), &format!("es-hostile-{tag}"))
 }
 
 fn has_control(s: &str) -> bool {
@@ -510,7 +491,7 @@ fn router_ca_path() -> PathBuf {
 }
 
 fn config_files() -> ConfigFiles {
-    let dir = TempDir::new("cfg");
+    let dir = scratch("cfg");
     envoy_sidecar::identity::ca::generate(&dir.path().join("ca"), "hostile CA").unwrap();
     let garbage = dir.path().join("garbage.pem");
     fs::write(
@@ -1008,40 +989,44 @@ fn annotation_map() -> BoxedStrategy<BTreeMap<String, String>> {
         .boxed()
 }
 
+/// The parser agrees with the model: the same value, or an error about the
+/// annotation the model names.
+fn agrees<T: PartialEq + std::fmt::Debug>(
+    model: Result<T, &str>,
+    parser: Result<T, Error>,
+) -> TestCaseResult {
+    match (model, parser) {
+        (Ok(want), Ok(got)) => prop_assert_eq!(want, got),
+        (Err(key), Err(e)) => check_annotation_error(&e, key)?,
+        (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
+    }
+    Ok(())
+}
+
 #[test]
 fn annotations_request_matches_the_model() {
     check("annotations_request", annotation_map(), |a| {
-        let got = Request::from_annotations(&a);
-        match (model_request(&a), got) {
-            (Ok(want), Ok(got)) => prop_assert_eq!(want, got),
-            (Err(key), Err(e)) => check_annotation_error(&e, key)?,
-            (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
-        }
-        Ok(())
+        agrees(model_request(&a), Request::from_annotations(&a))
     });
 }
 
 #[test]
 fn annotations_parse_ports_matches_the_model() {
     check("parse_ports", ports_value(), |v| {
-        match (model_ports(&v), parse_ports(&v)) {
-            (Ok(want), Ok(got)) => prop_assert_eq!(want, got),
-            (Err(()), Err(e)) => check_annotation_error(&e, annotations::PORTS)?,
-            (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
-        }
-        Ok(())
+        agrees(
+            model_ports(&v).map_err(|()| annotations::PORTS),
+            parse_ports(&v),
+        )
     });
 }
 
 #[test]
 fn annotations_parse_nerdctl_ports_matches_the_model() {
     check("parse_nerdctl_ports", nerdctl_value(), |v| {
-        match (model_nerdctl(&v), parse_nerdctl_ports(&v)) {
-            (Ok(want), Ok(got)) => prop_assert_eq!(want, got),
-            (Err(()), Err(e)) => check_annotation_error(&e, annotations::NERDCTL_PORTS)?,
-            (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
-        }
-        Ok(())
+        agrees(
+            model_nerdctl(&v).map_err(|()| annotations::NERDCTL_PORTS),
+            parse_nerdctl_ports(&v),
+        )
     });
 }
 
@@ -1514,7 +1499,7 @@ fn exercise_spec(
 
 #[test]
 fn spec_json_trees() {
-    let dir = TempDir::new("spec");
+    let dir = scratch("spec");
     let input = (
         prop_oneof![4 => spec_like(), 1 => json_value()],
         hostile_str(),
@@ -1528,7 +1513,7 @@ fn spec_json_trees() {
 
 #[test]
 fn spec_raw_bytes() {
-    let dir = TempDir::new("spec-bytes");
+    let dir = scratch("spec-bytes");
     let path = dir.path().join("config.json");
     let bytes = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..300),
@@ -1599,7 +1584,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
 
 #[test]
 fn store_state_files() {
-    let dir = TempDir::new("store");
+    let dir = scratch("store");
     let state_fields: &[&str] = &[
         "version",
         "namespace",
@@ -2210,7 +2195,7 @@ fn injection_ports_accept_only_numbers() {
 fn injection_through_config_json() {
     // The OCI layer: annotations read from a bundle's config.json on disk.
     let _dog = watchdog("injection_through_config_json");
-    let dir = TempDir::new("inj");
+    let dir = scratch("inj");
     let path = dir.path().join("config.json");
     for key in GUID_KEYS
         .iter()
@@ -2329,7 +2314,7 @@ fn bug_spec_load_fifo_hangs() {
     // device; the read that follows is unbounded and, for a FIFO, blocks in open(2).
     // A bundle whose config.json is a FIFO hangs `create` (a symlink to /dev/zero
     // exhausts memory instead).
-    let dir = TempDir::new("fifo-spec");
+    let dir = scratch("fifo-spec");
     let fifo = dir.path().join("config.json");
     mkfifo(&fifo);
     let f = fifo.clone();
@@ -2348,7 +2333,7 @@ fn bug_config_pem_path_fifo_hangs() {
     // pem_check::read (and identity::Ca::load) use fs::read_to_string with no file
     // type check or size bound: a FIFO blocks `check-config` and every `create`;
     // /dev/zero or /dev/urandom reads until memory runs out.
-    let dir = TempDir::new("fifo-cfg");
+    let dir = scratch("fifo-cfg");
     let fifo = dir.path().join("ca.pem");
     mkfifo(&fifo);
     for text in [
@@ -2380,7 +2365,7 @@ fn bug_set_bind_mount_misses_sourceless_mount() {
     // later mount at the destination: a tmpfs without "source" (optional in the OCI
     // spec), or one after a clashing bind, lets ours be appended silently on top of
     // the user's mount instead of failing as documented.
-    let dir = TempDir::new("mount");
+    let dir = scratch("mount");
     let path = dir.path().join("config.json");
     for mounts in [
         json!([{"destination": CRED_DEST, "type": "tmpfs"}]),

@@ -5,18 +5,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const MIB: u64 = 1 << 20;
-
 fn metrics(sb: &Sandbox, ids: &[&str]) -> Vec<Value> {
-    let o = Command::new(cli_bin())
-        .arg("--config")
-        .arg(&sb.config)
+    let o = cli(&sb.config)
         .args([
             "metrics",
             "--json",
@@ -33,21 +28,14 @@ fn metrics(sb: &Sandbox, ids: &[&str]) -> Vec<Value> {
 }
 
 fn ready(sb: &Sandbox, id: &str) {
-    let p = sb
-        .state_dir
-        .join(NAMESPACE)
-        .join(id)
-        .join("supervisor.json");
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Ok(b) = std::fs::read(&p)
-            && serde_json::from_slice::<Value>(&b).is_ok_and(|v| v["ready_at"].is_string())
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{id}: Envoy never ready");
+    wait_until(
+        &format!("{id}: Envoy ready"),
+        Duration::from_secs(20),
+        || {
+            sb.try_record(NAMESPACE, id)
+                .is_some_and(|v| v["ready_at"].is_string())
+        },
+    );
 }
 
 fn u(v: &Value, k: &str) -> u64 {
@@ -60,8 +48,8 @@ fn rescaled_and_exact_figures_for_a_known_allocation() {
     if !can_run("rescaled_and_exact_figures_for_a_known_allocation") {
         return;
     }
-    let net = Netns::new(6);
     let sb = Sandbox::new("metrics", "", "");
+    let net = sb.slot.netns(0);
     // 40 MiB in tmpfs (/dev/shm): anonymous memory, charged to the container.
     let cmd = "head -c 41943040 /dev/zero > /dev/shm/fill && exec httpd -f -p 8080 -h /www";
     let c = sb.start_cmd(
@@ -71,7 +59,20 @@ fn rescaled_and_exact_figures_for_a_known_allocation() {
         &["/bin/sh", "-c", cmd],
     );
     ready(&sb, "es-met");
-    std::thread::sleep(Duration::from_millis(500));
+    // The 40 MiB are written once the shell has become httpd.
+    let init = c.pid();
+    wait_until(
+        "the fill written (init exec'd httpd)",
+        Duration::from_secs(20),
+        || {
+            let comm = std::fs::read_to_string(format!("/proc/{init}/comm")).unwrap_or_default();
+            if comm.trim() == "httpd" {
+                Ok(())
+            } else {
+                Err(comm)
+            }
+        },
+    );
     let r = &metrics(&sb, &["es-met"])[0];
     let raw = u(r, "raw_working_set_bytes");
     let envoy = u(r, "envoy_bytes");
@@ -133,9 +134,7 @@ fn unscaled_without_limit_and_absent_without_proxy() {
     assert_eq!(u(r, "memory_bytes_quota"), 0);
     assert_eq!(u(r, "memory_bytes"), u(r, "raw_working_set_bytes"));
     // Asking for a container that was not created through envoy-sidecar is an error.
-    let o = Command::new(cli_bin())
-        .arg("--config")
-        .arg(&sb.config)
+    let o = cli(&sb.config)
         .args([
             "metrics",
             "es-met-noproxy",
@@ -162,23 +161,9 @@ fn scrape(port: u16) -> String {
     out
 }
 
-struct Exporter(std::process::Child);
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn exporter(sb: &Sandbox, address: &str) -> (Exporter, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(cli_bin())
-        .arg("--config")
-        .arg(&sb.config)
+fn exporter(sb: &Sandbox, address: &str) -> (ChildGuard, u16) {
+    let port = sb.slot.tcp_port();
+    let child = cli(&sb.config)
         .args([
             "serve-metrics",
             "--listen",
@@ -188,15 +173,11 @@ fn exporter(sb: &Sandbox, address: &str) -> (Exporter, u16) {
         ])
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "exporter did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Exporter(child), port)
+    let child = ChildGuard(child);
+    wait_until("the exporter listening", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+    });
+    (child, port)
 }
 
 #[test]

@@ -1,52 +1,34 @@
-//! Host port NAT with real traffic: containers on a CNI bridge (203.0.113.0/24), a
+//! Host port NAT with real traffic: containers on a CNI bridge (the slot's), a
 //! "router" in its own network namespace that reaches them only through the host's
 //! address and the ports in CF_INSTANCE_PORTS.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::footprint::gc;
 use common::*;
 use serde_json::Value;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const HELLO: &str = "hello from envoy-sidecar test app";
-
-fn port(st: &Value, i: usize, key: &str) -> u16 {
-    st["ports"][i][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing: {st}")) as u16
-}
-
 /// Retry (Envoy and NAT come up after `ctr run -d` returns).
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{what}: not within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, Duration::from_secs(20), f)
 }
 
-fn nft_map() -> String {
-    let o = std::process::Command::new("nft")
-        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn httpd3() -> Vec<&'static str> {
-    vec![
-        "/bin/sh",
-        "-c",
-        "httpd -p 9999 -h /www && httpd -p 2222 -h /www && exec httpd -f -p 8080 -h /www",
-    ]
+/// The slot's CNI bridge, a router on its first link and a sandbox advertising the
+/// router's view of the host.
+fn setup(name: &str, proxy_extra: &str) -> (CniNet, Router, Sandbox) {
+    let slot = slots::next();
+    let net = slot.cni();
+    let router = slot.router(0);
+    let sb = Sandbox::in_slot(
+        &slot,
+        name,
+        proxy_extra,
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+        POOL,
+    );
+    (net, router, sb)
 }
 
 #[test]
@@ -54,26 +36,20 @@ fn router_reaches_apps_through_host_ports_until_removal() {
     if !can_run("router_reaches_apps_through_host_ports_until_removal") {
         return;
     }
-    let net = CniNet::new(1);
-    let router = Router::new(50);
-    let sb = Sandbox::new(
-        "nat3",
-        "",
-        &format!("[host]\naddress = {:?}\n", router.host_ip()),
-    );
+    let (net, router, sb) = setup("nat3", "");
     let ca = sb.dir.join("ca/ca.crt");
     let (opt, ip) = net.attach("es-nat3");
     let c = sb.start_cmd("es-nat3", &[(PORTS, "8080,9999,2222")], &[&opt], &httpd3());
     let st = sb.inspect("es-nat3").unwrap();
     let mut used = Vec::new();
     for i in 0..3 {
-        let tls = port(&st, i, "external_tls_proxy");
+        let tls = port_of(&st, i, "external_tls_proxy");
         let out = eventually("TLS through the host port", || {
             let o = router.https(&ca, "es-nat3", tls);
             o.contains(HELLO).then_some(o)
         });
         assert!(out.contains(HELLO));
-        let ext = port(&st, i, "external");
+        let ext = port_of(&st, i, "external");
         let plain = router
             .tcp(
                 &format!("{}:{ext}", router.host_ip()),
@@ -87,7 +63,7 @@ fn router_reaches_apps_through_host_ports_until_removal() {
         used.extend([tls, ext]);
     }
     // Connections made on the host itself, to the host's address, are mapped too.
-    let ext0 = port(&st, 0, "external");
+    let ext0 = port_of(&st, 0, "external");
     let local = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -148,7 +124,7 @@ fn router_reaches_apps_through_host_ports_until_removal() {
     let (opt, _) = net.attach("es-nat3b");
     let _c2 = sb.start_cmd("es-nat3b", &[(PORTS, "8080,9999,2222")], &[&opt], &httpd3());
     let st2 = sb.inspect("es-nat3b").unwrap();
-    let tls = port(&st2, 0, "external_tls_proxy");
+    let tls = port_of(&st2, 0, "external_tls_proxy");
     assert!(
         used.contains(&tls),
         "host ports are reused: {tls} not in {used:?}"
@@ -166,19 +142,13 @@ fn unproxied_mappings_disabled_only_tls_gets_in() {
     if !can_run("unproxied_mappings_disabled_only_tls_gets_in") {
         return;
     }
-    let net = CniNet::new(2);
-    let router = Router::new(51);
-    let sb = Sandbox::new(
-        "natoff",
-        "enable_unproxied_port_mappings = false",
-        &format!("[host]\naddress = {:?}\n", router.host_ip()),
-    );
+    let (net, router, sb) = setup("natoff", "enable_unproxied_port_mappings = false");
     let ca = sb.dir.join("ca/ca.crt");
     let (opt, ip) = net.attach("es-natoff");
     let _c = sb.start_cmd("es-natoff", &[(PORTS, "8080")], &[&opt], &httpd3());
     let st = sb.inspect("es-natoff").unwrap();
     assert!(st["ports"][0].get("external").is_none());
-    let tls = port(&st, 0, "external_tls_proxy");
+    let tls = port_of(&st, 0, "external_tls_proxy");
     eventually("TLS still works", || {
         router
             .https(&ca, "es-natoff", tls)
@@ -215,13 +185,7 @@ fn two_containers_get_distinct_host_ports() {
     if !can_run("two_containers_get_distinct_host_ports") {
         return;
     }
-    let net = CniNet::new(3);
-    let router = Router::new(52);
-    let sb = Sandbox::new(
-        "nat2",
-        "",
-        &format!("[host]\naddress = {:?}\n", router.host_ip()),
-    );
+    let (net, router, sb) = setup("nat2", "");
     let mut cs = Vec::new();
     for id in ["es-nat2a", "es-nat2b"] {
         let (opt, _) = net.attach(id);
@@ -230,11 +194,11 @@ fn two_containers_get_distinct_host_ports() {
     }
     let a = sb.inspect("es-nat2a").unwrap();
     let b = sb.inspect("es-nat2b").unwrap();
-    let (ea, eb) = (port(&a, 0, "external"), port(&b, 0, "external"));
+    let (ea, eb) = (port_of(&a, 0, "external"), port_of(&b, 0, "external"));
     assert_ne!(ea, eb);
     assert_ne!(
-        port(&a, 0, "external_tls_proxy"),
-        port(&b, 0, "external_tls_proxy")
+        port_of(&a, 0, "external_tls_proxy"),
+        port_of(&b, 0, "external_tls_proxy")
     );
     for (p, id) in [(ea, "es-nat2a"), (eb, "es-nat2b")] {
         let got = eventually("each host port reaches its own app", || {
@@ -246,37 +210,19 @@ fn two_containers_get_distinct_host_ports() {
     }
 }
 
-fn gc(sb: &Sandbox, args: &[&str]) -> String {
-    let o = std::process::Command::new(cli_bin())
-        .arg("--config")
-        .arg(&sb.config)
-        .arg("gc")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
 #[test]
 fn gc_cleans_a_crash_and_spares_the_living() {
     if !can_run("gc_cleans_a_crash_and_spares_the_living") {
         return;
     }
-    let net = CniNet::new(4);
-    let router = Router::new(53);
-    let sb = Sandbox::new(
-        "gc",
-        "",
-        &format!("[host]\naddress = {:?}\n", router.host_ip()),
-    );
+    let (net, router, sb) = setup("gc", "");
     let ca = sb.dir.join("ca/ca.crt");
     let (opt_a, _) = net.attach("es-gc-a");
     let _a = sb.start_cmd("es-gc-a", &[(PORTS, "8080")], &[&opt_a], &httpd3());
     let (opt_b, ip_b) = net.attach("es-gc-b");
     let b = sb.start_cmd("es-gc-b", &[(PORTS, "8080")], &[&opt_b], &httpd3());
     let st_a = sb.inspect("es-gc-a").unwrap();
-    let tls_a = port(&st_a, 0, "external_tls_proxy");
+    let tls_a = port_of(&st_a, 0, "external_tls_proxy");
     eventually("a served", || {
         router
             .https(&ca, "es-gc-a", tls_a)
@@ -340,15 +286,22 @@ fn gc_cleans_a_crash_and_spares_the_living() {
         "#!/bin/sh\ntrap 'kill $!; exit 143' TERM\nsleep 300 &\nwait\n",
     );
     let bootstrap = b_dir.join("envoy/bootstrap.json");
-    let mut orphan = std::process::Command::new(&fake)
-        .arg("-c")
-        .arg(&bootstrap)
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let mut orphan = ChildGuard(
+        std::process::Command::new(&fake)
+            .arg("-c")
+            .arg(&bootstrap)
+            .spawn()
+            .unwrap(),
+    );
+    let shell = orphan.0.id();
+    wait_until(
+        "the orphan running (its sleep started)",
+        Duration::from_secs(10),
+        || !children(shell).is_empty(),
+    );
 
     // --dry-run says what it would do and does nothing.
-    let out = gc(&sb, &["--dry-run", "--grace", "0"]);
+    let out = gc(&sb.config, &["--dry-run", "--grace", "0"]);
     assert!(
         out.contains("es-gc-b is gone") && out.contains("[dry-run]"),
         "{out}"
@@ -358,9 +311,9 @@ fn gc_cleans_a_crash_and_spares_the_living() {
         "a live container must not be touched: {out}"
     );
     assert!(b_dir.exists() && nft_map().contains(&format!("{ip_b} .")));
-    assert!(orphan.try_wait().unwrap().is_none());
+    assert!(orphan.0.try_wait().unwrap().is_none());
 
-    let out = gc(&sb, &["--grace", "0"]);
+    let out = gc(&sb.config, &["--grace", "0"]);
     assert!(out.contains("es-gc-b is gone"), "{out}");
     assert!(!b_dir.exists(), "b's state must go");
     assert!(
@@ -368,14 +321,14 @@ fn gc_cleans_a_crash_and_spares_the_living() {
         "b's NAT must go: {}",
         nft_map()
     );
-    let status = orphan.wait().unwrap();
+    let status = orphan.0.wait().unwrap();
     assert!(!status.success(), "the orphan must be killed");
     // a is untouched and still served.
     assert_eq!(sb.leftovers(), ["es-gc-a"]);
     assert!(nft_map().contains(&format!("tcp . {tls_a} :")));
     assert!(router.https(&ca, "es-gc-a", tls_a).contains(HELLO));
     // A second run finds nothing.
-    let again = gc(&sb, &["--grace", "0"]);
+    let again = gc(&sb.config, &["--grace", "0"]);
     assert!(
         !again.contains("es-gc-"),
         "a second gc must find nothing of ours: {again}"

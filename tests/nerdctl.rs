@@ -12,17 +12,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
 
-const MIB: u64 = 1 << 20;
 const ID: &str = "3f1c5b2a9d8e7f60a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
 
 fn fixture() -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("oci/fixtures/nerdctl-config.json");
+    let p = repo().join("oci/fixtures/nerdctl-config.json");
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
@@ -60,120 +58,46 @@ fn nerdctl_annotations(spec: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// The fixture in a temporary bundle, a wrapper config whose `runtime.runc` is a
-/// stand-in that records its argv and succeeds, and containerd's runc root for
-/// nerdctl's namespace `default` (`.../runc/default`).
+/// The fixture in a temporary bundle in front of a recording stand-in for runc
+/// ([`FakeStack`]), with containerd's runc root for nerdctl's namespace `default`
+/// (`.../runc/default`).
 struct Fake {
-    dir: PathBuf,
-    config: PathBuf,
-    state: PathBuf,
-    bundle: PathBuf,
-    argv_log: PathBuf,
+    stack: FakeStack,
     /// The fixture as written into the bundle.
     original: Value,
 }
 
+impl std::ops::Deref for Fake {
+    type Target = FakeStack;
+    fn deref(&self) -> &FakeStack {
+        &self.stack
+    }
+}
+
 impl Fake {
     fn new(name: &str, tweak: impl FnOnce(&mut Value)) -> Fake {
-        let dir = std::env::temp_dir().join(format!("es-nerdctl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("bundle")).unwrap();
-        let argv_log = dir.join("argv.log");
-        let runc = dir.join("fake-runc");
-        write_script(
-            &runc,
-            &format!(
-                "#!/bin/sh\necho \"$*\" >> {log}\nfor a; do case \"$a\" in state) [ -f {dir}/gone ] && exit 1; exit 0;; \
-                 create|delete|kill|start) exit 0;; esac; done\n",
-                log = argv_log.display(),
-                dir = dir.display()
-            ),
-        );
-        let out = Command::new(cli_bin())
-            .args(["generate-ca", "--out"])
-            .arg(dir.join("ca"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let state = dir.join("state");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\n[host]\naddress = \"198.51.100.9\"\n\
-                 memory_capacity_mb = 4096\n",
-                dir.join("ca/ca.crt"),
-                dir.join("ca/ca.key"),
-                runc,
-                state
-            ),
-        )
-        .unwrap();
         let mut original = fixture();
         // The credentials directory is chowned to process.user: be that user.
         original["process"]["user"]["uid"] = json!(unsafe { libc::getuid() });
         original["process"]["user"]["gid"] = json!(unsafe { libc::getgid() });
         tweak(&mut original);
-        std::fs::write(
-            dir.join("bundle/config.json"),
-            serde_json::to_vec(&original).unwrap(),
-        )
-        .unwrap();
-        Fake {
-            bundle: dir.join("bundle"),
-            dir,
-            config,
-            state,
-            argv_log,
-            original,
-        }
-    }
-
-    /// The wrapper as containerd's runc shim runs it for nerdctl (namespace `default`).
-    fn wrapper(&self, args: &[&str]) -> Output {
-        let root = self.dir.join("runc-root/runc/default");
-        Command::new(wrapper_bin())
-            .arg("--root")
-            .arg(&root)
-            .arg("--log")
-            .arg(self.dir.join("log.json"))
-            .args(["--log-format", "json"])
-            .args(args)
-            .env("ENVOY_SIDECAR_CONFIG", &self.config)
-            .output()
-            .unwrap()
+        let stack = FakeStack::new(
+            &format!("es-nerdctl-{name}"),
+            "default",
+            "memory_capacity_mb = 4096\n",
+            &original,
+        );
+        Fake { stack, original }
     }
 
     fn create(&self) {
-        let b = self.bundle.display().to_string();
         let pid = self.dir.join("init.pid").display().to_string();
-        let out = self.wrapper(&["create", "--bundle", &b, "--pid-file", &pid, ID]);
+        let out = self.stack.create(&["--pid-file", &pid], ID);
         assert!(out.status.success(), "create: {}", text(&out));
     }
 
-    fn spec(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.bundle.join("config.json")).unwrap()).unwrap()
-    }
-
-    fn state_of(&self) -> Option<Value> {
-        std::fs::read(self.state.join("default").join(ID).join("state.json"))
-            .ok()
-            .map(|b| serde_json::from_slice(&b).unwrap())
-    }
-
-    fn runc_calls(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.argv_log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+    fn state(&self) -> Option<Value> {
+        self.state_of(ID)
     }
 }
 
@@ -265,7 +189,7 @@ fn our_hooks_wrap_nerdctls_which_stay_untouched() {
     assert_eq!(strip(&spec), strip(orig));
 
     // runc got the argv containerd's shim gave us.
-    let calls = f.runc_calls();
+    let calls = f.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(calls[0].contains(&format!("create --bundle {}", f.bundle.display())));
 }
@@ -281,9 +205,7 @@ fn ports_come_from_nerdctl_ports_when_ours_are_absent() {
     assert_eq!(ports.len(), 1, "{ports:?}");
     assert_eq!(ports[0]["internal"], 80);
     assert_eq!(ports[0]["internal_tls_proxy"], 61001);
-    let state = f
-        .state_of()
-        .expect("state recorded under namespace default");
+    let state = f.state().expect("state recorded under namespace default");
     assert_eq!(state["ports"][0]["internal"], 80);
     assert_eq!(state["namespace"], "default");
     // nerdctl's -m 256m (swap defaulted to twice that) raised by the allocation.
@@ -336,7 +258,7 @@ fn no_tcp_port_or_opt_out_leaves_the_spec_byte_for_byte() {
             before,
             "{name}: spec touched"
         );
-        assert!(f.state_of().is_none(), "{name}: state recorded");
+        assert!(f.state().is_none(), "{name}: state recorded");
     }
 }
 
@@ -349,8 +271,8 @@ fn a_second_create_on_the_bundle_does_not_stack() {
     // starts it again from the same bundle.
     let out = f.wrapper(&["delete", ID]);
     assert!(out.status.success(), "delete: {}", text(&out));
-    assert!(f.state_of().is_none(), "delete released the state");
-    std::fs::write(f.dir.join("gone"), "").unwrap();
+    assert!(f.state().is_none(), "delete released the state");
+    f.runc.fail("state", 1);
     f.create();
     let second = f.spec();
     assert_eq!(second["hooks"], first["hooks"]);
@@ -363,7 +285,7 @@ fn a_second_create_on_the_bundle_does_not_stack() {
     assert_eq!(second["mounts"], first["mounts"]);
     assert_eq!(second["linux"], first["linux"], "memory raised only once");
     assert_eq!(second["annotations"], first["annotations"]);
-    assert!(f.state_of().is_some());
+    assert!(f.state().is_some());
 }
 
 /// As root: the fixture run by real runc through the wrapper, nerdctl's hooks replaced
@@ -377,12 +299,8 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     if !can_run_without_containerd("nerdctl_hooks_run_around_ours_under_real_runc") {
         return;
     }
-    let net = Netns::new(21);
-    let sb = Sandbox::new(
-        "nerdctl",
-        "",
-        "[ports]\npool_start = 44032\npool_end = 44063\n",
-    );
+    let sb = Sandbox::new("nerdctl", "", "");
+    let net = sb.slot.netns(0);
     let id = "es-nerdctl-1";
     let c = DirectRun::new("nerdctl", id, &sb.config);
     busybox_rootfs(&c.bundle.join("rootfs"));
@@ -482,23 +400,16 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     assert_eq!(st["ports"][0]["internal"], 80, "{st}");
     assert_eq!(st["ports"].as_array().unwrap().len(), 1, "{st}");
     let addr = format!("{}:{}", net.ip, st["ports"][0]["internal_tls_proxy"]);
-    let out = openssl_wait_for(
-        &addr,
-        &sb.dir.join("ca/ca.crt"),
-        id,
-        "hello from envoy-sidecar test app",
-    );
+    let out = openssl_wait_for(&addr, &sb.ca(), id, HELLO);
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     assert_eq!(memory_limit_of(pid), (288 * MIB).to_string());
 
     // Stop and delete: our poststop released the state before nerdctl's ran.
     let out = c.wrapper(&["kill", id, "KILL"]);
     assert!(out.status.success(), "kill: {}", text(&out));
-    let start = std::time::Instant::now();
-    while c.status().as_deref() != Some("stopped") {
-        assert!(start.elapsed().as_secs() < 10, "not stopped");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until("stopped", Duration::from_secs(10), || {
+        c.status().as_deref() == Some("stopped")
+    });
     assert!(c.inspect().is_some(), "state kept until delete");
     let out = c.wrapper(&["delete", id]);
     assert!(out.status.success(), "delete: {}", text(&out));

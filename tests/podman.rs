@@ -6,13 +6,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const ROOT: &str = "/var/lib/envoy-sidecar-test/podman/root";
 const RUNROOT: &str = "/run/envoy-sidecar-test/podman";
-const HELLO: &str = "hello from envoy-sidecar test app";
 
 fn podman(hooks: &Path, args: &[&str]) -> Output {
     Command::new("podman")
@@ -36,7 +35,7 @@ fn podman(hooks: &Path, args: &[&str]) -> Output {
 fn hooks_dir(sb: &Sandbox) -> PathBuf {
     let dir = sb.dir.join("hooks.d");
     std::fs::create_dir_all(&dir).unwrap();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hooks/oci-hooks.d");
+    let repo = repo().join("hooks/oci-hooks.d");
     for stage in ["createRuntime", "poststart", "poststop"] {
         let name = format!("envoy-sidecar-{stage}.json");
         let mut v: serde_json::Value =
@@ -59,11 +58,11 @@ fn hooks_only_registration_gives_a_tls_proxy() {
     if !can_run("hooks_only_registration_gives_a_tls_proxy") {
         return;
     }
-    let net = Netns::new(7);
     let sb = Sandbox::new("podman", "", "");
+    let net = sb.slot.netns(0);
     let hooks = hooks_dir(&sb);
     if !podman(&hooks, &["image", "exists", IMAGE]).status.success() {
-        let tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/oci/busybox-oci.tar");
+        let tar = repo().join("target/oci/busybox-oci.tar");
         let o = podman(&hooks, &["load", "-i", tar.to_str().unwrap()]);
         assert!(o.status.success(), "podman load: {}", text(&o));
     }
@@ -118,28 +117,10 @@ fn hooks_only_registration_gives_a_tls_proxy() {
     let proxy = st["ports"][0]["internal_tls_proxy"].as_u64().unwrap();
 
     // TLS through the proxy from outside the container, with the instance identity.
-    let ca = sb.dir.join("ca/ca.crt");
-    let start = Instant::now();
-    let out = loop {
-        let o = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 openssl s_client -connect {}:{proxy} -CAfile {} -verify_return_error -ign_eof -showcerts 2>&1",
-                net.ip,
-                ca.display()
-            ))
-            .output()
-            .unwrap();
-        let t = String::from_utf8_lossy(&o.stdout).to_string();
-        if t.contains(HELLO) {
-            break t;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never served: {t}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let ca = sb.ca();
+    let out = Get::new(&ca)
+        .showcerts()
+        .wait_for(&format!("{}:{proxy}", net.ip), HELLO);
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     assert!(
         out.contains(&format!("CN = {id}")) || out.contains(&format!("CN={id}")),
@@ -149,29 +130,17 @@ fn hooks_only_registration_gives_a_tls_proxy() {
     let o = podman(&hooks, &["exec", &name, "/bin/sh", "-c", "env"]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("CF_INSTANCE_PORTS"));
 
-    let sup: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            sb.state_dir
-                .join("default")
-                .join(&id)
-                .join("supervisor.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let sup = sb.record_ns("default", &id);
     let pids: Vec<i64> = [&sup["supervisor"]["pid"], &sup["envoy"]["pid"]]
         .iter()
         .filter_map(|v| v.as_i64())
         .collect();
     drop(guard);
-    std::thread::sleep(Duration::from_millis(300));
     for p in pids {
-        assert!(
-            !Path::new(&format!("/proc/{p}")).exists()
-                || std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .unwrap_or_default()
-                    .contains(") Z"),
-            "pid {p} survived podman rm"
+        wait_until(
+            &format!("pid {p} gone after podman rm"),
+            Duration::from_secs(10),
+            || !alive(p),
         );
     }
     assert!(

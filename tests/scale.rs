@@ -16,9 +16,6 @@ use std::time::{Duration, Instant};
 use common::footprint::*;
 use common::*;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const HELLO: &str = "hello from envoy-sidecar test app";
-
 /// The two tests measure the host: never at the same time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -51,14 +48,6 @@ fn parallel(n: usize, workers: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
-fn httpd3() -> Vec<&'static str> {
-    vec![
-        "/bin/sh",
-        "-c",
-        "httpd -p 9999 -h /www && httpd -p 2222 -h /www && exec httpd -f -p 8080 -h /www",
-    ]
-}
-
 /// What the product holds on the host for one sandbox.
 #[derive(Debug, Clone, PartialEq)]
 struct Footprint {
@@ -85,16 +74,17 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     let _serial = serial();
     let n = env_usize("ES_SCALE_N", 50).min(52);
     let par = env_usize("ES_SCALE_PAR", n);
-    let pool = 50000..=50399u16;
-    let sb = Sandbox::new(
-        "scale",
-        "",
-        "[ports]\npool_start = 50000\npool_end = 50399\n",
-    );
-    let _scrub = Scrub::new(&sb, pool.clone());
-    let ca = sb.dir.join("ca/ca.crt");
-    // Four /28 bridges (13 container addresses each): 52 distinct IPs.
-    let nets: Vec<CniNet> = [5u8, 6, 7, 8].into_iter().map(CniNet::new).collect();
+    let sb = Sandbox::with_pool("scale", "", "", 400);
+    let pool = sb.pool();
+    let _scrub = Scrub::new(&sb);
+    let ca = sb.ca();
+    // Four /28 bridges (13 container addresses each): 52 distinct IPs. A slot has one:
+    // the sandbox's and three more.
+    let more: Vec<Slot> = (0..3).map(|_| slots::next()).collect();
+    let nets: Vec<CniNet> = std::iter::once(&sb.slot)
+        .chain(&more)
+        .map(Slot::cni)
+        .collect();
     let ids: Vec<String> = (0..n).map(|i| format!("es-scale-{i:02}")).collect();
 
     let t = Instant::now();
@@ -186,21 +176,21 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     let unserved: Mutex<Vec<String>> = Mutex::new(Vec::new());
     parallel(n, 4, |i| {
         let addr = format!("{}:61001", attached[i].1);
-        let deadline = t + Duration::from_secs(180);
-        loop {
+        let left = (t + Duration::from_secs(180)).saturating_duration_since(Instant::now());
+        let got = poll(left, Duration::from_millis(250), || {
             let out = openssl_get(&addr, &ca, &ids[i]);
             if out.contains(HELLO) && out.contains("Verify return code: 0 (ok)") {
-                served.lock().unwrap().push((ids[i].clone(), t.elapsed()));
-                break;
+                Ok(())
+            } else {
+                Err(out)
             }
-            if Instant::now() > deadline {
-                unserved
-                    .lock()
-                    .unwrap()
-                    .push(format!("{} ({addr}): {out}", ids[i]));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        });
+        match got {
+            Ok(()) => served.lock().unwrap().push((ids[i].clone(), t.elapsed())),
+            Err(out) => unserved
+                .lock()
+                .unwrap()
+                .push(format!("{} ({addr}): {out}", ids[i])),
         }
     });
     let unserved = unserved.into_inner().unwrap();
@@ -209,15 +199,7 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     let last = served.iter().map(|(_, d)| *d).max().unwrap();
     let restarts: u64 = ids
         .iter()
-        .map(|id| {
-            let p = sb
-                .state_dir
-                .join(NAMESPACE)
-                .join(id)
-                .join("supervisor.json");
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-            v["envoy_restarts"].as_u64().unwrap_or(0)
-        })
+        .map(|id| sb.record(id)["envoy_restarts"].as_u64().unwrap_or(0))
         .sum();
     let envoys = our_processes(&sb)
         .iter()
@@ -268,7 +250,10 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     assert!(sh.is_empty(), "containerd shims left: {sh:#?}");
     let out = gc(&sb.config, &["--grace", "0"]);
     assert!(
-        !out.contains("es-scale-") && !out.contains("NAT mapping host port 50"),
+        !out.contains("es-scale-")
+            && !pool
+                .clone()
+                .any(|p| out.contains(&format!("NAT mapping host port {p} "))),
         "gc found something of ours after removal: {out}"
     );
 }
@@ -293,32 +278,13 @@ fn churn_leaves_a_flat_footprint() {
     let _serial = serial();
     let lifecycles = env_usize("ES_CHURN", 300);
     let workers = 4;
-    let pool = 50400..=50463u16;
-    let sb = Sandbox::new(
-        "churn",
-        "",
-        "[ports]\npool_start = 50400\npool_end = 50463\n",
-    );
-    let _scrub = Scrub::new(&sb, pool.clone());
+    let sb = Sandbox::with_pool("churn", "", "", 64);
+    let pool = sb.pool();
+    let _scrub = Scrub::new(&sb);
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let lifecycle = |i: usize| {
         let id = format!("es-churn-{i}");
-        let out = ctr_at(
-            &address(),
-            NAMESPACE,
-            120,
-            &[
-                "run",
-                "--rm",
-                "--runc-binary",
-                &sb.runtime.display().to_string(),
-                "--annotation",
-                &format!("{PORTS}=8080"),
-                IMAGE,
-                &id,
-                "/bin/true",
-            ],
-        );
+        let out = sb.run_rm_plain(&id, &[(PORTS, "8080")], &["/bin/true"]);
         if !out.status.success() {
             failures
                 .lock()
@@ -329,14 +295,19 @@ fn churn_leaves_a_flat_footprint() {
         }
     };
     let settle = || {
-        // Lifecycles end when ctr returns; shims and supervisors exit just after.
-        let start = Instant::now();
-        while (our_processes(&sb).len() + shims(NAMESPACE, "es-churn-") > 0)
-            && start.elapsed() < Duration::from_secs(30)
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        std::thread::sleep(Duration::from_secs(2));
+        // Lifecycles end when ctr returns; shims and supervisors exit just after. (No
+        // failure here: the footprint comparison below says what stayed.)
+        let _ = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            our_processes(&sb).len() + shims(NAMESPACE, "es-churn-") == 0
+        });
+        // Then until the footprint holds still between two looks.
+        let mut last = None;
+        let _ = poll(Duration::from_secs(10), Duration::from_millis(500), || {
+            let now = footprint(&sb, &pool, "es-churn-");
+            let still = last.as_ref() == Some(&now);
+            last = Some(now);
+            still
+        });
     };
 
     // Warm-up (containerd's and the page cache's one-time growth), then measure. One

@@ -7,8 +7,8 @@
 //! `tests/sidecar.rs` `mutual_tls_refuses_unauthenticated_peers`; here only the expired
 //! (and not yet valid) certificate from the trusted CA.
 //!
-//! Resources: network namespaces 40-47, CNI network 9, router 54; each sandbox's host
-//! port pool is derived from its slot (44000 + 32 * (slot - 20), as tests/garden.rs).
+//! Resources: networks and host port pools from each sandbox's slot
+//! (tests/common/slots.rs).
 
 mod common;
 
@@ -21,45 +21,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
-const PORTS: &str = "envoy-sidecar/ports";
-const HELLO: &str = "hello from envoy-sidecar test app";
 const NOBODY: u32 = 65534;
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// This file's host port pool for a slot (disjoint from every other test's).
-fn pool(slot: u32) -> String {
-    let start = 44000 + 32 * (slot - 20);
-    format!("[ports]\npool_start = {start}\npool_end = {}\n", start + 31)
-}
-
-fn pool_range(slot: u32) -> std::ops::RangeInclusive<u16> {
-    let start = (44000 + 32 * (slot - 20)) as u16;
-    start..=start + 31
-}
-
-fn set_validity(sb: &Sandbox, validity: &str) {
-    let cfg = std::fs::read_to_string(&sb.config).unwrap();
-    std::fs::write(
-        &sb.config,
-        cfg.replace(
-            "[instance_identity]\n",
-            &format!("[instance_identity]\nvalidity = {validity:?}\n"),
-        ),
-    )
-    .unwrap();
-}
 
 /// Run `argv` on the host as `uid:gid` with no supplementary groups and (root -> other
 /// uid) no capabilities.
@@ -75,14 +39,6 @@ fn as_user(uid: u32, gid: u32, argv: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn out_err(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Failed with EACCES ("Permission denied"), and printed nothing on stdout.
@@ -123,27 +79,6 @@ fn files_under(dir: &Path, skip: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>)
     }
 }
 
-fn record(state_dir: &Path, ns: &str, id: &str) -> Option<Value> {
-    let p = state_dir.join(ns).join(id).join("supervisor.json");
-    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
-}
-
-fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
-        .unwrap_or(false)
-}
-
-fn port_of(st: &Value, i: usize, key: &str) -> u16 {
-    st["ports"][i][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing: {st}")) as u16
-}
-
-fn httpd() -> Vec<&'static str> {
-    vec!["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
-}
-
 /// Wait until the proxy at `addr` serves the app (Envoy up, certificate issued).
 fn wait_served(addr: &str, ca: &Path, name: &str) {
     openssl_wait_for(addr, ca, name, HELLO);
@@ -160,23 +95,15 @@ struct Direct {
     net: Netns,
 }
 
-fn direct_start(slot: u8, name: &str, id: &str, uid: u32, gid: u32) -> Direct {
-    let net = Netns::new(slot);
-    let sb = Sandbox::new(name, "", &pool(slot as u32));
+fn direct_start(name: &str, id: &str, uid: u32, gid: u32) -> Direct {
+    let sb = Sandbox::new(name, "", "");
+    let net = sb.slot.netns(0);
     let c = DirectRun::new(name, id, &sb.config);
-    busybox_rootfs(&c.bundle.join("rootfs"));
-    let out = c.runc(&["spec", "--bundle", &c.bundle.display().to_string()]);
-    assert!(out.status.success(), "runc spec: {}", text(&out));
-    let spec_path = c.bundle.join("config.json");
-    let mut spec: Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    spec["process"]["args"] = json!(httpd());
-    spec["process"]["terminal"] = json!(false);
-    spec["process"]["user"] = json!({"uid": uid, "gid": gid});
-    spec["annotations"] = json!({ PORTS: "8080" });
-    let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
-    let netns = ns.iter_mut().find(|n| n["type"] == "network").unwrap();
-    *netns = json!({"type": "network", "path": net.path});
-    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    c.runc_spec_bundle(&net.path, |spec| {
+        spec["process"]["args"] = json!(httpd());
+        spec["process"]["user"] = json!({"uid": uid, "gid": gid});
+        spec["annotations"] = json!({ PORTS: "8080" });
+    });
     let (status, said) = c.run_detached();
     assert!(status.success(), "run --detach: {status}\n{said}");
     Direct { c, sb, net }
@@ -206,7 +133,7 @@ fn credentials_are_readable_only_by_the_container_user() {
         return;
     }
     let id = "es-sec-creds";
-    let g = direct_start(40, "sec-creds", id, 2000, 2000);
+    let g = direct_start("sec-creds", id, 2000, 2000);
     let creds = g.sb.state_dir.join("default").join(id).join("credentials");
     let key = creds.join("instance.key");
     let addr = format!(
@@ -214,7 +141,7 @@ fn credentials_are_readable_only_by_the_container_user() {
         g.net.ip,
         port_of(&g.c.inspect().unwrap(), 0, "internal_tls_proxy")
     );
-    wait_served(&addr, &g.sb.dir.join("ca/ca.crt"), id);
+    wait_served(&addr, &g.sb.ca(), id);
     let status = std::fs::read_to_string(format!("/proc/{}/status", g.c.pid())).unwrap();
     assert!(
         status
@@ -315,27 +242,26 @@ fn private_key_never_appears_in_logs_or_state() {
     let log_from = std::fs::metadata(containerd_log)
         .map(|m| m.len())
         .unwrap_or(0);
-    let net = Netns::new(41);
-    let sb = Sandbox::new("sec-logs", "", &pool(41));
-    set_validity(&sb, "20s");
+    let sb = Sandbox::new("sec-logs", "", "");
+    let net = sb.slot.netns(0);
+    sb.add_config_line("[instance_identity]", "validity = \"20s\"");
     let id = "es-sec-logs";
-    let c = sb.start_cmd(id, &[(PORTS, "8080")], &[&net.ctr_opt()], &httpd());
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    let ca = sb.dir.join("ca/ca.crt");
-    wait_served(&addr, &ca, id);
+    let (c, _, addr) = sb.start_served(id, &net);
+    let ca = sb.ca();
     let dir = sb.state_dir.join(NAMESPACE).join(id);
     let key = dir.join("credentials/instance.key");
     let serial = || {
-        record(&sb.state_dir, NAMESPACE, id)
+        sb.try_record(NAMESPACE, id)
             .and_then(|r| r["cert_serial"].as_str().map(str::to_string))
     };
     let first = serial().expect("certificate serial recorded");
     let mut keys = vec![std::fs::read_to_string(&key).unwrap()];
 
     // Rotation (7/8 of 20 s), then traffic, an exec and the SIGTERM drain path.
-    wait_until("rotation", 45, || serial().is_some_and(|s| s != first));
-    wait_until("rotated key written", 10, || {
+    wait_until("rotation", Duration::from_secs(45), || {
+        serial().is_some_and(|s| s != first)
+    });
+    wait_until("rotated key written", Duration::from_secs(10), || {
         std::fs::read_to_string(&key).is_ok_and(|k| k != keys[0])
     });
     keys.push(std::fs::read_to_string(&key).unwrap());
@@ -345,7 +271,11 @@ fn private_key_never_appears_in_logs_or_state() {
     // httpd as PID 1 ignores SIGTERM: the container keeps running, Envoy drains.
     let o = ctr(&["task", "kill", "-s", "SIGTERM", id]);
     assert!(o.status.success(), "{}", text(&o));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        "Envoy drained (new connections refused)",
+        Duration::from_secs(10),
+        || TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1)).is_err(),
+    );
 
     let ca_key = std::fs::read_to_string(sb.dir.join("ca/ca.key")).unwrap();
     let needles: Vec<String> = keys
@@ -428,14 +358,11 @@ fn envoy_runs_without_root_or_capabilities() {
     if !can_run("envoy_runs_without_root_or_capabilities") {
         return;
     }
-    let net = Netns::new(42);
-    let sb = Sandbox::new("sec-envoy", "", &pool(42));
+    let sb = Sandbox::new("sec-envoy", "", "");
+    let net = sb.slot.netns(0);
     let id = "es-sec-envoy";
-    let _c = sb.start_cmd(id, &[(PORTS, "8080")], &[&net.ctr_opt()], &httpd());
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    wait_served(&addr, &sb.dir.join("ca/ca.crt"), id);
-    let envoy = record(&sb.state_dir, NAMESPACE, id).unwrap()["envoy"]["pid"]
+    let (_c, st, _) = sb.start_served(id, &net);
+    let envoy = sb.try_record(NAMESPACE, id).unwrap()["envoy"]["pid"]
         .as_i64()
         .expect("envoy pid");
     let status = std::fs::read_to_string(format!("/proc/{envoy}/status")).unwrap();
@@ -486,9 +413,9 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
     if !can_run("admin_port_is_unreachable_from_outside_and_restricted_inside") {
         return;
     }
-    let net_a = Netns::new(43);
-    let net_b = Netns::new(44);
-    let sb = Sandbox::new("sec-admin", "", &pool(43));
+    let sb = Sandbox::new("sec-admin", "", "");
+    let net_a = sb.slot.netns(0);
+    let net_b = sb.slot.netns(1);
     let a = sb.start_cmd(
         "es-sec-adm-a",
         &[(PORTS, "8080")],
@@ -504,7 +431,7 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
     let st = sb.inspect("es-sec-adm-a").unwrap();
     let admin = st["admin_port"].as_u64().unwrap() as u16;
     let proxy = port_of(&st, 0, "internal_tls_proxy");
-    let ca = sb.dir.join("ca/ca.crt");
+    let ca = sb.ca();
     wait_served(&format!("{}:{proxy}", net_a.ip), &ca, "es-sec-adm-a");
 
     // From the host: refused (Envoy's admin listens on 127.0.0.1 only).
@@ -559,7 +486,7 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
         "{certs}"
     );
     // ... and every dangerous path is refused with 403.
-    let envoy = record(&sb.state_dir, NAMESPACE, "es-sec-adm-a").unwrap()["envoy"]["pid"]
+    let envoy = sb.try_record(NAMESPACE, "es-sec-adm-a").unwrap()["envoy"]["pid"]
         .as_i64()
         .unwrap();
     for (i, (args, path)) in [
@@ -588,7 +515,7 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
     // Nothing of that took effect: Envoy still runs, is LIVE and serves.
     assert!(alive(envoy), "Envoy {envoy} died");
     assert_eq!(
-        record(&sb.state_dir, NAMESPACE, "es-sec-adm-a").unwrap()["envoy"]["pid"],
+        sb.try_record(NAMESPACE, "es-sec-adm-a").unwrap()["envoy"]["pid"],
         envoy
     );
     let (_, out) = wget("ready2", "", "/ready");
@@ -681,14 +608,17 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
     if !can_run("unproxied_disabled_no_host_address_reaches_the_app") {
         return;
     }
-    let net = CniNet::new(9);
-    let router = Router::new(54);
-    let sb = Sandbox::new(
+    let slot = slots::next();
+    let net = slot.cni();
+    let router = slot.router(0);
+    let sb = Sandbox::in_slot(
+        &slot,
         "sec-unprox",
         "enable_unproxied_port_mappings = false",
-        &format!("[host]\naddress = {:?}\n{}", router.host_ip(), pool(54)),
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+        POOL,
     );
-    let ca = sb.dir.join("ca/ca.crt");
+    let ca = sb.ca();
     let id = "es-sec-unprox";
     let (opt, ip) = net.attach(id);
     let _c = sb.start_cmd(id, &[(PORTS, "8080")], &[&opt], &httpd());
@@ -697,7 +627,7 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
     let tls = port_of(&st, 0, "external_tls_proxy");
     let proxy = port_of(&st, 0, "internal_tls_proxy");
     let admin = st["admin_port"].as_u64().unwrap() as u16;
-    wait_until("TLS through the host port", 20, || {
+    wait_until("TLS through the host port", Duration::from_secs(20), || {
         router.https(&ca, id, tls).contains(HELLO)
     });
 
@@ -717,7 +647,7 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
     }
     let ports: Vec<u16> = [8080, proxy, admin]
         .into_iter()
-        .chain(pool_range(54).filter(|p| *p != tls))
+        .chain(sb.pool().filter(|p| *p != tls))
         .collect();
     let targets: Vec<SocketAddr> = addrs
         .iter()
@@ -771,54 +701,15 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
             "plain HTTP through the TLS port {a}: {reply}"
         );
         let host = a.ip().to_string();
-        let o = router.run(&format!(
-            "curl -sS --http1.1 --max-time 5 --cacert {} --resolve {id}:{tls}:{host} https://{id}:{tls}/",
-            ca.display()
-        ));
+        let o = router.https_via(&ca, id, tls, &host);
         if still.contains(&host) && host_addresses().contains(&host) {
-            assert!(
-                String::from_utf8_lossy(&o.stdout).contains(HELLO),
-                "HTTPS through {host}:{tls}: {}",
-                text(&o)
-            );
+            assert!(o.contains(HELLO), "HTTPS through {host}:{tls}: {o}");
         }
     }
 }
 
 // ---------------------------------------------------------------------------------
 // 6. mTLS: an expired (or not yet valid) client certificate from the trusted CA.
-
-fn tls_get(addr: &str, ca: &Path, name: &str, client: (&Path, &Path)) -> String {
-    let mut child = Command::new("timeout")
-        .args([
-            "10",
-            "openssl",
-            "s_client",
-            "-connect",
-            addr,
-            "-servername",
-            name,
-        ])
-        .arg("-CAfile")
-        .arg(ca)
-        .args(["-verify_return_error", "-ign_eof"])
-        .arg("-cert")
-        .arg(client.0)
-        .arg("-key")
-        .arg(client.1)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n");
-    let o = child.wait_with_output().unwrap();
-    out_err(&o)
-}
 
 /// A client certificate from the CA in `ca_dir` valid from `start` to `end` (openssl
 /// `ca` dates, `date -d` syntax, e.g. "-50 min").
@@ -869,70 +760,54 @@ fn mutual_tls_refuses_expired_client_certificates() {
     if !can_run("mutual_tls_refuses_expired_client_certificates") {
         return;
     }
-    let net = Netns::new(45);
-    let certs = Sandbox::new("sec-mtls-certs", "", &pool(45)); // only its CA and directory
+    let certs = Sandbox::new("sec-mtls-certs", "", ""); // only its CA and directory
     let (dir, router_ca) = (certs.dir.clone(), certs.dir.join("ca"));
     let good = dated_client_cert(&dir, &router_ca, "good", "-50 min", "+1 day");
     let expired = dated_client_cert(&dir, &router_ca, "expired", "-50 min", "-10 min");
     let future = dated_client_cert(&dir, &router_ca, "future", "+1 hour", "+1 day");
     let sb = Sandbox::new(
         "sec-mtls",
-        &format!(
-            "require_and_verify_client_certificates = true\ntrusted_ca_certificates = [{:?}]\n\
-             verify_subject_alt_name = [\"gorouter.service.cf.internal\"]",
-            router_ca.join("ca.crt")
-        ),
-        &pool(45),
+        &mtls_proxy_config(&router_ca.join("ca.crt")),
+        "",
     );
+    let net = sb.slot.netns(0);
     // The app counts every connection it accepts. It reads the whole request before
     // answering: closing a socket with unread data resets the connection (and Envoy
     // passes the reset on, answer or not).
-    let data = sb.dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_script(
-        &data.join("count.sh"),
-        &format!(
-            "#!/bin/sh\necho conn >> /data/conns\ncr=$(printf '\\r')\n\
-             while IFS= read -r l; do [ -z \"$l\" ] || [ \"$l\" = \"$cr\" ] && break; done\n\
-             printf '{HELLO}\\n'\n"
-        ),
-    );
-    let mount = format!(
-        "--mount=type=bind,src={},dst=/data,options=rbind:rw",
-        data.display()
-    );
+    let app = CountingApp::new(&sb.dir, true);
     let id = "es-sec-mtls";
     let _c = sb.start_cmd(
         id,
         &[(PORTS, "8080")],
-        &[&net.ctr_opt(), &mount],
-        &["/bin/nc", "-ll", "-p", "8080", "-e", "/data/count.sh"],
+        &[&net.ctr_opt(), &app.mount()],
+        &app.cmd(),
     );
     let st = sb.inspect(id).unwrap();
     let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    let ca = sb.dir.join("ca/ca.crt");
-    let start = Instant::now();
-    loop {
-        let out = tls_get(&addr, &ca, id, (&good.0, &good.1));
-        if out.contains(HELLO) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "valid client certificate never served:\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let conns = || {
-        std::fs::read_to_string(data.join("conns"))
-            .unwrap_or_default()
-            .lines()
-            .count()
+    let ca = sb.ca();
+    let tls_get = |client: &(PathBuf, PathBuf)| {
+        Get::new(&ca)
+            .sni(id)
+            .client(Some((&client.0, &client.1)))
+            .fetch(&addr)
     };
+    wait_until(
+        "valid client certificate served",
+        Duration::from_secs(20),
+        || {
+            let out = tls_get(&good);
+            if out.contains(HELLO) {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
+    let conns = || app.conns();
     let served = conns();
     assert!(served >= 1);
-    for (what, (crt, key)) in [("expired", &expired), ("not yet valid", &future)] {
-        let out = tls_get(&addr, &ca, id, (crt, key));
+    for (what, client) in [("expired", &expired), ("not yet valid", &future)] {
+        let out = tls_get(client);
         assert!(
             !out.contains(HELLO),
             "{what} client certificate: served anyway:\n{out}"
@@ -945,7 +820,7 @@ fn mutual_tls_refuses_expired_client_certificates() {
         "a peer with an invalid certificate reached the app"
     );
     // The valid one still works (the refusals were about the dates).
-    let out = tls_get(&addr, &ca, id, (&good.0, &good.1));
+    let out = tls_get(&good);
     assert!(
         out.contains(HELLO),
         "valid certificate after the refusals:\n{out}"
@@ -960,16 +835,15 @@ fn state_directory_and_nat_table_are_root_only() {
     if !can_run("state_directory_and_nat_table_are_root_only") {
         return;
     }
-    let net = Netns::new(46);
-    let sb = Sandbox::new("sec-state", "", &pool(46));
+    let sb = Sandbox::new("sec-state", "", "");
+    let net = sb.slot.netns(0);
     let id = "es-sec-state";
-    let _c = sb.start_cmd(id, &[(PORTS, "8080")], &[&net.ctr_opt()], &httpd());
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    wait_served(&addr, &sb.dir.join("ca/ca.crt"), id);
+    let (_c, st, addr) = sb.start_served(id, &net);
     let ns_dir = sb.state_dir.join(NAMESPACE);
     let dir = ns_dir.join(id);
-    wait_until("NAT applied", 20, || dir.join("nat.json").is_file());
+    wait_until("NAT applied", Duration::from_secs(20), || {
+        dir.join("nat.json").is_file()
+    });
 
     // Traversable (Envoy must reach its files), not listable, owned by root.
     for d in [&sb.state_dir, &ns_dir, &dir] {
@@ -1032,12 +906,8 @@ fn state_directory_and_nat_table_are_root_only() {
         "nft as uid {NOBODY}: {}",
         text(&o)
     );
-    let map_before = Command::new("nft")
-        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
-        .output()
-        .unwrap();
     let tls = port_of(&st, 0, "external_tls_proxy");
-    assert!(String::from_utf8_lossy(&map_before.stdout).contains(&format!("tcp . {tls} :")));
+    assert!(nft_map().contains(&format!("tcp . {tls} :")));
 
     // gc as an unprivileged user: a clear error, nothing done.
     let cfg = p(&sb.config);
@@ -1068,7 +938,11 @@ fn state_directory_and_nat_table_are_root_only() {
     let open_cfg = sb.dir.join("no-proxy.toml");
     std::fs::write(
         &open_cfg,
-        format!("[runtime]\nstate_dir = {:?}\n{}", sb.state_dir, pool(46)),
+        format!(
+            "[runtime]\nstate_dir = {:?}\n{}",
+            sb.state_dir,
+            sb.pool_toml()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&open_cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -1096,11 +970,7 @@ fn state_directory_and_nat_table_are_root_only() {
         text(&o)
     );
     assert!(dir.join("state.json").is_file(), "state kept");
-    let map_after = Command::new("nft")
-        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&map_after.stdout).contains(&format!("tcp . {tls} :")));
+    assert!(nft_map().contains(&format!("tcp . {tls} :")));
     // Positive control: as root, the same dry run succeeds and spares the live container.
     let o = Command::new(cli_bin())
         .args(["--config", &cfg, "gc", "--dry-run", "--grace", "0"])
@@ -1108,7 +978,7 @@ fn state_directory_and_nat_table_are_root_only() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(!out_err(&o).contains(id), "{}", text(&o));
-    wait_served(&addr, &sb.dir.join("ca/ca.crt"), id);
+    wait_served(&addr, &sb.ca(), id);
 }
 
 // ---------------------------------------------------------------------------------
@@ -1126,13 +996,10 @@ fn another_envoy_cannot_read_or_replace_a_containers_key() {
     if !can_run("another_envoy_cannot_read_or_replace_a_containers_key") {
         return;
     }
-    let net = Netns::new(47);
-    let sb = Sandbox::new("sec-sds", "", &pool(47));
+    let sb = Sandbox::new("sec-sds", "", "");
+    let net = sb.slot.netns(0);
     let id = "es-sec-sds";
-    let _c = sb.start_cmd(id, &[(PORTS, "8080")], &[&net.ctr_opt()], &httpd());
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    wait_served(&addr, &sb.dir.join("ca/ca.crt"), id);
+    let (_c, st, _) = sb.start_served(id, &net);
     let dir = sb.state_dir.join(NAMESPACE).join(id);
     let key = std::fs::read_to_string(dir.join("credentials/instance.key")).unwrap();
     let sds = dir.join("envoy/sds");

@@ -10,71 +10,21 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
-const PORTS: &str = "envoy-sidecar/ports";
 const GUID: &str = "envoy-sidecar/instance-guid";
-const HELLO: &str = "hello from envoy-sidecar test app";
 
-struct Tls<'a> {
-    ca: &'a Path,
-    server_name: &'a str,
-    alpn: Option<&'a str>,
-    client: Option<(&'a Path, &'a Path)>,
-}
-
-/// `GET /` over TLS with openssl s_client; returns its combined output.
-fn tls_get(addr: &str, t: &Tls, path: &str) -> String {
-    let mut cmd = Command::new("timeout");
-    cmd.args([
-        "10",
-        "openssl",
-        "s_client",
-        "-connect",
-        addr,
-        "-servername",
-        t.server_name,
-    ])
-    .arg("-CAfile")
-    .arg(t.ca)
-    .args(["-verify_return_error", "-showcerts", "-ign_eof"]);
-    if let Some(a) = t.alpn {
-        cmd.args(["-alpn", a]);
-    }
-    if let Some((c, k)) = t.client {
-        cmd.arg("-cert").arg(c).arg("-key").arg(k);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
-    let _ = child.stdin.take().unwrap().write_all(req.as_bytes());
-    let o = child.wait_with_output().unwrap();
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// openssl `s_client` as these tests use it: verifying against `ca`, SNI `name`,
+/// printing the chain.
+fn tls<'a>(ca: &'a Path, name: &'a str) -> Get<'a> {
+    Get::new(ca).sni(name).showcerts()
 }
 
 /// Retry until the app's page comes back through the proxy (Envoy starts after
 /// `ctr run -d` returns); returns the output and how long it took.
-fn wait_served(addr: &str, t: &Tls) -> (String, Duration) {
+fn wait_served(addr: &str, t: &Get) -> (String, Duration) {
     let start = Instant::now();
-    loop {
-        let out = tls_get(addr, t, "/");
-        if out.contains(HELLO) {
-            return (out, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never served on {addr}:\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let out = t.wait_for(addr, HELLO);
+    (out, start.elapsed())
 }
 
 fn first_cert_text(s_client_out: &str) -> String {
@@ -100,30 +50,10 @@ fn first_cert_text(s_client_out: &str) -> String {
     String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
 }
 
-fn record(sb: &Sandbox, id: &str) -> Value {
-    let p = sb
-        .state_dir
-        .join(NAMESPACE)
-        .join(id)
-        .join("supervisor.json");
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
-}
-
 fn envoy_pid(sb: &Sandbox, id: &str) -> i32 {
-    record(sb, id)["envoy"]["pid"]
+    sb.record(id)["envoy"]["pid"]
         .as_i64()
         .expect("envoy pid recorded") as i32
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
-        .unwrap_or(false)
-}
-
-fn port_of(st: &Value, i: usize, key: &str) -> u16 {
-    st["ports"][i][key].as_u64().unwrap() as u16
 }
 
 fn httpd_cmd() -> Vec<&'static str> {
@@ -139,9 +69,9 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     if !can_run("tls_proxy_serves_the_app_with_its_identity") {
         return;
     }
-    let net = Netns::new(1);
     let sb = Sandbox::new("tls", "", "");
-    let ca = sb.dir.join("ca/ca.crt");
+    let net = sb.slot.netns(0);
+    let ca = sb.ca();
     let c = sb.start_cmd(
         "es-tls",
         &[(PORTS, "8080,9999"), (GUID, "inst-1234")],
@@ -149,12 +79,7 @@ fn tls_proxy_serves_the_app_with_its_identity() {
         &httpd_cmd(),
     );
     let st = sb.inspect("es-tls").unwrap();
-    let tls = Tls {
-        ca: &ca,
-        server_name: "inst-1234",
-        alpn: Some("h2,http/1.1"),
-        client: None,
-    };
+    let tls = tls(&ca, "inst-1234").alpn(Some("h2,http/1.1"));
     let (out, took) = wait_served(
         &format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy")),
         &tls,
@@ -234,7 +159,7 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     );
 
     // Removal leaves nothing: no processes, no state, no credentials.
-    let sup = record(&sb, "es-tls")["supervisor"]["pid"].as_i64().unwrap() as i32;
+    let sup = sb.record("es-tls")["supervisor"]["pid"].as_i64().unwrap() as i32;
     c.remove();
     assert!(
         !alive(envoy) && !alive(sup),
@@ -248,9 +173,9 @@ fn alpn_off_when_http2_disabled() {
     if !can_run("alpn_off_when_http2_disabled") {
         return;
     }
-    let net = Netns::new(2);
     let sb = Sandbox::new("noalpn", "enable_http2 = false", "");
-    let ca = sb.dir.join("ca/ca.crt");
+    let net = sb.slot.netns(0);
+    let ca = sb.ca();
     let _c = sb.start_cmd(
         "es-noalpn",
         &[(PORTS, "8080")],
@@ -258,12 +183,7 @@ fn alpn_off_when_http2_disabled() {
         &httpd_cmd(),
     );
     let st = sb.inspect("es-noalpn").unwrap();
-    let tls = Tls {
-        ca: &ca,
-        server_name: "es-noalpn",
-        alpn: Some("h2,http/1.1"),
-        client: None,
-    };
+    let tls = tls(&ca, "es-noalpn").alpn(Some("h2,http/1.1"));
     let (out, _) = wait_served(
         &format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy")),
         &tls,
@@ -276,19 +196,11 @@ fn envoy_restarts_and_credentials_rotate() {
     if !can_run("envoy_restarts_and_credentials_rotate") {
         return;
     }
-    let net = Netns::new(3);
     let sb = Sandbox::new("rotate", "", "");
+    let net = sb.slot.netns(0);
     // 20 s validity: rotation is due at 7/8 of it.
-    let cfg = std::fs::read_to_string(&sb.config).unwrap();
-    std::fs::write(
-        &sb.config,
-        cfg.replace(
-            "[instance_identity]\n",
-            "[instance_identity]\nvalidity = \"20s\"\n",
-        ),
-    )
-    .unwrap();
-    let ca = sb.dir.join("ca/ca.crt");
+    sb.add_config_line("[instance_identity]", "validity = \"20s\"");
+    let ca = sb.ca();
     let _c = sb.start_cmd(
         "es-rot",
         &[(PORTS, "8080")],
@@ -297,12 +209,7 @@ fn envoy_restarts_and_credentials_rotate() {
     );
     let st = sb.inspect("es-rot").unwrap();
     let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    let tls = Tls {
-        ca: &ca,
-        server_name: "es-rot",
-        alpn: None,
-        client: None,
-    };
+    let tls = tls(&ca, "es-rot");
     let (out, _) = wait_served(&addr, &tls);
     let serial = |o: &str| {
         first_cert_text(o)
@@ -322,21 +229,22 @@ fn envoy_restarts_and_credentials_rotate() {
     assert_ne!(again, envoy);
     eprintln!("serving again {:?} after SIGKILL", killed.elapsed());
     assert!(took < Duration::from_secs(10));
-    assert_eq!(record(&sb, "es-rot")["envoy_restarts"], 1);
+    assert_eq!(sb.record("es-rot")["envoy_restarts"], 1);
 
     // Rotation: a new serial is served by the same Envoy process.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let out = tls_get(&addr, &tls, "/");
-        if out.contains(HELLO) && serial(&out) != first {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no rotation within 40 s: still {first}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_until_every(
+        &format!("rotation (a serial other than {first})"),
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        || {
+            let out = tls.fetch(&addr);
+            if out.contains(HELLO) && serial(&out) != first {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
     assert_eq!(
         envoy_pid(&sb, "es-rot"),
         again,
@@ -347,24 +255,13 @@ fn envoy_restarts_and_credentials_rotate() {
 
 /// A client certificate for `san`, signed by the CA in `ca_dir`, via openssl.
 fn client_cert(dir: &Path, ca_dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
-    let (crt, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let sh = format!(
-        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={name} \
-           -keyout {key} -out {dir}/{name}.csr 2>/dev/null && \
-         printf 'subjectAltName=DNS:{san}\\nextendedKeyUsage=clientAuth\\n' > {dir}/{name}.ext && \
-         openssl x509 -req -in {dir}/{name}.csr -CA {ca}/ca.crt -CAkey {ca}/ca.key -CAcreateserial \
-           -days 1 -extfile {dir}/{name}.ext -out {crt} 2>/dev/null",
-        key = key.display(),
-        crt = crt.display(),
-        dir = dir.display(),
-        ca = ca_dir.display()
-    );
-    let o = Command::new("sh").arg("-c").arg(&sh).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    (crt, key)
+    sign_leaf(
+        dir,
+        &Ca::at(ca_dir, "ca"),
+        name,
+        None,
+        &format!("subjectAltName=DNS:{san}\nextendedKeyUsage=clientAuth\n"),
+    )
 }
 
 #[test]
@@ -372,73 +269,45 @@ fn mutual_tls_refuses_unauthenticated_peers() {
     if !can_run("mutual_tls_refuses_unauthenticated_peers") {
         return;
     }
-    let net = Netns::new(4);
-    let dir = std::env::temp_dir().join(format!("es-mtls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("es-mtls");
+    let dir = tmp.path();
     for ca in ["router-ca", "rogue-ca"] {
-        let o = Command::new(cli_bin())
-            .args(["generate-ca", "--out"])
-            .arg(dir.join(ca))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
+        generate_ca(&dir.join(ca));
     }
     let good = client_cert(
-        &dir,
+        dir,
         &dir.join("router-ca"),
         "router",
         "gorouter.service.cf.internal",
     );
-    let wrong_san = client_cert(&dir, &dir.join("router-ca"), "other", "other.example");
+    let wrong_san = client_cert(dir, &dir.join("router-ca"), "other", "other.example");
     let rogue = client_cert(
-        &dir,
+        dir,
         &dir.join("rogue-ca"),
         "rogue",
         "gorouter.service.cf.internal",
     );
     let sb = Sandbox::new(
         "mtls",
-        &format!(
-            "require_and_verify_client_certificates = true\ntrusted_ca_certificates = [{:?}]\nverify_subject_alt_name = [\"gorouter.service.cf.internal\"]",
-            dir.join("router-ca/ca.crt")
-        ),
+        &mtls_proxy_config(&dir.join("router-ca/ca.crt")),
         "",
     );
+    let net = sb.slot.netns(0);
     // The app counts every connection it accepts.
-    let data = sb.dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_script(
-        &data.join("count.sh"),
-        &format!("#!/bin/sh\necho conn >> /data/conns\nprintf '{HELLO}\\n'\n"),
-    );
-    let mount = format!(
-        "--mount=type=bind,src={},dst=/data,options=rbind:rw",
-        data.display()
-    );
+    let app = CountingApp::new(&sb.dir, false);
     let _c = sb.start_cmd(
         "es-mtls",
         &[(PORTS, "8080")],
-        &[&net.ctr_opt(), &mount],
-        &["/bin/nc", "-ll", "-p", "8080", "-e", "/data/count.sh"],
+        &[&net.ctr_opt(), &app.mount()],
+        &app.cmd(),
     );
     let st = sb.inspect("es-mtls").unwrap();
     let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    let ca = sb.dir.join("ca/ca.crt");
-    let with = |client| Tls {
-        ca: &ca,
-        server_name: "es-mtls",
-        alpn: None,
-        client,
-    };
+    let ca = sb.ca();
+    let with = |client| tls(&ca, "es-mtls").client(client);
     let (out, _) = wait_served(&addr, &with(Some((&good.0, &good.1))));
     assert!(out.contains(HELLO), "{out}");
-    let conns = || {
-        std::fs::read_to_string(data.join("conns"))
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let conns = || app.conns();
     let served = conns();
     assert!(served >= 1);
     for (what, client) in [
@@ -446,11 +315,8 @@ fn mutual_tls_refuses_unauthenticated_peers() {
         ("untrusted CA", Some((&rogue.0, &rogue.1))),
         ("SAN not accepted", Some((&wrong_san.0, &wrong_san.1))),
     ] {
-        let out = tls_get(
-            &addr,
-            &with(client.map(|(c, k): (&PathBuf, &PathBuf)| (c.as_path(), k.as_path()))),
-            "/",
-        );
+        let out = with(client.map(|(c, k): (&PathBuf, &PathBuf)| (c.as_path(), k.as_path())))
+            .fetch(&addr);
         assert!(!out.contains(HELLO), "{what}: served anyway:\n{out}");
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -459,7 +325,6 @@ fn mutual_tls_refuses_unauthenticated_peers() {
         served,
         "an unauthenticated peer opened a connection to the app"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -467,8 +332,8 @@ fn sigterm_drains_new_connections_but_finishes_open_ones() {
     if !can_run("sigterm_drains_new_connections_but_finishes_open_ones") {
         return;
     }
-    let net = Netns::new(5);
     let sb = Sandbox::new("drain", "", "");
+    let net = sb.slot.netns(0);
     let www = sb.dir.join("www");
     std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
     std::fs::write(www.join("index.html"), HELLO).unwrap();
@@ -489,30 +354,26 @@ fn sigterm_drains_new_connections_but_finishes_open_ones() {
     );
     let st = sb.inspect("es-drain").unwrap();
     let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    let ca = sb.dir.join("ca/ca.crt");
-    let tls = Tls {
-        ca: &ca,
-        server_name: "es-drain",
-        alpn: None,
-        client: None,
-    };
-    wait_served(&addr, &tls);
+    let ca = sb.ca();
+    wait_served(&addr, &tls(&ca, "es-drain"));
     let slow = {
         let (addr, ca) = (addr.clone(), ca.clone());
-        std::thread::spawn(move || {
-            tls_get(
-                &addr,
-                &Tls {
-                    ca: &ca,
-                    server_name: "es-drain",
-                    alpn: None,
-                    client: None,
-                },
-                "/cgi-bin/slow",
-            )
-        })
+        std::thread::spawn(move || tls(&ca, "es-drain").path("/cgi-bin/slow").fetch(&addr))
     };
-    std::thread::sleep(Duration::from_millis(700));
+    // The open request is at the app: its CGI runs (a process of the container's
+    // network namespace running `slow`).
+    let app_net = std::fs::read_link(format!("/proc/{}/ns/net", c.pid())).unwrap();
+    wait_until(
+        "the slow request at the app",
+        Duration::from_secs(10),
+        || {
+            footprint::processes_mentioning("slow")
+                .iter()
+                .any(|(p, _)| {
+                    std::fs::read_link(format!("/proc/{p}/ns/net")).ok() == Some(app_net.clone())
+                })
+        },
+    );
     let out = ctr(&["task", "kill", "-s", "SIGTERM", &c.id]);
     assert!(out.status.success(), "{}", text(&out));
     let refused =

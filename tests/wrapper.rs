@@ -4,142 +4,48 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{cli_bin, text, wrapper_bin, write_script};
+use common::{FakeStack, cli, cli_bin, slots, text, wrapper_bin};
 use serde_json::{Value, json};
 
-struct Fake {
-    dir: PathBuf,
-    config: PathBuf,
-    state: PathBuf,
-    bundle: PathBuf,
-    argv_log: PathBuf,
-    runc_log: PathBuf,
+/// The wrapper for namespace `ns1` in front of a recording stand-in for runc
+/// ([`FakeStack`]: argv logged a line per call, exit codes from `exit-<subcommand>`,
+/// `features` printing a fixed JSON), the bundle a minimal spec with a port.
+fn fake(name: &str) -> FakeStack {
+    let uid = unsafe { libc::getuid() };
+    let gid = unsafe { libc::getgid() };
+    FakeStack::new(
+        &format!("es-wr-{name}"),
+        "ns1",
+        "",
+        &json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
+            "annotations": {"envoy-sidecar/ports": "8080"},
+            "x-future": {"kept": true}
+        }),
+    )
 }
 
-impl Fake {
-    /// A fake runc that records its argv (one line per call) and exits with the code in
-    /// `<dir>/exit-<subcommand>` if present, else 0; `features` prints a fixed JSON.
-    fn new(name: &str) -> Fake {
-        let dir = std::env::temp_dir().join(format!("es-wr-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("bundle")).unwrap();
-        let argv_log = dir.join("argv.log");
-        let runc = dir.join("fake-runc");
-        write_script(
-            &runc,
-            &format!(
-                "#!/bin/sh\necho \"$*\" >> {log}\nfor a; do case \"$a\" in create|delete|exec|features|state|start|kill)\n  \
-                 [ \"$a\" = features ] && echo '{{\"ociVersionMin\":\"1.0.0\"}}'\n  \
-                 [ -f {dir}/exit-$a ] && exit $(cat {dir}/exit-$a)\n  exit 0;; esac; done\n",
-                log = argv_log.display(),
-                dir = dir.display()
-            ),
-        );
-        let out = Command::new(cli_bin())
-            .args(["generate-ca", "--out"])
-            .arg(dir.join("ca"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let state = dir.join("state");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\n[host]\naddress = \"198.51.100.7\"\n",
-                dir.join("ca/ca.crt"),
-                dir.join("ca/ca.key"),
-                runc,
-                state
-            ),
-        )
-        .unwrap();
-        let uid = unsafe { libc::getuid() };
-        let gid = unsafe { libc::getgid() };
-        std::fs::write(
-            dir.join("bundle/config.json"),
-            json!({
-                "ociVersion": "1.0.2",
-                "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
-                "annotations": {"envoy-sidecar/ports": "8080"},
-                "x-future": {"kept": true}
-            })
-            .to_string(),
-        )
-        .unwrap();
-        Fake {
-            runc_log: dir.join("log.json"),
-            bundle: dir.join("bundle"),
-            dir,
-            config,
-            state,
-            argv_log,
-        }
-    }
-
-    /// Run the wrapper as containerd's shim would for namespace `ns`.
-    fn wrapper(&self, args: &[&str]) -> Output {
-        let root = self.dir.join("runc-root/runc/ns1");
-        let mut full: Vec<String> = vec![
-            "--root".into(),
-            root.display().to_string(),
-            "--log".into(),
-            self.runc_log.display().to_string(),
-            "--log-format".into(),
-            "json".into(),
-        ];
-        full.extend(args.iter().map(|s| s.to_string()));
-        Command::new(wrapper_bin())
-            .args(&full)
-            .env("ENVOY_SIDECAR_CONFIG", &self.config)
-            .output()
-            .unwrap()
-    }
-
-    fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.argv_log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn spec(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.bundle.join("config.json")).unwrap()).unwrap()
-    }
-
-    fn state_of(&self, id: &str) -> Option<Value> {
-        std::fs::read(self.state.join("ns1").join(id).join("state.json"))
-            .ok()
-            .map(|b| serde_json::from_slice(&b).unwrap())
-    }
-
-    fn set_spec_annotation(&self, k: &str, v: &str) {
-        let mut s = self.spec();
-        s["annotations"][k] = json!(v);
-        std::fs::write(self.bundle.join("config.json"), s.to_string()).unwrap();
-    }
+/// A JSON array of strings.
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
 }
 
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn bundle_arg(f: &Fake) -> String {
+fn bundle_arg(f: &FakeStack) -> String {
     f.bundle.display().to_string()
 }
 
 #[test]
 fn create_hands_runc_the_original_argv_and_patches_the_spec() {
-    let f = Fake::new("create");
+    let f = fake("create");
     let b = bundle_arg(&f);
-    let out = f.wrapper(&["create", "--bundle", &b, "--pid-file", "/tmp/p", "c1"]);
+    let out = f.create(&["--pid-file", "/tmp/p"], "c1");
     assert!(out.status.success(), "{}", text(&out));
     let calls = f.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
@@ -155,27 +61,18 @@ fn create_hands_runc_the_original_argv_and_patches_the_spec() {
         json!({"kept": true}),
         "unknown fields survive"
     );
-    let env: Vec<&str> = spec["process"]["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let env = strings(&spec["process"]["env"]);
     assert!(
         env.iter()
             .any(|e| e.starts_with("CF_INSTANCE_PORTS=[{\"internal_tls_proxy\":61001")),
         "{env:?}"
     );
-    assert!(env.contains(&"CF_INSTANCE_IP=198.51.100.7"), "{env:?}");
+    let ip = format!("CF_INSTANCE_IP={}", slots::UNROUTED);
+    assert!(env.contains(&ip.as_str()), "{env:?}");
     for stage in ["createRuntime", "poststart", "poststop"] {
         let hooks = spec["hooks"][stage].as_array().unwrap();
         assert_eq!(hooks.len(), 1);
-        let args: Vec<&str> = hooks[0]["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let args = strings(&hooks[0]["args"]);
         assert_eq!(
             &args[args.len() - 4..],
             ["hook", stage, "--namespace", "ns1"]
@@ -195,11 +92,10 @@ fn create_hands_runc_the_original_argv_and_patches_the_spec() {
 
 #[test]
 fn bad_annotation_never_reaches_runc_and_is_logged_for_containerd() {
-    let f = Fake::new("badann");
+    let f = fake("badann");
     f.set_spec_annotation("envoy-sidecar/ports", "8080,99999");
-    let b = bundle_arg(&f);
     let before = std::fs::read(f.bundle.join("config.json")).unwrap();
-    let out = f.wrapper(&["create", "--bundle", &b, "c1"]);
+    let out = f.create(&[], "c1");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         f.calls().is_empty(),
@@ -225,10 +121,9 @@ fn bad_annotation_never_reaches_runc_and_is_logged_for_containerd() {
 
 #[test]
 fn failed_runc_create_releases_the_claim() {
-    let f = Fake::new("runcfail");
-    std::fs::write(f.dir.join("exit-create"), "3").unwrap();
-    let b = bundle_arg(&f);
-    let out = f.wrapper(&["create", "--bundle", &b, "c1"]);
+    let f = fake("runcfail");
+    f.runc.fail("create", 3);
+    let out = f.create(&[], "c1");
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -241,15 +136,10 @@ fn failed_runc_create_releases_the_claim() {
 
 #[test]
 fn refused_delete_keeps_state() {
-    let f = Fake::new("refused");
-    let b = bundle_arg(&f);
-    assert!(
-        f.wrapper(&["create", "--bundle", &b, "c1"])
-            .status
-            .success()
-    );
+    let f = fake("refused");
+    assert!(f.create(&[], "c1").status.success());
     // runc refuses (running, no --force) and still knows the container.
-    std::fs::write(f.dir.join("exit-delete"), "1").unwrap();
+    f.runc.fail("delete", 1);
     let out = f.wrapper(&["delete", "c1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -257,20 +147,15 @@ fn refused_delete_keeps_state() {
         "a refused delete must not release"
     );
     // Once runc no longer knows it, delete releases.
-    std::fs::write(f.dir.join("exit-state"), "1").unwrap();
+    f.runc.fail("state", 1);
     f.wrapper(&["delete", "c1"]);
     assert!(f.state_of("c1").is_none());
 }
 
 #[test]
 fn exec_process_file_gets_the_variables() {
-    let f = Fake::new("exec");
-    let b = bundle_arg(&f);
-    assert!(
-        f.wrapper(&["create", "--bundle", &b, "c1"])
-            .status
-            .success()
-    );
+    let f = fake("exec");
+    assert!(f.create(&[], "c1").status.success());
     let process = f.dir.join("process.json");
     std::fs::write(
         &process,
@@ -282,12 +167,7 @@ fn exec_process_file_gets_the_variables() {
     let out = f.wrapper(&["exec", "--process", &p, "--detach", "c1"]);
     assert!(out.status.success(), "{}", text(&out));
     let v: Value = serde_json::from_slice(&std::fs::read(&process).unwrap()).unwrap();
-    let env: Vec<&str> = v["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let env = strings(&v["env"]);
     assert!(
         env.iter().any(|e| e.starts_with("CF_INSTANCE_PORTS=")),
         "{env:?}"
@@ -307,7 +187,7 @@ fn exec_process_file_gets_the_variables() {
 
 #[test]
 fn passthrough_commands_are_untouched() {
-    let f = Fake::new("pass");
+    let f = fake("pass");
     let out = f.wrapper(&["features"]);
     assert!(out.status.success());
     assert_eq!(
@@ -333,46 +213,33 @@ fn passthrough_commands_are_untouched() {
 
 #[test]
 fn runc_pointing_at_the_wrapper_is_refused() {
-    let f = Fake::new("loop");
+    let f = fake("loop");
     let cfg = std::fs::read_to_string(&f.config).unwrap();
-    let fake = f.dir.join("fake-runc").display().to_string();
+    let fake = f.runc.path.display().to_string();
     std::fs::write(
         &f.config,
         cfg.replace(&fake, &wrapper_bin().display().to_string()),
     )
     .unwrap();
-    let b = bundle_arg(&f);
-    let out = f.wrapper(&["create", "--bundle", &b, "c1"]);
+    let out = f.create(&[], "c1");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("runtime.runc") && err.contains("wrapper itself"),
         "{err}"
     );
-    let check = Command::new(cli_bin())
-        .arg("--config")
-        .arg(&f.config)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let check = cli(&f.config).arg("check-config").output().unwrap();
     assert!(!check.status.success());
     assert!(String::from_utf8_lossy(&check.stderr).contains("runtime.runc"));
 }
 
 #[test]
 fn hook_stages_through_the_cli() {
-    let f = Fake::new("hooks");
-    let b = bundle_arg(&f);
-    assert!(
-        f.wrapper(&["create", "--bundle", &b, "c1"])
-            .status
-            .success()
-    );
+    let f = fake("hooks");
+    assert!(f.create(&[], "c1").status.success());
     let hook = |stage: &str, stdin: &str| {
         use std::io::Write;
-        let mut c = Command::new(cli_bin())
-            .arg("--config")
-            .arg(&f.config)
+        let mut c = cli(&f.config)
             .args(["hook", stage, "--namespace", "ns1"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -1,0 +1,117 @@
+//! The private containerd that `tests/env/containerd.sh` runs, and whether the
+//! real-runtime tests can run at all.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Once;
+
+use super::util::repo;
+
+pub const NAMESPACE: &str = "envoy-sidecar-test";
+pub const IMAGE: &str = "localhost/envoy-sidecar/busybox:latest";
+const DEFAULT_ADDRESS: &str = "/run/envoy-sidecar-test/containerd.sock";
+
+pub fn address() -> String {
+    std::env::var("CONTAINERD_ADDRESS").unwrap_or_else(|_| DEFAULT_ADDRESS.into())
+}
+
+/// `false` (with the reason printed) unless root. Under CI the tests must run, so there
+/// a missing prerequisite fails instead.
+fn root_or_skip(test: &str, needs: &str) -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: CI must run as root");
+        }
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: needs root ({needs})");
+        return false;
+    }
+    true
+}
+
+/// `false` (with the reason printed) where the real-runtime tests cannot run: not root.
+/// Starts the private containerd if it is not running.
+pub fn can_run(test: &str) -> bool {
+    if !root_or_skip(test, "containerd, runc, cgroups") {
+        return false;
+    }
+    static UP: Once = Once::new();
+    UP.call_once(|| {
+        if !Path::new(&address()).exists() {
+            let st = Command::new(repo().join("tests/env/containerd.sh"))
+                .arg("up")
+                .status()
+                .expect("run tests/env/containerd.sh up");
+            assert!(st.success(), "tests/env/containerd.sh up failed");
+        }
+    });
+    true
+}
+
+/// Like `can_run`, for tests that need root but not containerd: never starts it.
+pub fn can_run_without_containerd(test: &str) -> bool {
+    root_or_skip(test, "runc, cgroups, network namespaces")
+}
+
+/// `ctr` against the private containerd, namespace [`NAMESPACE`].
+pub fn ctr(args: &[&str]) -> Output {
+    Command::new("ctr")
+        .args(["--address", &address(), "-n", NAMESPACE])
+        .args(args)
+        .output()
+        .expect("run ctr")
+}
+
+/// `ctr --address A -n NS ARGS`, killed after `secs`.
+pub fn ctr_at(address: &str, namespace: &str, secs: u32, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args([
+            &secs.to_string(),
+            "ctr",
+            "--address",
+            address,
+            "-n",
+            namespace,
+        ])
+        .args(args)
+        .output()
+        .expect("run ctr")
+}
+
+/// `run [--rm|-d] --runc-binary RUNTIME [--annotation K=V]... OPTS IMAGE ID CMD...`:
+/// the arguments of `ctr run`.
+pub fn run_args(
+    mode: &str,
+    runtime: &Path,
+    id: &str,
+    annotations: &[(&str, &str)],
+    opts: &[String],
+    cmd: &[String],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        mode.into(),
+        "--runc-binary".into(),
+        runtime.display().to_string(),
+    ];
+    for (k, v) in annotations {
+        a.push("--annotation".into());
+        a.push(format!("{k}={v}"));
+    }
+    a.extend(opts.iter().cloned());
+    a.push(IMAGE.into());
+    a.push(id.into());
+    a.extend(cmd.iter().cloned());
+    a
+}
+
+/// `(&str)` views of owned arguments.
+pub fn strs(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
+}
+
+/// Owned copies of `&str` arguments.
+pub fn owned(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}

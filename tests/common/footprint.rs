@@ -1,0 +1,263 @@
+//! Footprint and clean-up helpers for the scale and fault suites (tests/scale.rs,
+//! tests/faults.rs): what the product holds on the host for one sandbox, and guards
+//! that take it all back whatever happens.
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::containerd::{NAMESPACE, address, ctr_at, owned, run_args, strs};
+use super::sandbox::Sandbox;
+use super::util::{cli, text};
+use super::wait::poll;
+
+/// `(host port, "container ip . container port")` of every element of the NAT map
+/// whose host port lies in `pool`.
+pub fn nat_in_pool(pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
+    let o = Command::new("nft")
+        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&o.stdout);
+    t.split([',', '{', '}', '\n'])
+        .filter_map(|e| {
+            // "tcp . 50000 : 203.0.113.82 . 61001"
+            let f: Vec<&str> = e.split_whitespace().collect();
+            if f.len() != 7 || f[1] != "." || f[3] != ":" {
+                return None;
+            }
+            let port: u16 = f[2].parse().ok()?;
+            pool.contains(&port)
+                .then(|| (port, format!("{} . {}", f[4], f[6])))
+        })
+        .collect()
+}
+
+/// Delete NAT elements in `pool` (clean-up after a failed test only).
+pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
+    for (port, to) in nat_in_pool(pool) {
+        let _ = Command::new("nft")
+            .arg(format!(
+                "delete element ip envoy_sidecar ports {{ tcp . {port} : {to} }}"
+            ))
+            .output();
+    }
+}
+
+/// `(pid, command line)` of every process whose command line contains `needle`
+/// (this test process excepted).
+pub fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push((pid, cmd.trim_end().to_string()));
+        }
+    }
+    out
+}
+
+/// Processes of this sandbox: supervisors (`--config <dir>/config.toml`), Envoys
+/// (`-c <dir>/state/...`), wrappers and hooks.
+pub fn our_processes(sb: &Sandbox) -> Vec<(i32, String)> {
+    processes_mentioning(&format!("{}/", sb.dir.display()))
+}
+
+/// Files and directories under `dir`, recursively (0 if it does not exist).
+pub fn count_entries(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        n += 1;
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            n += count_entries(&e.path());
+        }
+    }
+    n
+}
+
+/// Cgroup directories `/sys/fs/cgroup/<hierarchy>/<namespace>/<id>` left for `ids`.
+pub fn cgroup_leftovers(namespace: &str, ids: &[String]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for id in ids {
+            let d = h.path().join(namespace).join(id);
+            if d.is_dir() {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// Running `containerd-shim-runc-v2` processes of `namespace` whose container id
+/// starts with `id_prefix` (`""`: the whole namespace).
+pub fn shims(namespace: &str, id_prefix: &str) -> usize {
+    processes_mentioning(&format!("-namespace {namespace} -id {id_prefix}"))
+        .iter()
+        .filter(|(_, c)| c.contains("containerd-shim"))
+        .count()
+}
+
+/// `MemAvailable` from /proc/meminfo, in KiB.
+pub fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("MemAvailable in /proc/meminfo")
+}
+
+/// User + system CPU time of `pid` so far.
+pub fn cpu_time(pid: i32) -> Duration {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command: state is field 3, utime 14, stime 15.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz.max(1))
+}
+
+/// `envoy-sidecar --config C gc ARGS`; panics unless it succeeds; returns stdout.
+pub fn gc(config: &Path, args: &[&str]) -> String {
+    let o = cli(config).arg("gc").args(args).output().unwrap();
+    assert!(o.status.success(), "gc {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A containerd task (and container) in any containerd/namespace, removed on drop
+/// with bounded waits: SIGKILL, `task rm` until it is stopped (60 s, then -f),
+/// `containers rm`.
+pub struct Task {
+    pub id: String,
+    pub address: String,
+    pub namespace: String,
+}
+
+impl Task {
+    /// A handle on `id` in the private containerd's test namespace (however it was
+    /// started).
+    pub fn adopt(id: &str) -> Task {
+        Task {
+            id: id.into(),
+            address: address(),
+            namespace: NAMESPACE.into(),
+        }
+    }
+
+    /// `ctr run -d --runc-binary RUNTIME [--annotation K=V]... OPTS IMAGE ID CMD...`.
+    /// The handle is returned whether or not the run succeeded (it cleans up).
+    pub fn run(
+        address: &str,
+        namespace: &str,
+        runtime: &Path,
+        id: &str,
+        annotations: &[(&str, &str)],
+        opts: &[&str],
+        cmd: &[&str],
+    ) -> (Task, Output) {
+        let t = Task {
+            id: id.into(),
+            address: address.into(),
+            namespace: namespace.into(),
+        };
+        let a = run_args("-d", runtime, id, annotations, &owned(opts), &owned(cmd));
+        let out = ctr_at(address, namespace, 120, &strs(&a));
+        (t, out)
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        ctr_at(&self.address, &self.namespace, 60, args)
+    }
+
+    /// The task's pid and status from `ctr task ls` (None: no task).
+    pub fn status(&self) -> Option<(u32, String)> {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[0] == self.id).then(|| (f[1].parse().unwrap_or(0), f[2].into()))
+        })
+    }
+
+    pub fn remove(&self) -> Result<(), String> {
+        let gone = |o: &Output| {
+            o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
+        };
+        self.ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
+        let every = Duration::from_millis(200);
+        let stopped = poll(Duration::from_secs(60), every, || {
+            let o = self.ctr(&["task", "rm", &self.id]);
+            if gone(&o) { Ok(()) } else { Err(text(&o)) }
+        });
+        if stopped.is_err() {
+            let f = self.ctr(&["task", "rm", "-f", &self.id]);
+            if !gone(&f) {
+                return Err(format!("task rm {}: {}", self.id, text(&f)));
+            }
+        }
+        poll(Duration::from_secs(30), every, || {
+            let o = self.ctr(&["containers", "rm", &self.id]);
+            if gone(&o) { Ok(()) } else { Err(text(&o)) }
+        })
+        .map_err(|last| format!("containers rm {}: {last}", self.id))
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("clean-up: {e}");
+        }
+    }
+}
+
+/// Last line of defence for one sandbox, dropped after its containers and before
+/// the sandbox: kills what is left of its processes, runs `gc --grace 0`, and
+/// deletes NAT elements left in its pool.
+pub struct Scrub {
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    pub pool: RangeInclusive<u16>,
+}
+
+impl Scrub {
+    /// For `sb` and its host port pool.
+    pub fn new(sb: &Sandbox) -> Scrub {
+        Scrub {
+            config: sb.config.clone(),
+            dir: sb.dir.clone(),
+            pool: sb.pool(),
+        }
+    }
+}
+
+impl Drop for Scrub {
+    fn drop(&mut self) {
+        let _ = cli(&self.config).args(["gc", "--grace", "0"]).output();
+        for (pid, cmd) in processes_mentioning(&format!("{}/", self.dir.display())) {
+            if !cmd.starts_with("ctr ") {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        nat_flush_pool(&self.pool);
+    }
+}
