@@ -38,7 +38,8 @@ SH
 chmod +x "$DEMO/runc"
 
 # The container's network: a namespace with a veth to the host (documentation range),
-# as CNI would give it; the host plays the router.
+# as CNI would give it; the host plays the router. Like `ctr run --cni` and Garden,
+# the address is configured only after the container has started.
 # A "router" in its own namespace, linked to the host like a router on another host:
 # it reaches the app only through the host's address and the mapped host ports.
 NETNS=es-demo-$$ HOSTIF=esdemo$$ HOST_IP=198.51.100.245 IP=198.51.100.246
@@ -48,10 +49,7 @@ cleanup() { ctr_ task kill -s SIGKILL "$ID" >/dev/null 2>&1 || true; sleep 0.2
             ip netns del "$NETNS" 2>/dev/null || true; ip netns del "$ROUTER" 2>/dev/null || true; }
 trap cleanup EXIT
 ip netns add "$NETNS"
-ip link add "$HOSTIF" type veth peer name eth0 netns "$NETNS"
-ip addr add "$HOST_IP/30" dev "$HOSTIF" && ip link set "$HOSTIF" up
-ip -n "$NETNS" addr add "$IP/30" dev eth0 && ip -n "$NETNS" link set eth0 up && ip -n "$NETNS" link set lo up
-ip -n "$NETNS" route add default via "$HOST_IP"
+ip -n "$NETNS" link set lo up
 ip netns add "$ROUTER"
 ip link add "$ROUTERIF" type veth peer name eth0 netns "$ROUTER"
 ip addr add "$ROUTER_HOST_IP/30" dev "$ROUTERIF" && ip link set "$ROUTERIF" up
@@ -65,6 +63,21 @@ ctr_ run -d --runc-binary "$DEMO/runc" \
     --annotation envoy-sidecar/alpn=http/1.1 \
     --with-ns "network:/var/run/netns/$NETNS" \
     --memory-limit $((256 << 20)) "$IMAGE" "$ID" /bin/httpd -f -p 8080 -h /www
+
+status() { "$BIN/envoy-sidecar" --config "$DEMO/config.toml" status --namespace "$NS"; }
+for _ in $(seq 1 100); do status | grep -q waiting-for-network && break; sleep 0.05; done
+echo
+echo "== envoy-sidecar status: the container runs, its netns has no address yet"
+status
+echo
+echo "== the engine configures the network now (veth + $IP), as CNI or Garden's networker would"
+ip link add "$HOSTIF" type veth peer name eth0 netns "$NETNS"
+ip addr add "$HOST_IP/30" dev "$HOSTIF" && ip link set "$HOSTIF" up
+ip -n "$NETNS" addr add "$IP/30" dev eth0 && ip -n "$NETNS" link set eth0 up
+ip -n "$NETNS" route add default via "$HOST_IP"
+for _ in $(seq 1 100); do status | grep -q " ready " && break; sleep 0.05; done
+echo "== envoy-sidecar status: NAT follows the address, the certificate carries it"
+status
 
 echo
 echo "== inside the container: CF_INSTANCE_PORTS"

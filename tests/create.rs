@@ -1,5 +1,11 @@
 //! Create-time behaviour through the real stack: ctr -> containerd -> runc shim ->
 //! envoy-sidecar-runc -> runc, checked from inside the container and from the host.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

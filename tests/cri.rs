@@ -2,6 +2,12 @@
 //! with `runtime_handler = "envoy-sidecar"` (the handler defined by
 //! hooks/containerd-runtime.toml, which tests/env/containerd.sh configures with its
 //! BinaryName pointed at /run/envoy-sidecar-test/cri-runtime) and the port annotation.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

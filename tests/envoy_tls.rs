@@ -5,6 +5,12 @@
 //! failures that never reach the app.
 //!
 //! Needs `/usr/local/bin/envoy` and the `openssl` CLI, not root.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 
@@ -182,7 +188,10 @@ impl Setup {
         );
         let sds_dir = dir.path().join("sds");
         std::fs::create_dir(&sds_dir).unwrap();
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         bootstrap::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
 
         // Ports of a slot's own, free right now on every address (not in the kernel's
@@ -509,7 +518,10 @@ fn tls_alpn_admin_and_rotation() {
         "DNS:localhost,IP:127.0.0.1",
     );
     assert_ne!(der(&rotated.0), der(&s.serving.0));
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     let t = Instant::now();
     bootstrap::write_sds(&s.sds_dir(), &rotated.0, &rotated.1, uid, gid).unwrap();
     wait_until_every(

@@ -7,6 +7,12 @@
 //! `overcommit_and_exhausted_pool_hold_nothing`.)
 //!
 //! Networks and host port pools: each sandbox's slot (tests/common/slots.rs).
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 
@@ -139,7 +145,11 @@ fn assert_gc_finds_nothing(sb: &Sandbox, pool: &RangeInclusive<u16>, ids: &[&str
 }
 
 fn sigkill(pid: i32) {
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill {pid}: {e}"));
 }
 
 fn wait_dead(pid: i32, limit: Duration) {

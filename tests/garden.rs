@@ -3,6 +3,12 @@
 //! `runc spec`, then `exec`, `events --stats`, `kill`, `delete` — behaves like the
 //! containerd path. No containerd: a private runc `--root` (namespace `default` for
 //! us), the container on a veth in its own network namespace, real runc and Envoy.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

@@ -1,6 +1,12 @@
 //! The harness itself (tests/common): the slot registry hands out disjoint resources
 //! and holds a slot against other processes, and `wait_until` waits or fails saying
 //! what it saw. No root needed.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

@@ -1,5 +1,11 @@
 //! Memory metrics through containerd's task metrics API, for real containers that
 //! allocate a known amount, and the Prometheus exporter scraped during churn.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

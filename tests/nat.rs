@@ -1,6 +1,12 @@
 //! Host port NAT with real traffic: containers on a CNI bridge (the slot's), a
 //! "router" in its own network namespace that reaches them only through the host's
 //! address and the ports in CF_INSTANCE_PORTS.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

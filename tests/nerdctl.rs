@@ -9,6 +9,12 @@
 //! Without root: the wrapper's `create` against a recording stand-in for runc, then
 //! the patched `config.json` read back. As root: one real `runc run --detach` of the
 //! fixture with nerdctl's hooks replaced by a stand-in at the same positions.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 
@@ -78,8 +84,8 @@ impl Fake {
     fn new(name: &str, tweak: impl FnOnce(&mut Value)) -> Fake {
         let mut original = fixture();
         // The credentials directory is chowned to process.user: be that user.
-        original["process"]["user"]["uid"] = json!(unsafe { libc::getuid() });
-        original["process"]["user"]["gid"] = json!(unsafe { libc::getgid() });
+        original["process"]["user"]["uid"] = json!(nix::unistd::getuid().as_raw());
+        original["process"]["user"]["gid"] = json!(nix::unistd::getgid().as_raw());
         tweak(&mut original);
         let stack = FakeStack::new(
             &format!("es-nerdctl-{name}"),
@@ -343,13 +349,9 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     spec["linux"].as_object_mut().unwrap().remove("cgroupsPath");
     // nerdctl passes on its own RLIMIT_NOFILE; ours may be lower (raising needs
     // CAP_SYS_RESOURCE in the initial user namespace).
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    spec["process"]["rlimits"] =
-        json!([{"type": "RLIMIT_NOFILE", "hard": lim.rlim_max, "soft": lim.rlim_max}]);
+    let (_, max) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": max, "soft": max}]);
     // The network nerdctl's CNI hook would have set up: a veth we made.
     for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
         if n["type"] == "network" {

@@ -1,6 +1,12 @@
 //! podman with only the hooks.d registration (no wrapper): a container started with the
 //! port annotation gets its TLS proxy, identity and NAT through the createRuntime,
 //! poststart and poststop hooks, and nothing of it survives `podman rm`.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

@@ -4,6 +4,12 @@
 //!
 //! `ES_SCALE_N` (default 50, at most 52), `ES_SCALE_PAR` (containers created/removed
 //! at once, default all), `ES_CHURN` (lifecycles, default 300).
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 

@@ -9,12 +9,17 @@
 //!
 //! Resources: networks and host port pools from each sandbox's slot
 //! (tests/common/slots.rs).
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -568,11 +573,8 @@ fn probe_from(netns: &str, targets: &[SocketAddr]) -> Vec<(SocketAddr, Result<St
             let netns = netns.to_string();
             std::thread::spawn(move || {
                 let f = std::fs::File::open(&netns).unwrap();
-                assert_eq!(
-                    unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0,
-                    "setns {netns}"
-                );
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {netns}: {e}"));
                 chunk
                     .into_iter()
                     .map(|a| (a, tcp_get(a)))

@@ -1,6 +1,12 @@
 //! The wrapper driven directly, as containerd's shim or Garden drive runc, with a
 //! recording stand-in for runc: argv hand-over, the runc log contract, exec env and
 //! release paths. No root needed.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 mod common;
 
@@ -13,8 +19,8 @@ use serde_json::{Value, json};
 /// ([`FakeStack`]: argv logged a line per call, exit codes from `exit-<subcommand>`,
 /// `features` printing a fixed JSON), the bundle a minimal spec with a port.
 fn fake(name: &str) -> FakeStack {
-    let uid = unsafe { libc::getuid() };
-    let gid = unsafe { libc::getgid() };
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
     FakeStack::new(
         &format!("es-wr-{name}"),
         "ns1",

@@ -133,7 +133,11 @@ pub fn cpu_time(pid: i32) -> Duration {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(100);
     Duration::from_millis(ticks * 1000 / hz.max(1))
 }
 
@@ -255,7 +259,10 @@ impl Drop for Scrub {
         let _ = cli(&self.config).args(["gc", "--grace", "0"]).output();
         for (pid, cmd) in processes_mentioning(&format!("{}/", self.dir.display())) {
             if !cmd.starts_with("ctr ") {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         nat_flush_pool(&self.pool);

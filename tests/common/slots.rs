@@ -117,19 +117,17 @@ fn open_lock_file() -> File {
 
 /// Write-lock byte `index` of `f` (an OFD lock: conflicts with every other open).
 fn try_lock(f: &File, index: u32) -> bool {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as _;
-    fl.l_whence = libc::SEEK_SET as _;
-    fl.l_start = index as _;
-    fl.l_len = 1;
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc == 0 {
-        return true;
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => false,
-        _ => panic!("lock byte {index} of {LOCK_FILE}: {e}"),
+    let fl = libc::flock {
+        l_type: i16::try_from(libc::F_WRLCK).unwrap(),
+        l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
+        l_start: i64::from(index),
+        l_len: 1,
+        l_pid: 0,
+    };
+    match nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
+        Ok(_) => true,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => false,
+        Err(e) => panic!("lock byte {index} of {LOCK_FILE}: {e}"),
     }
 }
 
