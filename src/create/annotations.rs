@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::envoy::bootstrap::Alpn;
 use crate::error::{Error, Result};
 
 pub const PORTS: &str = "envoy-sidecar/ports";
@@ -15,12 +16,16 @@ pub const APP_GUID: &str = "envoy-sidecar/app-guid";
 pub const SPACE_GUID: &str = "envoy-sidecar/space-guid";
 pub const ORG_GUID: &str = "envoy-sidecar/org-guid";
 pub const NERDCTL_PORTS: &str = "nerdctl/ports";
+/// The per-container ALPN override (the host default comes from `proxy.enable_http2`).
+pub const ALPN: &str = "envoy-sidecar/alpn";
 
 /// Written by the wrapper: the memory limit the user asked for (bytes, or `unlimited`).
 pub const REQUESTED_MEMORY: &str = "envoy-sidecar/requested-memory-limit";
 /// Written by the wrapper: environment variable names it added, so a second `create`
 /// on the same bundle replaces rather than duplicates them.
 pub const MANAGED_ENV: &str = "envoy-sidecar/managed-env";
+/// The swap limit the user asked for, recorded beside `REQUESTED_MEMORY`.
+pub const REQUESTED_SWAP: &str = "envoy-sidecar/requested-memory-swap";
 
 const MAX_PORTS: usize = 64;
 const MAX_GUID_LEN: usize = 128;
@@ -34,7 +39,7 @@ pub struct Request {
     pub space_guid: Option<String>,
     pub org_guid: Option<String>,
     /// `envoy-sidecar/alpn`; `None`: the host default.
-    pub alpn: Option<crate::envoy::bootstrap::Alpn>,
+    pub alpn: Option<Alpn>,
 }
 
 impl Request {
@@ -61,12 +66,21 @@ impl Request {
             app_guid: guid(a, APP_GUID)?,
             space_guid: guid(a, SPACE_GUID)?,
             org_guid: guid(a, ORG_GUID)?,
-            alpn: a
-                .get(crate::envoy::bootstrap::ALPN_ANNOTATION)
-                .map(|v| crate::envoy::bootstrap::parse_alpn(v))
-                .transpose()?,
+            alpn: a.get(ALPN).map(|v| parse_alpn(v)).transpose()?,
         }))
     }
+}
+
+/// The value of [`ALPN`]. Exact values only (no trimming, no reordering): the set is
+/// tiny and a near-miss is more likely a mistake than an intent.
+pub fn parse_alpn(value: &str) -> Result<Alpn> {
+    Alpn::from_value(value).ok_or_else(|| {
+        bad(
+            ALPN,
+            value,
+            "valid: \"h2,http/1.1\", \"http/1.1\" or \"none\"",
+        )
+    })
 }
 
 pub(crate) fn bad(key: &str, value: &str, msg: impl Into<String>) -> Error {
@@ -201,6 +215,42 @@ pub fn check_guid(v: &str) -> std::result::Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn parse_alpn_table() {
+        assert_eq!(parse_alpn("h2,http/1.1").unwrap(), Alpn::H2Http11);
+        assert_eq!(parse_alpn("http/1.1").unwrap(), Alpn::Http11);
+        assert_eq!(parse_alpn("none").unwrap(), Alpn::None);
+        for a in [Alpn::H2Http11, Alpn::Http11, Alpn::None] {
+            assert_eq!(parse_alpn(a.as_str()).unwrap(), a);
+        }
+        let huge = "h2,".repeat(10 * 1024 / 3);
+        for v in [
+            "",
+            "h2",
+            "http/1.1,h2",
+            "h2, http/1.1",
+            " none",
+            "None",
+            "HTTP/1.1",
+            "none\n",
+            "h2,\nhttp/1.1",
+            "http/1.1\"]}",
+            "\"none\"",
+            "../../etc/passwd",
+            "none\0",
+            huge.as_str(),
+        ] {
+            let e = parse_alpn(v).unwrap_err().to_string();
+            assert!(e.contains(ALPN), "{v:?}: {e}");
+            assert!(
+                e.contains("valid: \"h2,http/1.1\", \"http/1.1\" or \"none\""),
+                "{e}"
+            );
+            // The offending value is shown, but bounded.
+            assert!(e.len() < 400, "{} bytes", e.len());
+        }
+    }
+
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -277,7 +327,7 @@ mod tests {
             Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "http/1.1")]))
                 .unwrap()
                 .unwrap();
-        assert_eq!(r.alpn, Some(crate::envoy::bootstrap::Alpn::Http11));
+        assert_eq!(r.alpn, Some(Alpn::Http11));
         let e = Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]))
             .unwrap_err()
             .to_string();

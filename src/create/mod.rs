@@ -23,7 +23,6 @@ use crate::error::{Error, Result};
 use crate::state::store::{self, ContainerState, Memory, PortMapping, Store};
 use crate::sys::fs::now_rfc3339;
 
-pub const REQUESTED_SWAP: &str = "envoy-sidecar/requested-memory-swap";
 const UNLIMITED: &str = "unlimited";
 
 /// Hook stages we register, with where our entry goes and runc's timeout (seconds).
@@ -84,8 +83,8 @@ pub fn prepare(
     let (mut limit, mut swap) = spec.memory()?;
     if let Some(r) = ann.get(annotations::REQUESTED_MEMORY) {
         limit = parse_recorded(&spec_path, annotations::REQUESTED_MEMORY, r)?;
-        swap = match ann.get(REQUESTED_SWAP) {
-            Some(s) => parse_recorded(&spec_path, REQUESTED_SWAP, s)?,
+        swap = match ann.get(annotations::REQUESTED_SWAP) {
+            Some(s) => parse_recorded(&spec_path, annotations::REQUESTED_SWAP, s)?,
             None => None,
         };
     }
@@ -256,7 +255,7 @@ fn patch_spec(
         &show(requested.0).unwrap_or_else(|| UNLIMITED.into()),
     )?;
     if let Some(sw) = show(requested.1) {
-        spec.set_annotation(REQUESTED_SWAP, &sw)?;
+        spec.set_annotation(annotations::REQUESTED_SWAP, &sw)?;
     }
 
     for (stage, first, timeout) in HOOKS {

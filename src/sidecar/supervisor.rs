@@ -505,7 +505,12 @@ impl Supervisor<'_> {
             node_id: &node_id,
             listeners: &listeners,
             admin_port: self.state.admin_port,
-            alpn: bootstrap::parse_alpn(&self.state.alpn)?,
+            alpn: bootstrap::Alpn::from_value(&self.state.alpn).ok_or_else(|| {
+                self.fail(format!(
+                    "recorded alpn {:?} is not a valid choice",
+                    self.state.alpn
+                ))
+            })?,
             mtls,
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
