@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use std::io::ErrorKind;
+
+use crate::error::{IoContext, Result};
+use crate::sys::fs::tolerate;
 
 pub const CHILD: &str = "envoy-sidecar";
 const ROOT: &str = "/sys/fs/cgroup";
@@ -68,16 +71,7 @@ impl SidecarCgroup {
 
     pub fn create(&self) -> Result<()> {
         for d in &self.dirs {
-            match std::fs::create_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(Error::Io {
-                        path: d.clone(),
-                        source: e,
-                    });
-                }
-            }
+            tolerate(d, ErrorKind::AlreadyExists, std::fs::create_dir(d))?;
         }
         Ok(())
     }
@@ -133,16 +127,7 @@ impl SidecarCgroup {
             std::thread::sleep(Duration::from_millis(20));
         }
         for d in &self.dirs {
-            match std::fs::remove_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::Io {
-                        path: d.clone(),
-                        source: e,
-                    });
-                }
-            }
+            tolerate(d, ErrorKind::NotFound, std::fs::remove_dir(d))?;
         }
         Ok(())
     }

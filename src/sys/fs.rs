@@ -95,28 +95,26 @@ pub fn read_json_or_none<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Remove a file; one that is not there is fine.
-pub fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
+/// `r`, with `kind` (the state the caller wanted anyway) counted as success and any
+/// other error naming `path`.
+pub fn tolerate(path: &Path, kind: std::io::ErrorKind, r: std::io::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() != kind => Err(Error::Io {
             path: path.into(),
             source: e,
         }),
+        _ => Ok(()),
     }
+}
+
+/// Remove a file; one that is not there is fine.
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    tolerate(path, std::io::ErrorKind::NotFound, fs::remove_file(path))
 }
 
 /// Remove a directory tree; one that is not there is fine.
 pub fn remove_dir_all_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
-            path: path.into(),
-            source: e,
-        }),
-    }
+    tolerate(path, std::io::ErrorKind::NotFound, fs::remove_dir_all(path))
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
