@@ -165,19 +165,7 @@ pub fn envoy_working_set(store: &Store, s: &ContainerState) -> Option<u64> {
     let rec = Paths::new(store, &s.namespace, &s.id)
         .read_record()
         .ok()??;
-    let dir = rec.cgroup.dirs.first()?;
-    let usage: u64 = std::fs::read_to_string(dir.join("memory.usage_in_bytes"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
-    let inactive: u64 = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("total_inactive_file "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    Some(usage.saturating_sub(inactive))
+    rec.cgroup.working_set()
 }
 
 /// Ask containerd for the raw memory of `ids` in `namespace`. Containers containerd

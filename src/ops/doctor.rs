@@ -112,13 +112,10 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
         }),
     ));
     out.push(check("cgroup memory", {
-        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
-        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
-        match (v1, v2) {
-            (true, _) => Ok("cgroup v1 memory controller (Envoy's memory readable on its own)".into()),
-            (false, true) => Ok("cgroup v2 memory controller (Envoy charged to the container; exact metrics fall back to linear)".into()),
-            _ => Err("no memory controller found under /sys/fs/cgroup".into()),
+        match crate::sys::cgroup::memory_controller_v1() {
+            Some(true) => Ok("cgroup v1 memory controller (Envoy's memory readable on its own)".into()),
+            Some(false) => Ok("cgroup v2 memory controller (Envoy charged to the container; exact metrics fall back to linear)".into()),
+            None => Err("no memory controller found under /sys/fs/cgroup".into()),
         }
     }));
     out.push(check(

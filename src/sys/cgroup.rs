@@ -113,6 +113,23 @@ impl SidecarCgroup {
             .ok()
     }
 
+    /// Working set of the child (usage minus inactive file cache; cgroup v1 only).
+    pub fn working_set(&self) -> Option<u64> {
+        let d = self.dirs.first()?;
+        let usage: u64 = std::fs::read_to_string(d.join("memory.usage_in_bytes"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(d.join("memory.stat")).ok()?;
+        let inactive: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("total_inactive_file "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Some(usage.saturating_sub(inactive))
+    }
+
     /// Kill whatever is still inside (Envoy after a supervisor crash, say) and remove
     /// the directories, so runc can remove the container's cgroup. Idempotent.
     pub fn kill_and_remove(&self) -> Result<()> {
@@ -131,6 +148,18 @@ impl SidecarCgroup {
         }
         Ok(())
     }
+}
+
+/// Which memory controller the host has: `Some(true)` cgroup v1, `Some(false)` v2,
+/// `None` none found.
+pub fn memory_controller_v1() -> Option<bool> {
+    let root = Path::new(ROOT);
+    if root.join("memory/memory.limit_in_bytes").exists() {
+        return Some(true);
+    }
+    std::fs::read_to_string(root.join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+        .then_some(false)
 }
 
 /// An Envoy child cgroup found on the host, with the container it belongs to (from
