@@ -122,6 +122,12 @@ fn find_tool(name: &str) -> PathBuf {
 
 impl Nat {
     fn nft_script(&self, script: &str) -> Result<()> {
+        self.nft_try(script).map_err(|(_, e)| e)
+    }
+
+    /// Run an nft script; on failure also say what kind of failure it was.
+    fn nft_try(&self, script: &str) -> std::result::Result<(), (Refusal, Error)> {
+        let other = |e| (Refusal::Other, e);
         let mut child = Command::new(&self.nft)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -129,33 +135,39 @@ impl Nat {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| {
-                Error::Nat(format!(
+                other(Error::Nat(format!(
                     "running {}: {e} (is nftables installed?)",
                     self.nft.display()
-                ))
+                )))
             })?;
         child
             .stdin
             .take()
             .expect("piped")
             .write_all(script.as_bytes())
-            .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
+            .map_err(|e| other(Error::Nat(format!("writing to nft: {e}"))))?;
         let out = child
             .wait_with_output()
-            .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
+            .map_err(|e| other(Error::Nat(format!("waiting for nft: {e}"))))?;
         if !out.status.success() {
-            return Err(Error::Nat(format!(
-                "nft rejected {:?}: {}",
-                script.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err((
+                Refusal::of(&stderr),
+                Error::Nat(format!(
+                    "nft rejected {:?}: {}",
+                    script.trim(),
+                    stderr.trim()
+                )),
+            ));
         }
         Ok(())
     }
 
+    /// Whether the table and its rules are there. Lists one chain (two rules), not
+    /// the table: that would print every element of the map.
     pub fn table_exists(&self) -> bool {
         Command::new(&self.nft)
-            .args(["list", "table", "ip", TABLE])
+            .args(["list", "chain", "ip", TABLE, "output"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -189,31 +201,56 @@ impl Nat {
         parse_listing(&String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Add one container's mappings atomically. Mappings already present as they are
-    /// (a repeated hook) are fine; a host port mapped elsewhere is a conflict.
+    /// Add one container's mappings atomically: one `nft` transaction, whatever the
+    /// size of the map. Mappings already present as they are (a repeated hook) are
+    /// fine — the kernel accepts an identical element; a host port mapped elsewhere
+    /// is a conflict — the kernel refuses it (EEXIST) and the whole transaction with
+    /// it. Only then, or when the table is missing, is anything listed.
     pub fn add(&self, maps: &[Mapping]) -> Result<()> {
         if maps.is_empty() {
             return Ok(());
         }
-        self.ensure_table()?;
-        let new = to_add(&self.list()?, maps)?;
-        if new.is_empty() {
-            return Ok(());
+        match self.nft_try(&add_script(maps)) {
+            Ok(()) => Ok(()),
+            Err((Refusal::Missing, _)) => {
+                // First container (or a flushed ruleset): create the table, then add.
+                self.ensure_table()?;
+                self.nft_script(&add_script(maps))
+            }
+            Err((Refusal::Exists, e)) => {
+                // Name the conflicting element (slow path, errors only).
+                to_add(&self.list()?, maps)?;
+                Err(e)
+            }
+            Err((Refusal::Other, e)) => Err(e),
         }
-        self.nft_script(&add_script(&new))
     }
 
     /// Remove mappings that are still present (idempotent), then drop the conntrack
     /// entries that would keep forwarding to the container IP once it is reused.
+    ///
+    /// One transaction when all are present (the usual case). The kernel deletes by
+    /// key (host port): safe because a host port belongs to one container's allocation
+    /// record until that container's removal — NAT first, state after. When some are
+    /// already gone the transaction is refused (ENOENT) and only then is the map
+    /// listed, to delete exactly what is still there.
     pub fn remove(&self, maps: &[Mapping]) -> Result<()> {
-        let present = self.list()?;
-        let gone: Vec<Mapping> = maps
-            .iter()
-            .filter(|m| present.contains(m))
-            .copied()
-            .collect();
-        if !gone.is_empty() {
-            self.nft_script(&delete_script(&gone))?;
+        if !maps.is_empty() {
+            match self.nft_try(&delete_script(maps)) {
+                Ok(()) => {}
+                Err((Refusal::Missing, _)) => {
+                    let present = self.list()?;
+                    let gone: Vec<Mapping> = maps
+                        .iter()
+                        .filter(|m| present.contains(m))
+                        .copied()
+                        .collect();
+                    if !gone.is_empty() {
+                        self.nft_script(&delete_script(&gone))?;
+                    }
+                }
+                Err((_, e)) => return Err(e),
+            }
         }
         let mut ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
         ips.sort();
@@ -231,6 +268,28 @@ impl Nat {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Why nft refused a script, from its message: the kernel's errno text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// ENOENT: the table, the map or an element to delete is not there.
+    Missing,
+    /// EEXIST: an element with that key (host port) exists with another value.
+    Exists,
+    Other,
+}
+
+impl Refusal {
+    pub fn of(stderr: &str) -> Refusal {
+        if stderr.contains("No such file or directory") {
+            Refusal::Missing
+        } else if stderr.contains("File exists") {
+            Refusal::Exists
+        } else {
+            Refusal::Other
+        }
     }
 }
 
@@ -319,6 +378,40 @@ impl Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_classified_from_nfts_message() {
+        let missing =
+            "/dev/stdin:1:32-41: Error: Could not process rule: No such file or directory\n";
+        let exists = "/dev/stdin:1:29-38: Error: Could not process rule: File exists\n";
+        assert_eq!(Refusal::of(missing), Refusal::Missing);
+        assert_eq!(Refusal::of(exists), Refusal::Exists);
+        assert_eq!(Refusal::of("Error: syntax error"), Refusal::Other);
+    }
+
+    #[test]
+    fn fake_table_follows_the_kernels_rules() {
+        let m = |p, last| Mapping {
+            host_port: p,
+            container_ip: Ipv4Addr::new(203, 0, 113, last),
+            container_port: 61001,
+        };
+        let nat = FakeNat::default();
+        nat.add(&[m(61010, 1), m(61011, 1)]).unwrap();
+        nat.add(&[m(61010, 1)]).unwrap(); // identical: fine
+        // Another container's IP on a taken port: refused, all or none.
+        let e = nat
+            .add(&[m(61012, 2), m(61010, 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host port 61010 is already mapped to 203.0.113.1"),
+            "{e}"
+        );
+        assert_eq!(nat.list().unwrap(), vec![m(61010, 1), m(61011, 1)]);
+        nat.remove(&[m(61011, 1), m(61099, 1)]).unwrap(); // absent: fine
+        assert_eq!(nat.list().unwrap(), vec![m(61010, 1)]);
+    }
 
     fn m(h: u16, ip: &str, c: u16) -> Mapping {
         Mapping {
