@@ -84,6 +84,9 @@ pub mod fake {
         fn knows(&self, root: &std::path::Path, id: &str) -> bool {
             self.0.knows(root, id)
         }
+        fn list(&self, root: &std::path::Path) -> Option<std::collections::BTreeSet<String>> {
+            self.0.list(root)
+        }
     }
     impl<T: Processes> Processes for Shared<T> {
         fn alive(&self, p: &ProcId) -> bool {

@@ -230,6 +230,9 @@ fn age(created_at: &str, now: SystemTime) -> Duration {
 pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> {
     let now = host.clock.wall();
     let mut o = Observed::default();
+    // One `runc list` per runc root, not one `runc state` per container.
+    let mut known: std::collections::BTreeMap<PathBuf, Option<BTreeSet<String>>> =
+        Default::default();
     for s in store.list()? {
         let paths = Paths::new(store, &s.namespace, &s.id);
         let record = paths.read_record().ok().flatten().unwrap_or_default();
@@ -239,7 +242,15 @@ pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> 
             .clone()
             .unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_ROOT));
         o.containers.push(SeenContainer {
-            runc_knows: (age >= grace).then(|| host.runc.knows(&root, &s.id)),
+            runc_knows: (age >= grace).then(|| {
+                let listed = known
+                    .entry(root.clone())
+                    .or_insert_with(|| host.runc.list(&root));
+                match listed {
+                    Some(ids) => ids.contains(&s.id),
+                    None => host.runc.knows(&root, &s.id),
+                }
+            }),
             started: s.started_at.is_some(),
             init_running: s.init_pid.is_some_and(|p| host.procs.exists(p)),
             host_ports: s.host_ports().collect(),
@@ -955,6 +966,37 @@ mod tests {
         assert!(r.failures.is_empty(), "{:?}", r.failures);
         assert_eq!(fakes.nat.list().unwrap(), vec![]);
         assert!(store.read("ns", "gone").unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn observe_asks_runc_once_per_root() {
+        use crate::host::fake::Fakes;
+        let dir = crate::state::store::tests::tempdir("gc-list");
+        let store = Store::new(&dir);
+        let root = dir.join("runc-root");
+        std::fs::create_dir_all(&root).unwrap();
+        {
+            let _l = store.lock().unwrap();
+            for (id, port) in [("alive", 61010), ("gone", 61012)] {
+                let mut st = crate::state::store::tests::sample("ns", id, &dir, (port, None));
+                st.runc_root = Some(root.clone());
+                store.create(&st).unwrap();
+            }
+        }
+        let fakes = Fakes {
+            runc: std::rc::Rc::new(crate::runc::query::FakeRunc {
+                known: vec![(root.clone(), "alive".into())],
+            }),
+            ..Fakes::default()
+        };
+        let seen = observe(&store, &fakes.host(), Duration::ZERO).unwrap();
+        let knows: Vec<(&str, Option<bool>)> = seen
+            .containers
+            .iter()
+            .map(|c| (c.id.as_str(), c.runc_knows))
+            .collect();
+        assert_eq!(knows, [("alive", Some(true)), ("gone", Some(false))]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! The real runc, run as a child for the questions the product asks it.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,6 +22,9 @@ pub fn knows<S: AsRef<OsStr>>(runc: &Path, global: &[S], id: &str) -> bool {
 pub trait RuncQuery {
     /// Whether runc, with state under `root`, knows container `id`.
     fn knows(&self, root: &Path, id: &str) -> bool;
+    /// Every container runc knows under `root` (one `runc list`), or `None` if that
+    /// could not be told (the caller falls back to `knows`).
+    fn list(&self, root: &Path) -> Option<BTreeSet<String>>;
 }
 
 /// The real runc binary.
@@ -33,6 +37,29 @@ impl RuncQuery for RuncBinary {
     fn knows(&self, root: &Path, id: &str) -> bool {
         // A missing root (e.g. /run wiped by a reboot) knows nothing.
         root.exists() && knows(&self.path, &[Path::new("--root"), root], id)
+    }
+
+    fn list(&self, root: &Path) -> Option<BTreeSet<String>> {
+        if !root.exists() {
+            return Some(BTreeSet::new());
+        }
+        let out = Command::new(&self.path)
+            .arg("--root")
+            .arg(root)
+            .args(["list", "-q"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
     }
 }
 
@@ -47,5 +74,14 @@ pub struct FakeRunc {
 impl RuncQuery for FakeRunc {
     fn knows(&self, root: &Path, id: &str) -> bool {
         self.known.iter().any(|(r, i)| r == root && i == id)
+    }
+    fn list(&self, root: &Path) -> Option<BTreeSet<String>> {
+        Some(
+            self.known
+                .iter()
+                .filter(|(r, _)| r == root)
+                .map(|(_, i)| i.clone())
+                .collect(),
+        )
     }
 }
