@@ -182,7 +182,10 @@ impl Setup {
         );
         let sds_dir = dir.path().join("sds");
         std::fs::create_dir(&sds_dir).unwrap();
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         bootstrap::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
 
         // Ports of a slot's own, free right now on every address (not in the kernel's
@@ -509,7 +512,10 @@ fn tls_alpn_admin_and_rotation() {
         "DNS:localhost,IP:127.0.0.1",
     );
     assert_ne!(der(&rotated.0), der(&s.serving.0));
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     let t = Instant::now();
     bootstrap::write_sds(&s.sds_dir(), &rotated.0, &rotated.1, uid, gid).unwrap();
     wait_until_every(

@@ -96,7 +96,7 @@ fn assert_only(sb: &Sandbox, ns: &str, pool: &RangeInclusive<u16>, live: &[&str]
                 .iter()
                 .flat_map(|p| [p["external"].as_u64(), p["external_tls_proxy"].as_u64()])
                 .flatten()
-                .map(|p| p as u16)
+                .map(|p| u16::try_from(p).unwrap())
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -139,7 +139,11 @@ fn assert_gc_finds_nothing(sb: &Sandbox, pool: &RangeInclusive<u16>, ids: &[&str
 }
 
 fn sigkill(pid: i32) {
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill {pid}: {e}"));
 }
 
 fn wait_dead(pid: i32, limit: Duration) {

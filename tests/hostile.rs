@@ -157,9 +157,8 @@ fn within<T: Send + 'static>(
 }
 
 fn mkfifo(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
 }
 
 /// Release a reader blocked opening `fifo`: open it for writing, then close (EOF).
@@ -782,7 +781,7 @@ fn model_ports(v: &str) -> Result<Vec<u16>, ()> {
         if !(1..=65535).contains(&n) {
             return Err(());
         }
-        push_unique(&mut out, n as u16)?;
+        push_unique(&mut out, u16::try_from(n).map_err(|_| ())?)?;
     }
     Ok(out)
 }
@@ -799,7 +798,7 @@ fn model_nerdctl(v: &str) -> Result<Vec<u16>, ()> {
             continue;
         }
         match item.get("ContainerPort").and_then(Value::as_u64) {
-            Some(p @ 1..=65535) => push_unique(&mut out, p as u16)?,
+            Some(p @ 1..=65535) => push_unique(&mut out, u16::try_from(p).map_err(|_| ())?)?,
             _ => return Err(()),
         }
     }

@@ -78,8 +78,8 @@ impl Fake {
     fn new(name: &str, tweak: impl FnOnce(&mut Value)) -> Fake {
         let mut original = fixture();
         // The credentials directory is chowned to process.user: be that user.
-        original["process"]["user"]["uid"] = json!(unsafe { libc::getuid() });
-        original["process"]["user"]["gid"] = json!(unsafe { libc::getgid() });
+        original["process"]["user"]["uid"] = json!(nix::unistd::getuid().as_raw());
+        original["process"]["user"]["gid"] = json!(nix::unistd::getgid().as_raw());
         tweak(&mut original);
         let stack = FakeStack::new(
             &format!("es-nerdctl-{name}"),
@@ -343,13 +343,10 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     spec["linux"].as_object_mut().unwrap().remove("cgroupsPath");
     // nerdctl passes on its own RLIMIT_NOFILE; ours may be lower (raising needs
     // CAP_SYS_RESOURCE in the initial user namespace).
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let rlim_max = lim.maximum.unwrap_or(u64::MAX);
     spec["process"]["rlimits"] =
-        json!([{"type": "RLIMIT_NOFILE", "hard": lim.rlim_max, "soft": lim.rlim_max}]);
+        json!([{"type": "RLIMIT_NOFILE", "hard": rlim_max, "soft": rlim_max}]);
     // The network nerdctl's CNI hook would have set up: a veth we made.
     for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
         if n["type"] == "network" {

@@ -14,7 +14,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -344,7 +343,7 @@ fn private_key_never_appears_in_logs_or_state() {
 
     c.remove();
     let mut log = std::fs::read(containerd_log).unwrap();
-    let from = (log_from as usize).min(log.len());
+    let from = usize::try_from(log_from).unwrap().min(log.len());
     log.drain(..from);
     assert!(!log.is_empty(), "containerd logged nothing during the test");
     check("containerd.log", &log);
@@ -429,7 +428,7 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
         &httpd(),
     );
     let st = sb.inspect("es-sec-adm-a").unwrap();
-    let admin = st["admin_port"].as_u64().unwrap() as u16;
+    let admin = u16::try_from(st["admin_port"].as_u64().unwrap()).unwrap();
     let proxy = port_of(&st, 0, "internal_tls_proxy");
     let ca = sb.ca();
     wait_served(&format!("{}:{proxy}", net_a.ip), &ca, "es-sec-adm-a");
@@ -568,11 +567,8 @@ fn probe_from(netns: &str, targets: &[SocketAddr]) -> Vec<(SocketAddr, Result<St
             let netns = netns.to_string();
             std::thread::spawn(move || {
                 let f = std::fs::File::open(&netns).unwrap();
-                assert_eq!(
-                    unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0,
-                    "setns {netns}"
-                );
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {netns}: {e}"));
                 chunk
                     .into_iter()
                     .map(|a| (a, tcp_get(a)))
@@ -626,7 +622,7 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
     assert!(st["ports"][0].get("external").is_none(), "{st}");
     let tls = port_of(&st, 0, "external_tls_proxy");
     let proxy = port_of(&st, 0, "internal_tls_proxy");
-    let admin = st["admin_port"].as_u64().unwrap() as u16;
+    let admin = u16::try_from(st["admin_port"].as_u64().unwrap()).unwrap();
     wait_until("TLS through the host port", Duration::from_secs(20), || {
         router.https(&ca, id, tls).contains(HELLO)
     });
@@ -1006,7 +1002,7 @@ fn another_envoy_cannot_read_or_replace_a_containers_key() {
     let file = sds.join("tls-certificate.json");
     assert!(contains(&std::fs::read(&file).unwrap(), &key_slice(&key)));
 
-    let own = st["envoy_uid"].as_u64().unwrap() as u32;
+    let own = u32::try_from(st["envoy_uid"].as_u64().unwrap()).unwrap();
     let mut found = Vec::new();
     for other in [own + 1, NOBODY] {
         let o = as_user(other, other, &["cat", &file.display().to_string()]);

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 /// ([`FakeStack`]: argv logged a line per call, exit codes from `exit-<subcommand>`,
 /// `features` printing a fixed JSON), the bundle a minimal spec with a port.
 fn fake(name: &str) -> FakeStack {
-    let uid = unsafe { libc::getuid() };
-    let gid = unsafe { libc::getgid() };
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
     FakeStack::new(
         &format!("es-wr-{name}"),
         "ns1",

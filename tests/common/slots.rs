@@ -27,7 +27,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::ops::RangeInclusive;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -117,19 +116,19 @@ fn open_lock_file() -> File {
 
 /// Write-lock byte `index` of `f` (an OFD lock: conflicts with every other open).
 fn try_lock(f: &File, index: u32) -> bool {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as _;
-    fl.l_whence = libc::SEEK_SET as _;
-    fl.l_start = index as _;
-    fl.l_len = 1;
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if rc == 0 {
-        return true;
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => false,
-        _ => panic!("lock byte {index} of {LOCK_FILE}: {e}"),
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, fcntl};
+    let fl = libc::flock {
+        l_type: i16::try_from(libc::F_WRLCK).unwrap(),
+        l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
+        l_start: i64::from(index),
+        l_len: 1,
+        l_pid: 0,
+    };
+    match fcntl(f, FcntlArg::F_OFD_SETLK(&fl)) {
+        Ok(_) => true,
+        Err(Errno::EAGAIN | Errno::EACCES) => false,
+        Err(e) => panic!("lock byte {index} of {LOCK_FILE}: {e}"),
     }
 }
 
@@ -150,7 +149,7 @@ impl Slot {
     /// The first `size` ports of this slot's host port pool.
     pub fn pool(&self, size: u16) -> RangeInclusive<u16> {
         assert!((1..=POOL_MAX).contains(&size), "pool size {size}");
-        let start = self.port_base() as u16;
+        let start = u16::try_from(self.port_base()).unwrap();
         start..=start + (size - 1)
     }
 
@@ -165,7 +164,7 @@ impl Slot {
                 "slot {}: out of TCP ports",
                 self.index()
             );
-            let p = (first + k) as u16;
+            let p = u16::try_from(first + k).unwrap();
             if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok() {
                 return p;
             }
