@@ -23,7 +23,7 @@
 //! Not handed out: `192.0.2.0/24` (this host's eth0 may sit in it), `203.0.113.224/28`
 //! (the CRI pod network of `tests/env/containerd.sh`, bridge `es-br14`),
 //! `198.51.100.224/27` (the benchmark scripts' links, `scripts/bench*.sh`, use
-//! .232-.251; [`UNROUTED`] is .254) and `203.0.113.240/28` (spare).
+//! .228-.251; [`UNROUTED`] is .254) and `203.0.113.240/28` (spare).
 
 use std::fs::{File, OpenOptions};
 use std::ops::RangeInclusive;
