@@ -673,16 +673,18 @@ impl Supervisor<'_> {
             self.no_ip_since = if ip.is_some() { None } else { Some(now) };
             self.nat_retry_at = None;
             self.probe_stale = true;
+            if let Some(p) = policy {
+                // The IP SAN follows the address (no Envoy restart: SDS swap), before
+                // NAT lets anyone in: a connection through the new mapping must not
+                // meet a certificate without (or with the old) IP SAN.
+                let ev = self.issue_event();
+                self.tell(p, ev);
+            }
             match ip {
                 Some(ip) => self.map_nat(ip),
                 None => self.unmap_nat(),
             }
             self.save();
-            if let Some(p) = policy {
-                // The IP SAN follows the address (no Envoy restart: SDS swap).
-                let ev = self.issue_event();
-                self.tell(p, ev);
-            }
         } else if let Some(ip) = ip
             && self.nat_retry_at.is_some_and(|at| now >= at)
         {
