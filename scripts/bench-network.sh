@@ -489,9 +489,9 @@ table = [
 san_first = sum(1 for r in follow if r["first_tls_had_san"])
 how = (
     "**How to read this.** (a) is the supervisor following the network: an rtnetlink "
-    "event wakes it, it maps the host ports from the host's netns (one `nft -f` "
-    "transaction) and re-issues the certificate with the IP SAN (an SDS file swap, no "
-    "Envoy restart). The clock starts just before `ip -n NS addr add` runs (so it "
+    "event wakes it, it re-issues the certificate with the IP SAN (an SDS file swap, no "
+    "Envoy restart), then maps the host ports from the host's netns (one `nft -f` "
+    "transaction). The clock starts just before `ip -n NS addr add` runs (so it "
     "includes that command, a few ms), the NAT element is polled with `nft list map` "
     "(each call a few ms, so the NAT figure is resolved to about that), and TLS "
     "attempts start once the element is there: most of the TLS figure is the one "
@@ -511,9 +511,8 @@ doc = f"""## Following the network (Garden's order) and CA rotation
 How soon a container whose address comes after it started is reachable through host
 NAT, and how soon a new CA reaches the wire. Garden's order, with the release build:
 the wrapper driven as runc (`envoy-sidecar-runc --root R run --detach --bundle B
---pid-file P ID`, a bundle from `runc spec` with busybox `httpd` on 8080 and
-`--annotation`-equivalent `envoy-sidecar/ports=8080`) into a network namespace that
-has only `lo`. Once the supervisor records `waiting-for-network` with Envoy ready on
+--pid-file P ID`, a bundle from `runc spec` with busybox `httpd` on 8080 and the
+annotation `envoy-sidecar/ports=8080`) into a network namespace that has only `lo`. Once the supervisor records `waiting-for-network` with Envoy ready on
 the container's loopback, the networker's part: a veth, the host's address and an
 onlink default route, then **the timed step**, `ip -n NS addr add {e['B_CTR_IP']}/30 dev
 eth0`. Success = the NAT element `tcp . <external_tls_proxy> : {e['B_CTR_IP']} .
