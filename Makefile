@@ -48,6 +48,7 @@ bench: deps release
 	scripts/bench.sh
 	scripts/bench-sidecar.sh
 	scripts/bench-memory.sh
+	scripts/bench-network.sh
 
 # Binaries to /usr/local/bin, default config (kept if present), containerd drop-in,
 # gc timer; `envoy-sidecar install --dry-run` shows what it would change.

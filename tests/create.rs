@@ -49,7 +49,9 @@ fn one_port_env_and_cleanup() {
     let pool = sb.pool();
     assert!(
         // From the sandbox's own host port pool (see tests/common), distinct.
-        pool.contains(&(ext as u16)) && pool.contains(&(tls as u16)) && ext != tls,
+        u16::try_from(ext).is_ok_and(|e| pool.contains(&e))
+            && u16::try_from(tls).is_ok_and(|t| pool.contains(&t))
+            && ext != tls,
         "{p} not in {pool:?}"
     );
     assert_eq!(env["CF_INSTANCE_PORT"], ext.to_string());

@@ -162,7 +162,7 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     assert_eq!(st["ports"][0]["internal"], 8080);
     assert_eq!(st["memory"]["requested_bytes"], 128 * MIB);
     assert_eq!(st["memory"]["limit_bytes"], 160 * MIB);
-    let pid = st["init_pid"].as_i64().unwrap() as u32;
+    let pid = u32::try_from(st["init_pid"].as_i64().unwrap()).unwrap();
     assert_eq!(memory_limit_of(pid), (160 * MIB).to_string());
 
     // The app's environment and credentials, seen through CRI's ExecSync.

@@ -102,7 +102,7 @@ fn assert_only(sb: &Sandbox, ns: &str, pool: &RangeInclusive<u16>, live: &[&str]
                 .iter()
                 .flat_map(|p| [p["external"].as_u64(), p["external_tls_proxy"].as_u64()])
                 .flatten()
-                .map(|p| p as u16)
+                .map(|p| u16::try_from(p).unwrap())
                 .collect::<Vec<_>>()
         })
         .collect();

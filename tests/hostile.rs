@@ -12,12 +12,6 @@
 //! the system temp directory) and are removed.
 //!
 //! (`cargo test --test hostile -- --ignored`).
-// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 
 mod common;
 
@@ -32,10 +26,9 @@ use common::TempDir;
 use envoy_sidecar::Error;
 use envoy_sidecar::cmd::hook::read_state;
 use envoy_sidecar::config::Config;
-use envoy_sidecar::create::annotations::parse_alpn;
 use envoy_sidecar::create::annotations::{self, Request, parse_nerdctl_ports, parse_ports};
 use envoy_sidecar::create::spec::JsonFile;
-use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls};
+use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls, parse_alpn};
 use envoy_sidecar::runc::argv::{Command, Invocation};
 use envoy_sidecar::state::store::{self, ContainerState, Memory, PortMapping, Store, User};
 use proptest::prelude::*;
@@ -164,7 +157,8 @@ fn within<T: Send + 'static>(
 }
 
 fn mkfifo(path: &Path) {
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
 }
 
 /// Release a reader blocked opening `fifo`: open it for writing, then close (EOF).
@@ -787,7 +781,7 @@ fn model_ports(v: &str) -> Result<Vec<u16>, ()> {
         if !(1..=65535).contains(&n) {
             return Err(());
         }
-        push_unique(&mut out, n as u16)?;
+        push_unique(&mut out, u16::try_from(n).map_err(|_| ())?)?;
     }
     Ok(out)
 }
@@ -804,7 +798,7 @@ fn model_nerdctl(v: &str) -> Result<Vec<u16>, ()> {
             continue;
         }
         match item.get("ContainerPort").and_then(Value::as_u64) {
-            Some(p @ 1..=65535) => push_unique(&mut out, p as u16)?,
+            Some(p @ 1..=65535) => push_unique(&mut out, u16::try_from(p).map_err(|_| ())?)?,
             _ => return Err(()),
         }
     }
@@ -845,9 +839,9 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
             Some(_) => return Err(k),
         });
     }
-    let alpn = match a.get(annotations::ALPN) {
+    let alpn = match a.get(bootstrap::ALPN_ANNOTATION) {
         None => None,
-        Some(v) => Some(model_alpn(v).ok_or(annotations::ALPN)?),
+        Some(v) => Some(model_alpn(v).ok_or(bootstrap::ALPN_ANNOTATION)?),
     };
     let [instance_guid, app_guid, space_guid, org_guid] = guids.try_into().unwrap();
     Ok(Some(Request {
@@ -983,7 +977,7 @@ fn annotation_map() -> BoxedStrategy<BTreeMap<String, String>> {
                 (annotations::APP_GUID, ag),
                 (annotations::SPACE_GUID, sg),
                 (annotations::ORG_GUID, og),
-                (annotations::ALPN, alpn),
+                (bootstrap::ALPN_ANNOTATION, alpn),
             ] {
                 if let Some(v) = v {
                     m.insert(k.to_string(), v);
@@ -1056,7 +1050,7 @@ fn annotations_parse_alpn_exact_values_only() {
         match (model_alpn(&v), parse_alpn(&v)) {
             (Some(want), Ok(got)) => prop_assert_eq!(want, got),
             (None, Err(e)) => {
-                check_annotation_error(&e, annotations::ALPN)?;
+                check_annotation_error(&e, bootstrap::ALPN_ANNOTATION)?;
                 prop_assert!(e.to_string().len() <= MAX_ANNOTATION_ERROR);
             }
             (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
@@ -2132,7 +2126,7 @@ fn injection_annotations_refused_naming_the_annotation() {
         annotations::APP_GUID,
         annotations::SPACE_GUID,
         annotations::ORG_GUID,
-        annotations::ALPN,
+        bootstrap::ALPN_ANNOTATION,
         annotations::PORTS,
         annotations::NERDCTL_PORTS,
     ];
@@ -2204,7 +2198,7 @@ fn injection_through_config_json() {
     let path = dir.path().join("config.json");
     for key in GUID_KEYS
         .iter()
-        .chain(&[annotations::ALPN, annotations::ENABLED])
+        .chain(&[bootstrap::ALPN_ANNOTATION, annotations::ENABLED])
     {
         for value in injection_values() {
             let spec = json!({"ociVersion": "1.2.0", "annotations": {annotations::PORTS: "8080", *key: value}});

@@ -9,12 +9,6 @@
 //! Without root: the wrapper's `create` against a recording stand-in for runc, then
 //! the patched `config.json` read back. As root: one real `runc run --detach` of the
 //! fixture with nerdctl's hooks replaced by a stand-in at the same positions.
-// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 
 mod common;
 
@@ -349,9 +343,10 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     spec["linux"].as_object_mut().unwrap().remove("cgroupsPath");
     // nerdctl passes on its own RLIMIT_NOFILE; ours may be lower (raising needs
     // CAP_SYS_RESOURCE in the initial user namespace).
-    let (_, max) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .expect("getrlimit");
-    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": max, "soft": max}]);
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let rlim_max = lim.maximum.unwrap_or(u64::MAX);
+    spec["process"]["rlimits"] =
+        json!([{"type": "RLIMIT_NOFILE", "hard": rlim_max, "soft": rlim_max}]);
     // The network nerdctl's CNI hook would have set up: a veth we made.
     for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
         if n["type"] == "network" {

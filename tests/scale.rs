@@ -135,7 +135,7 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     assert!(failures.is_empty(), "ctr run -d failed: {failures:#?}");
     eprintln!(
         "{n} containers created and started ({par} at a time) in {created:?} ({:?} per container)",
-        created / n as u32
+        created / u32::try_from(n).unwrap()
     );
 
     // Distinct host ports across all containers; per container three proxy ports.
@@ -157,7 +157,7 @@ fn fifty_containers_in_parallel_then_nothing_left() {
         );
         for p in ports {
             for k in ["external", "external_tls_proxy"] {
-                let hp = p[k].as_u64().unwrap() as u16;
+                let hp = u16::try_from(p[k].as_u64().unwrap()).unwrap();
                 assert!(pool.contains(&hp), "{id}: {k} {hp} outside the pool");
                 host_ports.push(hp);
             }
@@ -214,7 +214,7 @@ fn fifty_containers_in_parallel_then_nothing_left() {
     eprintln!(
         "all {n} proxies served TLS on <ip>:61001, the last {last:?} after the TLS checks began; \
          {envoys} Envoy processes, {restarts} Envoy restarts in total; host memory in use +{} MiB",
-        (mem0 as i64 - mem_available_kib() as i64) / 1024
+        kib_delta_mib(mem0, mem_available_kib())
     );
     assert_eq!(envoys, n, "one Envoy per container");
 
@@ -342,10 +342,10 @@ fn churn_leaves_a_flat_footprint() {
     settle();
     let after = footprint(&sb, &pool, "es-churn-");
     // Other users of the host come and go: take the best of a few readings.
-    let tolerance_mib = env_usize("ES_CHURN_MEM_TOLERANCE_MB", 64) as i64;
+    let tolerance_mib = i64::try_from(env_usize("ES_CHURN_MEM_TOLERANCE_MB", 64)).unwrap();
     let mut mem_after = mem_available_kib();
     for _ in 0..5 {
-        if (mem_before as i64 - mem_after as i64) / 1024 <= tolerance_mib {
+        if kib_delta_mib(mem_before, mem_after) <= tolerance_mib {
             break;
         }
         std::thread::sleep(Duration::from_secs(2));
@@ -355,7 +355,7 @@ fn churn_leaves_a_flat_footprint() {
     let memcgs_after = memory_cgroups();
     let failures = failures.into_inner().unwrap();
 
-    let delta_mib = (mem_before as i64 - mem_after as i64) / 1024;
+    let delta_mib = kib_delta_mib(mem_before, mem_after);
     eprintln!(
         "churn: {lifecycles} lifecycles ({workers} at a time) in {took:?}, {:.1}/s; \
          {} failed\n  before: {before:?}, MemAvailable {} MiB, shims in namespace {ns_shims_before}\n  \
@@ -378,4 +378,10 @@ fn churn_leaves_a_flat_footprint() {
         delta_mib <= tolerance_mib,
         "host memory in use grew by {delta_mib} MiB over {lifecycles} lifecycles (tolerance {tolerance_mib} MiB)"
     );
+}
+
+/// `(before - after) / 1024`: KiB readings to a signed MiB difference.
+fn kib_delta_mib(before: u64, after: u64) -> i64 {
+    let signed = |v: u64| i64::try_from(v).unwrap();
+    (signed(before) - signed(after)) / 1024
 }

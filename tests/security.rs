@@ -349,7 +349,7 @@ fn private_key_never_appears_in_logs_or_state() {
 
     c.remove();
     let mut log = std::fs::read(containerd_log).unwrap();
-    let from = (log_from as usize).min(log.len());
+    let from = usize::try_from(log_from).unwrap().min(log.len());
     log.drain(..from);
     assert!(!log.is_empty(), "containerd logged nothing during the test");
     check("containerd.log", &log);
@@ -434,7 +434,7 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
         &httpd(),
     );
     let st = sb.inspect("es-sec-adm-a").unwrap();
-    let admin = st["admin_port"].as_u64().unwrap() as u16;
+    let admin = u16::try_from(st["admin_port"].as_u64().unwrap()).unwrap();
     let proxy = port_of(&st, 0, "internal_tls_proxy");
     let ca = sb.ca();
     wait_served(&format!("{}:{proxy}", net_a.ip), &ca, "es-sec-adm-a");
@@ -628,7 +628,7 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
     assert!(st["ports"][0].get("external").is_none(), "{st}");
     let tls = port_of(&st, 0, "external_tls_proxy");
     let proxy = port_of(&st, 0, "internal_tls_proxy");
-    let admin = st["admin_port"].as_u64().unwrap() as u16;
+    let admin = u16::try_from(st["admin_port"].as_u64().unwrap()).unwrap();
     wait_until("TLS through the host port", Duration::from_secs(20), || {
         router.https(&ca, id, tls).contains(HELLO)
     });
@@ -1008,7 +1008,7 @@ fn another_envoy_cannot_read_or_replace_a_containers_key() {
     let file = sds.join("tls-certificate.json");
     assert!(contains(&std::fs::read(&file).unwrap(), &key_slice(&key)));
 
-    let own = st["envoy_uid"].as_u64().unwrap() as u32;
+    let own = u32::try_from(st["envoy_uid"].as_u64().unwrap()).unwrap();
     let mut found = Vec::new();
     for other in [own + 1, NOBODY] {
         let o = as_user(other, other, &["cat", &file.display().to_string()]);

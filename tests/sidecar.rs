@@ -1,12 +1,6 @@
 //! The Envoy sidecar against the real thing: containerd + runc + Envoy, the container
 //! in its own network namespace (veth, 198.51.100.0/24), clients connecting from the
 //! host over that network with openssl as an independent TLS oracle.
-// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)]
 
 mod common;
 
@@ -57,9 +51,7 @@ fn first_cert_text(s_client_out: &str) -> String {
 }
 
 fn envoy_pid(sb: &Sandbox, id: &str) -> i32 {
-    sb.record(id)["envoy"]["pid"]
-        .as_i64()
-        .expect("envoy pid recorded") as i32
+    pid_of(&sb.record(id), "envoy").expect("envoy pid recorded")
 }
 
 fn httpd_cmd() -> Vec<&'static str> {
@@ -113,7 +105,7 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     // Envoy: in the container's netns and memory cgroup, not root, no capabilities.
     let envoy = envoy_pid(&sb, "es-tls");
     let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
-    assert_eq!(ns(envoy), ns(c.pid() as i32));
+    assert_eq!(ns(envoy), ns(i32::try_from(c.pid()).unwrap()));
     let cg = std::fs::read_to_string(format!("/proc/{envoy}/cgroup")).unwrap();
     let mem = cg.lines().find(|l| l.contains(":memory:")).unwrap();
     assert!(
@@ -165,7 +157,7 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     );
 
     // Removal leaves nothing: no processes, no state, no credentials.
-    let sup = sb.record("es-tls")["supervisor"]["pid"].as_i64().unwrap() as i32;
+    let sup = pid_of(&sb.record("es-tls"), "supervisor").unwrap();
     c.remove();
     assert!(
         !alive(envoy) && !alive(sup),
@@ -228,10 +220,11 @@ fn envoy_restarts_and_credentials_rotate() {
 
     // SIGKILL Envoy: the supervisor brings it back.
     let envoy = envoy_pid(&sb, "es-rot");
-    let _ = nix::sys::signal::kill(
+    nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(envoy),
         nix::sys::signal::Signal::SIGKILL,
-    );
+    )
+    .unwrap();
     let killed = Instant::now();
     let (_, took) = wait_served(&addr, &tls);
     let again = envoy_pid(&sb, "es-rot");

@@ -678,16 +678,18 @@ impl Supervisor<'_> {
             self.no_ip_since = if ip.is_some() { None } else { Some(now) };
             self.nat_retry_at = None;
             self.probe_stale = true;
+            if let Some(p) = policy {
+                // The IP SAN follows the address (no Envoy restart: SDS swap), before
+                // NAT lets anyone in: a connection through the new mapping must not
+                // meet a certificate without (or with the old) IP SAN.
+                let ev = self.issue_event();
+                self.tell(p, ev);
+            }
             match ip {
                 Some(ip) => self.map_nat(ip),
                 None => self.unmap_nat(),
             }
             self.save();
-            if let Some(p) = policy {
-                // The IP SAN follows the address (no Envoy restart: SDS swap).
-                let ev = self.issue_event();
-                self.tell(p, ev);
-            }
         } else if let Some(ip) = ip
             && self.nat_retry_at.is_some_and(|at| now >= at)
         {
@@ -772,7 +774,7 @@ impl Supervisor<'_> {
             log("CA files changed: reloading");
             // The first two are the operator CA pair; the rest trusted client CAs.
             let trusted_changed = stamps.get(2..) != self.ca_stamp.get(2..);
-            if let Err(e) = self.reload_ca(trusted_changed) {
+            if let Err(e) = self.reload_ca(trusted_changed, policy) {
                 let e = crate::error::render(&e);
                 log(format!(
                     "reloading the CA failed (keeping the old one): {e}"
@@ -791,7 +793,7 @@ impl Supervisor<'_> {
         self.tell(policy, ev);
     }
 
-    fn reload_ca(&mut self, trusted_changed: bool) -> Result<()> {
+    fn reload_ca(&mut self, trusted_changed: bool, policy: &mut Policy) -> Result<()> {
         let ii = &self.cfg.instance_identity;
         let (cert, key) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
         let ca = Ca::load(cert, key)?;
@@ -800,18 +802,33 @@ impl Supervisor<'_> {
             // Trusted client CAs are in the bootstrap, which Envoy reads at start: a
             // new one takes a restart (open connections are reset; documented).
             self.write_bootstrap()?;
-            if let Some(p) = self
-                .envoy
-                .as_ref()
-                .and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of))
-            {
-                log("trusted client CAs changed: restarting Envoy");
-                p.signal(libc::SIGTERM);
-            }
+            self.replace_envoy(policy);
         }
         self.ca = ca;
         self.ca_pem = pem;
         Ok(())
+    }
+
+    /// Stop the running Envoy (and collect it) so that the next one reads the new
+    /// bootstrap. Not a crash: no restart counted, no backoff, no error recorded, and
+    /// the status says `starting` until the new one is ready.
+    fn replace_envoy(&mut self, policy: &mut Policy) {
+        let Some((mut c, _pidfd)) = self.envoy.take() else {
+            return; // none running: the next start reads the new bootstrap anyway
+        };
+        log("trusted client CAs changed: restarting Envoy");
+        if let Some(p) = i32::try_from(c.id()).ok().and_then(ProcId::of) {
+            p.terminate(Duration::from_secs(2));
+        }
+        let st = c.wait();
+        log(format!(
+            "Envoy pid {} stopped for its new bootstrap: {st:?}",
+            c.id()
+        ));
+        self.record.envoy = None;
+        self.record.ready_at = None;
+        self.save();
+        self.tell(policy, Event::EnvoyReplaced);
     }
 
     /// Decide the status from what we know and record it when it changed (logged

@@ -18,7 +18,7 @@ pub fn address() -> String {
 /// `false` (with the reason printed) unless root. Under CI the tests must run, so there
 /// a missing prerequisite fails instead.
 fn root_or_skip(test: &str, needs: &str) -> bool {
-    if nix::unistd::geteuid().as_raw() != 0 {
+    if !nix::unistd::geteuid().is_root() {
         if std::env::var_os("CI").is_some() {
             panic!("{test}: CI must run as root");
         }

@@ -48,7 +48,7 @@ pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
 /// `(pid, command line)` of every process whose command line contains `needle`
 /// (this test process excepted).
 pub fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
-    let me = std::process::id() as i32;
+    let me = i32::try_from(std::process::id()).unwrap();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -133,12 +133,19 @@ pub fn cpu_time(pid: i32) -> Duration {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|v| u64::try_from(v).ok())
-        .unwrap_or(100);
-    Duration::from_millis(ticks * 1000 / hz.max(1))
+    Duration::from_millis(ticks * 1000 / clock_ticks().max(1))
+}
+
+/// The clock ticks per second that /proc counts CPU time in (`getconf CLK_TCK`).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let o = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(100)
+    })
 }
 
 /// `envoy-sidecar --config C gc ARGS`; panics unless it succeeds; returns stdout.

@@ -23,6 +23,8 @@
 pub mod container;
 pub mod containerd;
 pub mod direct;
+pub mod engine;
+pub use engine::*;
 pub mod fake_runc;
 pub mod footprint;
 pub mod net;

@@ -304,12 +304,15 @@ pub fn inspect(config: &Path, id: &str, namespace: &str) -> Option<Value> {
 
 /// `rec[what].pid` of a supervisor record (`what`: `supervisor` or `envoy`).
 pub fn pid_of(rec: &Value, what: &str) -> Option<i32> {
-    rec[what]["pid"].as_i64().map(|p| p as i32)
+    rec[what]["pid"]
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
 }
 
 /// `st.ports[i][key]` of a container state.
 pub fn port_of(st: &Value, i: usize, key: &str) -> u16 {
     st["ports"][i][key]
         .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing: {st}")) as u16
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("{key} missing: {st}"))
 }

@@ -23,11 +23,10 @@
 //! Not handed out: `192.0.2.0/24` (this host's eth0 may sit in it), `203.0.113.224/28`
 //! (the CRI pod network of `tests/env/containerd.sh`, bridge `es-br14`),
 //! `198.51.100.224/27` (the benchmark scripts' links, `scripts/bench*.sh`, use
-//! .232-.251; [`UNROUTED`] is .254) and `203.0.113.240/28` (spare).
+//! .228-.251; [`UNROUTED`] is .254) and `203.0.113.240/28` (spare).
 
 use std::fs::{File, OpenOptions};
 use std::ops::RangeInclusive;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -117,6 +116,8 @@ fn open_lock_file() -> File {
 
 /// Write-lock byte `index` of `f` (an OFD lock: conflicts with every other open).
 fn try_lock(f: &File, index: u32) -> bool {
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, fcntl};
     let fl = libc::flock {
         l_type: i16::try_from(libc::F_WRLCK).unwrap(),
         l_whence: i16::try_from(libc::SEEK_SET).unwrap(),
@@ -124,9 +125,9 @@ fn try_lock(f: &File, index: u32) -> bool {
         l_len: 1,
         l_pid: 0,
     };
-    match nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
+    match fcntl(f, FcntlArg::F_OFD_SETLK(&fl)) {
         Ok(_) => true,
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => false,
+        Err(Errno::EAGAIN | Errno::EACCES) => false,
         Err(e) => panic!("lock byte {index} of {LOCK_FILE}: {e}"),
     }
 }
@@ -148,7 +149,7 @@ impl Slot {
     /// The first `size` ports of this slot's host port pool.
     pub fn pool(&self, size: u16) -> RangeInclusive<u16> {
         assert!((1..=POOL_MAX).contains(&size), "pool size {size}");
-        let start = self.port_base() as u16;
+        let start = u16::try_from(self.port_base()).unwrap();
         start..=start + (size - 1)
     }
 
@@ -163,7 +164,7 @@ impl Slot {
                 "slot {}: out of TCP ports",
                 self.index()
             );
-            let p = (first + k) as u16;
+            let p = u16::try_from(first + k).unwrap();
             if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok() {
                 return p;
             }
