@@ -26,9 +26,10 @@ use common::TempDir;
 use envoy_sidecar::Error;
 use envoy_sidecar::cmd::hook::read_state;
 use envoy_sidecar::config::Config;
+use envoy_sidecar::create::annotations::parse_alpn;
 use envoy_sidecar::create::annotations::{self, Request, parse_nerdctl_ports, parse_ports};
 use envoy_sidecar::create::spec::JsonFile;
-use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls, parse_alpn};
+use envoy_sidecar::envoy::bootstrap::{self, Alpn, Inputs, Listener, Mtls};
 use envoy_sidecar::runc::argv::{Command, Invocation};
 use envoy_sidecar::state::store::{self, ContainerState, Memory, PortMapping, Store, User};
 use proptest::prelude::*;
@@ -839,9 +840,9 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
             Some(_) => return Err(k),
         });
     }
-    let alpn = match a.get(bootstrap::ALPN_ANNOTATION) {
+    let alpn = match a.get(annotations::ALPN) {
         None => None,
-        Some(v) => Some(model_alpn(v).ok_or(bootstrap::ALPN_ANNOTATION)?),
+        Some(v) => Some(model_alpn(v).ok_or(annotations::ALPN)?),
     };
     let [instance_guid, app_guid, space_guid, org_guid] = guids.try_into().unwrap();
     Ok(Some(Request {
@@ -977,7 +978,7 @@ fn annotation_map() -> BoxedStrategy<BTreeMap<String, String>> {
                 (annotations::APP_GUID, ag),
                 (annotations::SPACE_GUID, sg),
                 (annotations::ORG_GUID, og),
-                (bootstrap::ALPN_ANNOTATION, alpn),
+                (annotations::ALPN, alpn),
             ] {
                 if let Some(v) = v {
                     m.insert(k.to_string(), v);
@@ -1050,7 +1051,7 @@ fn annotations_parse_alpn_exact_values_only() {
         match (model_alpn(&v), parse_alpn(&v)) {
             (Some(want), Ok(got)) => prop_assert_eq!(want, got),
             (None, Err(e)) => {
-                check_annotation_error(&e, bootstrap::ALPN_ANNOTATION)?;
+                check_annotation_error(&e, annotations::ALPN)?;
                 prop_assert!(e.to_string().len() <= MAX_ANNOTATION_ERROR);
             }
             (want, got) => prop_assert!(false, "model {want:?}, parser {got:?}"),
@@ -2126,7 +2127,7 @@ fn injection_annotations_refused_naming_the_annotation() {
         annotations::APP_GUID,
         annotations::SPACE_GUID,
         annotations::ORG_GUID,
-        bootstrap::ALPN_ANNOTATION,
+        annotations::ALPN,
         annotations::PORTS,
         annotations::NERDCTL_PORTS,
     ];
@@ -2198,7 +2199,7 @@ fn injection_through_config_json() {
     let path = dir.path().join("config.json");
     for key in GUID_KEYS
         .iter()
-        .chain(&[bootstrap::ALPN_ANNOTATION, annotations::ENABLED])
+        .chain(&[annotations::ALPN, annotations::ENABLED])
     {
         for value in injection_values() {
             let spec = json!({"ociVersion": "1.2.0", "annotations": {annotations::PORTS: "8080", *key: value}});

@@ -13,7 +13,6 @@ use std::net::Ipv4Addr;
 
 use crate::state::store::{ContainerState, Store};
 use crate::sys::fs as fsutil;
-use crate::sys::netns;
 use crate::sys::process::{self, Processes};
 
 /// How long the supervisor gets to stop Envoy and leave after SIGTERM.
@@ -157,27 +156,6 @@ pub fn map_to(
         return Err(e);
     }
     Ok(maps)
-}
-
-/// `map_to` the IPv4 address the container has now, if any (the wrapper's `start`,
-/// which under `ctr run --cni` runs after the network is configured). Returns the
-/// mappings (empty: no IPv4 address yet — the supervisor maps it when one appears).
-pub fn apply_nat(
-    store: &Store,
-    nat: &dyn nat::Backend,
-    ns: &str,
-    id: &str,
-) -> Result<Vec<Mapping>> {
-    let Some(state) = store.read(ns, id)? else {
-        return Ok(Vec::new());
-    };
-    let Some(pid) = state.init_pid else {
-        return Ok(Vec::new());
-    };
-    match netns::ipv4_of(pid).at(format!("/proc/{pid}/ns/net"))? {
-        Some(ip) => map_to(store, nat, &state, ip),
-        None => Ok(Vec::new()),
-    }
 }
 
 /// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way.
