@@ -1,6 +1,15 @@
-# Shared by the bench scripts (sourced): the leak check every bench ends with, and the
-# machine facts every report states. Expects REPO, SOCK, RUNC, STATE, ID_PREFIX,
-# ctr_ and die from the caller.
+# Shared by the bench scripts (sourced): the paths they use, the leak check every bench
+# ends with, and the machine facts every report states. Expects REPO, SOCK, RUNC,
+# STATE, ID_PREFIX, ctr_ and die from the caller.
+
+# The binaries under test: ENVOY_SIDECAR_BIN_DIR, else the release build under
+# CARGO_TARGET_DIR (or target/); where the results go.
+BIN_DIR="${ENVOY_SIDECAR_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/release}"
+WRAPPER="$BIN_DIR/envoy-sidecar-runc"
+CLI="$BIN_DIR/envoy-sidecar"
+ENVOY=/usr/local/bin/envoy
+OUT="$REPO/docs/BENCHMARKS.md"
+MD_SECTION="$REPO/scripts/md-section.py"
 
 # No container of this run left in containerd, and nothing but the host-wide lock file
 # left in the product's state directory.

@@ -33,13 +33,7 @@ SOCK="${CONTAINERD_ADDRESS:-/run/envoy-sidecar-test/containerd.sock}"
 NS=envoy-sidecar-test
 N="${BENCH_NETWORK_N:-20}"
 N_CA="${BENCH_NETWORK_CA_N:-5}"
-BIN_DIR="${ENVOY_SIDECAR_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO/target}/release}"
-WRAPPER="$BIN_DIR/envoy-sidecar-runc"
-CLI="$BIN_DIR/envoy-sidecar"
-ENVOY=/usr/local/bin/envoy
 RUNC=/usr/sbin/runc
-OUT="$REPO/docs/BENCHMARKS.md"
-MD_SECTION="$REPO/scripts/md-section.py"
 # 198.51.100.224/27 is the benchmark scripts' (tests/common/slots.rs hands none of it
 # out): the container's link .236/30, the router's .228/30.
 HOST_IP=198.51.100.237

@@ -34,12 +34,7 @@ IMAGE=localhost/envoy-sidecar/busybox:latest
 N="${BENCH_SIDECAR_N:-20}"
 IDLE="${BENCH_SIDECAR_IDLE:-2}"
 COLD="${BENCH_SIDECAR_COLD:-1}"
-WRAPPER="$REPO/target/release/envoy-sidecar-runc"
-CLI="$REPO/target/release/envoy-sidecar"
-ENVOY=/usr/local/bin/envoy
 RUNC=/usr/sbin/runc
-OUT="$REPO/docs/BENCHMARKS.md"
-MD_SECTION="$REPO/scripts/md-section.py"
 PORTS_ANNOTATION="envoy-sidecar/ports=8080,9999"
 APP_CMD='httpd -p 9999 -h /www && exec httpd -f -p 8080 -h /www'
 PROXY_PORT=61001

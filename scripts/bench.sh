@@ -26,10 +26,6 @@ RUNC="${BENCH_RUNC:-/usr/sbin/runc}"
 ROUNDS="${BENCH_ROUNDS:-40}"
 WARMUP="${BENCH_WARMUP:-3}"
 ENFORCE="${BENCH_ENFORCE:-0}"
-WRAPPER="$REPO/target/release/envoy-sidecar-runc"
-CLI="$REPO/target/release/envoy-sidecar"
-OUT="$REPO/docs/BENCHMARKS.md"
-MD_SECTION="$REPO/scripts/md-section.py"
 PORTS_ANNOTATION="envoy-sidecar/ports=8080,9999,2222"
 TARGET_RATIO=1.05
 VARIANTS=(a b c d)
