@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,26 +27,7 @@ fn wait_served(addr: &str, t: &Get) -> (String, Duration) {
 }
 
 fn first_cert_text(s_client_out: &str) -> String {
-    let begin = s_client_out
-        .find("-----BEGIN CERTIFICATE-----")
-        .expect("a certificate");
-    let end = s_client_out[begin..]
-        .find("-----END CERTIFICATE-----")
-        .unwrap()
-        + begin
-        + 25;
-    let mut c = Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-serial"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(&s_client_out.as_bytes()[begin..end])
-        .unwrap();
-    String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+    common::first_cert_text(s_client_out).expect("a certificate")
 }
 
 fn envoy_pid(sb: &Sandbox, id: &str) -> i32 {
