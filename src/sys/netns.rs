@@ -56,17 +56,6 @@ pub fn first_ipv4() -> Option<Ipv4Addr> {
         .find(|ip| !ip.is_loopback())
 }
 
-/// `first_ipv4` of the network namespace of `pid`, looked up from a short-lived
-/// thread so the caller stays in its own namespace.
-pub fn ipv4_of(pid: i32) -> io::Result<Option<Ipv4Addr>> {
-    std::thread::spawn(move || {
-        enter(pid)?;
-        Ok(first_ipv4())
-    })
-    .join()
-    .map_err(|_| io::Error::other("netns thread panicked"))?
-}
-
 /// Whether two processes share a network namespace.
 pub fn same(a: i32, b: i32) -> bool {
     let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
