@@ -193,6 +193,9 @@ impl Setup {
             nix::unistd::getegid().as_raw(),
         );
         bootstrap::write_sds(&sds_dir, &serving.0, &serving.1, uid, gid).unwrap();
+        if let Some(m) = mtls {
+            bootstrap::write_validation_sds(&sds_dir, m, uid, gid).unwrap();
+        }
 
         // Ports of a slot's own, free right now on every address (not in the kernel's
         // ephemeral range, where outgoing connections take their source ports).
@@ -391,6 +394,7 @@ fn golden_bootstraps_validate() {
     let sds = dir.path().join("sds");
     std::fs::create_dir(&sds).unwrap();
     std::fs::write(sds.join(bootstrap::SDS_FILE), "{}").unwrap();
+    std::fs::write(sds.join(bootstrap::VALIDATION_FILE), "{}").unwrap();
     let mut n = 0;
     for entry in std::fs::read_dir(&golden).unwrap() {
         let path = entry.unwrap().path();
@@ -405,6 +409,16 @@ fn golden_bootstraps_validate() {
                 ["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"];
             ctx["path"] = sds.join(bootstrap::SDS_FILE).to_str().unwrap().into();
             ctx["watched_directory"]["path"] = sds.to_str().unwrap().into();
+            let common = &mut l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"];
+            if let Some(v) = common.get_mut("validation_context_sds_secret_config") {
+                let p = &mut v["sds_config"]["path_config_source"];
+                p["path"] = sds
+                    .join(bootstrap::VALIDATION_FILE)
+                    .to_str()
+                    .unwrap()
+                    .into();
+                p["watched_directory"]["path"] = sds.to_str().unwrap().into();
+            }
             rewired += 1;
         }
         assert!(rewired > 0, "{}: no listeners", path.display());

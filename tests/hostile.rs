@@ -1743,7 +1743,17 @@ fn check_bootstrap(i: &Inputs, sans: &[String], pem: Option<&str>) -> TestCaseRe
             None => prop_assert!(tls.get("require_client_certificate").is_none()),
             Some(pem) => {
                 prop_assert_eq!(&tls["require_client_certificate"], &json!(true));
-                let vc = &tls["common_tls_context"]["validation_context"];
+                prop_assert!(
+                    tls["common_tls_context"]
+                        .get("validation_context_sds_secret_config")
+                        .is_some()
+                );
+                // The CAs and SANs are in the validation SDS file: it too keeps every
+                // hostile string a string.
+                let vsds = bootstrap::validation_sds_response(i.mtls.unwrap());
+                let vback: Value = serde_json::from_slice(&bootstrap::render(&vsds)).unwrap();
+                prop_assert_eq!(&vback, &vsds);
+                let vc = &vback["resources"][0]["validation_context"];
                 prop_assert_eq!(vc["trusted_ca"]["inline_string"].as_str(), Some(pem));
                 let matchers = vc.get("match_typed_subject_alt_names");
                 if sans.is_empty() {

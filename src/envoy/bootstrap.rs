@@ -22,6 +22,12 @@ use crate::error::Result;
 pub const SDS_FILE: &str = "tls-certificate.json";
 /// The name of the one SDS secret: the instance identity certificate and key.
 pub const SECRET_NAME: &str = "instance-identity";
+/// With mutual TLS: the SDS file inside [`Inputs::sds_dir`] holding the validation
+/// context (trusted client CAs, SAN matchers), so that new trusted CAs reach Envoy by
+/// a rename, without a restart that would reset open connections.
+pub const VALIDATION_FILE: &str = "validation-context.json";
+/// The name of the validation-context SDS secret.
+pub const VALIDATION_SECRET_NAME: &str = "trusted-client-cas";
 /// `node.cluster`: file-based SDS refuses to start without `node.id` and `node.cluster`.
 pub const NODE_CLUSTER: &str = "envoy-sidecar";
 
@@ -255,8 +261,22 @@ fn downstream_tls_context(i: &Inputs) -> Value {
             },
         }]),
     );
-    if let Some(m) = i.mtls {
-        c.insert("validation_context".into(), validation_context(m));
+    if i.mtls.is_some() {
+        // The trusted CAs and SAN matchers themselves are in VALIDATION_FILE
+        // (`validation_sds_response`), watched like the certificate.
+        c.insert(
+            "validation_context_sds_secret_config".into(),
+            json!({
+                "name": VALIDATION_SECRET_NAME,
+                "sds_config": {
+                    "path_config_source": {
+                        "path": i.sds_dir.join(VALIDATION_FILE).to_string_lossy(),
+                        "watched_directory": { "path": i.sds_dir.to_string_lossy() },
+                    },
+                    "resource_api_version": "V3",
+                },
+            }),
+        );
     }
     let mut ctx = json!({
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -340,6 +360,31 @@ pub fn sds_response(cert_chain_pem: &str, key_pem: &str) -> Value {
             },
         }],
     })
+}
+
+/// The validation-context SDS file's content (mutual TLS): trusted client CAs and the
+/// subject-alt-name matchers.
+pub fn validation_sds_response(m: &Mtls) -> Value {
+    json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": VALIDATION_SECRET_NAME,
+            "validation_context": validation_context(m),
+        }],
+    })
+}
+
+/// Atomically replace `<sds_dir>/VALIDATION_FILE` (by rename, as [`write_sds`]).
+pub fn write_validation_sds(sds_dir: &Path, m: &Mtls, uid: u32, gid: u32) -> Result<()> {
+    crate::sys::fs::write_atomic_with(
+        &sds_dir.join(VALIDATION_FILE),
+        &render(&validation_sds_response(m)),
+        crate::sys::fs::WriteOptions {
+            mode: 0o400,
+            owner: Some((uid, gid)),
+            durable: true,
+        },
+    )
 }
 
 /// Pretty JSON with a trailing newline: the on-disk form of a bootstrap or SDS file.
@@ -545,7 +590,21 @@ mod tests {
         let b = bootstrap(&inputs(ONE, Alpn::H2Http11, Some(&m)));
         let tls = &b["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]["typed_config"];
         assert_eq!(tls["require_client_certificate"], json!(true));
-        let vc = &tls["common_tls_context"]["validation_context"];
+        // The bootstrap names the validation SDS file; the CAs are in that file.
+        let v = &tls["common_tls_context"]["validation_context_sds_secret_config"];
+        assert_eq!(v["name"], json!(VALIDATION_SECRET_NAME));
+        assert_eq!(
+            v["sds_config"]["path_config_source"]["path"],
+            json!("/run/envoy-sidecar/default/app1/sds/validation-context.json")
+        );
+        assert!(
+            tls["common_tls_context"]
+                .get("validation_context")
+                .is_none()
+        );
+        let sds = validation_sds_response(&m);
+        let vc = &sds["resources"][0]["validation_context"];
+        assert_eq!(sds["resources"][0]["name"], json!(VALIDATION_SECRET_NAME));
         assert_eq!(vc["trusted_ca"]["inline_string"], json!(router_ca()));
         assert!(vc.get("match_typed_subject_alt_names").is_none());
         // Without mTLS: neither key.
@@ -554,7 +613,7 @@ mod tests {
         assert!(tls.get("require_client_certificate").is_none());
         assert!(
             tls["common_tls_context"]
-                .get("validation_context")
+                .get("validation_context_sds_secret_config")
                 .is_none()
         );
     }
@@ -607,7 +666,8 @@ mod tests {
         let tls = &back["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
             ["typed_config"];
         assert_eq!(tls["require_client_certificate"], json!(true));
-        let sans = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+        let vsds: Value = serde_json::from_slice(&render(&validation_sds_response(&m))).unwrap();
+        let sans = vsds["resources"][0]["validation_context"]["match_typed_subject_alt_names"]
             .as_array()
             .unwrap();
         assert_eq!(sans.len(), 2 * hostile.len());

@@ -36,10 +36,6 @@ pub enum Event {
     Terminate,
     /// Envoy's process exited (and was collected).
     EnvoyExited,
-    /// The supervisor stopped Envoy on purpose and collected it, for a new bootstrap
-    /// (trusted client CAs changed): not a crash — the next one starts at once, with no
-    /// restart counted and the backoff left as it was.
-    EnvoyReplaced,
     /// The wait [`Policy::next_wake`] allowed passed with nothing else happening.
     Timeout,
     /// Envoy was spawned (the answer to [`Action::Start`]).
@@ -179,13 +175,6 @@ impl Policy {
                     Action::Restart { ran, backoff }
                 }
                 // No Envoy of ours was running: nothing to restart.
-                _ => Action::Wait,
-            },
-            Event::EnvoyReplaced => match self.phase {
-                Phase::Probing { .. } | Phase::Running { .. } | Phase::Killing { .. } => {
-                    self.phase = Phase::Down { at: now };
-                    Action::Wait
-                }
                 _ => Action::Wait,
             },
             Event::Timeout => match self.phase {
@@ -449,23 +438,6 @@ mod tests {
                 backoff: ms(500)
             }
         );
-    }
-
-    #[test]
-    fn a_replaced_envoy_starts_again_at_once_without_a_restart_or_backoff() {
-        let mut s = Sim::new(secs(3600));
-        s.start_ready();
-        let b = s.crash_after(secs(1));
-        s.start_ready();
-        s.advance(secs(1));
-        assert_eq!(s.on(Event::EnvoyReplaced), Action::Wait);
-        assert_eq!(s.wake(), Duration::ZERO, "no backoff for a replacement");
-        s.start_ready();
-        // The backoff is where the crash left it: a crash now waits the doubled one.
-        assert_eq!(s.crash_after(secs(1)), b * 2);
-        // With no Envoy running there is nothing to replace: the restart keeps its wait.
-        assert_eq!(s.on(Event::EnvoyReplaced), Action::Wait);
-        assert_eq!(s.wake(), b * 2);
     }
 
     #[test]

@@ -520,6 +520,14 @@ impl Supervisor<'_> {
         let path = self.paths.bootstrap();
         crate::sys::fs::write_atomic(&path, &json, 0o640)?;
         std::os::unix::fs::chown(&path, Some(0), Some(self.state.envoy_uid)).at(&path)?;
+        if let Some(m) = mtls {
+            bootstrap::write_validation_sds(
+                &sds_dir,
+                m,
+                self.state.envoy_uid,
+                self.state.envoy_uid,
+            )?;
+        }
         Ok(())
     }
 
@@ -774,7 +782,7 @@ impl Supervisor<'_> {
             log("CA files changed: reloading");
             // The first two are the operator CA pair; the rest trusted client CAs.
             let trusted_changed = stamps.get(2..) != self.ca_stamp.get(2..);
-            if let Err(e) = self.reload_ca(trusted_changed, policy) {
+            if let Err(e) = self.reload_ca(trusted_changed) {
                 let e = crate::error::render(&e);
                 log(format!(
                     "reloading the CA failed (keeping the old one): {e}"
@@ -793,42 +801,20 @@ impl Supervisor<'_> {
         self.tell(policy, ev);
     }
 
-    fn reload_ca(&mut self, trusted_changed: bool, policy: &mut Policy) -> Result<()> {
+    fn reload_ca(&mut self, trusted_changed: bool) -> Result<()> {
         let ii = &self.cfg.instance_identity;
         let (cert, key) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
         let ca = Ca::load(cert, key)?;
         let pem = std::fs::read_to_string(cert).at(cert)?;
         if trusted_changed {
-            // Trusted client CAs are in the bootstrap, which Envoy reads at start: a
-            // new one takes a restart (open connections are reset; documented).
+            // Trusted client CAs are in Envoy's validation SDS file: rewritten by
+            // rename, Envoy picks them up without a restart (open connections stay).
+            log("trusted client CAs changed: new validation context for Envoy");
             self.write_bootstrap()?;
-            self.replace_envoy(policy);
         }
         self.ca = ca;
         self.ca_pem = pem;
         Ok(())
-    }
-
-    /// Stop the running Envoy (and collect it) so that the next one reads the new
-    /// bootstrap. Not a crash: no restart counted, no backoff, no error recorded, and
-    /// the status says `starting` until the new one is ready.
-    fn replace_envoy(&mut self, policy: &mut Policy) {
-        let Some((mut c, _pidfd)) = self.envoy.take() else {
-            return; // none running: the next start reads the new bootstrap anyway
-        };
-        log("trusted client CAs changed: restarting Envoy");
-        if let Some(p) = i32::try_from(c.id()).ok().and_then(ProcId::of) {
-            p.terminate(Duration::from_secs(2));
-        }
-        let st = c.wait();
-        log(format!(
-            "Envoy pid {} stopped for its new bootstrap: {st:?}",
-            c.id()
-        ));
-        self.record.envoy = None;
-        self.record.ready_at = None;
-        self.save();
-        self.tell(policy, Event::EnvoyReplaced);
     }
 
     /// Decide the status from what we know and record it when it changed (logged
