@@ -48,24 +48,13 @@ pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
 /// `(pid, command line)` of every process whose command line contains `needle`
 /// (this test process excepted).
 pub fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
-    let me = i32::try_from(std::process::id()).unwrap();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
-            out.push((pid, cmd.trim_end().to_string()));
-        }
-    }
-    out
+    use envoy_sidecar::sys::process::{Processes, Procfs};
+    Procfs
+        .scan()
+        .into_iter()
+        .map(|(p, args)| (p.pid, args.join(" ")))
+        .filter(|(_, cmd)| cmd.contains(needle))
+        .collect()
 }
 
 /// Processes of this sandbox: supervisors (`--config <dir>/config.toml`), Envoys
