@@ -54,6 +54,7 @@ PY="$(python3 -c 'import sys; print(sys.executable)')"
 
 # ---- sandbox + cleanup -------------------------------------------------------------
 TMP="$(mktemp -d /tmp/envoy-sidecar-bench.XXXXXX)"
+chmod 0755 "$TMP"  # Envoy's unprivileged uid reads its config under the state dir
 STATE="$TMP/state"
 CURRENT_ID=""
 

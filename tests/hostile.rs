@@ -1673,7 +1673,7 @@ fn store_state_files() {
                     );
                 }
             }
-            let _ = st.claims(None);
+            let _ = st.rebuild_index(&(2_000_000_000..=2_000_065_535));
             Ok(())
         },
     );

@@ -489,6 +489,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     dry_run,
                     grace: std::time::Duration::from_secs(grace_secs),
                     pool: cfg.pool(),
+                    uid_pool: cfg.envoy_uid_pool(),
                     config: cfg.source.as_deref(),
                 },
             )?;

@@ -149,9 +149,7 @@ mod tests {
         let store = Store::new(&root);
         let mut cfg = Config::default();
         cfg.runtime.state_dir = root.clone();
-        store
-            .create(&sample("default", "c1", &root, (61001, None)))
-            .unwrap();
+        crate::state::store::tests::record(&store, &sample("default", "c1", &root, (61001, None)));
         let st = read_state(
             &br#"{"ociVersion":"1.0.2","id":"c1","pid":4242,"status":"created","bundle":"/b"}"#[..],
         )

@@ -99,20 +99,21 @@ pub fn prepare(
     let proxy = ports::select_proxy_ports(&req.ports)?;
 
     let store = Store::new(&cfg.runtime.state_dir);
-    let _lock = store.lock()?;
+    let lock = store.lock()?;
     if store.read(t.namespace, t.id)?.is_some() {
         if exists_in_runc() {
             // Let runc report "container exists"; never touch a live container's state.
             return Ok(None);
         }
-        store.remove(t.namespace, t.id)?;
+        store.remove_locked(&lock, t.namespace, t.id)?;
     }
-    let claims = store.claims(None)?;
+    let uid_pool = cfg.envoy_uid_pool();
+    let mut index = store.index(&lock, &uid_pool)?;
 
     let limit_bytes = new_limit.filter(|l| *l > 0).map(i64::unsigned_abs);
     if let Some(l) = limit_bytes {
         let capacity = cfg.memory_capacity_bytes()?;
-        let total = claims.memory_limit_bytes.saturating_add(l);
+        let total = index.memory_limit_bytes.saturating_add(l);
         if total > capacity {
             return Err(Error::Memory(format!(
                 "container {} needs a memory limit of {} MiB ({} MiB requested + {} MiB proxy allocation); \
@@ -121,7 +122,7 @@ pub fn prepare(
                 mib(l),
                 mib(requested.unwrap_or(0)),
                 mib(additional),
-                claims.containers,
+                index.containers,
                 mib(total),
                 mib(capacity)
             )));
@@ -130,11 +131,9 @@ pub fn prepare(
 
     let unproxied = cfg.proxy.enable_unproxied_port_mappings;
     let n = req.ports.len();
-    let host = ports::allocate_host_ports(
-        if unproxied { 2 * n } else { n },
-        cfg.pool(),
-        &claims.host_ports,
-    )?;
+    let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
+        index.port_taken(p)
+    })?;
     // Externals first, then TLS proxies, as in the reference's example.
     let (ext, tls) = if unproxied {
         host.split_at(n)
@@ -153,15 +152,12 @@ pub fn prepare(
         })
         .collect();
 
-    let envoy_uid = cfg
-        .envoy_uid_pool()
-        .find(|u| !claims.envoy_uids.contains(u))
-        .ok_or_else(|| {
-            Error::UidPool(format!(
-                "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use",
-                cfg.proxy.envoy_uid_pool_size
-            ))
-        })?;
+    let envoy_uid = index.free_uid(&uid_pool).ok_or_else(|| {
+        Error::UidPool(format!(
+            "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use",
+            cfg.proxy.envoy_uid_pool_size
+        ))
+    })?;
     let dir = store.dir(t.namespace, t.id);
     let state = ContainerState {
         version: store::new_state_version(),
@@ -196,7 +192,8 @@ pub fn prepare(
     };
 
     // From here on the state claims ports and memory: undo it on any failure.
-    let applied = store.create(&state).and_then(|()| {
+    let applied = store.create(&lock, &mut index, &state).and_then(|()| {
+        crate::sys::fault::kill_point("create:state-written");
         fault_delay();
         if !t.mutate_spec {
             return Ok(());
@@ -213,7 +210,7 @@ pub fn prepare(
         spec.save()
     });
     if let Err(e) = applied {
-        let _ = store.remove(t.namespace, t.id);
+        let _ = store.remove_locked(&lock, t.namespace, t.id);
         return Err(e);
     }
     Ok(Some(state))

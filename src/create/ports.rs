@@ -1,8 +1,7 @@
 //! Port selection: the proxy ports inside a container (the Diego rep's algorithm) and
 //! host ports from the NAT pool. Pure functions; persistence and locking live in
-//! `store`.
+//! `state`.
 
-use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
 use crate::error::{Error, Result};
@@ -41,10 +40,10 @@ fn exhausted(app_ports: &[u16]) -> Error {
 pub fn allocate_host_ports(
     n: usize,
     pool: RangeInclusive<u16>,
-    in_use: &BTreeSet<u16>,
+    taken: impl Fn(u16) -> bool,
 ) -> Result<Vec<u16>> {
     let (start, end) = (*pool.start(), *pool.end());
-    let got: Vec<u16> = pool.filter(|p| !in_use.contains(p)).take(n).collect();
+    let got: Vec<u16> = pool.filter(|p| !taken(*p)).take(n).collect();
     if got.len() < n {
         return Err(Error::Ports(format!(
             "host port pool {start}-{end} ([ports] pool_start/pool_end) is exhausted: \
@@ -99,17 +98,17 @@ mod tests {
 
     #[test]
     fn host_ports_lowest_free_all_or_nothing() {
-        let used: BTreeSet<u16> = [61001, 61003].into_iter().collect();
+        let used = |p: u16| [61001, 61003].contains(&p);
         assert_eq!(
-            allocate_host_ports(3, 61001..=61010, &used).unwrap(),
+            allocate_host_ports(3, 61001..=61010, used).unwrap(),
             vec![61002, 61004, 61005]
         );
-        let e = allocate_host_ports(3, 61001..=61004, &used)
+        let e = allocate_host_ports(3, 61001..=61004, used)
             .unwrap_err()
             .to_string();
         assert!(e.contains("exhausted") && e.contains("2 free"), "{e}");
         assert_eq!(
-            allocate_host_ports(0, 61001..=61001, &used).unwrap(),
+            allocate_host_ports(0, 61001..=61001, used).unwrap(),
             Vec::<u16>::new()
         );
     }

@@ -193,9 +193,7 @@ mod tests {
     fn renders_state_gauges_even_without_containerd() {
         let root = tempdir("exporter");
         let store = Store::new(&root);
-        store
-            .create(&sample("default", "c1", &root, (61001, None)))
-            .unwrap();
+        crate::state::store::tests::record(&store, &sample("default", "c1", &root, (61001, None)));
         let text = render(
             &store,
             Path::new("/nonexistent/containerd.sock"),

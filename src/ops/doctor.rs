@@ -202,7 +202,31 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             .map(|()| format!("{} writable", d.display()))
             .map_err(|e| format!("{}: {e}", d.display()))
     }));
+    out.push(check("allocation index", index_agrees(&cfg)));
     out
+}
+
+/// The index `create` allocates from is the union of the state files (`gc` rewrites
+/// it when not).
+fn index_agrees(cfg: &Config) -> Result<String, String> {
+    let store = crate::state::store::Store::new(&cfg.runtime.state_dir);
+    let pool = cfg.envoy_uid_pool();
+    let truth = store.rebuild_index(&pool).map_err(|e| e.to_string())?;
+    let stored = store.stored_index().map_err(|e| e.to_string())?;
+    let reasons = crate::ops::gc::index_disagreement(stored, &truth, &pool);
+    if reasons.is_empty() {
+        Ok(format!(
+            "agrees with the {} state files ({} host ports, {} MiB committed)",
+            truth.containers,
+            truth.ports.count(),
+            truth.memory_limit_bytes.div_ceil(1 << 20)
+        ))
+    } else {
+        Err(format!(
+            "{}; `envoy-sidecar gc` rewrites it from the state files",
+            reasons.join("; ")
+        ))
+    }
 }
 
 fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
@@ -226,6 +250,25 @@ mod tests {
         assert!(!by("registration").ok && by("registration").detail.contains("make install"));
         assert!(by("state dir").ok, "{}", by("state dir").detail);
         assert!(by("CA").ok && by("CA").detail.contains("proxy disabled"));
+        assert!(
+            by("allocation index").ok,
+            "{}",
+            by("allocation index").detail
+        );
+        // An index that claims a port no state file does.
+        let store = crate::state::store::Store::new(&cfg.runtime.state_dir);
+        let lock = store.lock().unwrap();
+        let mut ix = store.index(&lock, &cfg.envoy_uid_pool()).unwrap();
+        ix.ports.set(61007, true);
+        store.write_index(&lock, &ix).unwrap();
+        drop(lock);
+        let checks = run(Ok(cfg.clone()), Path::new("/nonexistent/drop-in.toml"));
+        let by = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
+        let d = &by("allocation index").detail;
+        assert!(
+            !by("allocation index").ok && d.contains("61007") && d.contains("gc"),
+            "{d}"
+        );
         let checks = run(Err("config x: bad".into()), Path::new("/x"));
         assert!(!checks[0].ok && checks[0].detail == "config x: bad");
         std::fs::remove_dir_all(&cfg.runtime.state_dir).unwrap();

@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::nat::{Applied, Mapping};
 use crate::sidecar::control::{self, Paths, Record};
-use crate::state::store::{self, Store};
+use crate::state::index::{Index, Stale};
+use crate::state::store::{self, Lock, Store};
 use crate::sys::cgroup::SidecarCgroup;
 use crate::sys::process::ProcId;
 
@@ -34,6 +35,8 @@ pub struct Options<'a> {
     pub grace: Duration,
     /// This configuration's host port pool: NAT elements outside it are not ours.
     pub pool: std::ops::RangeInclusive<u16>,
+    /// This configuration's Envoy uid pool (the allocation index is made for it).
+    pub uid_pool: std::ops::RangeInclusive<u32>,
     /// The configuration file, handed to supervisors gc restarts.
     pub config: Option<&'a Path>,
 }
@@ -137,6 +140,8 @@ pub enum Action {
     },
     /// A NAT element in our pool that no container claims.
     RemoveNat(Mapping),
+    /// The allocation index disagrees with the state files: rewrite it from them.
+    RebuildIndex { reasons: Vec<String> },
     /// A supervisor or Envoy of a container without state.
     Kill {
         proc: ProcId,
@@ -183,6 +188,11 @@ impl fmt::Display for Action {
                 f,
                 "removing NAT mapping host port {} -> {}:{} (no container claims it)",
                 m.host_port, m.container_ip, m.container_port
+            ),
+            Action::RebuildIndex { reasons } => write!(
+                f,
+                "rebuilding the allocation index from the state files ({})",
+                reasons.join("; ")
             ),
             Action::Kill {
                 proc,
@@ -427,6 +437,7 @@ pub fn plan(seen: &Observed, grace: Duration, pool: &std::ops::RangeInclusive<u1
 /// with their error.
 pub fn apply(
     store: &Store,
+    lock: &Lock,
     host: &Host,
     config: Option<&Path>,
     actions: &[Action],
@@ -447,8 +458,10 @@ pub fn apply(
             Action::RemoveContainer { namespace, id, .. }
             | Action::RemoveInterrupted { namespace, id, .. } => {
                 control::teardown(store, host, namespace, id)
-                    .and_then(|()| store.remove(namespace, id).map(drop))
+                    .and_then(|()| store.remove_locked(lock, namespace, id).map(drop))
             }
+            // Checked and carried out by `run`, after everything else.
+            Action::RebuildIndex { .. } => Ok(()),
             // All stray elements go in one transaction, reported with the first.
             Action::RemoveNat(m) if Some(m) == stray.first() => host.nat.remove(&stray),
             Action::RemoveNat(_) => Ok(()),
@@ -468,15 +481,44 @@ pub fn apply(
 }
 
 pub fn run(store: &Store, host: &Host, o: &Options) -> Result<Report> {
-    let _lock = store.lock()?;
+    let lock = store.lock()?;
     let seen = observe(store, host, o.grace)?;
-    let actions = plan(&seen, o.grace, &o.pool);
-    let failures = if o.dry_run {
+    let mut actions = plan(&seen, o.grace, &o.pool);
+    let mut failures = if o.dry_run {
         Vec::new()
     } else {
-        apply(store, host, o.config, &actions)
+        apply(store, &lock, host, o.config, &actions)
     };
+    // After the removals (which keep the index in step): does it match the files?
+    let truth = store.rebuild_index(&o.uid_pool)?;
+    let reasons = index_disagreement(store.stored_index()?, &truth, &o.uid_pool);
+    if !reasons.is_empty() {
+        let a = Action::RebuildIndex { reasons };
+        if !o.dry_run
+            && let Err(e) = store.write_index(&lock, &truth)
+        {
+            failures.push((a.clone(), e));
+        }
+        actions.push(a);
+    }
     Ok(Report { actions, failures })
+}
+
+/// Why the stored index (its last change settled) is not the union of the state
+/// files; empty when it is. A missing index on a host without containers is fine.
+pub fn index_disagreement(
+    stored: std::result::Result<Index, Stale>,
+    truth: &Index,
+    uid_pool: &std::ops::RangeInclusive<u32>,
+) -> Vec<String> {
+    match stored {
+        Ok(ix) if ix.uid_base != *uid_pool.start() || ix.uids.len() != truth.uids.len() => {
+            vec![Stale::OtherUidPool.to_string()]
+        }
+        Ok(ix) => ix.differences(truth),
+        Err(Stale::Missing) if truth.containers == 0 => Vec::new(),
+        Err(stale) => vec![format!("index {stale}")],
+    }
 }
 
 fn dirs_without_state(store: &Store) -> Result<Vec<(String, String)>> {
@@ -597,6 +639,7 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(60);
     const POOL: std::ops::RangeInclusive<u16> = 61001..=65534;
+    const UIDS: std::ops::RangeInclusive<u32> = 2_000_000_000..=2_000_065_535;
     const OLD: Duration = Duration::from_secs(3600);
 
     fn proc(pid: i32) -> ProcId {
@@ -896,7 +939,8 @@ mod tests {
                 why: "test".into(),
             },
         ];
-        let failures = apply(&store, &host, None, &actions);
+        let lock = store.lock().unwrap();
+        let failures = apply(&store, &lock, &host, None, &actions);
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(fakes.nat.list().unwrap(), vec![keep]);
         assert_eq!(*fakes.procs.terminated.borrow(), vec![orphan]);
@@ -914,10 +958,7 @@ mod tests {
         let dir = crate::state::store::tests::tempdir("gc-run");
         let store = Store::new(&dir);
         let st = crate::state::store::tests::sample("ns", "gone", &dir, (61010, None));
-        {
-            let _l = store.lock().unwrap();
-            store.create(&st).unwrap();
-        }
+        crate::state::store::tests::record(&store, &st);
         let paths = Paths::new(&store, "ns", "gone");
         let sup = ProcId {
             pid: 4242,
@@ -939,6 +980,7 @@ mod tests {
             dry_run: true,
             grace: Duration::ZERO,
             pool: POOL,
+            uid_pool: UIDS,
             config: None,
         };
         let seen = observe(&store, &host, o.grace).unwrap();
@@ -970,19 +1012,68 @@ mod tests {
     }
 
     #[test]
+    fn run_rewrites_an_index_that_disagrees_with_the_state_files() {
+        use crate::host::fake::Fakes;
+        let dir = crate::state::store::tests::tempdir("gc-index");
+        let store = Store::new(&dir);
+        let root = dir.join("runc-root");
+        let mut st = crate::state::store::tests::sample("ns", "alive", &dir, (61010, None));
+        st.runc_root = Some(root.clone());
+        crate::state::store::tests::record(&store, &st);
+        // A state file written behind the index's back (an older version, by hand).
+        let mut other = crate::state::store::tests::sample("ns", "other", &dir, (61011, None));
+        other.runc_root = Some(root.clone());
+        other.envoy_uid += 1;
+        std::fs::create_dir_all(store.dir("ns", "other")).unwrap();
+        store.write(&other).unwrap();
+        let fakes = Fakes {
+            runc: std::rc::Rc::new(crate::runc::query::FakeRunc {
+                known: vec![
+                    (root.clone(), "alive".into()),
+                    (root.clone(), "other".into()),
+                ],
+            }),
+            ..Fakes::default()
+        };
+        let host = fakes.host();
+        let o = Options {
+            dry_run: true,
+            grace: Duration::ZERO,
+            pool: POOL,
+            uid_pool: UIDS,
+            config: None,
+        };
+        let r = run(&store, &host, &o).unwrap();
+        let [Action::RebuildIndex { reasons }] = &r.actions[..] else {
+            panic!("{:?}", r.actions);
+        };
+        assert!(reasons.iter().any(|m| m.contains("61011")), "{reasons:?}");
+        let real = Options {
+            dry_run: false,
+            ..o
+        };
+        let r = run(&store, &host, &real).unwrap();
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert_eq!(r.actions.len(), 1);
+        let lock = store.lock().unwrap();
+        assert!(store.index(&lock, &UIDS).unwrap().port_taken(61011));
+        drop(lock);
+        assert!(run(&store, &host, &real).unwrap().actions.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn observe_asks_runc_once_per_root() {
         use crate::host::fake::Fakes;
         let dir = crate::state::store::tests::tempdir("gc-list");
         let store = Store::new(&dir);
         let root = dir.join("runc-root");
         std::fs::create_dir_all(&root).unwrap();
-        {
-            let _l = store.lock().unwrap();
-            for (id, port) in [("alive", 61010), ("gone", 61012)] {
-                let mut st = crate::state::store::tests::sample("ns", id, &dir, (port, None));
-                st.runc_root = Some(root.clone());
-                store.create(&st).unwrap();
-            }
+        for (id, port, uid) in [("alive", 61010, 0), ("gone", 61012, 1)] {
+            let mut st = crate::state::store::tests::sample("ns", id, &dir, (port, None));
+            st.runc_root = Some(root.clone());
+            st.envoy_uid += uid;
+            crate::state::store::tests::record(&store, &st);
         }
         let fakes = Fakes {
             runc: std::rc::Rc::new(crate::runc::query::FakeRunc {

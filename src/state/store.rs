@@ -1,20 +1,24 @@
-//! Per-container state under `<state_dir>/<namespace>/<id>/`, and the host-wide lock
-//! that serialises allocation between concurrent `create`s (separate processes).
+//! Per-container state under `<state_dir>/<namespace>/<id>/`, the host-wide lock
+//! that serialises allocation between concurrent `create`s (separate processes), and
+//! the allocation index beside them (`index`).
 //!
-//! The state files *are* the allocation records: host ports and memory in use are the
-//! union over all state files, read under the lock. There is no second ledger to drift
-//! out of sync after a crash; a container's claims vanish with its `state.json`.
+//! The state files *are* the allocation records; the index is their union, kept so
+//! that a create reads and writes a constant amount. Every change of the set of state
+//! files goes through `create` and `remove` here, under the lock, with the index
+//! written first (see `index` for why that is crash-safe).
 
-use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::state::index::{self, Claim, INDEX_FILE, Index, Stale};
+use crate::sys::fault;
 use crate::sys::fs as fsutil;
 
 pub const STATE_FILE: &str = "state.json";
@@ -94,15 +98,6 @@ impl ContainerState {
     }
 }
 
-/// Claims of all live containers, as read under the lock.
-#[derive(Debug, Default)]
-pub struct Claims {
-    pub host_ports: BTreeSet<u16>,
-    pub envoy_uids: BTreeSet<u32>,
-    pub memory_limit_bytes: u64,
-    pub containers: usize,
-}
-
 pub struct Store {
     root: PathBuf,
 }
@@ -169,24 +164,67 @@ impl Store {
         Ok(out)
     }
 
-    /// Claims of every container except `skip` (namespace, id).
-    pub fn claims(&self, skip: Option<(&str, &str)>) -> Result<Claims> {
-        let mut c = Claims::default();
-        for s in self.list()? {
-            if skip == Some((s.namespace.as_str(), s.id.as_str())) {
-                continue;
-            }
-            c.host_ports.extend(s.host_ports());
-            c.envoy_uids.insert(s.envoy_uid);
-            c.memory_limit_bytes += s.memory.limit_bytes.unwrap_or(0);
-            c.containers += 1;
-        }
-        Ok(c)
+    fn index_path(&self) -> PathBuf {
+        self.root.join(INDEX_FILE)
     }
 
-    /// Create the container's directory (and credentials directory owned by the
-    /// container user) and write its state atomically.
-    pub fn create(&self, s: &ContainerState) -> Result<()> {
+    /// The index as it is on disk, its last change settled; why not, when it cannot
+    /// be used. `uid_pool`: `None` accepts any pool (removal needs none).
+    fn load_index(
+        &self,
+        uid_pool: Option<&RangeInclusive<u32>>,
+    ) -> Result<std::result::Result<Index, Stale>> {
+        let path = self.index_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Err(Stale::Missing)),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        let mut ix = match Index::from_json(&bytes, uid_pool, &index::boot_id()) {
+            Ok(ix) => ix,
+            Err(stale) => return Ok(Err(stale)),
+        };
+        if let Some(p) = &ix.pending {
+            let exists = self.dir(&p.namespace, &p.id).join(STATE_FILE).exists();
+            ix.settle(exists);
+        }
+        Ok(Ok(ix))
+    }
+
+    /// The host-wide claims for allocating under `_lock`: the index, or (missing,
+    /// unreadable, from another boot or uid pool) a rebuild from every state file.
+    pub fn index(&self, _lock: &Lock, uid_pool: &RangeInclusive<u32>) -> Result<Index> {
+        match self.load_index(Some(uid_pool))? {
+            Ok(ix) => Ok(ix),
+            Err(_) => self.rebuild_index(uid_pool),
+        }
+    }
+
+    /// The union of the state files, as an index (not written).
+    pub fn rebuild_index(&self, uid_pool: &RangeInclusive<u32>) -> Result<Index> {
+        Ok(Index::rebuild(&self.list()?, uid_pool, &index::boot_id()))
+    }
+
+    /// The index on disk with its last change settled, or why it is not usable
+    /// (read-only: for `doctor` and `gc`).
+    pub fn stored_index(&self) -> Result<std::result::Result<Index, Stale>> {
+        self.load_index(None)
+    }
+
+    /// Replace the index (gc, after finding it disagrees with the state files).
+    pub fn write_index(&self, _lock: &Lock, ix: &Index) -> Result<()> {
+        // Not fsynced: a power loss changes the boot id, and an index from another
+        // boot is rebuilt.
+        fsutil::write_atomic(&self.index_path(), &ix.to_json(), 0o600)
+    }
+
+    /// Record a new container: counted in the index (`ix`, from [`Store::index`]),
+    /// then its directory (and the credentials directory owned by the container user)
+    /// and its state, written atomically.
+    pub fn create(&self, lock: &Lock, ix: &mut Index, s: &ContainerState) -> Result<()> {
+        ix.add(&s.namespace, &s.id, Claim::of(s));
+        self.write_index(lock, ix)?;
+        fault::kill_point("create:index-written");
         let dir = self.dir(&s.namespace, &s.id);
         fs::DirBuilder::new()
             .recursive(true)
@@ -214,12 +252,34 @@ impl Store {
         fsutil::write_atomic(&path, &bytes, 0o600)
     }
 
-    /// Forget a container: its claims go with `state.json` (removed first, atomically),
-    /// then the rest of its directory. Idempotent.
+    /// Forget a container: released in the index, then `state.json` removed
+    /// (atomically: its claims go with it), then the rest of its directory.
+    /// Idempotent. Takes the lock; holders of it call [`Store::remove_locked`].
     pub fn remove(&self, ns: &str, id: &str) -> Result<bool> {
+        let lock = self.lock()?;
+        self.remove_locked(&lock, ns, id)
+    }
+
+    pub fn remove_locked(&self, lock: &Lock, ns: &str, id: &str) -> Result<bool> {
         let dir = self.dir(ns, id);
         let state = dir.join(STATE_FILE);
+        // A state file that does not parse still goes; the index is then rebuilt.
+        let claim = match self.read(ns, id) {
+            Ok(s) => s.map(|s| Claim::of(&s)),
+            Err(_) => None,
+        };
         let existed = state.exists();
+        if existed {
+            match (claim, self.load_index(None)?) {
+                (Some(c), Ok(mut ix)) => {
+                    ix.release(ns, id, c);
+                    self.write_index(lock, &ix)?;
+                    fault::kill_point("remove:index-written");
+                }
+                // Nothing trustworthy to update: the next create rebuilds it.
+                _ => fsutil::remove_if_exists(&self.index_path())?,
+            }
+        }
         fsutil::remove_if_exists(&state)?;
         fsutil::remove_dir_all_if_exists(&dir)?;
         // An empty namespace directory is noise for `ls` and gc; a concurrent create
@@ -374,28 +434,72 @@ pub(crate) mod tests {
         d
     }
 
+    const UIDS: RangeInclusive<u32> = 2_000_000_000..=2_000_065_535;
+
+    /// Record through the index, as `create::prepare` does.
+    pub fn record(st: &Store, s: &ContainerState) {
+        let l = st.lock().unwrap();
+        let mut ix = st.index(&l, &UIDS).unwrap();
+        st.create(&l, &mut ix, s).unwrap();
+    }
+
     #[test]
-    fn claims_are_the_union_of_state_files() {
+    fn index_follows_creates_and_removes() {
         let root = tempdir("store");
         let st = Store::new(&root);
-        let _l = st.lock().unwrap();
-        st.create(&sample("default", "a", &root, (61001, Some(61002))))
-            .unwrap();
-        st.create(&sample("k8s.io", "b", &root, (61003, None)))
-            .unwrap();
+        record(&st, &sample("default", "a", &root, (61001, Some(61002))));
+        let mut b = sample("k8s.io", "b", &root, (61003, None));
+        b.envoy_uid += 1;
+        record(&st, &b);
         // A directory whose create died before writing state claims nothing.
         fs::create_dir_all(root.join("default").join("half")).unwrap();
-        let c = st.claims(None).unwrap();
-        assert_eq!(c.host_ports, [61001, 61002, 61003].into_iter().collect());
-        assert_eq!(c.memory_limit_bytes, 264 << 20);
-        assert_eq!(c.containers, 2);
-        let c = st.claims(Some(("default", "a"))).unwrap();
-        assert_eq!(c.host_ports, [61003].into_iter().collect());
+        let l = st.lock().unwrap();
+        let ix = st.index(&l, &UIDS).unwrap();
+        assert_eq!(
+            ix.ports.members().collect::<Vec<_>>(),
+            vec![61001, 61002, 61003]
+        );
+        assert_eq!(ix.memory_limit_bytes, 264 << 20);
+        assert_eq!(ix.containers, 2);
+        assert!(ix.differences(&st.rebuild_index(&UIDS).unwrap()).is_empty());
+        drop(l);
 
         assert!(st.remove("default", "a").unwrap());
         assert!(!st.remove("default", "a").unwrap());
         assert_eq!(st.read("default", "a").unwrap(), None);
         assert_eq!(st.list().unwrap().len(), 1);
+        let l = st.lock().unwrap();
+        let ix = st.index(&l, &UIDS).unwrap();
+        assert_eq!(ix.ports.members().collect::<Vec<_>>(), vec![61003]);
+        assert_eq!(ix.free_uid(&UIDS), Some(2_000_000_000));
+        // Missing or corrupt: rebuilt from the state files.
+        fs::remove_file(root.join(INDEX_FILE)).unwrap();
+        assert!(st.index(&l, &UIDS).unwrap().same_claims(&ix));
+        fs::write(root.join(INDEX_FILE), b"{garbage").unwrap();
+        assert!(st.index(&l, &UIDS).unwrap().same_claims(&ix));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_create_that_died_after_the_index_is_undone() {
+        let root = tempdir("store-died");
+        let st = Store::new(&root);
+        record(&st, &sample("default", "a", &root, (61001, None)));
+        let l = st.lock().unwrap();
+        let before = st.index(&l, &UIDS).unwrap();
+        // What a create killed between the index write and the state write leaves.
+        let mut ix = before.clone();
+        let mut ghost = sample("default", "ghost", &root, (61002, None));
+        ghost.envoy_uid += 1;
+        ix.add("default", "ghost", Claim::of(&ghost));
+        st.write_index(&l, &ix).unwrap();
+        assert!(st.index(&l, &UIDS).unwrap().same_claims(&before));
+        // A remove killed before the state file went: still claimed.
+        let a = st.read("default", "a").unwrap().unwrap();
+        let mut ix = st.index(&l, &UIDS).unwrap();
+        ix.release("default", "a", Claim::of(&a));
+        st.write_index(&l, &ix).unwrap();
+        assert!(st.index(&l, &UIDS).unwrap().same_claims(&before));
         fs::remove_dir_all(&root).unwrap();
     }
 

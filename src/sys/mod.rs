@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod clock;
 pub mod exec;
+pub mod fault;
 pub mod fs;
 pub mod netns;
 pub mod pagecache;
