@@ -47,6 +47,18 @@ fn router_reaches_apps_through_host_ports_until_removal() {
     let (opt, ip) = net.attach("es-nat3");
     let c = sb.start_cmd("es-nat3", &[(PORTS, "8080,9999,2222")], &[&opt], &httpd3());
     let st = sb.inspect("es-nat3").unwrap();
+    // The network was configured before create: the poststart hook mapped it before
+    // `ctr run -d` returned (no waiting for the supervisor).
+    let map = nft_map();
+    for i in 0..3 {
+        for key in ["external_tls_proxy", "external"] {
+            let p = port_of(&st, i, key);
+            assert!(
+                map.contains(&format!("tcp . {p} : {ip}")),
+                "{key} {p} not mapped when `ctr run -d` returned: {map}"
+            );
+        }
+    }
     let mut used = Vec::new();
     for i in 0..3 {
         let tls = port_of(&st, i, "external_tls_proxy");

@@ -100,9 +100,20 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             };
             s.started_at = Some(now_rfc3339());
             store.write(&s)?;
-            // NAT is the supervisor's: under runc 1.1 poststart runs at the end of
-            // `create`, before `ctr run --cni` or Garden configure the network, so the
-            // address is followed from there (rtnetlink), not looked up once here.
+            // A network configured before create (CRI, nerdctl): mapped now. Under
+            // runc 1.1 poststart runs at the end of `create`, before `ctr run --cni`
+            // or Garden configure the network: then the supervisor maps it when the
+            // address appears (rtnetlink). It also retries whatever fails here.
+            if let Some(pid) = s.init_pid.or(st.pid)
+                && let Err(e) =
+                    crate::sidecar::control::map_if_addressed(store, host.nat.as_ref(), &s, pid)
+            {
+                eprintln!(
+                    "envoy-sidecar: poststart: NAT for {namespace}/{}: {} (the supervisor retries)",
+                    st.id,
+                    crate::error::render(&e)
+                );
+            }
             crate::sidecar::control::launch(
                 host.procs.as_ref(),
                 cfg.source.as_deref(),

@@ -158,6 +158,29 @@ pub fn map_to(
     Ok(maps)
 }
 
+/// At poststart, when the container's network is already configured (CRI, nerdctl,
+/// a netns made beforehand): map its host ports before `create` returns, so they
+/// work from the app's first instruction. Without an address yet (Garden's and
+/// `ctr run --cni`'s order) nothing happens here; the supervisor follows the address
+/// either way. Must run in the host's network namespace.
+pub fn map_if_addressed(
+    store: &Store,
+    nat: &dyn nat::Backend,
+    state: &ContainerState,
+    init_pid: i32,
+) -> Result<Option<Ipv4Addr>> {
+    if crate::sys::netns::same(process::self_pid(), init_pid) {
+        return Ok(None); // the host's network: nothing to map
+    }
+    let path = format!("/proc/{init_pid}/ns/net");
+    let ns = std::fs::File::open(&path).at(&path)?;
+    let Some(ip) = crate::sys::netns::run_in(&ns, crate::sys::netns::first_ipv4).at(&path)? else {
+        return Ok(None);
+    };
+    map_to(store, nat, state, ip)?;
+    Ok(Some(ip))
+}
+
 /// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way.
 fn ensure_forwarding() -> Result<()> {
     let p = "/proc/sys/net/ipv4/ip_forward";

@@ -37,26 +37,39 @@ impl ProcId {
 
     /// SIGTERM, wait up to `grace`, then SIGKILL; true once it is gone.
     pub fn terminate(&self, grace: Duration) -> bool {
+        // The pidfd pins the process: once it is open and the start time still
+        // matches, the pid cannot be recycled under us, and its exit wakes the poll
+        // at once (no sleep-and-look loop on the delete path).
+        let fd = pidfd_open(self.pid).ok();
         if !self.signal(libc::SIGTERM) {
             return !self.alive();
         }
-        if wait_gone(self, grace) {
+        if wait_gone(self, fd.as_ref(), grace) {
             return true;
         }
         self.signal(libc::SIGKILL);
-        wait_gone(self, Duration::from_secs(2))
+        wait_gone(self, fd.as_ref(), Duration::from_secs(2))
     }
 }
 
-fn wait_gone(p: &ProcId, limit: Duration) -> bool {
+fn wait_gone(p: &ProcId, fd: Option<&OwnedFd>, limit: Duration) -> bool {
     let end = Instant::now() + limit;
-    while Instant::now() < end {
+    loop {
         if !p.alive() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match fd {
+            // Readable at exit; EINTR or a spurious wake-up just looks again.
+            Some(fd) => {
+                let _ = poll_readable(&[fd], left);
+            }
+            None => std::thread::sleep(left.min(Duration::from_millis(10))),
+        }
     }
-    !p.alive()
 }
 
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
