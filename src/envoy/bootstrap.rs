@@ -382,7 +382,6 @@ pub fn write_validation_sds(sds_dir: &Path, m: &Mtls, uid: u32, gid: u32) -> Res
         crate::sys::fs::WriteOptions {
             mode: 0o400,
             owner: Some((uid, gid)),
-            durable: true,
         },
     )
 }
@@ -412,7 +411,6 @@ pub fn write_sds(
         crate::sys::fs::WriteOptions {
             mode: 0o400,
             owner: Some((uid, gid)),
-            durable: true,
         },
     )
 }

@@ -875,10 +875,11 @@ impl Supervisor<'_> {
 
     /// Stop Envoy and empty its cgroups (runc cannot remove a busy cgroup).
     fn shutdown(&mut self) {
+        // The app is gone or being deleted, and draining happened at `kill` (before the
+        // app's SIGTERM): nothing is left for a graceful Envoy exit to finish, so it is
+        // killed outright (an Envoy still starting can take tens of ms over SIGTERM).
         if let Some((mut c, _)) = self.envoy.take() {
-            if let Some(p) = i32::try_from(c.id()).ok().and_then(ProcId::of) {
-                p.terminate(Duration::from_secs(2));
-            }
+            let _ = c.kill();
             let _ = c.wait();
         }
         self.record.envoy = None;

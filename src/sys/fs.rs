@@ -13,18 +13,11 @@ pub struct WriteOptions {
     pub mode: u32,
     /// `chown` the file to `(uid, gid)` before it becomes visible.
     pub owner: Option<(u32, u32)>,
-    /// fsync the file before the rename (and the directory after it): for records
-    /// that must survive a power cut, not for files rewritten at every start.
-    pub durable: bool,
 }
 
 impl WriteOptions {
     pub fn mode(mode: u32) -> WriteOptions {
-        WriteOptions {
-            mode,
-            owner: None,
-            durable: false,
-        }
+        WriteOptions { mode, owner: None }
     }
 }
 
@@ -34,7 +27,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     write_atomic_with(path, bytes, WriteOptions::mode(mode))
 }
 
-/// `write_atomic` with an owner and durability; the one atomic writer of the crate.
+/// `write_atomic` with an owner; the one atomic writer of the crate.
+///
+/// Nothing is fsynced: every file the product writes describes this boot's containers
+/// (runc's own state is on tmpfs), a power loss ends them all, and the allocation
+/// index notices the reboot by its boot id. Rename alone gives readers the atomicity
+/// they need, without a disk flush on each container's hot path.
 pub fn write_atomic_with(path: &Path, bytes: &[u8], o: WriteOptions) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
@@ -51,15 +49,7 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], o: WriteOptions) -> Result<(
         // Explicitly: the creation mode was filtered through the umask.
         f.set_permissions(std::fs::Permissions::from_mode(o.mode))
             .at(&tmp)?;
-        if o.durable {
-            f.sync_all().at(&tmp)?;
-        }
         fs::rename(&tmp, path).at(path)?;
-        if o.durable
-            && let Some(dir) = path.parent()
-        {
-            fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
-        }
         Ok(())
     })();
     if result.is_err() {
@@ -186,7 +176,6 @@ mod tests {
             WriteOptions {
                 mode: 0o640,
                 owner: None,
-                durable: true,
             },
         )
         .unwrap();
