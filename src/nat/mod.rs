@@ -7,6 +7,8 @@
 //! rules. Each container's elements go in (or out) in one `nft -f` transaction: all or
 //! none. Rules are fixed and created once.
 
+pub mod ingress;
+
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,194 @@
+//! "Only authenticated TLS reaches the app": with unproxied port mappings off, the
+//! app's declared ports answer nobody but Envoy — not another container on the same
+//! bridge, not a client routed to the container subnet through the host, not the host
+//! itself — while the TLS proxy port and the ports the container did not declare stay
+//! reachable. With unproxied mappings on, nothing is filtered. Real containers on a
+//! CNI bridge, real TCP from other network namespaces.
+// Test code: the [lints] table's cast lints guard the product, not test arithmetic.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const GET: &str = "GET / HTTP/1.0\\r\\n\\r\\n";
+
+/// The app on 8080, 9999 (declared) and 2222 (not declared).
+const DECLARED: &str = "8080,9999";
+
+/// `printf GET | nc` from inside the network namespace `ns` (None: the host).
+fn plain_from(ns: Option<&str>, ip: &str, port: u16) -> String {
+    let cmd = format!("printf '{GET}' | timeout 5 busybox nc -w 3 {ip} {port}");
+    let o = match ns {
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &cmd])
+            .output(),
+        None => Command::new("sh").args(["-c", &cmd]).output(),
+    }
+    .unwrap();
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Fields drop in order: the container (through the sandbox's runtime) first.
+struct Scene {
+    _c: Container,
+    sb: Sandbox,
+    router: Router,
+    _net: CniNet,
+    ip: String,
+    /// A second container namespace on the same bridge.
+    peer: String,
+    proxy_port: u16,
+}
+
+fn scene(name: &str, proxy_extra: &str) -> Scene {
+    let slot = slots::next();
+    let net = slot.cni();
+    let router = slot.router(0);
+    let sb = Sandbox::in_slot(
+        &slot,
+        name,
+        proxy_extra,
+        &format!("[host]\naddress = {:?}\n", router.host_ip()),
+        POOL,
+    );
+    let id = format!("es-{name}");
+    let (opt, ip) = net.attach(&id);
+    let (_, _peer_ip) = net.attach("peer");
+    let peer = format!("{}-peer", slot.name());
+    // A client elsewhere with a route to the container subnet through the host.
+    let (_, _, subnet) = slot.bridge();
+    let out = router.run(&format!("ip route add {subnet} via {}", router.host_ip()));
+    assert!(out.status.success(), "route: {}", text(&out));
+    let c = sb.start_cmd(&id, &[(PORTS, DECLARED)], &[&opt], &httpd3());
+    let st = sb.inspect(&id).unwrap();
+    let proxy_port = port_of(&st, 0, "internal_tls_proxy");
+    Scene {
+        _net: net,
+        router,
+        sb,
+        _c: c,
+        ip,
+        peer,
+        proxy_port,
+    }
+}
+
+impl Scene {
+    /// Plain HTTP to the container IP's `port` from the peer container, the routed
+    /// client and the host: which of them got the app's page.
+    fn answered(&self, port: u16) -> Vec<&'static str> {
+        let mut who = Vec::new();
+        if plain_from(Some(&self.peer), &self.ip, port).contains(HELLO) {
+            who.push("peer container");
+        }
+        let routed = self
+            .router
+            .tcp(&format!("{}:{port}", self.ip), GET)
+            .unwrap_or_default();
+        if routed.contains(HELLO) {
+            who.push("routed client");
+        }
+        if plain_from(None, &self.ip, port).contains(HELLO) {
+            who.push("host");
+        }
+        who
+    }
+
+    /// TLS from the routed client, straight to the container's proxy port.
+    fn wait_tls(&self, id: &str) {
+        let ca = self.sb.ca();
+        wait_until("TLS to the proxy port", Duration::from_secs(20), || {
+            self.router
+                .https_via(&ca, id, self.proxy_port, &self.ip)
+                .contains(HELLO)
+                .then_some(())
+        });
+    }
+
+    /// A TCP connection to the proxy port is accepted (by Envoy) from the routed client.
+    fn proxy_port_open(&self) -> bool {
+        self.router
+            .run(&format!(
+                "timeout 5 bash -c 'exec 3<>/dev/tcp/{}/{}'",
+                self.ip, self.proxy_port
+            ))
+            .status
+            .success()
+    }
+}
+
+#[test]
+fn unproxied_off_only_envoy_reaches_the_app_ports() {
+    if !can_run("unproxied_off_only_envoy_reaches_the_app_ports") {
+        return;
+    }
+    let s = scene("ingress-off", "enable_unproxied_port_mappings = false");
+    s.wait_tls("es-ingress-off");
+    for port in [8080, 9999] {
+        assert_eq!(
+            s.answered(port),
+            Vec::<&str>::new(),
+            "declared app port {port} must answer only Envoy"
+        );
+    }
+    // A port the container did not declare is not the product's to close.
+    assert_eq!(
+        s.answered(2222),
+        ["peer container", "routed client", "host"],
+        "undeclared port 2222"
+    );
+    assert!(s.proxy_port_open());
+}
+
+#[test]
+fn unproxied_off_with_mutual_tls_only_envoy_reaches_the_app_ports() {
+    if !can_run("unproxied_off_with_mutual_tls_only_envoy_reaches_the_app_ports") {
+        return;
+    }
+    let trusted = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/envoy/router-ca.pem");
+    let s = scene(
+        "ingress-mtls",
+        &format!(
+            "enable_unproxied_port_mappings = false\n{}",
+            mtls_proxy_config(&trusted)
+        ),
+    );
+    wait_until("Envoy listening", Duration::from_secs(20), || {
+        s.proxy_port_open().then_some(())
+    });
+    // Without a client certificate from the trusted CA, TLS gets nowhere either.
+    let tls = s
+        .router
+        .https_via(&s.sb.ca(), "es-ingress-mtls", s.proxy_port, &s.ip);
+    assert!(
+        !tls.contains(HELLO),
+        "TLS without a client certificate: {tls}"
+    );
+    for port in [8080, 9999] {
+        assert_eq!(s.answered(port), Vec::<&str>::new(), "app port {port}");
+    }
+    assert_eq!(s.answered(2222).len(), 3, "undeclared port 2222");
+}
+
+#[test]
+fn unproxied_on_leaves_the_app_ports_open() {
+    if !can_run("unproxied_on_leaves_the_app_ports_open") {
+        return;
+    }
+    let s = scene("ingress-on", "");
+    s.wait_tls("es-ingress-on");
+    assert_eq!(
+        s.answered(8080),
+        ["peer container", "routed client", "host"],
+        "with unproxied mappings on, direct access is the operator's choice"
+    );
+}
