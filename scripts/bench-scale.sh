@@ -261,7 +261,11 @@ our_nat() { # [ip]
         | "$PY" "$FILL_PY" ours "${1:-$OUR_NET}" "$OUR_PORT_LO" "$OUR_PORT_HI"
 }
 
+# Once, before any section is written: afterwards the tree holds our own doc change,
+# which is not a change of the code measured.
 bench_export_machine_facts
+# Each section's own date.
+bench_section_date() { B_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"; export B_DATE; }
 B_IPTABLES="$(iptables -V)"
 B_NFT="$(nft -v)"
 B_ENVOY_V="$("$ENVOY" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -1 | cut -d' ' -f2)"
@@ -424,7 +428,7 @@ if [ "$DO_FILL" = 1 ]; then
     # ---- report ------------------------------------------------------------------
     export B_ROUNDS="$ROUNDS" B_WARMUP="$WARMUP" B_LEVELS="${LEVELS[*]}" B_MAX_LEVEL="$MAX_LEVEL"
     export B_FILL_SECS="$FILL_SECS"
-    bench_export_machine_facts
+    bench_section_date
     "$PY" -I -S - "$RESULTS" "$TMP/scale-fill.md" <<'EOF' || die "computing the host-fill report failed"
 import math, os, statistics, sys
 
@@ -588,7 +592,7 @@ if [ "$DO_NAT" = 1 ]; then
     [ -z "$left" ] || die "NAT elements left after nat_bench:"$'\n'"$left"
     remove_nat_table_if_ours || die "removing the empty 'table ip nat' iptables-nft created failed"
     export B_NAT_REPS="$NAT_REPS" B_NAT_SECS="$NAT_SECS"
-    bench_export_machine_facts
+    bench_section_date
     "$PY" -I -S - "$TMP/nat.jsonl" "$TMP/scale-nat.md" <<'EOF' || die "computing the NAT report failed"
 import json, math, os, statistics, sys
 
@@ -743,7 +747,7 @@ if [ "$DO_GC" = 1 ]; then
     export B_GC_N="$GC_N" B_GC_DRY="${DRY[*]}" B_GC_REAL="$REAL" B_GC_ROOT="$GC_RUNC_ROOT"
     B_GC_RUNC_LISTED="$("$RUNC" --root "$GC_RUNC_ROOT" list -q 2>/dev/null | wc -l)"
     export B_GC_RUNC_LISTED
-    bench_export_machine_facts
+    bench_section_date
     "$PY" -I -S - "$TMP/scale-gc.md" <<'EOF' || die "computing the gc report failed"
 import os, statistics, sys
 out = sys.argv[1]
