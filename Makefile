@@ -49,6 +49,7 @@ bench: deps release
 	scripts/bench-sidecar.sh
 	scripts/bench-memory.sh
 	scripts/bench-network.sh
+	scripts/bench-scale.sh
 
 # Binaries to /usr/local/bin, default config (kept if present), containerd drop-in,
 # gc timer; `envoy-sidecar install --dry-run` shows what it would change.

@@ -12,8 +12,8 @@ OUT="$REPO/docs/BENCHMARKS.md"
 MD_SECTION="$REPO/scripts/md-section.py"
 
 # No container of this run left in containerd, and nothing but the host-wide lock file
-# and the allocation index
-# left in the product's state directory.
+# (and the host-wide allocation index, rebuilt from the state files) left in the
+# product's state directory.
 bench_leak_check() {
     local left leaked
     left="$(ctr_ containers ls -q | grep -F "$ID_PREFIX" || true)"
