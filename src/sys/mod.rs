@@ -5,5 +5,6 @@ pub mod clock;
 pub mod exec;
 pub mod fs;
 pub mod netns;
+pub mod nfnetlink;
 pub mod pagecache;
 pub mod process;
