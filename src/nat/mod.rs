@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::sys::nfnetlink::{self, ElemOp, Element};
+use crate::sys::nfnetlink::{self, ElemOp, Element, Netfilter};
 
 pub const TABLE: &str = "envoy_sidecar";
 pub const MAP: &str = "ports";
@@ -144,8 +144,13 @@ impl Nat {
     /// Add or delete elements in one transaction (netlink, no process); on refusal
     /// also say what kind it was, from the kernel's errno. The message names the
     /// change in nft syntax.
-    fn change(&self, op: ElemOp, maps: &[Mapping]) -> std::result::Result<(), (Refusal, Error)> {
-        nfnetlink::change_set_elements(
+    fn change(
+        &self,
+        nf: &mut Netfilter,
+        op: ElemOp,
+        maps: &[Mapping],
+    ) -> std::result::Result<(), (Refusal, Error)> {
+        nf.change_set_elements(
             op,
             nfnetlink::NFPROTO_IPV4,
             TABLE,
@@ -164,8 +169,14 @@ impl Nat {
         })
     }
 
-    fn change_or_fail(&self, op: ElemOp, maps: &[Mapping]) -> Result<()> {
-        self.change(op, maps).map_err(|(_, e)| e)
+    fn change_or_fail(&self, nf: &mut Netfilter, op: ElemOp, maps: &[Mapping]) -> Result<()> {
+        self.change(nf, op, maps).map_err(|(_, e)| e)
+    }
+
+    /// A netlink socket in the caller's network namespace.
+    fn netfilter() -> Result<Netfilter> {
+        Netfilter::open()
+            .map_err(|e| Error::Nat(format!("opening a netfilter netlink socket: {e}")))
     }
 
     /// Run an nft script (the table's skeleton).
@@ -248,12 +259,13 @@ impl Nat {
         if maps.is_empty() {
             return Ok(());
         }
-        match self.change(ElemOp::Add, maps) {
+        let mut nf = Self::netfilter()?;
+        match self.change(&mut nf, ElemOp::Add, maps) {
             Ok(()) => Ok(()),
             Err((Refusal::Missing, _)) => {
                 // First container (or a flushed ruleset): create the table, then add.
                 self.ensure_table()?;
-                self.change_or_fail(ElemOp::Add, maps)
+                self.change_or_fail(&mut nf, ElemOp::Add, maps)
             }
             Err((Refusal::Exists, e)) => {
                 // Name the conflicting element (slow path, errors only).
@@ -272,38 +284,40 @@ impl Nat {
     /// record until that container's removal — NAT first, state after. When some are
     /// already gone the transaction is refused (ENOENT) and only then is the map
     /// listed, to delete exactly what is still there.
+    ///
+    /// Both over one netlink socket, closed at the end: see `sys::nfnetlink::Netfilter`
+    /// for why (the close waits out the deleted elements' RCU grace period, which the
+    /// conntrack dump overlaps).
     pub fn remove(&self, maps: &[Mapping]) -> Result<()> {
-        if !maps.is_empty() {
-            match self.change(ElemOp::Delete, maps) {
-                Ok(()) => {}
-                Err((Refusal::Missing, _)) => {
-                    let present = self.list()?;
-                    let gone: Vec<Mapping> = maps
-                        .iter()
-                        .filter(|m| present.contains(m))
-                        .copied()
-                        .collect();
-                    if !gone.is_empty() {
-                        self.change_or_fail(ElemOp::Delete, &gone)?;
-                    }
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let mut nf = Self::netfilter()?;
+        match self.change(&mut nf, ElemOp::Delete, maps) {
+            Ok(()) => {}
+            Err((Refusal::Missing, _)) => {
+                let present = self.list()?;
+                let gone: Vec<Mapping> = maps
+                    .iter()
+                    .filter(|m| present.contains(m))
+                    .copied()
+                    .collect();
+                if !gone.is_empty() {
+                    self.change_or_fail(&mut nf, ElemOp::Delete, &gone)?;
                 }
-                Err((_, e)) => return Err(e),
             }
+            Err((_, e)) => return Err(e),
         }
         let mut ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
         ips.sort();
         ips.dedup();
         for ip in ips {
-            self.flush_conntrack(ip);
+            // What `conntrack -D --reply-src IP` did, over ctnetlink. Best effort, as
+            // before: the mappings are gone already, and a connection left tracked
+            // only lingers until its timeout.
+            let _ = nf.ct_delete_reply_src(ip);
         }
         Ok(())
-    }
-
-    /// What `conntrack -D --reply-src IP` did, over ctnetlink. Best effort, as before:
-    /// the mappings are gone already, and a connection left tracked only lingers
-    /// until its timeout.
-    fn flush_conntrack(&self, ip: Ipv4Addr) {
-        let _ = nfnetlink::ct_delete_reply_src(ip);
     }
 }
 
