@@ -2,9 +2,10 @@
 //! changes as one batch transaction, and ctnetlink's "delete every connection whose
 //! reply comes from this address" (`conntrack -D --reply-src IP`).
 //!
-//! A socket acts on the network namespace of the thread that opened it, so each call
-//! opens its own (cheap: one syscall pair) and callers run it where `nft` would have run
-//! (`sys::netns::run_in`).
+//! A socket acts on the network namespace of the thread that opened it: callers open
+//! a `Netfilter` (cheap: socket + bind) where `nft` would have run
+//! (`sys::netns::run_in`) and keep it for the requests of one operation; the free
+//! functions open one per call.
 //!
 //! Wire format (linux/netlink.h): every message is a `nlmsghdr` (length, type, flags,
 //! sequence, port id; host byte order) followed here by a `nfgenmsg` (family, version,
