@@ -47,7 +47,7 @@ pub enum Error {
     #[error("state {path}: {msg}")]
     State { path: PathBuf, msg: String },
 
-    /// nftables / conntrack: host port NAT could not be applied or removed.
+    /// nf_tables / conntrack: host port NAT could not be applied or removed.
     #[error("NAT: {0}")]
     Nat(String),
 

@@ -20,7 +20,7 @@ pub struct Host {
 }
 
 impl Host {
-    /// The real machine: nft/conntrack, the configured runc, `/proc`, `/sys/fs/cgroup`.
+    /// The real machine: nf_tables and ctnetlink (nft for setup), the configured runc, `/proc`, `/sys/fs/cgroup`.
     pub fn system(runc: &Path) -> Host {
         Host {
             nat: Box::new(Nat::default()),

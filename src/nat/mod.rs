@@ -4,8 +4,10 @@
 //! One verdict map keyed by protocol and host port holds every mapping, so a packet
 //! costs one hash lookup however many containers there are, and adding or removing a
 //! container is a constant-size element change that never rewrites other containers'
-//! rules. Each container's elements go in (or out) in one `nft -f` transaction: all or
-//! none. Rules are fixed and created once.
+//! rules. Each container's elements go in (or out) in one nf_tables transaction over
+//! netlink (`sys::nfnetlink`): all or none, and no process spawned on the container's
+//! create/delete path. Rules are fixed and created once (`nft -f`, once per host); the
+//! slow paths (listing after a refusal, gc) use `nft -j`.
 
 pub mod ingress;
 
@@ -17,6 +19,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::sys::nfnetlink::{self, ElemOp, Element, Netfilter};
 
 pub const TABLE: &str = "envoy_sidecar";
 pub const MAP: &str = "ports";
@@ -53,6 +56,24 @@ fn elements(maps: &[Mapping]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// IPPROTO_TCP (netinet/in.h), the `inet_proto` of every element.
+const IPPROTO_TCP: u8 = 6;
+
+/// The map's elements as nf_tables holds them: key `inet_proto . inet_service`,
+/// value `ipv4_addr . inet_service`, each component padded to 4 bytes (checked
+/// against `nft -j list map` in tests/nfnetlink.rs).
+pub fn netlink_elements(maps: &[Mapping]) -> Vec<Element> {
+    maps.iter()
+        .map(|m| Element {
+            key: nfnetlink::concat(&[&[IPPROTO_TCP], &m.host_port.to_be_bytes()]),
+            data: Some(nfnetlink::concat(&[
+                &m.container_ip.octets(),
+                &m.container_port.to_be_bytes(),
+            ])),
+        })
+        .collect()
 }
 
 pub fn add_script(maps: &[Mapping]) -> String {
@@ -97,17 +118,16 @@ pub fn parse_listing(json: &str) -> Result<Vec<Mapping>> {
     Ok(out)
 }
 
-/// The nft and conntrack command-line tools (the seam tests can point elsewhere).
+/// The kernel's table, changed over netlink; the nft command-line tool for creating
+/// the table and listing it (the seam tests can point elsewhere).
 pub struct Nat {
     pub nft: PathBuf,
-    pub conntrack: PathBuf,
 }
 
 impl Default for Nat {
     fn default() -> Self {
         Nat {
             nft: find_tool("nft"),
-            conntrack: find_tool("conntrack"),
         }
     }
 }
@@ -123,13 +143,46 @@ fn find_tool(name: &str) -> PathBuf {
 }
 
 impl Nat {
-    fn nft_script(&self, script: &str) -> Result<()> {
-        self.nft_try(script).map_err(|(_, e)| e)
+    /// Add or delete elements in one transaction (netlink, no process); on refusal
+    /// also say what kind it was, from the kernel's errno. The message names the
+    /// change in nft syntax.
+    fn change(
+        &self,
+        nf: &mut Netfilter,
+        op: ElemOp,
+        maps: &[Mapping],
+    ) -> std::result::Result<(), (Refusal, Error)> {
+        nf.change_set_elements(
+            op,
+            nfnetlink::NFPROTO_IPV4,
+            TABLE,
+            MAP,
+            &netlink_elements(maps),
+        )
+        .map_err(|e| {
+            let script = match op {
+                ElemOp::Add => add_script(maps),
+                ElemOp::Delete => delete_script(maps),
+            };
+            (
+                Refusal::of(&e),
+                Error::Nat(format!("nf_tables refused {:?}: {e}", script.trim())),
+            )
+        })
     }
 
-    /// Run an nft script; on failure also say what kind of failure it was.
-    fn nft_try(&self, script: &str) -> std::result::Result<(), (Refusal, Error)> {
-        let other = |e| (Refusal::Other, e);
+    fn change_or_fail(&self, nf: &mut Netfilter, op: ElemOp, maps: &[Mapping]) -> Result<()> {
+        self.change(nf, op, maps).map_err(|(_, e)| e)
+    }
+
+    /// A netlink socket in the caller's network namespace.
+    fn netfilter() -> Result<Netfilter> {
+        Netfilter::open()
+            .map_err(|e| Error::Nat(format!("opening a netfilter netlink socket: {e}")))
+    }
+
+    /// Run an nft script (the table's skeleton).
+    fn nft_script(&self, script: &str) -> Result<()> {
         let mut child = Command::new(&self.nft)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -137,30 +190,26 @@ impl Nat {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| {
-                other(Error::Nat(format!(
+                Error::Nat(format!(
                     "running {}: {e} (is nftables installed?)",
                     self.nft.display()
-                )))
+                ))
             })?;
         child
             .stdin
             .take()
             .expect("piped")
             .write_all(script.as_bytes())
-            .map_err(|e| other(Error::Nat(format!("writing to nft: {e}"))))?;
+            .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
         let out = child
             .wait_with_output()
-            .map_err(|e| other(Error::Nat(format!("waiting for nft: {e}"))))?;
+            .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err((
-                Refusal::of(&stderr),
-                Error::Nat(format!(
-                    "nft rejected {:?}: {}",
-                    script.trim(),
-                    stderr.trim()
-                )),
-            ));
+            return Err(Error::Nat(format!(
+                "nft rejected {:?}: {}",
+                script.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
         Ok(())
     }
@@ -203,8 +252,8 @@ impl Nat {
         parse_listing(&String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Add one container's mappings atomically: one `nft` transaction, whatever the
-    /// size of the map. Mappings already present as they are (a repeated hook) are
+    /// Add one container's mappings atomically: one nf_tables transaction, whatever
+    /// the size of the map. Mappings already present as they are (a repeated hook) are
     /// fine — the kernel accepts an identical element; a host port mapped elsewhere
     /// is a conflict — the kernel refuses it (EEXIST) and the whole transaction with
     /// it. Only then, or when the table is missing, is anything listed.
@@ -212,12 +261,13 @@ impl Nat {
         if maps.is_empty() {
             return Ok(());
         }
-        match self.nft_try(&add_script(maps)) {
+        let mut nf = Self::netfilter()?;
+        match self.change(&mut nf, ElemOp::Add, maps) {
             Ok(()) => Ok(()),
             Err((Refusal::Missing, _)) => {
                 // First container (or a flushed ruleset): create the table, then add.
                 self.ensure_table()?;
-                self.nft_script(&add_script(maps))
+                self.change_or_fail(&mut nf, ElemOp::Add, maps)
             }
             Err((Refusal::Exists, e)) => {
                 // Name the conflicting element (slow path, errors only).
@@ -236,44 +286,44 @@ impl Nat {
     /// record until that container's removal — NAT first, state after. When some are
     /// already gone the transaction is refused (ENOENT) and only then is the map
     /// listed, to delete exactly what is still there.
+    ///
+    /// Both over one netlink socket, closed at the end: see `sys::nfnetlink::Netfilter`
+    /// for why (the close waits out the deleted elements' RCU grace period, which the
+    /// conntrack dump overlaps).
     pub fn remove(&self, maps: &[Mapping]) -> Result<()> {
-        if !maps.is_empty() {
-            match self.nft_try(&delete_script(maps)) {
-                Ok(()) => {}
-                Err((Refusal::Missing, _)) => {
-                    let present = self.list()?;
-                    let gone: Vec<Mapping> = maps
-                        .iter()
-                        .filter(|m| present.contains(m))
-                        .copied()
-                        .collect();
-                    if !gone.is_empty() {
-                        self.nft_script(&delete_script(&gone))?;
-                    }
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let mut nf = Self::netfilter()?;
+        match self.change(&mut nf, ElemOp::Delete, maps) {
+            Ok(()) => {}
+            Err((Refusal::Missing, _)) => {
+                let present = self.list()?;
+                let gone: Vec<Mapping> = maps
+                    .iter()
+                    .filter(|m| present.contains(m))
+                    .copied()
+                    .collect();
+                if !gone.is_empty() {
+                    self.change_or_fail(&mut nf, ElemOp::Delete, &gone)?;
                 }
-                Err((_, e)) => return Err(e),
             }
+            Err((_, e)) => return Err(e),
         }
         let mut ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
         ips.sort();
         ips.dedup();
         for ip in ips {
-            self.flush_conntrack(ip);
+            // What `conntrack -D --reply-src IP` did, over ctnetlink. Best effort, as
+            // before: the mappings are gone already, and a connection left tracked
+            // only lingers until its timeout.
+            let _ = nf.ct_delete_reply_src(ip);
         }
         Ok(())
     }
-
-    /// `conntrack -D --reply-src IP`: exit 1 just means "nothing to delete".
-    fn flush_conntrack(&self, ip: Ipv4Addr) {
-        let _ = Command::new(&self.conntrack)
-            .args(["-D", "--reply-src", &ip.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
-/// Why nft refused a script, from its message: the kernel's errno text.
+/// Why the kernel refused an element change, from its errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// ENOENT: the table, the map or an element to delete is not there.
@@ -284,13 +334,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn of(stderr: &str) -> Refusal {
-        if stderr.contains("No such file or directory") {
-            Refusal::Missing
-        } else if stderr.contains("File exists") {
-            Refusal::Exists
-        } else {
-            Refusal::Other
+    pub fn of(e: &std::io::Error) -> Refusal {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Refusal::Missing,
+            Some(libc::EEXIST) => Refusal::Exists,
+            _ => Refusal::Other,
         }
     }
 }
@@ -382,13 +430,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_are_classified_from_nfts_message() {
-        let missing =
-            "/dev/stdin:1:32-41: Error: Could not process rule: No such file or directory\n";
-        let exists = "/dev/stdin:1:29-38: Error: Could not process rule: File exists\n";
-        assert_eq!(Refusal::of(missing), Refusal::Missing);
-        assert_eq!(Refusal::of(exists), Refusal::Exists);
-        assert_eq!(Refusal::of("Error: syntax error"), Refusal::Other);
+    fn refusals_are_classified_from_the_errno() {
+        let os = std::io::Error::from_raw_os_error;
+        assert_eq!(Refusal::of(&os(libc::ENOENT)), Refusal::Missing);
+        assert_eq!(Refusal::of(&os(libc::EEXIST)), Refusal::Exists);
+        assert_eq!(Refusal::of(&os(libc::EPERM)), Refusal::Other);
+        assert_eq!(
+            Refusal::of(&std::io::Error::other("timed out")),
+            Refusal::Other
+        );
+    }
+
+    #[test]
+    fn elements_are_laid_out_as_the_maps_registers() {
+        let e = netlink_elements(&[m(61008, "203.0.113.5", 8080)]);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, [6, 0, 0, 0, 0xee, 0x50, 0, 0]);
+        assert_eq!(
+            e[0].data.as_deref(),
+            Some(&[203, 0, 113, 5, 0x1f, 0x90, 0, 0][..])
+        );
     }
 
     #[test]

@@ -137,8 +137,9 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
     ));
     out.push(check(
         "conntrack",
-        version_of(Path::new("conntrack"), "--version")
-            .map_err(|e| format!("{e} (install conntrack)")),
+        crate::sys::nfnetlink::ct_count()
+            .map(|n| format!("ctnetlink usable ({n} connections tracked)"))
+            .map_err(|e| format!("ctnetlink: {e} (is nf_conntrack_netlink available?)")),
     ));
     out.push(check(
         "CA",

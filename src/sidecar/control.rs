@@ -127,7 +127,7 @@ pub fn mappings(state: &ContainerState, ip: Ipv4Addr) -> Vec<Mapping> {
 /// Map the container's host ports to `ip`, moving them if they pointed at another IP
 /// (`nat.json` says what was mapped). Recorded in `nat.json` before the NAT change, so
 /// removal deletes exactly what was added even after a crash. Idempotent. Must run in
-/// the host's network namespace (nft and conntrack act on the caller's).
+/// the host's network namespace (the netlink sockets and nft act on the caller's).
 pub fn map_to(
     store: &Store,
     nat: &dyn nat::Backend,

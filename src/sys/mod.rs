@@ -6,5 +6,6 @@ pub mod exec;
 pub mod fault;
 pub mod fs;
 pub mod netns;
+pub mod nfnetlink;
 pub mod pagecache;
 pub mod process;

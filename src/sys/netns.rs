@@ -33,8 +33,9 @@ pub fn current() -> io::Result<File> {
 }
 
 /// Run `f` on a short-lived thread inside the namespace `ns`, so the caller stays
-/// where it is. Processes `f` spawns start in `ns` too (fork copies the calling
-/// thread's namespaces): how the supervisor runs `nft` against the host's table.
+/// where it is. Sockets `f` opens belong to `ns`, and processes it spawns start there
+/// too (fork copies the calling thread's namespaces): how the supervisor changes the
+/// host's NAT table over netlink (and runs `nft` for it).
 pub fn run_in<T: Send + 'static>(
     ns: &File,
     f: impl FnOnce() -> T + Send + 'static,
