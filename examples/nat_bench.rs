@@ -17,7 +17,7 @@
 //! `measured-ip`. Per N, each repetition times, in an order alternating between
 //! repetitions: `Nat::add` of the measured container, `Nat::remove` of it, 6 spawned
 //! `iptables -A`, 6 spawned `iptables -D`; and, for the split of `Nat::remove`, one bare
-//! `conntrack -D --reply-src <measured-ip>` spawn as `Nat::remove` makes it.
+//! ctnetlink delete of `--reply-src <measured-ip>` as `Nat::remove` makes it.
 //! Prints one JSON object per N (samples in ms) on stdout. Everything it added
 //! (fill elements, the measured container's elements, the chain) is removed before it
 //! exits, also on error; the script's trap is the backstop for a kill.
@@ -403,13 +403,10 @@ fn measure_all(
                 ipt_pair(&mut ia, &mut id)?;
                 nft_pair(&mut add, &mut rm)?;
             }
-            // The conntrack flush Nat::remove makes once per container IP, alone.
+            // The conntrack flush Nat::remove makes once per container IP (ctnetlink),
+            // alone on a socket of its own.
             let t = Instant::now();
-            let _ = Command::new(nat.conntrack.as_os_str())
-                .args(["-D", "--reply-src", &a.measured_ip.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = envoy_sidecar::sys::nfnetlink::ct_delete_reply_src(a.measured_ip);
             let d = ms_since(t);
             if keep {
                 ct.push(d);

@@ -295,33 +295,41 @@ impl Nat {
             return Ok(());
         }
         let mut nf = Self::netfilter()?;
-        match self.change(&mut nf, ElemOp::Delete, maps) {
-            Ok(()) => {}
-            Err((Refusal::Missing, _)) => {
-                let present = self.list()?;
-                let gone: Vec<Mapping> = maps
-                    .iter()
-                    .filter(|m| present.contains(m))
-                    .copied()
-                    .collect();
-                if !gone.is_empty() {
-                    self.change_or_fail(&mut nf, ElemOp::Delete, &gone)?;
+        // A nested netlink attribute holds at most 64 KiB: gc removing many containers
+        // at once goes in transactions of REMOVE_CHUNK mappings, on one socket.
+        let mut listed: Option<std::collections::BTreeSet<Mapping>> = None;
+        for chunk in maps.chunks(REMOVE_CHUNK) {
+            match self.change(&mut nf, ElemOp::Delete, chunk) {
+                Ok(()) => {}
+                Err((Refusal::Missing, _)) => {
+                    if listed.is_none() {
+                        listed = Some(self.list()?.into_iter().collect());
+                    }
+                    let present = listed.as_ref().expect("just listed");
+                    let gone: Vec<Mapping> = chunk
+                        .iter()
+                        .filter(|m| present.contains(m))
+                        .copied()
+                        .collect();
+                    if !gone.is_empty() {
+                        self.change_or_fail(&mut nf, ElemOp::Delete, &gone)?;
+                    }
                 }
+                Err((_, e)) => return Err(e),
             }
-            Err((_, e)) => return Err(e),
         }
-        let mut ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
-        ips.sort();
-        ips.dedup();
-        for ip in ips {
-            // What `conntrack -D --reply-src IP` did, over ctnetlink. Best effort, as
-            // before: the mappings are gone already, and a connection left tracked
-            // only lingers until its timeout.
-            let _ = nf.ct_delete_reply_src(ip);
-        }
+        let ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
+        // What `conntrack -D --reply-src IP` did, over ctnetlink, for every IP in one
+        // walk of the table. Best effort, as before: the mappings are gone already,
+        // and a connection left tracked only lingers until its timeout.
+        let _ = nf.ct_delete_reply_srcs(&ips);
         Ok(())
     }
 }
+
+/// Mappings per element transaction when removing many (gc): well inside one
+/// netlink attribute's 64 KiB.
+const REMOVE_CHUNK: usize = 512;
 
 /// Why the kernel refused an element change, from its errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -443,28 +443,17 @@ pub fn apply(
     actions: &[Action],
 ) -> Vec<(Action, Error)> {
     let mut failures = Vec::new();
-    let stray: Vec<Mapping> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::RemoveNat(m) => Some(*m),
-            _ => None,
-        })
-        .collect();
-    for a in actions {
+    let mut removed = remove_batched(store, lock, host, actions);
+    for (i, a) in actions.iter().enumerate() {
         let r = match a {
             Action::RestartSupervisor { namespace, id, .. } => {
                 control::launch(host.procs.as_ref(), config, store, namespace, id)
             }
-            Action::RemoveContainer { namespace, id, .. }
-            | Action::RemoveInterrupted { namespace, id, .. } => {
-                control::teardown(store, host, namespace, id)
-                    .and_then(|()| store.remove_locked(lock, namespace, id).map(drop))
-            }
+            Action::RemoveContainer { .. }
+            | Action::RemoveInterrupted { .. }
+            | Action::RemoveNat(_) => removed.remove(&i).unwrap_or(Ok(())),
             // Checked and carried out by `run`, after everything else.
             Action::RebuildIndex { .. } => Ok(()),
-            // All stray elements go in one transaction, reported with the first.
-            Action::RemoveNat(m) if Some(m) == stray.first() => host.nat.remove(&stray),
-            Action::RemoveNat(_) => Ok(()),
             Action::Kill { proc, .. } => {
                 if host.procs.alive(proc) {
                     host.procs.terminate(proc, KILL_GRACE);
@@ -478,6 +467,70 @@ pub fn apply(
         }
     }
     failures
+}
+
+/// The removals of `actions` (containers, interrupted creates, stray NAT elements),
+/// with their outcomes. Each sidecar is stopped on its own, but all their NAT elements
+/// go in one removal (one walk of the conntrack table, not one per container), then
+/// their state. If that batch fails, each container's NAT is removed on its own, so
+/// that the failure is reported against the container it belongs to.
+fn remove_batched(
+    store: &Store,
+    lock: &Lock,
+    host: &Host,
+    actions: &[Action],
+) -> std::collections::BTreeMap<usize, Result<()>> {
+    let mut out = std::collections::BTreeMap::new();
+    let stray: Vec<(usize, Mapping)> = actions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| match a {
+            Action::RemoveNat(m) => Some((i, *m)),
+            _ => None,
+        })
+        .collect();
+    let mut gone: Vec<(usize, &str, &str)> = Vec::new();
+    for (i, a) in actions.iter().enumerate() {
+        if let Action::RemoveContainer { namespace, id, .. }
+        | Action::RemoveInterrupted { namespace, id, .. } = a
+        {
+            match control::stop(store, host, namespace, id) {
+                Ok(()) => gone.push((i, namespace, id)),
+                Err(e) => {
+                    out.insert(i, Err(e));
+                }
+            }
+        }
+    }
+    let mut all: Vec<Mapping> = stray.iter().map(|(_, m)| *m).collect();
+    for (_, ns, id) in &gone {
+        let nat = Paths::new(store, ns, id).nat();
+        if let Ok(Some(applied)) = Applied::read(&nat) {
+            all.extend(applied.mappings);
+        }
+    }
+    let batch = host.nat.remove(&all);
+    // Stray elements: reported once, with the first.
+    if let Some((first, _)) = stray.first() {
+        let r = match &batch {
+            Ok(()) => Ok(()),
+            Err(_) => host
+                .nat
+                .remove(&stray.iter().map(|(_, m)| *m).collect::<Vec<_>>()),
+        };
+        out.insert(*first, r);
+    }
+    for (a, ns, id) in gone {
+        let unmapped = match &batch {
+            Ok(()) => crate::sys::fs::remove_if_exists(&Paths::new(store, ns, id).nat()),
+            Err(_) => control::remove_nat(store, host.nat.as_ref(), ns, id),
+        };
+        out.insert(
+            a,
+            unmapped.and_then(|()| store.remove_locked(lock, ns, id).map(drop)),
+        );
+    }
+    out
 }
 
 pub fn run(store: &Store, host: &Host, o: &Options) -> Result<Report> {

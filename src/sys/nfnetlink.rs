@@ -567,7 +567,7 @@ fn ct_delete(w: &mut Writer, e: &CtEntry, seq: u32) -> io::Result<()> {
 
 /// Every IPv4 conntrack entry whose reply comes from `ip`: a full dump, filtered here
 /// (what `conntrack -L --reply-src` does).
-fn ct_matching(sock: &mut Netfilter, ip: Ipv4Addr, seq: u32) -> io::Result<Vec<CtEntry>> {
+fn ct_matching(sock: &mut Netfilter, ips: &[Ipv4Addr], seq: u32) -> io::Result<Vec<CtEntry>> {
     sock.send(&ct_dump_request(seq)?)?;
     let mut found = Vec::new();
     loop {
@@ -585,7 +585,7 @@ fn ct_matching(sock: &mut Netfilter, ip: Ipv4Addr, seq: u32) -> io::Result<Vec<C
                 },
                 t if t == nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW) => {
                     if let Some(e) = parse_ct(m.payload)
-                        && e.reply_src == Some(ip)
+                        && e.reply_src.is_some_and(|ip| ips.binary_search(&ip).is_ok())
                     {
                         found.push(e);
                     }
@@ -608,9 +608,21 @@ impl Netfilter {
     /// The dump walks the kernel's whole conntrack hash table (shared by all namespaces):
     /// its cost grows with `nf_conntrack_buckets`, not with the entries found.
     pub fn ct_delete_reply_src(&mut self, ip: Ipv4Addr) -> io::Result<usize> {
+        self.ct_delete_reply_srcs(&[ip])
+    }
+
+    /// [`Netfilter::ct_delete_reply_src`] for several addresses with one dump (gc
+    /// removing many containers at once walks the table once, not once each).
+    pub fn ct_delete_reply_srcs(&mut self, ips: &[Ipv4Addr]) -> io::Result<usize> {
+        let mut ips = ips.to_vec();
+        ips.sort_unstable();
+        ips.dedup();
+        if ips.is_empty() {
+            return Ok(0);
+        }
         let dump = self.seqs(1);
         let sock = self;
-        let entries = ct_matching(sock, ip, dump)?;
+        let entries = ct_matching(sock, &ips, dump)?;
         let mut deleted = 0;
         for chunk in entries.chunks(DELETE_CHUNK) {
             let mut w = Writer::default();
