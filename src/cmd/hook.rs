@@ -182,7 +182,10 @@ mod tests {
         let store = Store::new(&root);
         let mut cfg = Config::default();
         cfg.runtime.state_dir = root.clone();
-        crate::state::store::tests::record(&store, &sample("default", "c1", &root, (61001, None)));
+        crate::state::store::tests::record(
+            &store,
+            &sample("default", "c1", &root, (61001, Some(61002))),
+        );
         let st = read_state(
             &br#"{"ociVersion":"1.0.2","id":"c1","pid":4242,"status":"created","bundle":"/b"}"#[..],
         )

@@ -319,11 +319,41 @@ impl Nat {
             }
         }
         let ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
-        // What `conntrack -D --reply-src IP` did, over ctnetlink, for every IP in one
-        // walk of the table. Best effort, as before: the mappings are gone already,
-        // and a connection left tracked only lingers until its timeout.
-        let _ = nf.ct_delete_reply_srcs(&ips);
+        // The elements are gone (the kernel acknowledged the deletes): the host ports
+        // may be handed out again. What remains is slow and needs no one to wait for
+        // it: the conntrack flush (what `conntrack -D --reply-src IP` did, for every IP
+        // in one walk of the kernel's table, 5-10 ms) and the socket's close (which
+        // waits out the kernel's release of the deleted elements, 5-15 ms). Both run
+        // on a thread of their own while the caller goes on (`runc delete`, for the
+        // wrapper); [`settle`] waits for them before the process exits.
+        let h = std::thread::spawn(move || {
+            // Best effort, as before: a connection left tracked only lingers until
+            // its timeout.
+            let _ = nf.ct_delete_reply_srcs(&ips);
+            drop(nf);
+        });
+        BACKGROUND
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(h);
         Ok(())
+    }
+}
+
+/// What [`Nat::remove`] left running.
+static BACKGROUND: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Wait for the conntrack flushes and socket closes [`Nat::remove`] left running.
+/// The executables call it before they exit (exiting would cut a flush short).
+pub fn settle() {
+    let pending = std::mem::take(
+        &mut *BACKGROUND
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for h in pending {
+        let _ = h.join();
     }
 }
 
