@@ -357,11 +357,15 @@ fn measure_all(
             ms_since(t)
         );
 
+        let mut settle: Vec<f64> = Vec::new();
         let (mut add, mut rm, mut ia, mut id, mut ct) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for rep in 0..WARMUP + a.reps {
             let keep = rep >= WARMUP;
-            let nft_pair = |add: &mut Vec<f64>, rm: &mut Vec<f64>| -> Result<(), String> {
+            let nft_pair = |add: &mut Vec<f64>,
+                            rm: &mut Vec<f64>,
+                            settle: &mut Vec<f64>|
+             -> Result<(), String> {
                 let t = Instant::now();
                 nat.add(measured).map_err(|e| format!("Nat::add: {e}"))?;
                 let d = ms_since(t);
@@ -374,6 +378,14 @@ fn measure_all(
                 let d = ms_since(t);
                 if keep {
                     rm.push(d);
+                }
+                // What remove leaves running (the conntrack flush, the socket close
+                // that waits out the kernel's release of the elements), until done.
+                let t = Instant::now();
+                envoy_sidecar::nat::settle();
+                let d = ms_since(t);
+                if keep {
+                    settle.push(d);
                 }
                 Ok(())
             };
@@ -397,11 +409,11 @@ fn measure_all(
                 Ok(())
             };
             if rep % 2 == 0 {
-                nft_pair(&mut add, &mut rm)?;
+                nft_pair(&mut add, &mut rm, &mut settle)?;
                 ipt_pair(&mut ia, &mut id)?;
             } else {
                 ipt_pair(&mut ia, &mut id)?;
-                nft_pair(&mut add, &mut rm)?;
+                nft_pair(&mut add, &mut rm, &mut settle)?;
             }
             // The conntrack flush Nat::remove makes once per container IP (ctnetlink),
             // alone on a socket of its own.
@@ -431,6 +443,7 @@ fn measure_all(
             "iptables_add_ms": ia,
             "iptables_delete_ms": id,
             "conntrack_flush_ms": ct,
+            "nat_settle_ms": settle,
         });
         println!("{line}");
     }

@@ -602,7 +602,7 @@ pts = [json.loads(l) for l in open(src) if l.strip()]
 assert pts, "no NAT results"
 reps = int(e["B_NAT_REPS"])
 for p in pts:
-    for k in ("nat_add_ms", "nat_remove_ms", "iptables_add_ms", "iptables_delete_ms", "conntrack_flush_ms"):
+    for k in ("nat_add_ms", "nat_remove_ms", "nat_settle_ms", "iptables_add_ms", "iptables_delete_ms", "conntrack_flush_ms"):
         assert len(p[k]) == reps, f"N={p['n']} {k}: {len(p[k])} samples, expected {reps}"
 
 def p90(t):
@@ -613,15 +613,17 @@ def cell(t):
     return f"{statistics.median(t):.1f} ({p90(t):.1f})"
 
 table = [
-    "| N containers already mapped | map elements / chain rules | product `Nat::add` | product `Nat::remove` | conntrack flush alone (ctnetlink) | iptables 6 × `-A` | iptables 6 × `-D` | iptables add ÷ product add | iptables delete ÷ product remove |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| N containers already mapped | map elements / chain rules | product `Nat::add` | product `Nat::remove` (caller waits) | then in the background until settled | conntrack flush alone (ctnetlink) | iptables 6 × `-A` | iptables 6 × `-D` | iptables add ÷ product add | iptables delete ÷ product remove |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for p in pts:
-    ma, mr = statistics.median(p["nat_add_ms"]), statistics.median(p["nat_remove_ms"])
+    # The whole removal, foreground and background, for the comparison.
+    ma = statistics.median(p["nat_add_ms"])
+    mr = statistics.median(p["nat_remove_ms"]) + statistics.median(p["nat_settle_ms"])
     ia, idl = statistics.median(p["iptables_add_ms"]), statistics.median(p["iptables_delete_ms"])
     table.append(
         f"| {p['n']} | {p['map_elements']} / {p['chain_rules']} | **{cell(p['nat_add_ms'])}** | **{cell(p['nat_remove_ms'])}** | "
-        f"{cell(p['conntrack_flush_ms'])} | {cell(p['iptables_add_ms'])} | {cell(p['iptables_delete_ms'])} | "
+        f"{cell(p['nat_settle_ms'])} | {cell(p['conntrack_flush_ms'])} | {cell(p['iptables_add_ms'])} | {cell(p['iptables_delete_ms'])} | "
         f"{ia / ma:.1f}× | {idl / mr:.1f}× |"
     )
 first, last = pts[0], pts[-1]
@@ -674,14 +676,17 @@ Median (p90) in ms; one container = 6 mappings.
 
 **How to read this.** The product's add and remove are each one nf_tables netlink
 transaction whatever N (a map element change: the kernel does a hash insert or
-delete), so they do not grow with N. Add is a fraction of a millisecond. Remove is
-dominated by the kernel, not by the product: after an element delete, closing the
-netfilter socket waits (5-15 ms here) until the kernel has freed the deleted elements
-(an RCU grace period; `nft` pays the same at exit), and the conntrack flush walks the
+delete), so they do not grow with N. Add is a fraction of a millisecond. So is what
+the caller of remove waits for: the kernel's acknowledgement that the elements are gone
+(the host ports may then be reused). What follows is the kernel's cost, not the
+product's, and runs on a thread beside the caller (during `runc delete`, for the
+wrapper) until the process settles it before exiting: the conntrack flush walks the
 kernel's whole connection hash table (its bucket count, not the number of
-connections); the product overlaps the two on one socket, so `Nat::remove` costs about
-the larger of them ({g(last, 'nat_remove_ms'):.1f} ms at N = {last['n']}, the flush
-alone {g(last, 'conntrack_flush_ms'):.1f} ms). The baseline spawns 6 `iptables` processes per container;
+connections), and closing the netfilter socket waits (5-15 ms here) until the kernel
+has freed the deleted elements (an RCU grace period; `nft` pays the same at exit).
+Together {g(last, 'nat_settle_ms'):.1f} ms at N = {last['n']} (the flush alone, on a
+socket of its own, {g(last, 'conntrack_flush_ms'):.1f} ms); the ratio column compares
+the baseline's delete with the whole removal, foreground and background. The baseline spawns 6 `iptables` processes per container;
 with the nf_tables backend each one fetches the ruleset it needs from the kernel (for
 `-D`, the chain's rules, to find the one to delete), so its cost grows with the rules
 already there. The machine is shared and noisy: read the medians.
@@ -733,8 +738,12 @@ if [ "$DO_GC" = 1 ]; then
         ms="$("$PY" -I -S "$TMP/timeit.py" "$TMP/gc-dry.log" "$CLI" --config "$GC_CONFIG" gc --dry-run)" \
             || { tail -20 "$TMP/gc-dry.log" >&2; die "gc --dry-run failed"; }
         DRY+=("$ms")
-        grep -qx "gc: would $GC_N action(s)" "$TMP/gc-dry.log" \
-            || { tail -5 "$TMP/gc-dry.log" >&2; die "gc --dry-run: expected 'gc: would $GC_N action(s)'"; }
+        # The state files were written behind the allocation index's back (it is
+        # missing): gc also plans its rebuild, one more action.
+        want=$GC_N
+        grep -q '^\[dry-run\] rebuilding the allocation index' "$TMP/gc-dry.log" && want=$((GC_N + 1))
+        grep -qx "gc: would $want action(s)" "$TMP/gc-dry.log" \
+            || { tail -5 "$TMP/gc-dry.log" >&2; die "gc --dry-run: expected 'gc: would $want action(s)'"; }
         [ "$(grep -c '^\[dry-run\] container .* is gone' "$TMP/gc-dry.log")" = "$GC_N" ] \
             || die "gc --dry-run: not $GC_N 'container ... is gone' actions"
         { [ "$(gc_states)" = "$GC_N" ] && [ "$(gc_elems)" = $((6 * GC_N)) ]; } \
@@ -744,8 +753,10 @@ if [ "$DO_GC" = 1 ]; then
     REAL="$("$PY" -I -S "$TMP/timeit.py" "$TMP/gc-real.log" "$CLI" --config "$GC_CONFIG" gc)" \
         || { tail -20 "$TMP/gc-real.log" >&2; die "gc failed"; }
     log "gc: $REAL ms"
-    grep -qx "gc: did $GC_N action(s)" "$TMP/gc-real.log" \
-        || { tail -5 "$TMP/gc-real.log" >&2; die "gc: expected 'gc: did $GC_N action(s)'"; }
+    want=$GC_N
+    grep -q '^rebuilding the allocation index' "$TMP/gc-real.log" && want=$((GC_N + 1))
+    grep -qx "gc: did $want action(s)" "$TMP/gc-real.log" \
+        || { tail -5 "$TMP/gc-real.log" >&2; die "gc: expected 'gc: did $want action(s)'"; }
     [ "$(gc_elems)" = 0 ] || die "gc: $(gc_elems) of the stale containers' NAT elements left"
     bench_leak_check # the state dir: nothing but .lock / .index.json
     export B_GC_N="$GC_N" B_GC_DRY="${DRY[*]}" B_GC_REAL="$REAL" B_GC_ROOT="$GC_RUNC_ROOT"
