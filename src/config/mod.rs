@@ -64,6 +64,9 @@ pub struct Proxy {
     /// How long a container may run without an IPv4 address before its status turns
     /// `degraded` (humantime: `30s`, `2m`).
     pub network_wait: String,
+    /// How often the supervisor checks a running Envoy with a TLS handshake on every
+    /// listener; "0s" turns liveness checks off.
+    pub liveness_interval: String,
 }
 
 impl Default for Proxy {
@@ -82,6 +85,7 @@ impl Default for Proxy {
             envoy_uid_pool_size: 65536,
             max_connections: 4096,
             network_wait: "30s".into(),
+            liveness_interval: "10s".into(),
         }
     }
 }
@@ -340,6 +344,7 @@ impl Config {
         }
         self.validity()?;
         self.network_wait()?;
+        self.liveness_interval()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -440,6 +445,27 @@ impl Config {
             ));
         }
         Ok(d)
+    }
+
+    /// `[proxy] liveness_interval`; `None` when "0s" (off). Checked by `validate`.
+    pub fn liveness_interval(&self) -> Result<Option<Duration>> {
+        let v = &self.proxy.liveness_interval;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.liveness_interval",
+                format!("{v:?}: {e}; valid: a duration such as \"10s\", or \"0s\" for off"),
+            )
+        })?;
+        if d.is_zero() {
+            return Ok(None);
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+            return Err(self.err(
+                "proxy.liveness_interval",
+                format!("{v:?} is out of range; valid: 0s (off), or 1s to 1h"),
+            ));
+        }
+        Ok(Some(d))
     }
 
     /// Whether Envoy, running as an unprivileged uid of its own, can execute
@@ -693,6 +719,24 @@ mod tests {
 
         std::fs::set_permissions(&closed, Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn liveness_interval_defaults_to_10s_and_0s_is_off() {
+        assert_eq!(
+            Config::default().liveness_interval().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        let mut c = Config::default();
+        c.proxy.liveness_interval = "0s".into();
+        assert_eq!(c.liveness_interval().unwrap(), None);
+        let e = invalid("[proxy]\nliveness_interval = \"often\"\n");
+        assert!(
+            e.contains("proxy.liveness_interval") && e.contains("valid:"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\nliveness_interval = \"500ms\"\n");
+        assert!(e.contains("out of range") && e.contains("1s to 1h"), "{e}");
     }
 
     #[test]

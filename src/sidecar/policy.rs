@@ -24,6 +24,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// The wait before retrying a failed rotation.
 pub const RETRY_ISSUE: Duration = Duration::from_secs(60);
+/// Once a failed liveness check is seen, the pause before the next one.
+pub const LIVENESS_RETRY: Duration = Duration::from_secs(2);
+/// Failed liveness checks in a row that make Envoy unresponsive: killed, restarted.
+pub const LIVENESS_FAILURES: u32 = 3;
 /// "No timer": the wait when only an fd can wake the loop.
 pub const FOREVER: Duration = Duration::MAX;
 
@@ -49,6 +53,9 @@ pub enum Event {
     Issued { rotate_at: SystemTime },
     /// Issuing credentials failed (the answer to [`Action::Rotate`]).
     IssueFailed,
+    /// A liveness check finished (the answer to [`Action::Check`]): whether every
+    /// listener completed a TLS handshake.
+    Checked { alive: bool },
 }
 
 /// What to do next.
@@ -70,6 +77,13 @@ pub enum Action {
     Restart { ran: Duration, backoff: Duration },
     /// Envoy could not be started: it is tried again after `backoff`.
     RetryStart { backoff: Duration },
+    /// A running Envoy is due for a liveness check: a TLS handshake on every
+    /// listener; answer with [`Event::Checked`].
+    Check,
+    /// A running Envoy failed `failures` liveness checks in a row (drained, hung,
+    /// stopped): kill it (its exit comes back as [`Event::EnvoyExited`], and it is
+    /// restarted).
+    Unresponsive { failures: u32 },
     /// Credentials are due: issue new ones; answer with [`Event::Issued`] or
     /// [`Event::IssueFailed`].
     Rotate,
@@ -105,6 +119,12 @@ pub struct Policy {
     /// When the credentials are due for rotation (wall clock); `None` before the first
     /// issue.
     rotate_at: Option<SystemTime>,
+    /// The pause between liveness checks of a running Envoy; `None`: none.
+    liveness: Option<Duration>,
+    /// When the next liveness check is due (while running).
+    check_at: Option<Instant>,
+    /// Liveness checks failed in a row.
+    failures: u32,
 }
 
 impl Policy {
@@ -114,7 +134,19 @@ impl Policy {
             phase: Phase::Down { at: now },
             backoff: BACKOFF_START,
             rotate_at: None,
+            liveness: None,
+            check_at: None,
+            failures: 0,
         }
+    }
+
+    /// Check a running Envoy every `interval` (`[proxy] liveness_interval`); after a
+    /// failure every [`LIVENESS_RETRY`], and after [`LIVENESS_FAILURES`] in a row it is
+    /// restarted. So a drained, hung or stopped Envoy is back within about
+    /// `interval + 2 × LIVENESS_RETRY` plus the handshakes' timeouts and a restart.
+    pub fn with_liveness(mut self, interval: Option<Duration>) -> Policy {
+        self.liveness = interval;
+        self
     }
 
     /// Where Envoy is in its life.
@@ -157,11 +189,34 @@ impl Policy {
             Event::Probed { ready } => match self.phase {
                 Phase::Probing { since } if ready => {
                     self.phase = Phase::Running { since };
+                    self.failures = 0;
+                    self.check_at = self.liveness.map(|i| now + i);
                     Action::Ready {
                         after: now.saturating_duration_since(since),
                     }
                 }
                 Phase::Probing { since } => self.check_deadline(since, now, Action::Wait),
+                _ => Action::Wait,
+            },
+            Event::Checked { alive } => match self.phase {
+                Phase::Running { .. } if alive => {
+                    self.failures = 0;
+                    self.check_at = self.liveness.map(|i| now + i);
+                    Action::Wait
+                }
+                Phase::Running { since } => {
+                    self.failures += 1;
+                    if self.failures >= LIVENESS_FAILURES {
+                        self.phase = Phase::Killing { since };
+                        self.check_at = None;
+                        Action::Unresponsive {
+                            failures: self.failures,
+                        }
+                    } else {
+                        self.check_at = Some(now + LIVENESS_RETRY);
+                        Action::Wait
+                    }
+                }
                 _ => Action::Wait,
             },
             Event::EnvoyExited => match self.phase {
@@ -185,9 +240,15 @@ impl Policy {
                 Phase::Starting => Action::Start,
                 Phase::Probing { since } => self.check_deadline(since, now, Action::Probe),
                 Phase::Running { .. } if self.rotation_due(wall) => Action::Rotate,
+                Phase::Running { .. } if self.check_at.is_some_and(|t| now >= t) => Action::Check,
                 _ => Action::Wait,
             },
         }
+    }
+
+    /// Liveness checks failed in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
     }
 
     /// The longest the loop may wait for an event before asking again: never past the
@@ -199,10 +260,16 @@ impl Policy {
             Phase::Probing { since } => {
                 PROBE_INTERVAL.min((since + READY_TIMEOUT).saturating_duration_since(now))
             }
-            Phase::Running { .. } => match self.rotate_at {
-                Some(at) => at.duration_since(wall).unwrap_or(Duration::ZERO),
-                None => FOREVER,
-            },
+            Phase::Running { .. } => {
+                let rotate = match self.rotate_at {
+                    Some(at) => at.duration_since(wall).unwrap_or(Duration::ZERO),
+                    None => FOREVER,
+                };
+                let check = self
+                    .check_at
+                    .map_or(FOREVER, |t| t.saturating_duration_since(now));
+                rotate.min(check)
+            }
             // Only its exit (or ours) is awaited.
             Phase::Killing { .. } => FOREVER,
         }
@@ -492,6 +559,53 @@ mod tests {
         );
         assert_eq!(s.wake(), secs(900));
         assert_eq!(s.on(Event::Timeout), Action::Wait);
+    }
+
+    #[test]
+    fn liveness_checks_a_running_envoy_and_restarts_an_unresponsive_one() {
+        let mut s = Sim::new(secs(86_400));
+        s.p = s.p.clone().with_liveness(Some(secs(10)));
+        s.start_ready();
+        // Due every 10 s while it answers.
+        assert_eq!(s.wake(), secs(10));
+        assert_eq!(s.sleep(), Action::Check);
+        assert_eq!(s.on(Event::Checked { alive: true }), Action::Wait);
+        assert_eq!(s.wake(), secs(10));
+        // One failure: checked again sooner; an answer resets the count.
+        assert_eq!(s.sleep(), Action::Check);
+        assert_eq!(s.on(Event::Checked { alive: false }), Action::Wait);
+        assert_eq!(s.wake(), LIVENESS_RETRY);
+        assert_eq!(s.sleep(), Action::Check);
+        assert_eq!(s.on(Event::Checked { alive: true }), Action::Wait);
+        assert_eq!(s.p.failures(), 0);
+        // Three in a row: killed (status: Killing = degraded), restarted with backoff.
+        for n in 1..LIVENESS_FAILURES {
+            assert_eq!(s.sleep(), Action::Check);
+            assert_eq!(s.on(Event::Checked { alive: false }), Action::Wait, "{n}");
+        }
+        assert_eq!(s.sleep(), Action::Check);
+        assert_eq!(
+            s.on(Event::Checked { alive: false }),
+            Action::Unresponsive {
+                failures: LIVENESS_FAILURES
+            }
+        );
+        assert!(matches!(s.p.phase(), Phase::Killing { .. }));
+        assert_eq!(s.wake(), FOREVER, "only Envoy's exit is awaited");
+        assert!(matches!(s.on(Event::EnvoyExited), Action::Restart { .. }));
+        s.start_ready();
+        assert_eq!(s.p.failures(), 0);
+        assert_eq!(s.wake(), secs(10));
+    }
+
+    #[test]
+    fn without_liveness_a_running_envoy_is_left_alone() {
+        let mut s = Sim::new(secs(86_400));
+        s.start_ready();
+        assert_eq!(s.wake(), secs(86_400));
+        // A stray answer changes nothing.
+        assert_eq!(s.on(Event::Checked { alive: false }), Action::Wait);
+        assert!(matches!(s.p.phase(), Phase::Running { .. }));
     }
 
     #[test]

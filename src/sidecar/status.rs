@@ -34,12 +34,15 @@ pub fn decide(i: &Inputs) -> (State, Option<String>) {
     }
     let degraded = |why: String| (State::Degraded, Some(why));
     match i.phase {
-        // Envoy cannot start (missing binary, unreadable files) or keeps dying.
+        // Envoy cannot start (missing binary, unreadable files), keeps dying, or was
+        // killed for not answering (liveness): down until its restart is ready.
         Phase::Down { .. } if i.envoy_error.is_some() => {
-            return degraded(format!(
-                "Envoy cannot start: {}",
-                i.envoy_error.unwrap_or_default()
-            ));
+            let e = i.envoy_error.unwrap_or_default();
+            return degraded(if e.starts_with("unresponsive") {
+                format!("Envoy restarting: {e}")
+            } else {
+                format!("Envoy cannot start: {e}")
+            });
         }
         Phase::Killing { .. } => {
             return degraded(format!(

@@ -44,6 +44,9 @@ use crate::sys::{exec, pagecache};
 
 /// How long one probe handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A liveness handshake may take longer: a busy Envoy is slow, not dead (three slow
+/// answers in a row would restart it).
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Envoy's --drain-time-s: bounds how long a graceful drain would keep listeners open.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// How often the operator CA and trusted CA files are checked for a change.
@@ -98,6 +101,8 @@ struct Supervisor<'a> {
     rotate_now: bool,
     /// The CA (or the container IP) changed: the readiness probe is rebuilt.
     probe_stale: bool,
+    /// Why we killed the running Envoy (unresponsive, not ready), until it is reaped.
+    kill_reason: Option<String>,
 }
 
 /// What identifies a file's content cheaply: device, inode, size, modification time
@@ -227,6 +232,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         next_ca_check: Instant::now() + CA_CHECK,
         rotate_now: false,
         probe_stale: false,
+        kill_reason: None,
     };
     let result = s.main_loop();
     s.shutdown();
@@ -251,7 +257,7 @@ fn tail(path: &std::path::Path, n: usize) -> String {
 impl Supervisor<'_> {
     fn main_loop(&mut self) -> Result<()> {
         self.prepare_envoy_dirs()?;
-        let mut policy = Policy::new(self.clock.now());
+        let mut policy = Policy::new(self.clock.now()).with_liveness(self.cfg.liveness_interval()?);
         // The address the container has now (pre-configured netns, CRI, nerdctl):
         // NAT at once, and the first certificate already carries the IP.
         self.follow_network(None);
@@ -357,6 +363,30 @@ impl Supervisor<'_> {
                     "Envoy exited after {ran:?}; restart #{} in {backoff:?}",
                     self.record.envoy_restarts
                 ));
+                None
+            }
+            Action::Check => Some(Event::Checked {
+                alive: self.check_live(probe),
+            }),
+            Action::Unresponsive { failures } => {
+                let why = format!(
+                    "no TLS handshake in {failures} liveness checks in a row ({}); restarting Envoy",
+                    self.probe_err
+                );
+                log(format!("unresponsive: {why}"));
+                let reason = format!("unresponsive: {}", self.probe_err);
+                self.record.last_error = Some(reason.clone());
+                self.envoy_error = Some(reason.clone());
+                self.kill_reason = Some(reason);
+                // Killed outright (a stopped process ignores SIGTERM); its exit wakes
+                // the loop through the pidfd and the policy restarts it.
+                if let Some(p) = self
+                    .envoy
+                    .as_ref()
+                    .and_then(|(c, _)| i32::try_from(c.id()).ok().and_then(ProcId::of))
+                {
+                    p.signal(libc::SIGKILL);
+                }
                 None
             }
             Action::Rotate => {
@@ -585,6 +615,20 @@ impl Supervisor<'_> {
             }
         });
         self.pending.is_empty()
+    }
+
+    /// A running Envoy's liveness: a TLS handshake on every listener (the first that
+    /// fails decides, so a hung Envoy holds the loop for one timeout at most).
+    fn check_live(&mut self, probe: &Probe) -> bool {
+        for port in self.ports() {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            if let Err(e) = probe.handshake(addr, LIVENESS_TIMEOUT) {
+                log(format!("liveness check failed on {port}: {e}"));
+                self.probe_err = format!("port {port}: {e}");
+                return false;
+            }
+        }
+        true
     }
 
     /// Wait up to `timeout` for the container's init or Envoy to exit, or a signal.
@@ -867,7 +911,11 @@ impl Supervisor<'_> {
                 "Envoy pid {} exited: {st:?}; envoy.log: {why}",
                 c.id()
             ));
-            self.record.last_error = Some(format!("Envoy exited ({st:?}): {why}"));
+            self.record.last_error = Some(match self.kill_reason.take() {
+                // Our own kill: its reason, not the signal, says what happened.
+                Some(r) => format!("{r}; restarted"),
+                None => format!("Envoy exited ({st:?}): {why}"),
+            });
             self.envoy_error = self.record.last_error.clone();
             self.record.envoy = None;
         }
