@@ -329,7 +329,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             store::check_id(&id)?;
             store::check_namespace(&namespace)?;
             let cfg = load(args.config.as_deref())?;
-            let st = Store::new(&cfg.runtime.state_dir);
+            let st = Store::of(&cfg);
             let s = st
                 .read(&namespace, &id)?
                 .with_context(|| format!("no envoy-sidecar state for container {id} in namespace {namespace} (not proxied, or removed)"))?;
@@ -347,7 +347,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 store::check_namespace(ns)?;
             }
             let cfg = load(args.config.as_deref())?;
-            let st = Store::new(&cfg.runtime.state_dir);
+            let st = Store::of(&cfg);
             let rows =
                 crate::ops::status::rows(&st, namespace.as_deref(), &crate::sys::process::Procfs)?;
             if json {
@@ -366,7 +366,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 store::check_id(id)?;
             }
             let cfg = load(args.config.as_deref())?;
-            let st = Store::new(&cfg.runtime.state_dir);
+            let st = Store::of(&cfg);
             let targets: Vec<(String, String)> = if all {
                 st.list()?
                     .into_iter()
@@ -447,7 +447,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             store::check_namespace(&namespace)?;
             let cfg = load(args.config.as_deref())?;
-            let st = Store::new(&cfg.runtime.state_dir);
+            let st = Store::of(&cfg);
             let reports =
                 crate::metrics::collect(&st, &address, &namespace, &ids, cfg.metrics_mode()?)?;
             if json {
@@ -481,7 +481,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             grace_secs,
         } => {
             let cfg = load(args.config.as_deref())?;
-            let store = Store::new(&cfg.runtime.state_dir);
+            let store = Store::of(&cfg);
             let report = crate::ops::gc::run(
                 &store,
                 &crate::host::Host::system(&cfg.runtime.runc),

@@ -73,7 +73,7 @@ pub fn read_state(mut input: impl Read) -> Result<OciState> {
 /// Run one stage for a container created in `namespace`.
 pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result<()> {
     store::check_namespace(namespace)?;
-    let store = &Store::new(&cfg.runtime.state_dir);
+    let store = &Store::of(cfg);
     let host = &Host::system(&cfg.runtime.runc);
     match stage {
         Stage::Poststop => {

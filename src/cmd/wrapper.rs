@@ -233,7 +233,7 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
     let code = ctx.spawn();
     if code != 0 {
         // runc may already have run our poststop hook; release is idempotent.
-        let _ = Store::new(&cfg.runtime.state_dir).remove(&ns, &id);
+        let _ = Store::of(cfg).remove(&ns, &id);
     }
     Ok(Some(code))
 }
@@ -252,7 +252,7 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
     let Some((ns, id)) = container(&ctx.inv)? else {
         return Ok(());
     };
-    let Some(state) = Store::new(&cfg.runtime.state_dir).read(&ns, &id)? else {
+    let Some(state) = Store::of(cfg).read(&ns, &id)? else {
         return Ok(());
     };
     let path = Path::new(&process);
@@ -317,7 +317,7 @@ fn on_kill(ctx: &Ctx, cfg: &Config) {
     let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return;
     };
-    if let Err(e) = control::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id) {
+    if let Err(e) = control::drain(&Store::of(cfg), &ns, &id) {
         ctx.log("warning", &format!("draining the proxy of {id}: {e}"));
     }
 }
@@ -332,7 +332,7 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
         }
     };
     // Nothing of ours (no proxy, or already released): become runc, no extra fork.
-    let store = Store::new(&cfg.runtime.state_dir);
+    let store = Store::of(cfg);
     if !matches!(store.read(&ids.0, &ids.1), Ok(Some(_))) {
         return ctx.exec();
     }

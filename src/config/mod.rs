@@ -121,6 +121,9 @@ pub struct Runtime {
     pub state_dir: PathBuf,
     /// The `envoy-sidecar` CLI that runc hooks call; default: next to the wrapper.
     pub cli: Option<PathBuf>,
+    /// Host-wide Envoy uid leases: must be the same for every configuration on the
+    /// host (the default is), so that no two containers' Envoys share a uid.
+    pub uid_lease_dir: PathBuf,
 }
 
 impl Default for Runtime {
@@ -129,6 +132,7 @@ impl Default for Runtime {
             runc: PathBuf::from("/usr/sbin/runc"),
             state_dir: PathBuf::from("/run/envoy-sidecar"),
             cli: None,
+            uid_lease_dir: PathBuf::from(crate::state::leases::LEASE_DIR),
         }
     }
 }
@@ -388,6 +392,9 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !rt.uid_lease_dir.is_absolute() {
+            return Err(self.err("runtime.uid_lease_dir", "must be an absolute path"));
         }
         if !rt.state_dir.is_absolute() {
             return Err(self.err("runtime.state_dir", "must be an absolute path"));

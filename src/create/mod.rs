@@ -98,7 +98,7 @@ pub fn prepare(
     let user = spec.user()?;
     let proxy = ports::select_proxy_ports(&req.ports)?;
 
-    let store = Store::new(&cfg.runtime.state_dir);
+    let store = Store::of(cfg);
     let lock = store.lock()?;
     if store.read(t.namespace, t.id)?.is_some() {
         if exists_in_runc() {
@@ -152,12 +152,18 @@ pub fn prepare(
         })
         .collect();
 
-    let envoy_uid = index.free_uid(&uid_pool).ok_or_else(|| {
-        Error::UidPool(format!(
-            "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use",
-            cfg.proxy.envoy_uid_pool_size
-        ))
-    })?;
+    // This state dir's index, then the host-wide leases (other configurations).
+    let owner = store.owner(t.namespace, t.id);
+    let envoy_uid = store
+        .leases()
+        .claim(&uid_pool, |u| index.uid_taken(u), &owner)?
+        .ok_or_else(|| {
+            Error::UidPool(format!(
+                "all {} Envoy uids of proxy.envoy_uid_pool_start/envoy_uid_pool_size are in use \
+                 (by this and other configurations on the host)",
+                cfg.proxy.envoy_uid_pool_size
+            ))
+        })?;
     let dir = store.dir(t.namespace, t.id);
     let state = ContainerState {
         version: store::new_state_version(),
@@ -211,6 +217,7 @@ pub fn prepare(
     });
     if let Err(e) = applied {
         let _ = store.remove_locked(&lock, t.namespace, t.id);
+        let _ = store.leases().release(envoy_uid, &owner);
         return Err(e);
     }
     Ok(Some(state))
@@ -352,6 +359,8 @@ mod tests {
         let mut cfg = Config::parse(&text, Path::new("t.toml")).unwrap();
         // The CA is not needed to decide: validation is the caller's business.
         cfg.proxy.enabled = true;
+        // Leases of this test only (the host-wide directory needs root).
+        cfg.runtime.uid_lease_dir = root.join("leases");
         (root, cfg)
     }
 
@@ -388,9 +397,7 @@ mod tests {
         assert_eq!(s.memory.limit_bytes, Some(288 << 20));
         let once = fs::read_to_string(bundle.join("config.json")).unwrap();
         // A second create on the same bundle after the first was deleted.
-        Store::new(&cfg.runtime.state_dir)
-            .remove("default", "c1")
-            .unwrap();
+        Store::of(&cfg).remove("default", "c1").unwrap();
         prepare(&cfg, &t, || false).unwrap().unwrap();
         let twice = fs::read_to_string(bundle.join("config.json")).unwrap();
         let (a, b): (serde_json::Value, serde_json::Value) = (
@@ -415,7 +422,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(fs::read(bundle.join("config.json")).unwrap(), before);
-        let store = Store::new(&cfg.runtime.state_dir);
+        let store = Store::of(&cfg);
         assert!(store.list().unwrap().is_empty());
         assert!(!store.dir("default", "big").exists());
         fs::remove_dir_all(root).unwrap();

@@ -21,7 +21,7 @@ pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {
     let listener =
         TcpListener::bind(listen).map_err(|e| Error::Metrics(format!("--listen {listen}: {e}")))?;
     eprintln!("envoy-sidecar: serving metrics on http://{listen}/metrics");
-    let store = Store::new(&cfg.runtime.state_dir);
+    let store = Store::of(cfg);
     let mode = cfg.metrics_mode()?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };

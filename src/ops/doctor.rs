@@ -210,7 +210,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
 /// The index `create` allocates from is the union of the state files (`gc` rewrites
 /// it when not).
 fn index_agrees(cfg: &Config) -> Result<String, String> {
-    let store = crate::state::store::Store::new(&cfg.runtime.state_dir);
+    let store = crate::state::store::Store::of(cfg);
     let pool = cfg.envoy_uid_pool();
     let truth = store.rebuild_index(&pool).map_err(|e| e.to_string())?;
     let stored = store.stored_index().map_err(|e| e.to_string())?;
@@ -257,7 +257,7 @@ mod tests {
             by("allocation index").detail
         );
         // An index that claims a port no state file does.
-        let store = crate::state::store::Store::new(&cfg.runtime.state_dir);
+        let store = crate::state::store::Store::of(&cfg);
         let lock = store.lock().unwrap();
         let mut ix = store.index(&lock, &cfg.envoy_uid_pool()).unwrap();
         ix.ports.set(61007, true);

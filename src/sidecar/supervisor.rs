@@ -134,7 +134,7 @@ fn ca_files(cfg: &Config) -> Vec<std::path::PathBuf> {
 
 /// Entry point; returns when the container is gone or on SIGTERM.
 pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
-    let store = Store::new(&cfg.runtime.state_dir);
+    let store = Store::of(cfg);
     let state = store
         .read(ns, id)?
         .ok_or_else(|| failure(ns, id, "no state: not a proxied container".into()))?;
@@ -764,7 +764,7 @@ impl Supervisor<'_> {
 
     /// Host NAT for `ip`, from the host's netns (where nft must act).
     fn map_nat(&mut self, ip: Ipv4Addr) {
-        let store = Store::new(&self.cfg.runtime.state_dir);
+        let store = Store::of(self.cfg);
         let state = self.state.clone();
         let r = netns::run_in(&self.host_ns, move || {
             control::map_to(&store, &Nat::default(), &state, ip)
@@ -793,7 +793,7 @@ impl Supervisor<'_> {
     }
 
     fn unmap_nat(&mut self) {
-        let store = Store::new(&self.cfg.runtime.state_dir);
+        let store = Store::of(self.cfg);
         let (ns, id) = (self.state.namespace.clone(), self.state.id.clone());
         let r = netns::run_in(&self.host_ns, move || {
             control::remove_nat(&store, &Nat::default(), &ns, &id)

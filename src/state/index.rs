@@ -283,6 +283,12 @@ impl Index {
         self.ports.get(u32::from(p))
     }
 
+    /// Whether this index counts `uid` as taken.
+    pub fn uid_taken(&self, uid: u32) -> bool {
+        uid.checked_sub(self.uid_base)
+            .is_some_and(|i| self.uids.get(i))
+    }
+
     /// The lowest free uid of the pool.
     pub fn free_uid(&self, pool: &RangeInclusive<u32>) -> Option<u32> {
         pool.clone().find(|u| {

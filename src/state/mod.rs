@@ -3,5 +3,6 @@
 
 pub mod index;
 pub mod layout;
+pub mod leases;
 pub mod record;
 pub mod store;

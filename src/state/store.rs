@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::state::index::{self, Claim, INDEX_FILE, Index, Stale};
+use crate::state::leases::{LEASE_DIR, Leases, Owner};
 use crate::sys::fault;
 use crate::sys::fs as fsutil;
 
@@ -100,14 +101,41 @@ impl ContainerState {
 
 pub struct Store {
     root: PathBuf,
+    leases: Leases,
 }
 
 /// Held while allocating; released on drop.
 pub struct Lock(#[allow(dead_code)] File);
 
 impl Store {
+    /// The store under `root`, with the host-wide uid leases at their default place.
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store::with_leases(root, LEASE_DIR)
+    }
+
+    pub fn with_leases(root: impl Into<PathBuf>, lease_dir: impl Into<PathBuf>) -> Store {
+        Store {
+            root: root.into(),
+            leases: Leases::new(lease_dir),
+        }
+    }
+
+    /// The store a configuration names (`runtime.state_dir`, `runtime.uid_lease_dir`).
+    pub fn of(cfg: &crate::config::Config) -> Store {
+        Store::with_leases(&cfg.runtime.state_dir, &cfg.runtime.uid_lease_dir)
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// Who holds a lease for `ns/id` of this store.
+    pub fn owner(&self, ns: &str, id: &str) -> Owner {
+        Owner {
+            state_dir: self.root.clone(),
+            namespace: ns.into(),
+            id: id.into(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -268,6 +296,7 @@ impl Store {
             Ok(s) => s.map(|s| Claim::of(&s)),
             Err(_) => None,
         };
+        let uid = claim.as_ref().map(|c| c.envoy_uid);
         let existed = state.exists();
         if existed {
             match (claim, self.load_index(None)?) {
@@ -281,6 +310,10 @@ impl Store {
             }
         }
         fsutil::remove_if_exists(&state)?;
+        // After the state: a lease whose owner has no state is stale anyway.
+        if let Some(uid) = uid {
+            self.leases.release(uid, &self.owner(ns, id))?;
+        }
         fsutil::remove_dir_all_if_exists(&dir)?;
         // An empty namespace directory is noise for `ls` and gc; a concurrent create
         // recreates it (DirBuilder is recursive), and a non-empty one is left alone.

@@ -121,12 +121,14 @@ impl FakeStack {
             &config,
             format!(
                 "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\n[host]\naddress = \"{UNROUTED}\"\n\
-                 {host_extra}",
+                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\nuid_lease_dir = {:?}\n\
+                 [host]\naddress = \"{UNROUTED}\"\n{host_extra}",
                 dir.join("ca/ca.crt"),
                 dir.join("ca/ca.key"),
                 runc.path,
-                state
+                state,
+                // Leases of this stack only: the host-wide directory needs root.
+                dir.join("uid-leases")
             ),
         )
         .unwrap();
