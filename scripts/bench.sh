@@ -28,7 +28,7 @@ WARMUP="${BENCH_WARMUP:-3}"
 ENFORCE="${BENCH_ENFORCE:-0}"
 PORTS_ANNOTATION="envoy-sidecar/ports=8080,9999,2222"
 TARGET_RATIO=1.05
-VARIANTS=(a b c d)
+VARIANTS=(a b c d e f)
 ID_PREFIX="esbench-$$-"
 
 die() { echo "bench: error: $*" >&2; exit 1; }
@@ -104,7 +104,13 @@ printf '#!/bin/sh\nENVOY_SIDECAR_CONFIG=%s exec %s "$@"\n' "$TMP/enabled.toml" "
 chmod 0755 "$TMP/runc-script"
 B_DIRECT=1
 [ -e /etc/envoy-sidecar/config.toml ] && B_DIRECT=0
-for v in disabled enabled; do
+# (e): (c) with a stand-in for Envoy that only sleeps: the supervisor, its
+# credentials, cgroups and probes, without Envoy's own start-up. (f): (c)'s config,
+# no ports annotation: the wrapper reading and validating its config, nothing more.
+printf '#!/bin/sh\nexec sleep 3600\n' >"$TMP/envoy-standin"
+chmod 0755 "$TMP/envoy-standin"
+sed "s|^enabled = true|enabled = true\nenvoy_path = \"$TMP/envoy-standin\"|" "$TMP/enabled.toml" >"$TMP/standin.toml"
+for v in disabled enabled standin; do
     printf '#!/bin/sh\nENVOY_SIDECAR_CONFIG=%s exec %s "$@"\n' "$TMP/$v.toml" "$WRAPPER" >"$TMP/runc-$v"
     chmod 0755 "$TMP/runc-$v"
 done
@@ -128,6 +134,8 @@ run_opts() {
         b) if [ "$B_DIRECT" = 1 ]; then echo "--runc-binary $WRAPPER"; else echo "--runc-binary $TMP/runc-disabled"; fi ;;
         d) echo "--runc-binary $TMP/runc-script" ;;
         c) echo "--runc-binary $TMP/runc-enabled --annotation $PORTS_ANNOTATION" ;;
+        e) echo "--runc-binary $TMP/runc-standin --annotation $PORTS_ANNOTATION" ;;
+        f) echo "--runc-binary $TMP/runc-enabled" ;;
     esac
 }
 
@@ -139,7 +147,7 @@ for v in "${VARIANTS[@]}"; do
     env_out="$(ctr_ run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/env 2>&1)" \
         || { echo "$env_out" >&2; die "sanity run of variant $v failed"; }
     CURRENT_ID=""
-    if [ "$v" = c ]; then
+    if [ "$v" = c ] || [ "$v" = e ]; then
         grep -q '^CF_INSTANCE_PORTS=.*8080' <<<"$env_out" \
             || { echo "$env_out" >&2; die "variant c: no CF_INSTANCE_PORTS with 8080 in the container"; }
     elif grep -q '^CF_INSTANCE_' <<<"$env_out"; then
@@ -201,7 +209,7 @@ import math, os, statistics, sys
 
 results, out = sys.argv[1], sys.argv[2]
 e = os.environ
-times = {"a": [], "b": [], "c": [], "d": []}
+times = {v: [] for v in "abcdef"}
 for line in open(results):
     v, ms = line.split()
     times[v].append(float(ms))
@@ -219,12 +227,14 @@ names = {
     "b": "(b) envoy-sidecar-runc, proxy disabled",
     "c": f"(c) envoy-sidecar-runc, proxy enabled, `{e['B_ANN']}`",
     "d": "(d) the config-passing `/bin/sh` script of (c), exec'ing plain runc",
+    "e": "(e) as (c), `envoy_path` a stand-in that only sleeps (no Envoy start-up)",
+    "f": "(f) as (c), no ports annotation (config read and validated, nothing proxied)",
 }
 table = [
     "| Variant | Median (ms) | p90 (ms) | Min (ms) | Median ÷ runc |",
     "|---|---:|---:|---:|---:|",
 ]
-for v in "abcd":
+for v in "abcdef":
     table.append(
         f"| {names[v]} | {med[v]:.1f} | {p90(times[v]):.1f} | {min(times[v]):.1f} | "
         f"{med[v] / med['a']:.3f}× |"
@@ -251,7 +261,11 @@ wall time of a complete
   `--annotation {e['B_ANN']}` (port allocation, spec patching, state file and the
   runc hooks), reached through a `/bin/sh` script that sets `ENVOY_SIDECAR_CONFIG`;
 - **(d)** `X` = that same script shape exec'ing plain runc: the script's own cost,
-  so that median(c) ÷ median(d) is the wrapper's cost in (c).
+  so that median(c) ÷ median(d) is the wrapper's cost in (c);
+- **(e)** as (c), with `proxy.envoy_path` a stand-in that only sleeps: everything but
+  Envoy's own start-up;
+- **(f)** as (c) without the ports annotation: the wrapper with the proxy enabled
+  deciding there is nothing to proxy.
 
 **Command:** `make bench` (installs deps, builds release, starts the private
 containerd of `tests/env/containerd.sh`, runs `scripts/bench.sh`).
@@ -263,7 +277,7 @@ containerd of `tests/env/containerd.sh`, runs `scripts/bench.sh`).
 (`free -g` total), kernel {e['B_KERNEL']}, cgroup {e['B_CGROUP']}  
 **Runtime:** containerd {e['B_CONTAINERD']}, runc {e['B_RUNC']}  
 **Rounds:** {rounds} measured (+ {e['B_WARMUP']} warm-up rounds not counted), each
-round running (a), (b), (c), (d) once, in an order rotated every round; a fresh container
+round running (a) to (f) once, in an order rotated every round; a fresh container
 id per run.
 
 {chr(10).join(table)}
@@ -272,7 +286,16 @@ id per run.
 median(b) ÷ median(a) ≤ {target:.2f} — {verdict}.
 With the proxy enabled: median(c) ÷ median(a) = {rc:.3f}×, of which the config-passing
 script accounts for median(d) ÷ median(a) = {med['d'] / med['a']:.3f}×; the wrapper's own
-share, median(c) ÷ median(d) = {rcd:.3f}× (no target set).
+share, median(c) ÷ median(d) = {rcd:.3f}×.
+
+Where (c)'s extra time goes, from the differences of medians (same run, same rounds):
+
+| step | ms | how |
+|---|---:|---|
+| the config-passing script | {med['d'] - med['a']:.1f} | (d) − (a) |
+| the wrapper reading and validating its config (CA files, paths) | {med['f'] - med['d']:.1f} | (f) − (d) |
+| ports, state, index, spec patch, three hooks, the supervisor (credentials, cgroups, probes), NAT bookkeeping | {med['e'] - med['f']:.1f} | (e) − (f) |
+| Envoy's own start-up, concurrent with the container's (≈ 70 ms of CPU on this 2-core machine) | {med['c'] - med['e']:.1f} | (c) − (e) |
 
 ### How to read this
 

@@ -75,7 +75,16 @@ fn create_hands_runc_the_original_argv_and_patches_the_spec() {
     );
     let ip = format!("CF_INSTANCE_IP={}", slots::UNROUTED);
     assert!(env.contains(&ip.as_str()), "{env:?}");
-    for stage in ["createRuntime", "poststart", "poststop"] {
+    // With unproxied mappings on (the default) there is no ingress filter to install
+    // before the app starts: no createRuntime hook (poststart records the init pid).
+    assert!(
+        spec["hooks"]["createRuntime"]
+            .as_array()
+            .is_none_or(|h| h.is_empty()),
+        "{}",
+        spec["hooks"]
+    );
+    for stage in ["poststart", "poststop"] {
         let hooks = spec["hooks"][stage].as_array().unwrap();
         assert_eq!(hooks.len(), 1);
         let args = strings(&hooks[0]["args"]);

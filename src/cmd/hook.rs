@@ -99,6 +99,11 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             let Some(mut s) = store.read(namespace, &st.id)? else {
                 return Ok(());
             };
+            // Without an ingress filter there is no createRuntime hook: the pid is
+            // recorded here, in the same write.
+            if s.init_pid.is_none() {
+                s.init_pid = st.pid;
+            }
             s.started_at = Some(now_rfc3339());
             store.write(&s)?;
             // A network configured before create (CRI, nerdctl): mapped now. Under

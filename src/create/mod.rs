@@ -26,6 +26,7 @@ use crate::sys::fs::now_rfc3339;
 const UNLIMITED: &str = "unlimited";
 
 /// Hook stages we register, with where our entry goes and runc's timeout (seconds).
+/// createRuntime only when it has work (the ingress filter, before the app starts).
 const HOOKS: [(&str, bool, u64); 3] = [
     ("createRuntime", false, 30),
     ("poststart", false, 30),
@@ -263,7 +264,14 @@ fn patch_spec(
     }
 
     for (stage, first, timeout) in HOOKS {
-        spec.set_hook(stage, hook_entry(cfg, t, stage, timeout), first)?;
+        let entry = hook_entry(cfg, t, stage, timeout);
+        if stage == "createRuntime" && !crate::nat::ingress::wanted(s) {
+            // Nothing to do before the app starts (no ingress filter): one process
+            // less per container; poststart records the init pid.
+            spec.remove_hook(stage, &entry)?;
+            continue;
+        }
+        spec.set_hook(stage, entry, first)?;
     }
     Ok(())
 }

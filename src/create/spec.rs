@@ -249,6 +249,21 @@ impl JsonFile {
 
     /// Add our hook at `stage`, first or last, after dropping any earlier hook of ours
     /// (same executable) so that a second `create` on one bundle does not add it twice.
+    /// Remove our entry (same `path` as `hook`) from `stage`, if there is one (a
+    /// re-create of a bundle whose earlier patch registered it).
+    pub fn remove_hook(&mut self, stage: &str, hook: &Value) -> Result<()> {
+        let ours = &hook["path"];
+        if let Some(list) = self
+            .value
+            .get_mut("hooks")
+            .and_then(|h| h.get_mut(stage))
+            .and_then(Value::as_array_mut)
+        {
+            list.retain(|h| h.get("path") != Some(ours));
+        }
+        Ok(())
+    }
+
     pub fn set_hook(&mut self, stage: &str, hook: Value, first: bool) -> Result<()> {
         let path = self.path.clone();
         let ours = hook["path"].clone();
