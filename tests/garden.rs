@@ -65,15 +65,18 @@ fn start(name: &str, id: &str) -> Garden {
     );
     // The spec runc ran carries our hooks (Garden's bundle had none).
     let patched: Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    for stage in ["createRuntime", "poststart", "poststop"] {
+    // (No createRuntime of ours: unproxied mappings on, no ingress filter.)
+    assert!(
+        patched["hooks"]["createRuntime"].is_null(),
+        "{}",
+        patched["hooks"]
+    );
+    for stage in ["poststart", "poststop"] {
         let hooks = patched["hooks"][stage].as_array().unwrap();
         assert_eq!(hooks.len(), 1, "{stage}: {hooks:?}");
         assert_eq!(hooks[0]["path"], cli_bin().display().to_string());
     }
-    assert_eq!(
-        st["init_pid"], pid,
-        "createRuntime recorded the init pid: {st}"
-    );
+    assert_eq!(st["init_pid"], pid, "poststart recorded the init pid: {st}");
 
     Garden {
         c,
