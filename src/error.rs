@@ -77,6 +77,11 @@ pub enum Error {
     #[error("Envoy uid pool: {0}")]
     UidPool(String),
 
+    /// Envoy's Landlock sandbox could not be built: the message names the path of the
+    /// rule at fault (or the kernel's reason) and what is needed there.
+    #[error("Envoy sandbox: {0}")]
+    Sandbox(String),
+
     /// The per-container supervisor cannot set up or run the proxy.
     #[error("supervisor of {container}: {msg}")]
     Supervisor { container: String, msg: String },

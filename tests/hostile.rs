@@ -382,7 +382,7 @@ const CONFIG_KEYS: &[&str] = &[
     "instance_identity.ca_cert", "instance_identity.ca_key", "instance_identity",
     "instance_identity.validity", "instance_identity.key_type", "metrics.mode",
     "ports.pool_start/pool_end", "host.memory_capacity_mb", "runtime.runc",
-    "runtime.state_dir", "runtime.cli",
+    "runtime.state_dir", "runtime.cli", "proxy.sandbox_allow_read",
 ];
 
 fn check_config_error(e: &Error) -> TestCaseResult {
@@ -535,6 +535,7 @@ const BOOL_KEYS: &[&str] = &[
     "enable_http2",
     "require_and_verify_client_certificates",
     "enable_unproxied_port_mappings",
+    "sandbox",
 ];
 const INT_KEYS: &[&str] = &[
     "additional_memory_allocation_mb",
@@ -554,7 +555,11 @@ const PATH_KEYS: &[&str] = &[
     "state_dir",
     "cli",
 ];
-const LIST_KEYS: &[&str] = &["trusted_ca_certificates", "verify_subject_alt_name"];
+const LIST_KEYS: &[&str] = &[
+    "trusted_ca_certificates",
+    "verify_subject_alt_name",
+    "sandbox_allow_read",
+];
 const WORD_KEYS: &[&str] = &["validity", "key_type", "mode", "address"];
 const TABLES: &[&str] = &[
     "proxy",

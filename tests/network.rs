@@ -545,6 +545,29 @@ fn front_door_refuses_an_envoy_binary_in_a_private_directory() {
 }
 
 #[test]
+fn front_door_refuses_a_ca_key_readable_by_others() {
+    if !can_run("front_door_refuses_a_ca_key_readable_by_others") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("door-cakey", "", "");
+    let key = sb.dir.join("ca/ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let k = key.display().to_string();
+    refused_everywhere(
+        &sb,
+        &sb.state_dir,
+        "es-door-cakey",
+        &[
+            "instance_identity.ca_key",
+            &k,
+            "0644",
+            &format!("chmod 600 {k}"),
+        ],
+    );
+}
+
+#[test]
 fn front_door_refuses_a_state_dir_under_a_private_parent() {
     if !can_run("front_door_refuses_a_state_dir_under_a_private_parent") {
         return;

@@ -342,6 +342,9 @@ fn private_key_never_appears_in_logs_or_state() {
     eprintln!("no key material in {} files: {files:?}", files.len());
     // The logs searched did see both issues (they are not empty by accident).
     let sup_log = std::fs::read_to_string(dir.join("supervisor.log")).unwrap();
+    for l in sup_log.lines().filter(|l| l.contains("Envoy sandbox")) {
+        eprintln!("{l}");
+    }
     assert!(
         sup_log.matches("issued certificate").count() >= 2,
         "{sup_log}"
@@ -407,6 +410,105 @@ fn envoy_runs_without_root_or_capabilities() {
         "Envoy {envoy}: CapBnd {:?} (bounding set; nothing is permitted)",
         field("CapBnd")
     );
+}
+
+/// Issue 13: Envoy reads only what `sidecar::sandbox::allow_list` grants. `envoy_path`
+/// is a script that, as the Envoy uid inside its Landlock domain, tries a world-readable
+/// host file, another container's `supervisor.log` (made world-readable here) and a
+/// world-writable directory, prints the outcomes to envoy.log, then execs the real
+/// Envoy (through `proxy.sandbox_allow_read`), which must still serve.
+#[test]
+fn envoy_sandbox_denies_host_files_and_still_serves() {
+    if !can_run("envoy_sandbox_denies_host_files_and_still_serves") {
+        return;
+    }
+    let sb = Sandbox::new("sec-sandbox", "", "");
+    let probe = sb.dir.join("probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let secret = probe.join("host-secret");
+    std::fs::write(&secret, "host secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let other_log = sb
+        .state_dir
+        .join(NAMESPACE)
+        .join("es-sec-sbx-a/supervisor.log");
+    let script = sb.dir.join("envoy-probe.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             for f in {secret} {other_log}; do\n\
+             if read -r line < \"$f\"; then echo \"sandbox-probe: READ $f\"; \
+             else echo \"sandbox-probe: DENIED $f\"; fi\n\
+             done\n\
+             if echo x 2>/dev/null > {probe}/written; then echo \"sandbox-probe: WROTE\"; \
+             else echo \"sandbox-probe: DENIED write\"; fi\n\
+             exec /usr/local/bin/envoy \"$@\"\n",
+            secret = secret.display(),
+            other_log = other_log.display(),
+            probe = probe.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Container a: the real Envoy; its supervisor.log made world-readable (what a
+    // hostile review found on hosts with a loose umask).
+    let net_a = sb.slot.netns(0);
+    let (_a, _, _) = sb.start_served("es-sec-sbx-a", &net_a);
+    std::fs::set_permissions(&other_log, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Container b: the probe script as envoy_path.
+    let cfg = std::fs::read_to_string(&sb.config).unwrap().replace(
+        "envoy_path = \"/usr/local/bin/envoy\"",
+        &format!(
+            "envoy_path = {:?}\nsandbox_allow_read = [\"/usr/local/bin/envoy\"]",
+            script
+        ),
+    );
+    std::fs::write(&sb.config, cfg).unwrap();
+    let net_b = sb.slot.netns(1);
+    let id = "es-sec-sbx-b";
+    let (_b, st, _) = sb.start_served(id, &net_b);
+
+    let dir = sb.state_dir.join(NAMESPACE).join(id);
+    let envoy_log = std::fs::read_to_string(dir.join("envoy.log")).unwrap();
+    let lines: Vec<&str> = envoy_log
+        .lines()
+        .filter(|l| l.starts_with("sandbox-probe:"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            format!("sandbox-probe: DENIED {}", secret.display()),
+            format!("sandbox-probe: DENIED {}", other_log.display()),
+            "sandbox-probe: DENIED write".to_string(),
+        ],
+        "envoy.log:\n{envoy_log}"
+    );
+    assert!(!probe.join("written").exists());
+    let sup_log = std::fs::read_to_string(dir.join("supervisor.log")).unwrap();
+    for l in sup_log.lines().filter(|l| l.contains("Envoy sandbox")) {
+        eprintln!("{l}");
+    }
+    assert!(
+        sup_log.contains("Envoy sandbox: Landlock ABI") && sup_log.contains("enforced"),
+        "supervisor.log:\n{sup_log}"
+    );
+
+    // Control: the same uid without the sandbox reads both (the test would pass
+    // without Landlock only if the files were not readable anyway).
+    let uid = u32::try_from(st["envoy_uid"].as_u64().unwrap()).unwrap();
+    for f in [&secret, &other_log] {
+        let o = as_user(uid, uid, &["cat", f.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "uid {uid} reads {} unsandboxed: {}",
+            f.display(),
+            text(&o)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -67,6 +67,14 @@ pub struct Proxy {
     /// How often the supervisor checks a running Envoy with a TLS handshake on every
     /// listener; "0s" turns liveness checks off.
     pub liveness_interval: String,
+    /// Confine Envoy with Landlock: it may read only its binary, the system libraries,
+    /// its bootstrap and SDS files (`sidecar::sandbox::allow_list`). Best effort: on a
+    /// kernel without Landlock Envoy runs unconfined and the supervisor log and `doctor`
+    /// say so.
+    pub sandbox: bool,
+    /// More files or directories (absolute) the sandboxed Envoy may read and execute,
+    /// e.g. the real binary a wrapper-script `envoy_path` execs.
+    pub sandbox_allow_read: Vec<PathBuf>,
 }
 
 impl Default for Proxy {
@@ -86,6 +94,8 @@ impl Default for Proxy {
             max_connections: 4096,
             network_wait: "30s".into(),
             liveness_interval: "10s".into(),
+            sandbox: true,
+            sandbox_allow_read: Vec::new(),
         }
     }
 }
@@ -310,6 +320,20 @@ impl Config {
                 ),
             ));
         }
+        for (i, extra) in p.sandbox_allow_read.iter().enumerate() {
+            if !extra.is_absolute() {
+                return Err(self.err(
+                    &format!("proxy.sandbox_allow_read[{i}]"),
+                    format!("{} is not absolute; valid: absolute paths", extra.display()),
+                ));
+            }
+            if files && p.enabled && !extra.exists() {
+                return Err(self.err(
+                    &format!("proxy.sandbox_allow_read[{i}]"),
+                    format!("{} does not exist", extra.display()),
+                ));
+            }
+        }
         if p.enabled {
             if !p.envoy_path.is_absolute() {
                 return Err(self.err("proxy.envoy_path", "must be an absolute path"));
@@ -332,6 +356,7 @@ impl Config {
                 pem::certificate_file(cert)
                     .map_err(|m| self.err("instance_identity.ca_cert", m))?;
                 pem::private_key_file(key).map_err(|m| self.err("instance_identity.ca_key", m))?;
+                pem::private_key_mode(key).map_err(|m| self.err("instance_identity.ca_key", m))?;
                 // Loading proves what issuing needs: a supported key that matches a CA
                 // certificate which has not expired. The message names the file.
                 Ca::load(cert, key).map_err(|e| match e {
@@ -864,6 +889,19 @@ mod tests {
                 && e.contains("does not match"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sandbox_allow_read_entries_are_absolute_existing_paths() {
+        let e = invalid("[proxy]\nsandbox_allow_read = [\"relative/envoy\"]\n");
+        assert!(
+            e.contains("proxy.sandbox_allow_read[0]") && e.contains("not absolute"),
+            "{e}"
+        );
+        let c = parse("[proxy]\nsandbox = false\nsandbox_allow_read = [\"/usr\"]\n").unwrap();
+        c.validate(&[]).unwrap();
+        assert!(!c.proxy.sandbox);
+        assert!(Config::default().proxy.sandbox, "on by default");
     }
 
     #[test]

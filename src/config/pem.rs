@@ -62,3 +62,57 @@ pub fn private_key_file(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A private key only its owner can read: mode `& 0o077 == 0` (a CA key readable by a
+/// group or everyone lets any local user, or a sandbox escape, sign identities).
+pub fn private_key_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}: readable or writable by group or others; \
+             valid: owner-only (fix: chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_readable_by_group_or_others_is_refused() {
+        let dir = std::env::temp_dir().join(format!("es-pem-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("ca.key");
+        std::fs::write(&key, "x").unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o640, false),
+            (0o644, false),
+            (0o604, false),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = private_key_mode(&key);
+            assert_eq!(r.is_ok(), ok, "{mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(
+                    e.contains(&key.display().to_string())
+                        && e.contains(&format!("{mode:04o}"))
+                        && e.contains("chmod 600"),
+                    "{e}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

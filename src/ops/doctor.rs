@@ -150,9 +150,13 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
                 &cfg.instance_identity.ca_cert,
                 &cfg.instance_identity.ca_key,
             ) {
-                (Some(c), Some(k)) => crate::identity::Ca::load(c, k)
-                    .map(|_| format!("{} can sign", c.display()))
-                    .map_err(|e| e.to_string()),
+                (Some(c), Some(k)) => crate::config::pem::private_key_mode(k)
+                    .map_err(|m| format!("instance_identity.ca_key: {m}"))
+                    .and_then(|()| {
+                        crate::identity::Ca::load(c, k)
+                            .map(|_| format!("{} can sign", c.display()))
+                            .map_err(|e| e.to_string())
+                    }),
                 _ => Err("instance_identity.ca_cert/ca_key not set".into()),
             }
         },
@@ -196,6 +200,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             }
         },
     ));
+    out.push(check("Envoy sandbox", sandbox_check(&cfg)));
     out.push(check("state dir", {
         let d = &cfg.runtime.state_dir;
         std::fs::create_dir_all(d)
@@ -205,6 +210,30 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
     }));
     out.push(check("allocation index", index_agrees(&cfg)));
     out
+}
+
+/// Whether the kernel confines Envoy to `sidecar::sandbox::allow_list`, and builds
+/// that list's ruleset for the configured `envoy_path`.
+fn sandbox_check(cfg: &Config) -> Result<String, String> {
+    use crate::sidecar::sandbox;
+    if !cfg.proxy.sandbox {
+        return Ok(sandbox::Level::Off.to_string());
+    }
+    let abi = sandbox::kernel_support().map_err(|why| {
+        format!("cannot be enforced: {why}; Envoy would read every world-readable host file")
+    })?;
+    if !cfg.proxy.enabled {
+        return Ok(format!(
+            "Landlock ABI {abi} enforced when the proxy is enabled"
+        ));
+    }
+    // No container's envoy dir exists yet: the temp dir stands in for it.
+    let s = sandbox::prepare(&cfg.proxy, &std::env::temp_dir()).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{} for {}",
+        s.level,
+        cfg.proxy.envoy_path.display()
+    ))
 }
 
 /// The index `create` allocates from is the union of the state files (`gc` rewrites
@@ -251,6 +280,10 @@ mod tests {
         assert!(!by("registration").ok && by("registration").detail.contains("make install"));
         assert!(by("state dir").ok, "{}", by("state dir").detail);
         assert!(by("CA").ok && by("CA").detail.contains("proxy disabled"));
+        if crate::sidecar::sandbox::kernel_support().is_ok() {
+            let d = &by("Envoy sandbox").detail;
+            assert!(by("Envoy sandbox").ok && d.contains("Landlock ABI"), "{d}");
+        }
         assert!(
             by("allocation index").ok,
             "{}",
@@ -280,5 +313,45 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
         assert_eq!(listeners_in(p..=p), vec![p]);
+    }
+}
+
+#[cfg(test)]
+mod ca_key_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_ca_key_readable_by_others_fails_the_ca_and_config_checks() {
+        let dir = crate::state::store::tests::tempdir("doctor-ca");
+        crate::identity::ca::generate(&dir.join("ca"), "T").unwrap();
+        let key = dir.join("ca/ca.key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "generate-ca writes an owner-only key");
+        let mut cfg = Config::default();
+        cfg.proxy.enabled = true;
+        cfg.runtime.state_dir = dir.join("state");
+        cfg.instance_identity.ca_cert = Some(dir.join("ca/ca.crt"));
+        cfg.instance_identity.ca_key = Some(key.clone());
+        let by = |checks: &[Check], n: &str| {
+            let c = checks.iter().find(|c| c.name == n).unwrap();
+            (c.ok, c.detail.clone())
+        };
+        let checks = run(Ok(cfg.clone()), Path::new("/x"));
+        assert!(by(&checks, "CA").0, "{}", by(&checks, "CA").1);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let checks = run(Ok(cfg.clone()), Path::new("/x"));
+        let (ok, d) = by(&checks, "CA");
+        assert!(
+            !ok && d.contains("ca.key") && d.contains("0644") && d.contains("chmod 600"),
+            "{d}"
+        );
+        // check-config (Config::validate) refuses it too.
+        let e = cfg.validate(&[]).unwrap_err().to_string();
+        assert!(
+            e.contains("instance_identity.ca_key") && e.contains("0644") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod control;
 pub mod policy;
+pub mod sandbox;
 pub mod status;
 pub mod supervisor;

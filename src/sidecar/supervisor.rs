@@ -32,7 +32,7 @@ use crate::identity::{self, Ca, Identity, Issued};
 use crate::nat::Nat;
 use crate::sidecar::control::{self, Paths, Record};
 use crate::sidecar::policy::{Action, Event, Phase, Policy};
-use crate::sidecar::status;
+use crate::sidecar::{sandbox, status};
 use crate::state::record::{Network, State, Status};
 use crate::state::store::{ContainerState, Store};
 use crate::sys::cgroup::SidecarCgroup;
@@ -40,7 +40,7 @@ use crate::sys::clock::{Clock, SystemClock};
 use crate::sys::fs::now_rfc3339;
 use crate::sys::netns::{self, AddrWatch};
 use crate::sys::process::{self, ProcId};
-use crate::sys::{exec, pagecache};
+use crate::sys::{exec, landlock, pagecache};
 
 /// How long one probe handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -103,6 +103,8 @@ struct Supervisor<'a> {
     probe_stale: bool,
     /// Why we killed the running Envoy (unresponsive, not ready), until it is reaped.
     kill_reason: Option<String>,
+    /// The sandbox level last written to the log (logged again only when it changes).
+    sandbox_logged: Option<sandbox::Level>,
 }
 
 /// What identifies a file's content cheaply: device, inode, size, modification time
@@ -233,6 +235,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         rotate_now: false,
         probe_stale: false,
         kill_reason: None,
+        sandbox_logged: None,
     };
     let result = s.main_loop();
     s.shutdown();
@@ -581,9 +584,31 @@ impl Supervisor<'_> {
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().at(&log_path)?)
         .stderr(log_file);
+        // Built here, before the fork: the child only applies it (`exec::confine`).
+        let sandbox =
+            sandbox::prepare(p, &self.paths.envoy_dir()).map_err(|e| self.fail(e.to_string()))?;
+        if self.sandbox_logged.as_ref() != Some(&sandbox.level) {
+            log(format!("Envoy sandbox: {}", sandbox.level));
+            for g in &sandbox.granted {
+                log(format!(
+                    "Envoy sandbox: allow {} {}",
+                    landlock::describe(g.access),
+                    g.path.display()
+                ));
+            }
+            self.sandbox_logged = Some(sandbox.level.clone());
+        }
         // Join the cgroups before exec so every page Envoy touches is charged there.
-        exec::confine(&mut cmd, procs, uid, gid);
-        let child = cmd.spawn().map_err(|e| {
+        exec::confine(
+            &mut cmd,
+            procs,
+            uid,
+            gid,
+            sandbox.ruleset.as_ref().map(landlock::Ruleset::raw_fd),
+        );
+        let spawned = cmd.spawn();
+        drop(sandbox);
+        let child = spawned.map_err(|e| {
             Error::process(
                 format!("starting proxy.envoy_path {}", p.envoy_path.display()),
                 e,

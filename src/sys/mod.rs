@@ -5,6 +5,7 @@ pub mod clock;
 pub mod exec;
 pub mod fault;
 pub mod fs;
+pub mod landlock;
 pub mod netns;
 pub mod nfnetlink;
 pub mod pagecache;
