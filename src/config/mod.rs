@@ -25,6 +25,12 @@ const MAX_ADDITIONAL_MEMORY_MB: i64 = 64 * 1024;
 /// Short validities exist to exercise rotation; production wants hours.
 const MIN_VALIDITY: Duration = Duration::from_secs(20);
 const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+/// `[proxy] handshake_timeout` default: a TLS handshake takes 2–3 round trips, so 5 s
+/// leaves a slow mobile client room while an idle or stalled peer gives its slot back
+/// within seconds (Envoy's own default is 10 s).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: &str = "5s";
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -64,6 +70,10 @@ pub struct Proxy {
     /// How long a container may run without an IPv4 address before its status turns
     /// `degraded` (humantime: `30s`, `2m`).
     pub network_wait: String,
+    /// How long a downstream peer may take from TCP accept to a completed TLS handshake
+    /// before Envoy closes the connection (humantime: `5s`, `1500ms`). Connections that
+    /// never send a ClientHello count against `max_connections` until then.
+    pub handshake_timeout: String,
 }
 
 impl Default for Proxy {
@@ -82,6 +92,7 @@ impl Default for Proxy {
             envoy_uid_pool_size: 65536,
             max_connections: 4096,
             network_wait: "30s".into(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
         }
     }
 }
@@ -340,6 +351,7 @@ impl Config {
         }
         self.validity()?;
         self.network_wait()?;
+        self.handshake_timeout()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -437,6 +449,24 @@ impl Config {
             return Err(self.err(
                 "proxy.network_wait",
                 format!("{v:?} is out of range; valid: 1s to 1h"),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// `[proxy] handshake_timeout`; checked by `validate`.
+    pub fn handshake_timeout(&self) -> Result<Duration> {
+        let v = &self.proxy.handshake_timeout;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.handshake_timeout",
+                format!("{v:?}: {e}; valid: a duration such as \"5s\", \"1500ms\""),
+            )
+        })?;
+        if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&d) {
+            return Err(self.err(
+                "proxy.handshake_timeout",
+                format!("{v:?} is out of range; valid: 100ms to 60s"),
             ));
         }
         Ok(d)
@@ -693,6 +723,23 @@ mod tests {
 
         std::fs::set_permissions(&closed, Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn handshake_timeout_is_a_bounded_duration() {
+        assert_eq!(
+            Config::default().handshake_timeout().unwrap(),
+            Duration::from_secs(5)
+        );
+        let c = parse("[proxy]\nhandshake_timeout = \"1500ms\"\n").unwrap();
+        assert_eq!(c.handshake_timeout().unwrap(), Duration::from_millis(1500));
+        for bad in ["\"soon\"", "\"0s\"", "\"50ms\"", "\"2m\""] {
+            let e = invalid(&format!("[proxy]\nhandshake_timeout = {bad}\n"));
+            assert!(
+                e.contains("proxy.handshake_timeout") && e.contains("valid:"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -38,10 +38,16 @@ pub const BUFFER_LIMIT_BYTES: u32 = 32 * 1024;
 /// the app's accept queue is full and the kernel drops the SYN. 2 s rides out one SYN
 /// retransmission (initial RTO 1 s) instead of resetting the client just before it.
 pub const CONNECT_TIMEOUT: &str = "2s";
-/// How long a peer may take to finish the TLS handshake. With the upstream connect
-/// deferred to after the handshake, a peer that never finishes would otherwise hold
-/// one of `max_connections` until tcp_proxy's 1 h idle timeout.
-pub const HANDSHAKE_TIMEOUT: &str = "10s";
+/// Envoy's form of a duration: seconds with up to nanosecond decimals (`"1.5s"`).
+pub fn envoy_duration(d: Duration) -> String {
+    let (s, n) = (d.as_secs(), d.subsec_nanos());
+    if n == 0 {
+        format!("{s}s")
+    } else {
+        let frac = format!("{n:09}");
+        format!("{s}.{}s", frac.trim_end_matches('0'))
+    }
+}
 
 /// The admin paths the product uses. Admin has no authentication and the app shares
 /// the network namespace, so everything else (`/config_dump`, `/quitquitquit`,
@@ -151,6 +157,13 @@ pub struct Inputs<'a> {
     pub upstream_address: IpAddr,
     /// Cap on open downstream connections, over all listeners.
     pub max_connections: u32,
+    /// How long a peer may take from accept to a completed TLS handshake
+    /// (`proxy.handshake_timeout`): the filter chain's
+    /// `transport_socket_connect_timeout`. Until then a connection that never sends a
+    /// ClientHello holds one of `max_connections` (the downstream-connections monitor
+    /// counts from accept), and with the upstream connect deferred to after the
+    /// handshake nothing else would close it before tcp_proxy's 1 h idle timeout.
+    pub handshake_timeout: Duration,
 }
 
 /// The Envoy bootstrap. Deterministic: same inputs, same bytes (keys keep insertion
@@ -214,7 +227,7 @@ fn listener(i: &Inputs, l: &Listener) -> Value {
         "address": socket_address("0.0.0.0", l.proxy_port),
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
         "filter_chains": [{
-            "transport_socket_connect_timeout": HANDSHAKE_TIMEOUT,
+            "transport_socket_connect_timeout": envoy_duration(i.handshake_timeout),
             "filters": [{
                 "name": "envoy.filters.network.tcp_proxy",
                 "typed_config": {
@@ -493,6 +506,7 @@ mod tests {
             sds_dir: Path::new("/run/envoy-sidecar/default/app1/sds"),
             upstream_address: LOOPBACK,
             max_connections: 1000,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 
@@ -739,6 +753,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("es-envoycfg-missing-{}", std::process::id()));
         let e = write_sds(&dir, "C", "K", 0, 0).unwrap_err().to_string();
         assert!(e.contains(&dir.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn durations_in_envoys_form() {
+        assert_eq!(envoy_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(envoy_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(envoy_duration(Duration::from_millis(100)), "0.1s");
+        assert_eq!(
+            envoy_duration(Duration::from_nanos(1_000_000_001)),
+            "1.000000001s"
+        );
+        let mut i = inputs(ONE, Alpn::None, None);
+        i.handshake_timeout = Duration::from_millis(1250);
+        let b = bootstrap(&i);
+        assert_eq!(
+            b["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket_connect_timeout"],
+            json!("1.25s")
+        );
     }
 
     #[test]
