@@ -407,7 +407,11 @@ fn check_valid_config(c: &Config) -> TestCaseResult {
     let p = &c.proxy;
     prop_assert!((0..=65536).contains(&p.additional_memory_allocation_mb));
     prop_assert!((1..=64).contains(&p.concurrency));
-    prop_assert!((1..=1_000_000).contains(&p.max_connections));
+    prop_assert!(
+        p.max_connections
+            .is_none_or(|m| (1..=1_000_000).contains(&m))
+    );
+    prop_assert!((1..=1_000_000).contains(&c.max_connections()));
     prop_assert!(p.envoy_uid_pool_start >= 1000 && p.envoy_uid_pool_size >= 1);
     prop_assert!(p.enable_unproxied_port_mappings || p.enabled);
     prop_assert!(
