@@ -317,8 +317,8 @@ part and {c['FIXED_OVERHEAD_KIB'] / KIB:.0f} MiB fixed (the module says why).
 32) for a peak of N concurrent connections, next to the reference's rule
 `reference_mb(N)`:""") + "\n\n" + "\n".join(rec_rows) + "\n\n" + fill(f"""
 By this rule the default allocation of 32 MiB holds a peak of about {covered(False)} TLS
-or {covered(True)} mTLS connections, while `proxy.max_connections` lets Envoy accept
-4096 by default.""")
+or {covered(True)} mTLS connections, and that is what `proxy.max_connections` defaults to
+(`envoy::sizing::connections_for_mb`; an explicit value wins).""")
     else:
         sizing = "**Sizing.** (`src/envoy/sizing.rs` not found or not in the expected shape.)"
     how = fill(f"""

@@ -11,6 +11,7 @@
     tls-load.py hold --host IP --port P --ca CA --server-name NAME
                      [--cert CRT --key KEY] --n N --ready-file FILE
                      [--parallel K] [--open-timeout S] [--hold-max S]
+                     [--keep-partial] [--finish]
 
         Opens N TLS connections (each a completed handshake that verified the server
         against CA with server name NAME, and presented CRT/KEY when given), and on each
@@ -30,6 +31,12 @@
         connection tried at most 3 times, opening gives up after --open-timeout
         (default 60 s), holding ends after --hold-max (default 45 s). Exit 0 when all N
         were opened (drops are reported, not an error), 1 otherwise.
+        --keep-partial: a refused connection is not retried, and those that did open
+        are held all the same (exit 0; "failed" says how many were refused): for
+        testing a server that is expected to refuse past a limit.
+        --finish: at release, first complete the request on every held connection (the
+        final blank line) and read the response; "answered" counts those that got an
+        HTTP response, i.e. the connections that still worked at the end.
 
 RLIMIT_NOFILE is raised (up to the hard limit) as N needs.
 """
@@ -126,7 +133,7 @@ async def hold(a):
     async def open_one(i):
         nonlocal retries
         last = None
-        for attempt in range(ATTEMPTS):
+        for attempt in range(1 if a.keep_partial else ATTEMPTS):
             async with sem:
                 try:
                     r, w = await asyncio.wait_for(
@@ -172,7 +179,7 @@ async def hold(a):
         json.dump(ready, f)
     os.replace(tmp, a.ready_file)
 
-    if opened == a.n:
+    if opened == a.n or a.keep_partial:
         try:
             await asyncio.wait_for(release.wait(), timeout=a.hold_max)
         except asyncio.TimeoutError:
@@ -182,6 +189,17 @@ async def hold(a):
     t_release = time.monotonic()
     for wt in watchers:
         wt.cancel()
+    answered = 0
+    if a.finish:
+        async def finish(r, w):
+            try:
+                w.write(b"\r\n")
+                await w.drain()
+                data = await asyncio.wait_for(r.read(64), timeout=10)
+                return data.startswith(b"HTTP/1.")
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                return False
+        answered = sum(await asyncio.gather(*(finish(r, w) for r, w in conns)))
     for _, w in conns:
         w.close()  # close_notify, then FIN
 
@@ -199,9 +217,9 @@ async def hold(a):
     print(json.dumps({"opened": opened, "failed": len(failed), "dropped": len(drops),
                       "first_drop_s": round(min(drops), 3) if drops else None,
                       "held_s": round(t_release - t_open, 3),
-                      "released_by": released_by[0],
+                      "released_by": released_by[0], "answered": answered,
                       "first_failure": failed[0] if failed else None}))
-    return 0 if opened == a.n else 1
+    return 0 if opened == a.n or a.keep_partial else 1
 
 
 def main():
@@ -224,6 +242,8 @@ def main():
             s.add_argument("--parallel", type=int, default=32)
             s.add_argument("--open-timeout", type=float, default=60.0)
             s.add_argument("--hold-max", type=float, default=45.0)
+            s.add_argument("--keep-partial", action="store_true")
+            s.add_argument("--finish", action="store_true")
             s.add_argument("--release-on-drop", action="store_true",
                            help="end the hold at the first connection the other side closes")
     a = p.parse_args()

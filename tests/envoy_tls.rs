@@ -177,6 +177,18 @@ struct Setup {
 
 impl Setup {
     fn start(bin: &Path, name: &str, ports: usize, alpn: Alpn, mtls: Option<&Mtls>) -> Setup {
+        Setup::start_with(bin, name, ports, alpn, mtls, 100, Duration::from_secs(5))
+    }
+
+    fn start_with(
+        bin: &Path,
+        name: &str,
+        ports: usize,
+        alpn: Alpn,
+        mtls: Option<&Mtls>,
+        max_connections: u32,
+        handshake_timeout: Duration,
+    ) -> Setup {
         let dir = TempDir::new(&format!("es-envoy-{name}"));
         let ca = Ca::new(dir.path(), "instance-ca");
         let serving = leaf(
@@ -218,7 +230,8 @@ impl Setup {
             mtls,
             sds_dir: &sds_dir,
             upstream_address: LOOPBACK,
-            max_connections: 100,
+            max_connections,
+            handshake_timeout,
         });
         let bootstrap = dir.path().join("bootstrap.json");
         std::fs::write(&bootstrap, bootstrap::render(&b)).unwrap();
@@ -585,6 +598,104 @@ fn tls_alpn_admin_and_rotation() {
     // Envoy 1.40 still reports state LIVE (/server_info, /ready) after a listener
     // drain: the supervisor has to remember that it drained.
     s.envoy.assert_running();
+}
+
+/// One counter from admin `/stats` (`name: value` lines), 0 when absent.
+fn stat(admin_port: u16, name: &str) -> u64 {
+    let (code, body) = admin(
+        LOOPBACK,
+        admin_port,
+        "GET",
+        &format!("/stats?filter=^{name}$"),
+    )
+    .unwrap_or_else(|e| panic!("admin /stats: {e}"));
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Flood ([proxy] handshake_timeout): FLOOD plain TCP connections that never send a
+/// ClientHello, more than `max_connections`, all held open by the test; a real TLS
+/// request must still complete within 2 s of the flood being in place. Idle
+/// pre-handshake connections count against Envoy's downstream-connections monitor
+/// from accept (the flood fills the cap: the next connection is refused at once), so
+/// what frees the slots is the handshake timeout (`transport_socket_connect_timeout`).
+/// `HANDSHAKE_FLOOD_TIMEOUT_MS=10000` (Envoy's default and this product's value before
+/// the key existed) makes it fail.
+#[test]
+fn handshake_flood_does_not_starve_clients() {
+    let Some(bin) = envoy("handshake_flood_does_not_starve_clients") else {
+        return;
+    };
+    const FLOOD: usize = 1000;
+    const CAP: u32 = 400;
+    let timeout = Duration::from_millis(
+        std::env::var("HANDSHAKE_FLOOD_TIMEOUT_MS")
+            .ok()
+            .map_or(1000, |v| v.parse().unwrap()),
+    );
+    let mut s = Setup::start_with(&bin, "flood", 1, Alpn::H2Http11, None, CAP, timeout);
+    s.wait_ready(None);
+    let (port, ca, admin_port) = (s.listeners[0].proxy_port, s.ca.pem(), s.admin_port);
+    // Let the readiness handshakes' connections close before counting.
+    settle();
+
+    let mut flood = Vec::with_capacity(FLOOD);
+    for k in 0..FLOOD {
+        let c = TcpStream::connect_timeout(&SocketAddr::from((LOOPBACK, port)), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("flood connection {k}: {e}"));
+        flood.push(c);
+    }
+    let flooded = Instant::now();
+    // The flood really is past the cap: Envoy counts what it refused at accept.
+    let overflow = wait_until_every(
+        "Envoy refusing connections over the cap",
+        Duration::from_secs(2),
+        Duration::from_millis(10),
+        || {
+            let n = stat(
+                admin_port,
+                &format!("listener.0.0.0.0_{port}.downstream_global_cx_overflow"),
+            );
+            if n > 0 {
+                Ok(n)
+            } else {
+                Err(format!("overflow {n}"))
+            }
+        },
+    );
+    let refused_at_first = tls(port, &ca, None, &[]).is_err();
+
+    // A client retrying every 20 ms, as a real client's retry would.
+    let (served, attempts) = loop {
+        match tls(port, &ca, None, &[]) {
+            Ok(got) => break (got, flooded.elapsed()),
+            Err(e) => {
+                assert!(
+                    flooded.elapsed() < Duration::from_secs(2),
+                    "no TLS request completed within 2 s of {FLOOD} idle connections \
+                     (max_connections {CAP}, handshake timeout {timeout:?}); last: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(served.reply, format!("hello {}\n", s.apps[0].port));
+    let _ = writeln!(
+        std::io::stderr(),
+        "flood: {FLOOD} idle connections, cap {CAP}, refused over cap {overflow}, \
+         refused right after the flood: {refused_at_first}, TLS served {attempts:?} after \
+         the flood (handshake timeout {timeout:?})"
+    );
+    // The idle ones were closed by Envoy (reads see EOF or reset), not by the test.
+    let mut buf = [0u8; 1];
+    for c in flood.iter_mut().take(10) {
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)));
+    }
+    s.envoy.assert_running();
+    drop(flood);
 }
 
 #[test]

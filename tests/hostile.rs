@@ -407,7 +407,11 @@ fn check_valid_config(c: &Config) -> TestCaseResult {
     let p = &c.proxy;
     prop_assert!((0..=65536).contains(&p.additional_memory_allocation_mb));
     prop_assert!((1..=64).contains(&p.concurrency));
-    prop_assert!((1..=1_000_000).contains(&p.max_connections));
+    prop_assert!(
+        p.max_connections
+            .is_none_or(|m| (1..=1_000_000).contains(&m))
+    );
+    prop_assert!((1..=1_000_000).contains(&c.max_connections()));
     prop_assert!(p.envoy_uid_pool_start >= 1000 && p.envoy_uid_pool_size >= 1);
     prop_assert!(p.enable_unproxied_port_mappings || p.enabled);
     prop_assert!(
@@ -1815,6 +1819,7 @@ fn bootstrap_escapes_every_string() {
                 sds_dir: Path::new(&sds),
                 upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 max_connections: max,
+                handshake_timeout: std::time::Duration::from_secs(5),
             };
             let sans = mtls.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
             check_bootstrap(&i, &sans, mtls.as_ref().map(|(p, _)| p.as_str()))?;
@@ -1905,6 +1910,7 @@ fn check_san_config(sans: &[String]) -> TestCaseResult {
         sds_dir: Path::new("/run/envoy-sidecar/default/c1/sds"),
         upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
         max_connections: 4096,
+        handshake_timeout: std::time::Duration::from_secs(5),
     };
     check_bootstrap(&i, sans, Some(&m.trusted_ca_pem))
 }

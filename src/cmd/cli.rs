@@ -320,6 +320,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let (key, msg) = a.key_and_message();
                 bail!("config {}: {key}: {msg}", cfg.source_name());
             }
+            // Valid, but probably not what was meant: said, exit status still 0.
+            for w in cfg.warnings() {
+                eprintln!("warning: config {}: {w}", cfg.source_name());
+            }
             match &cfg.source {
                 Some(p) => println!("config OK: {}", p.display()),
                 None => println!("config OK: no file, built-in defaults (proxy disabled)"),
@@ -414,7 +418,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             for c in &checks {
                 println!(
                     "{:<5} {:<14} {}",
-                    if c.ok { "ok" } else { "FAIL" },
+                    match (c.ok, c.warn) {
+                        (false, _) => "FAIL",
+                        (true, true) => "warn",
+                        (true, false) => "ok",
+                    },
                     c.name,
                     c.detail
                 );

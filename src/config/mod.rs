@@ -25,6 +25,14 @@ const MAX_ADDITIONAL_MEMORY_MB: i64 = 64 * 1024;
 /// Short validities exist to exercise rotation; production wants hours.
 const MIN_VALIDITY: Duration = Duration::from_secs(20);
 const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Upper bound of `[proxy] max_connections`.
+pub const MAX_CONNECTIONS: i64 = 1_000_000;
+/// `[proxy] handshake_timeout` default: a TLS handshake takes 2–3 round trips, so 5 s
+/// leaves a slow mobile client room while an idle or stalled peer gives its slot back
+/// within seconds (Envoy's own default is 10 s).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: &str = "5s";
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -60,7 +68,9 @@ pub struct Proxy {
     pub envoy_uid_pool_start: i64,
     pub envoy_uid_pool_size: i64,
     /// Envoy's cap on open downstream connections (global_downstream_max_connections).
-    pub max_connections: i64,
+    /// Unset: what `additional_memory_allocation_mb` holds by the measured model
+    /// ([`Config::max_connections`]).
+    pub max_connections: Option<i64>,
     /// How long a container may run without an IPv4 address before its status turns
     /// `degraded` (humantime: `30s`, `2m`).
     pub network_wait: String,
@@ -75,6 +85,10 @@ pub struct Proxy {
     /// More files or directories (absolute) the sandboxed Envoy may read and execute,
     /// e.g. the real binary a wrapper-script `envoy_path` execs.
     pub sandbox_allow_read: Vec<PathBuf>,
+    /// How long a downstream peer may take from TCP accept to a completed TLS handshake
+    /// before Envoy closes the connection (humantime: `5s`, `1500ms`). Connections that
+    /// never send a ClientHello count against `max_connections` until then.
+    pub handshake_timeout: String,
 }
 
 impl Default for Proxy {
@@ -91,11 +105,12 @@ impl Default for Proxy {
             concurrency: 1,
             envoy_uid_pool_start: 2_000_000_000,
             envoy_uid_pool_size: 65536,
-            max_connections: 4096,
+            max_connections: None,
             network_wait: "30s".into(),
             liveness_interval: "10s".into(),
             sandbox: true,
             sandbox_allow_read: Vec::new(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
         }
     }
 }
@@ -301,10 +316,12 @@ impl Config {
                 format!("{} is out of range; valid: 1 to 64", p.concurrency),
             ));
         }
-        if !(1..=1_000_000).contains(&p.max_connections) {
+        if let Some(m) = p.max_connections
+            && !(1..=MAX_CONNECTIONS).contains(&m)
+        {
             return Err(self.err(
                 "proxy.max_connections",
-                format!("{} is out of range; valid: 1 to 1000000", p.max_connections),
+                format!("{m} is out of range; valid: 1 to {MAX_CONNECTIONS}"),
             ));
         }
         let (u0, un) = (p.envoy_uid_pool_start, p.envoy_uid_pool_size);
@@ -374,6 +391,7 @@ impl Config {
         self.validity()?;
         self.network_wait()?;
         self.liveness_interval()?;
+        self.handshake_timeout()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -498,6 +516,89 @@ impl Config {
             ));
         }
         Ok(Some(d))
+    }
+
+    /// Whether Envoy verifies client certificates: the sizing model's mTLS figures apply.
+    fn mtls(&self) -> bool {
+        self.proxy.require_and_verify_client_certificates
+    }
+
+    /// The additional allocation in MiB (validated: 0 to 65536).
+    fn additional_mb(&self) -> u64 {
+        self.proxy.additional_memory_allocation_mb.unsigned_abs()
+    }
+
+    /// Envoy's connection cap: `[proxy] max_connections` when set (an explicit value
+    /// wins), else what the additional allocation holds by the measured model
+    /// (`envoy::sizing::default_max_connections`: 386 TLS / 316 mTLS connections for
+    /// the default 32 MiB). Validated values only.
+    pub fn max_connections(&self) -> u32 {
+        let n = match self.proxy.max_connections {
+            Some(m) => m.unsigned_abs(),
+            None => crate::envoy::sizing::default_max_connections(
+                self.additional_mb(),
+                self.mtls(),
+                MAX_CONNECTIONS.unsigned_abs(),
+            ),
+        };
+        u32::try_from(n.min(MAX_CONNECTIONS.unsigned_abs())).unwrap_or(u32::MAX)
+    }
+
+    /// What is valid but will not behave as the operator probably expects: an explicit
+    /// `max_connections` the additional allocation cannot hold, or an allocation that
+    /// does not even hold an idle Envoy. `check-config` and `doctor` print these.
+    pub fn warnings(&self) -> Vec<String> {
+        use crate::envoy::sizing;
+        let mut out = Vec::new();
+        if !self.proxy.enabled {
+            return out;
+        }
+        let (mb, mtls) = (self.additional_mb(), self.mtls());
+        let mode = if mtls { "mutual TLS" } else { "TLS" };
+        let idle = sizing::recommend_mb(0, mtls);
+        if mb < idle {
+            out.push(format!(
+                "proxy.additional_memory_allocation_mb = {mb} does not hold an idle Envoy \
+                 ({idle} MiB by the measured model): Envoy's memory comes out of the app's \
+                 limit; valid but short — `envoy-sidecar recommend-memory --connections N` \
+                 gives a value"
+            ));
+        }
+        if let Some(m) = self.proxy.max_connections {
+            let m = m.unsigned_abs();
+            let need = sizing::recommend_mb(m, mtls);
+            if need > mb {
+                out.push(format!(
+                    "proxy.max_connections = {m} needs about {need} MiB of additional \
+                     allocation ({mode}, measured model: `envoy-sidecar recommend-memory \
+                     --connections {m}`), but proxy.additional_memory_allocation_mb = {mb} \
+                     holds about {} connections: past those Envoy takes the app's memory, \
+                     and at the container's limit it is OOM-killed (and restarted, dropping \
+                     every open connection); raise the allocation, or lower max_connections \
+                     (or leave it unset: it then follows the allocation)",
+                    sizing::connections_for_mb(mb, mtls),
+                ));
+            }
+        }
+        out
+    }
+
+    /// `[proxy] handshake_timeout`; checked by `validate`.
+    pub fn handshake_timeout(&self) -> Result<Duration> {
+        let v = &self.proxy.handshake_timeout;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.handshake_timeout",
+                format!("{v:?}: {e}; valid: a duration such as \"5s\", \"1500ms\""),
+            )
+        })?;
+        if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&d) {
+            return Err(self.err(
+                "proxy.handshake_timeout",
+                format!("{v:?} is out of range; valid: 100ms to 60s"),
+            ));
+        }
+        Ok(d)
     }
 
     /// Whether Envoy, running as an unprivileged uid of its own, can execute
@@ -772,6 +873,78 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_follows_the_allocation_unless_set() {
+        let c = Config::default();
+        assert_eq!(c.proxy.max_connections, None);
+        assert_eq!(c.max_connections(), 386);
+        let c = parse("[proxy]\nadditional_memory_allocation_mb = 90\n").unwrap();
+        assert_eq!(c.max_connections(), 2019);
+        let c = parse(
+            "[proxy]\nadditional_memory_allocation_mb = 90\nrequire_and_verify_client_certificates = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_connections(), 1655);
+        let c = parse("[proxy]\nadditional_memory_allocation_mb = 0\n").unwrap();
+        assert_eq!(c.max_connections(), 64);
+        let c = parse("[proxy]\nmax_connections = 4096\n").unwrap();
+        assert_eq!(c.max_connections(), 4096);
+        let c = parse("[proxy]\nmax_connections = 10\n").unwrap();
+        assert_eq!(c.max_connections(), 10);
+    }
+
+    #[test]
+    fn warnings_name_the_pair_that_does_not_fit() {
+        let on = "[proxy]\nenabled = true\n";
+        // Defaults: nothing to say.
+        assert!(parse(on).unwrap().warnings().is_empty());
+        // Disabled proxy: nothing either, whatever the numbers.
+        let c = parse("[proxy]\nmax_connections = 4096\n").unwrap();
+        assert!(c.warnings().is_empty());
+        let c = parse(&format!("{on}max_connections = 4096\n")).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        for part in [
+            "proxy.max_connections = 4096",
+            "164 MiB",
+            "additional_memory_allocation_mb = 32",
+            "about 386 connections",
+            "OOM-killed",
+        ] {
+            assert!(w[0].contains(part), "{part}: {}", w[0]);
+        }
+        // A pair that fits.
+        let c = parse(&format!(
+            "{on}max_connections = 2000\nadditional_memory_allocation_mb = 90\n"
+        ))
+        .unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // An allocation below an idle Envoy.
+        let c = parse(&format!("{on}additional_memory_allocation_mb = 8\n")).unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("does not hold an idle Envoy"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn handshake_timeout_is_a_bounded_duration() {
+        assert_eq!(
+            Config::default().handshake_timeout().unwrap(),
+            Duration::from_secs(5)
+        );
+        let c = parse("[proxy]\nhandshake_timeout = \"1500ms\"\n").unwrap();
+        assert_eq!(c.handshake_timeout().unwrap(), Duration::from_millis(1500));
+        for bad in ["\"soon\"", "\"0s\"", "\"50ms\"", "\"2m\""] {
+            let e = invalid(&format!("[proxy]\nhandshake_timeout = {bad}\n"));
+            assert!(
+                e.contains("proxy.handshake_timeout") && e.contains("valid:"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn network_wait_is_a_bounded_duration() {
         assert_eq!(
             Config::default().network_wait().unwrap(),
@@ -956,6 +1129,11 @@ mod tests {
         assert!(e.contains("4294967294"), "{e}");
         let e = invalid("[proxy]\nmax_connections = 0\n");
         assert!(e.contains("proxy.max_connections"), "{e}");
+        let e = invalid("[proxy]\nmax_connections = 1000001\n");
+        assert!(
+            e.contains("proxy.max_connections") && e.contains("1 to 1000000"),
+            "{e}"
+        );
         let e = invalid("[metrics]\nmode = \"fuzzy\"\n");
         assert!(e.contains("metrics.mode") && e.contains("exact"), "{e}");
         let e = invalid("[host]\nmemory_capacity_mb = 0\n");

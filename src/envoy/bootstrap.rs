@@ -38,10 +38,16 @@ pub const BUFFER_LIMIT_BYTES: u32 = 32 * 1024;
 /// the app's accept queue is full and the kernel drops the SYN. 2 s rides out one SYN
 /// retransmission (initial RTO 1 s) instead of resetting the client just before it.
 pub const CONNECT_TIMEOUT: &str = "2s";
-/// How long a peer may take to finish the TLS handshake. With the upstream connect
-/// deferred to after the handshake, a peer that never finishes would otherwise hold
-/// one of `max_connections` until tcp_proxy's 1 h idle timeout.
-pub const HANDSHAKE_TIMEOUT: &str = "10s";
+/// Envoy's form of a duration: seconds with up to nanosecond decimals (`"1.5s"`).
+pub fn envoy_duration(d: Duration) -> String {
+    let (s, n) = (d.as_secs(), d.subsec_nanos());
+    if n == 0 {
+        format!("{s}s")
+    } else {
+        let frac = format!("{n:09}");
+        format!("{s}.{}s", frac.trim_end_matches('0'))
+    }
+}
 
 /// The admin paths the product uses. Admin has no authentication and the app shares
 /// the network namespace, so everything else (`/config_dump`, `/quitquitquit`,
@@ -151,6 +157,13 @@ pub struct Inputs<'a> {
     pub upstream_address: IpAddr,
     /// Cap on open downstream connections, over all listeners.
     pub max_connections: u32,
+    /// How long a peer may take from accept to a completed TLS handshake
+    /// (`proxy.handshake_timeout`): the filter chain's
+    /// `transport_socket_connect_timeout`. Until then a connection that never sends a
+    /// ClientHello holds one of `max_connections` (the downstream-connections monitor
+    /// counts from accept), and with the upstream connect deferred to after the
+    /// handshake nothing else would close it before tcp_proxy's 1 h idle timeout.
+    pub handshake_timeout: Duration,
 }
 
 /// The Envoy bootstrap. Deterministic: same inputs, same bytes (keys keep insertion
@@ -167,20 +180,30 @@ pub fn bootstrap(i: &Inputs) -> Value {
     json!({
         "node": { "id": i.node_id, "cluster": NODE_CLUSTER },
         "admin": admin(i.admin_port),
-        "overload_manager": {
-            "resource_monitors": [{
-                // Proactive monitor: enforces the cap by itself, no overload action needed.
-                "name": "envoy.resource_monitors.global_downstream_max_connections",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                    "max_active_downstream_connections": i.max_connections,
-                },
-            }],
-        },
+        "overload_manager": overload_manager(i),
         "static_resources": {
             "listeners": i.listeners.iter().map(|l| listener(i, l)).collect::<Vec<_>>(),
             "clusters": app_ports.iter().map(|&p| cluster(i, p)).collect::<Vec<_>>(),
         },
+    })
+}
+
+/// The connection cap: a proactive monitor, enforced at accept (no action needed).
+/// No heap budget: Envoy 1.40's fixed-heap monitor counts tcmalloc's cached free
+/// memory as used (heap size less free pages only), so after a flood of connections
+/// closed it stayed at 99 % pressure with 6 MiB allocated, and an overload action on it
+/// refused every new connection for good (measured on Envoy 1.40 with the flood of
+/// `tests/overload.rs` and an explicit 4096 cap: pressure 97 % with 384 held, 99 % once
+/// all were closed; `envoy.resource_monitors.cgroup_memory` is the candidate instead).
+fn overload_manager(i: &Inputs) -> Value {
+    json!({
+        "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": i.max_connections,
+            },
+        }],
     })
 }
 
@@ -214,7 +237,7 @@ fn listener(i: &Inputs, l: &Listener) -> Value {
         "address": socket_address("0.0.0.0", l.proxy_port),
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
         "filter_chains": [{
-            "transport_socket_connect_timeout": HANDSHAKE_TIMEOUT,
+            "transport_socket_connect_timeout": envoy_duration(i.handshake_timeout),
             "filters": [{
                 "name": "envoy.filters.network.tcp_proxy",
                 "typed_config": {
@@ -493,6 +516,7 @@ mod tests {
             sds_dir: Path::new("/run/envoy-sidecar/default/app1/sds"),
             upstream_address: LOOPBACK,
             max_connections: 1000,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 
@@ -739,6 +763,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("es-envoycfg-missing-{}", std::process::id()));
         let e = write_sds(&dir, "C", "K", 0, 0).unwrap_err().to_string();
         assert!(e.contains(&dir.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn durations_in_envoys_form() {
+        assert_eq!(envoy_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(envoy_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(envoy_duration(Duration::from_millis(100)), "0.1s");
+        assert_eq!(
+            envoy_duration(Duration::from_nanos(1_000_000_001)),
+            "1.000000001s"
+        );
+        let mut i = inputs(ONE, Alpn::None, None);
+        i.handshake_timeout = Duration::from_millis(1250);
+        let b = bootstrap(&i);
+        assert_eq!(
+            b["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket_connect_timeout"],
+            json!("1.25s")
+        );
     }
 
     #[test]

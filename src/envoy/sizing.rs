@@ -57,7 +57,40 @@ pub const PER_CONNECTION_HEADROOM_PERCENT: u64 = 25;
 /// requests; and run-to-run variation of the idle figure.
 pub const FIXED_OVERHEAD_KIB: u64 = 4_096;
 
+/// The least the derived `max_connections` allows for: an allocation too small for an
+/// idle Envoy still gets a working one (and `check-config` says the allocation is
+/// short).
+pub const MIN_CONNECTIONS: u64 = 64;
+
 const MIB: u128 = 1 << 20;
+
+fn per_connection(mtls: bool) -> (u64, u64) {
+    if mtls {
+        (MTLS_BASE_KIB, MTLS_PER_CONNECTION_BYTES)
+    } else {
+        (TLS_BASE_KIB, TLS_PER_CONNECTION_BYTES)
+    }
+}
+
+/// The peak number of concurrent connections `mb` MiB of additional allocation hold by
+/// [`recommend_mb`]'s rule (headroom included): the largest N with
+/// `recommend_mb(N, mtls) <= mb`, 0 when `mb` does not hold an idle Envoy.
+pub fn connections_for_mb(mb: u64, mtls: bool) -> u64 {
+    let (base_kib, per_conn) = per_connection(mtls);
+    let fixed = u128::from(base_kib + KERNEL_BASE_KIB + FIXED_OVERHEAD_KIB) * 1024;
+    let have = u128::from(mb) * MIB;
+    let per = u128::from(per_conn + KERNEL_PER_CONNECTION_BYTES)
+        * u128::from(100 + PER_CONNECTION_HEADROOM_PERCENT);
+    let n = have.saturating_sub(fixed) * 100 / per;
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// `proxy.max_connections` when the configuration does not set it: what the additional
+/// allocation holds ([`connections_for_mb`]), at least [`MIN_CONNECTIONS`], at most
+/// `max`.
+pub fn default_max_connections(mb: u64, mtls: bool, max: u64) -> u64 {
+    connections_for_mb(mb, mtls).clamp(MIN_CONNECTIONS, max)
+}
 
 /// Recommended `proxy.additional_memory_allocation_mb` (MiB) for an instance that must
 /// hold a peak of `connections` concurrent connections, with (`mtls`) or without
@@ -170,6 +203,29 @@ mod tests {
         for n in [0, 100, 1000, 2000, 10_000] {
             assert!(recommend_mb(n, false) > reference_mb(n), "N = {n}");
         }
+    }
+
+    #[test]
+    fn connections_for_mb_inverts_recommend_mb() {
+        for mtls in [false, true] {
+            for mb in [0, 1, 18, 19, 20, 32, 54, 64, 90, 128, 1024, 65536] {
+                let n = connections_for_mb(mb, mtls);
+                if n > 0 || recommend_mb(0, mtls) <= mb {
+                    assert!(recommend_mb(n, mtls) <= mb, "mb {mb} mTLS {mtls}: N {n}");
+                }
+                assert!(recommend_mb(n + 1, mtls) > mb, "mb {mb} mTLS {mtls}: N {n}");
+            }
+        }
+        // The default allocation: README's "about 386 TLS or 316 mTLS connections".
+        assert_eq!(connections_for_mb(32, false), 386);
+        assert_eq!(connections_for_mb(32, true), 316);
+        assert_eq!(connections_for_mb(0, false), 0);
+        assert_eq!(
+            default_max_connections(0, false, 1_000_000),
+            MIN_CONNECTIONS
+        );
+        assert_eq!(default_max_connections(32, false, 1_000_000), 386);
+        assert_eq!(default_max_connections(65536, false, 1_000_000), 1_000_000);
     }
 
     #[test]

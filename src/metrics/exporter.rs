@@ -100,6 +100,10 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         "envoy_sidecar_envoy_restarts",
         "Times the supervisor restarted the container's Envoy.",
     );
+    let mut ooms = g(
+        "envoy_sidecar_envoy_oom_kills",
+        "Times the kernel OOM-killed the container's Envoy (its own cgroup; absent when not readable).",
+    );
     let mut expiry = g(
         "envoy_sidecar_credential_expiry_timestamp_seconds",
         "NotAfter of the instance identity certificate served.",
@@ -143,6 +147,9 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
                 .samples
                 .push((l.clone(), u64::from(row.status == State::Ready)));
             nat.samples.push((l.clone(), u64::from(row.nat_applied)));
+            if let Some(n) = row.envoy_oom_kills {
+                ooms.samples.push((l.clone(), n));
+            }
             for st in State::ALL {
                 status.samples.push((
                     format!("{l},status=\"{}\"", st.as_str()),
@@ -173,7 +180,7 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
     }
     let mut out = String::new();
     for gauge in [
-        quota, usage, raw, envoy, restarts, expiry, up, ready, nat, status,
+        quota, usage, raw, envoy, restarts, ooms, expiry, up, ready, nat, status,
     ] {
         let _ = writeln!(out, "# HELP {} {}", gauge.name, gauge.help);
         let _ = writeln!(out, "# TYPE {} gauge", gauge.name);

@@ -9,6 +9,8 @@ use crate::config::Config;
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
+    /// Passes, but says something the operator should look at (printed as `warn`).
+    pub warn: bool,
     pub detail: String,
 }
 
@@ -34,11 +36,13 @@ fn check(name: &'static str, r: Result<String, String>) -> Check {
         Ok(detail) => Check {
             name,
             ok: true,
+            warn: false,
             detail,
         },
         Err(detail) => Check {
             name,
             ok: false,
+            warn: false,
             detail,
         },
     }
@@ -84,6 +88,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             out.push(Check {
                 name: "config",
                 ok: true,
+                warn: false,
                 detail: format!("valid: {src}"),
             });
             c
@@ -92,6 +97,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             out.push(Check {
                 name: "config",
                 ok: false,
+                warn: false,
                 detail: e,
             });
             Config::default()
@@ -209,6 +215,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             .map_err(|e| format!("{}: {e}", d.display()))
     }));
     out.push(check("allocation index", index_agrees(&cfg)));
+    out.push(sizing(&cfg));
     out
 }
 
@@ -234,6 +241,32 @@ fn sandbox_check(cfg: &Config) -> Result<String, String> {
         s.level,
         cfg.proxy.envoy_path.display()
     ))
+}
+
+/// The connection cap Envoy gets, and whether the allocation holds them
+/// (`Config::warnings`): a warning, not a failure.
+fn sizing(cfg: &Config) -> Check {
+    let warnings = cfg.warnings();
+    let summary = format!(
+        "max_connections {} ({}), additional_memory_allocation_mb = {}",
+        cfg.max_connections(),
+        if cfg.proxy.max_connections.is_some() {
+            "set"
+        } else {
+            "from the allocation"
+        },
+        cfg.proxy.additional_memory_allocation_mb
+    );
+    Check {
+        name: "sizing",
+        ok: true,
+        warn: !warnings.is_empty(),
+        detail: if warnings.is_empty() {
+            summary
+        } else {
+            format!("{summary}; {}", warnings.join("; "))
+        },
+    }
 }
 
 /// The index `create` allocates from is the union of the state files (`gc` rewrites
@@ -302,6 +335,25 @@ mod tests {
         assert!(
             !by("allocation index").ok && d.contains("61007") && d.contains("gc"),
             "{d}"
+        );
+        let s = by("sizing");
+        assert!(s.ok && !s.warn, "{}", s.detail);
+        assert!(
+            s.detail
+                .contains("max_connections 386 (from the allocation)"),
+            "{}",
+            s.detail
+        );
+        // An explicit cap the allocation cannot hold: a warning, not a failure.
+        let mut big = cfg.clone();
+        big.proxy.enabled = true;
+        big.proxy.max_connections = Some(4096);
+        let s = sizing(&big);
+        assert!(s.ok && s.warn, "{}", s.detail);
+        assert!(
+            s.detail.contains("max_connections 4096 (set)") && s.detail.contains("164 MiB"),
+            "{}",
+            s.detail
         );
         let checks = run(Err("config x: bad".into()), Path::new("/x"));
         assert!(!checks[0].ok && checks[0].detail == "config x: bad");

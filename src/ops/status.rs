@@ -40,13 +40,17 @@ pub struct Row {
     pub envoy_pid: Option<i32>,
     pub ready_since: Option<String>,
     pub restarts: u32,
+    /// OOM kills in Envoy's child cgroup (cumulative over the container's life);
+    /// `None` when not readable (cgroup v2 child without a memory controller, no
+    /// Envoy cgroup yet).
+    pub envoy_oom_kills: Option<u64>,
     /// Unix seconds.
     pub cert_not_after: Option<u64>,
     pub last_error: Option<String>,
 }
 
 /// What the row says, from the state, the supervisor's record and a look at the
-/// processes. Pure but for `procs`.
+/// processes. Pure but for `procs` and the read of Envoy's cgroup OOM counter.
 pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> Row {
     let empty = Record::default();
     let r = rec.unwrap_or(&empty);
@@ -107,6 +111,7 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
         envoy_pid: r.envoy.filter(|p| procs.alive(p)).map(|p| p.pid),
         ready_since: r.ready_at.clone(),
         restarts: r.envoy_restarts,
+        envoy_oom_kills: r.cgroup.oom_kills(),
         cert_not_after: r.cert_not_after,
         last_error: r.last_error.clone(),
     }
@@ -152,6 +157,7 @@ pub fn table(rows: &[Row]) -> String {
         "ENVOY".into(),
         "READY SINCE".into(),
         "RESTARTS".into(),
+        "OOM KILLS".into(),
         "CERT EXPIRES".into(),
         "LAST ERROR".into(),
     ]];
@@ -188,12 +194,13 @@ pub fn table(rows: &[Row]) -> String {
             r.envoy_pid.map_or("-".into(), |p| p.to_string()),
             r.ready_since.clone().unwrap_or_else(|| "-".into()),
             r.restarts.to_string(),
+            r.envoy_oom_kills.map_or("-".into(), |n| n.to_string()),
             expiry(r.cert_not_after),
             r.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     // Widths from every column but the last two free-text ones' overflow.
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 11];
     for l in &lines {
         for (w, c) in widths.iter_mut().zip(l.iter()) {
             *w = (*w).max(c.chars().count());
@@ -268,6 +275,37 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("203.0.113.7") && t.contains("ready"), "{t}");
+    }
+
+    #[test]
+    fn envoy_oom_kills_come_from_its_cgroup() {
+        let p = FakeProcesses::default();
+        p.add(10, &["init"]);
+        let sup = p.add(11, &["envoy-sidecar", "supervise"]);
+        let s = started(std::path::Path::new("/r"));
+        let dir = std::env::temp_dir().join(format!("es-status-oom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        let mut rc = rec(sup, State::Ready, None);
+        rc.cgroup = crate::sys::cgroup::SidecarCgroup {
+            dirs: vec![dir.clone()],
+        };
+        let r = row(&s, Some(&rc), &p);
+        assert_eq!(r.envoy_oom_kills, Some(2));
+        let t = table(std::slice::from_ref(&r));
+        let (head, line) = (t.lines().next().unwrap(), t.lines().nth(1).unwrap());
+        let col = head.find("OOM KILLS").expect("OOM KILLS column");
+        assert_eq!(line[col..].split_whitespace().next(), Some("2"), "{t}");
+        assert_eq!(serde_json::to_value(&r).unwrap()["envoy_oom_kills"], 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Unknown (no cgroup recorded): "-", null.
+        let r = row(&s, Some(&rec(sup, State::Ready, None)), &p);
+        assert_eq!(r.envoy_oom_kills, None);
+        assert!(serde_json::to_value(&r).unwrap()["envoy_oom_kills"].is_null());
     }
 
     #[test]

@@ -547,7 +547,8 @@ impl Supervisor<'_> {
             mtls,
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            max_connections: u32::try_from(p.max_connections).expect("validated by Config::check"),
+            max_connections: self.cfg.max_connections(),
+            handshake_timeout: self.cfg.handshake_timeout()?,
         };
         let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
         let path = self.paths.bootstrap();

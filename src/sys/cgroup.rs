@@ -113,6 +113,19 @@ impl SidecarCgroup {
             .ok()
     }
 
+    /// How many times the kernel's OOM killer killed a process in the child (Envoy):
+    /// cgroup v1 `memory.oom_control` field `oom_kill`, v2 `memory.events` `oom_kill`.
+    /// `None` when neither file is readable (no memory controller of its own, as a v2
+    /// child under a cgroup with processes, or the cgroup is gone). Cumulative over the
+    /// child's life, which is the container's: it survives Envoy restarts.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let d = self.dirs.first()?;
+        ["memory.oom_control", "memory.events"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            .and_then(|text| oom_kill_field(&text))
+    }
+
     /// Working set of the child (usage minus inactive file cache; cgroup v1 only).
     pub fn working_set(&self) -> Option<u64> {
         let d = self.dirs.first()?;
@@ -169,6 +182,13 @@ pub struct Found {
     pub namespace: String,
     pub id: String,
     pub cgroup: SidecarCgroup,
+}
+
+/// The `oom_kill N` line of `memory.oom_control` (v1) or `memory.events` (v2).
+fn oom_kill_field(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// cgroup access as gc needs it: the seam that lets its decisions run against a fake
@@ -332,6 +352,40 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn oom_kills_from_v1_and_v2_files() {
+        let v1 = tempdir("oom1");
+        std::fs::write(
+            v1.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        let cg = SidecarCgroup {
+            dirs: vec![v1.clone()],
+        };
+        assert_eq!(cg.oom_kills(), Some(3));
+        let v2 = tempdir("oom2");
+        std::fs::write(
+            v2.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        let cg = SidecarCgroup {
+            dirs: vec![v2.clone()],
+        };
+        assert_eq!(cg.oom_kills(), Some(1));
+        // No memory controller of its own / gone / no cgroup recorded: unknown.
+        let none = tempdir("oom3");
+        let cg = SidecarCgroup {
+            dirs: vec![none.clone()],
+        };
+        assert_eq!(cg.oom_kills(), None);
+        assert_eq!(SidecarCgroup::default().oom_kills(), None);
+        for d in [v1, v2, none] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 
     #[test]
