@@ -85,16 +85,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let default_runc = crate::config::Runtime::default().runc;
     let inv = match Invocation::parse(&args) {
         Ok(inv) => inv,
-        Err(e) => {
-            // Without a parse we still honour --log so containerd shows the reason.
-            let ctx = Ctx {
-                argv,
-                inv: fallback_invocation(&args),
-                runc: default_runc,
-            };
-            ctx.log("error", &crate::error::render(&e));
-            return 2;
-        }
+        Err(e) => return unparsed(argv, &args, &e, default_runc),
     };
     let self_exe: Vec<PathBuf> = std::env::current_exe().into_iter().collect();
     // Only create/run use the CA files (spec decisions need a valid proxy config);
@@ -144,6 +135,35 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             1
         }
     }
+}
+
+/// An argv the wrapper cannot parse. With nothing to decide it goes to runc unchanged,
+/// so runc's own usage text and exit code reach the caller. The one thing that is
+/// refused: what may be a `create`/`run` while the proxy is enabled — handing it on
+/// would start a container that asked for a proxy without one.
+fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathBuf) -> i32 {
+    let mut ctx = Ctx {
+        argv,
+        // Without a parse we still honour --log so containerd shows the reason.
+        inv: fallback_invocation(args),
+        runc: default_runc,
+    };
+    let cfg = Config::load(None).ok();
+    let proxying = cfg.as_ref().is_some_and(|c| c.proxy.enabled);
+    if proxying && may_create(args) {
+        ctx.log("error", &crate::error::render(e));
+        return 2;
+    }
+    if let Some(c) = cfg {
+        ctx.runc = c.runtime.runc;
+    }
+    ctx.exec()
+}
+
+/// Whether an argv that did not parse could be `create` or `run`: any argument spelled
+/// so (the subcommand's position is unknown once a flag is not understood).
+fn may_create(args: &[String]) -> bool {
+    args.iter().any(|a| a == "create" || a == "run")
 }
 
 fn fallback_invocation(args: &[String]) -> Invocation {
@@ -249,7 +269,8 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
     let Some(process) = ctx.inv.flag("process").map(str::to_string) else {
         return Ok(()); // runc reads the (patched) config.json itself
     };
-    let Some((ns, id)) = container(&ctx.inv)? else {
+    // An id or namespace runc refuses has no state of ours: runc answers it.
+    let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return Ok(());
     };
     let Some(state) = Store::new(&cfg.runtime.state_dir).read(&ns, &id)? else {
@@ -325,11 +346,8 @@ fn on_kill(ctx: &Ctx, cfg: &Config) {
 fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
     let ids = match container(&ctx.inv) {
         Ok(Some(c)) => c,
-        Ok(None) => return ctx.exec(),
-        Err(e) => {
-            ctx.log("error", &crate::error::render(&e));
-            return ctx.exec();
-        }
+        // No id, or one runc refuses (nothing of ours can exist): runc answers it.
+        Ok(None) | Err(_) => return ctx.exec(),
     };
     // Nothing of ours (no proxy, or already released): become runc, no extra fork.
     let store = Store::new(&cfg.runtime.state_dir);
