@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::create::spec::JsonFile;
@@ -319,27 +320,46 @@ fn replace_flag_value(argv: &mut [OsString], names: &[&str], value: &str) {
     }
 }
 
-/// SIGTERM to the container's init: first stop Envoy accepting new connections, so a
-/// router gets a clean refusal (and retries elsewhere) instead of a reset mid-request;
-/// open connections carry on until the app exits. Failures never block the kill.
+/// The signals a container is stopped with (runc's spelling: a number, or a name with
+/// or without `SIG`, any case). SIGINT and SIGQUIT stop most apps as SIGTERM does
+/// (QUIT is nginx's graceful stop), so they drain too; SIGKILL is never delayed.
+fn stops(sig: &str) -> bool {
+    let up = sig.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    matches!(name, "TERM" | "15" | "INT" | "2" | "QUIT" | "3")
+}
+
+/// A stopping signal for the container (to its init, or with `--all` to every
+/// process): first stop Envoy accepting new connections, so a router gets a clean
+/// refusal (and retries elsewhere) instead of a reset mid-request, then wait up to
+/// `[proxy] drain_timeout` for the open connections to finish, so an app that exits at
+/// once on the signal cuts none. Failures never block the kill.
 fn on_kill(ctx: &Ctx, cfg: &Config) {
-    if ctx.inv.flag_bool("all") {
-        return;
-    }
     let sig = ctx
         .inv
         .positional
         .get(1)
         .map(String::as_str)
         .unwrap_or("TERM");
-    if !matches!(sig, "15" | "TERM" | "SIGTERM") {
+    if !stops(sig) {
         return;
     }
     let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return;
     };
-    if let Err(e) = control::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id) {
-        ctx.log("warning", &format!("draining the proxy of {id}: {e}"));
+    // Validated with the rest of the config; a bad value cannot reach here.
+    let wait = cfg.drain_timeout().unwrap_or(Duration::from_secs(5));
+    match control::drain(&Store::new(&cfg.runtime.state_dir), &ns, &id, wait) {
+        Ok(Some(d)) if d.open > 0 => ctx.log(
+            "warning",
+            &format!(
+                "{id}: {} downstream connection(s) still open after proxy.drain_timeout {}; signalling the app",
+                d.open,
+                humantime::format_duration(wait)
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => ctx.log("warning", &format!("draining the proxy of {id}: {e}")),
     }
 }
 
@@ -375,6 +395,18 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopping_signals_in_runcs_spellings() {
+        for s in [
+            "TERM", "SIGTERM", "term", "15", "INT", "SIGINT", "2", "QUIT", "sigquit", "3",
+        ] {
+            assert!(stops(s), "{s}");
+        }
+        for s in ["KILL", "9", "HUP", "SIGUSR1", "USR2", "1", "150", ""] {
+            assert!(!stops(s), "{s}");
+        }
+    }
 
     #[test]
     fn replaces_only_the_process_value() {

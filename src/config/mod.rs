@@ -64,6 +64,10 @@ pub struct Proxy {
     /// How long a container may run without an IPv4 address before its status turns
     /// `degraded` (humantime: `30s`, `2m`).
     pub network_wait: String,
+    /// After draining the listeners on SIGTERM/SIGINT/SIGQUIT, how long the wrapper
+    /// waits for Envoy's open downstream connections to finish before the app is
+    /// signalled (humantime; `0` = do not wait).
+    pub drain_timeout: String,
 }
 
 impl Default for Proxy {
@@ -82,6 +86,7 @@ impl Default for Proxy {
             envoy_uid_pool_size: 65536,
             max_connections: 4096,
             network_wait: "30s".into(),
+            drain_timeout: "5s".into(),
         }
     }
 }
@@ -340,6 +345,7 @@ impl Config {
         }
         self.validity()?;
         self.network_wait()?;
+        self.drain_timeout()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -437,6 +443,24 @@ impl Config {
             return Err(self.err(
                 "proxy.network_wait",
                 format!("{v:?} is out of range; valid: 1s to 1h"),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// `[proxy] drain_timeout`; checked by `validate`. Zero turns the wait off.
+    pub fn drain_timeout(&self) -> Result<Duration> {
+        let v = &self.proxy.drain_timeout;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.drain_timeout",
+                format!("{v:?}: {e}; valid: a duration from 0 (off) to 2m, such as \"5s\""),
+            )
+        })?;
+        if d > Duration::from_secs(120) {
+            return Err(self.err(
+                "proxy.drain_timeout",
+                format!("{v:?} is out of range; valid: 0 (off) to 2m"),
             ));
         }
         Ok(d)
@@ -708,6 +732,28 @@ mod tests {
         );
         let e = invalid("[proxy]\nnetwork_wait = \"2h\"\n");
         assert!(e.contains("1s to 1h"), "{e}");
+    }
+
+    #[test]
+    fn drain_timeout_is_a_bounded_duration() {
+        assert_eq!(
+            Config::default().drain_timeout().unwrap(),
+            Duration::from_secs(5)
+        );
+        for off in ["0", "0s"] {
+            let c = parse(&format!("[proxy]\ndrain_timeout = {off:?}\n")).unwrap();
+            assert_eq!(c.drain_timeout().unwrap(), Duration::ZERO, "{off}");
+        }
+        let e = invalid("[proxy]\ndrain_timeout = \"soon\"\n");
+        assert!(
+            e.contains("proxy.drain_timeout") && e.contains("valid: a duration from 0"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\ndrain_timeout = \"3m\"\n");
+        assert!(
+            e.contains("proxy.drain_timeout") && e.contains("0 (off) to 2m"),
+            "{e}"
+        );
     }
 
     #[test]

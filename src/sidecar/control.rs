@@ -78,11 +78,25 @@ pub fn request_rotation(store: &Store, ns: &str, id: &str) -> Result<i32> {
     Ok(sup.pid)
 }
 
-/// Ask Envoy to stop accepting new connections (before the app gets SIGTERM). Runs in
-/// a thread that enters the container's netns, where the admin port is.
-pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// How long the wait for open connections took.
+    pub waited: Duration,
+    /// Downstream connections still open when the wait ended (0: all finished).
+    pub open: u64,
+}
+
+/// How often the open connections are counted while waiting.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Ask Envoy to stop accepting new connections (before the app is signalled), then
+/// wait up to `wait` until its open downstream connections have finished. Runs in a
+/// thread that enters the container's netns, where the admin port is. `Ok(None)`: no
+/// proxy or no Envoy running (nothing to drain).
+pub fn drain(store: &Store, ns: &str, id: &str, wait: Duration) -> Result<Option<Drained>> {
     let Some(state) = store.read(ns, id)? else {
-        return Ok(false);
+        return Ok(None);
     };
     let paths = Paths::new(store, ns, id);
     let envoy_up = paths
@@ -90,17 +104,32 @@ pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
         .and_then(|r| r.envoy)
         .is_some_and(|e| e.alive());
     let Some(pid) = state.init_pid.filter(|_| envoy_up) else {
-        return Ok(false);
+        return Ok(None);
     };
     let admin = state.admin_port;
-    let t = std::thread::spawn(move || -> std::io::Result<()> {
+    let t = std::thread::spawn(move || -> std::io::Result<Drained> {
+        use crate::envoy::admin;
         process::enter_netns(pid)?;
-        crate::envoy::admin::drain_listeners(admin, Duration::from_secs(2))
+        admin::drain_listeners(admin, Duration::from_secs(2))?;
+        let start = std::time::Instant::now();
+        loop {
+            let open = if wait.is_zero() {
+                0
+            } else {
+                admin::active_downstream(admin, Duration::from_secs(2))?
+            };
+            let waited = start.elapsed();
+            if open == 0 || waited >= wait {
+                return Ok(Drained { waited, open });
+            }
+            std::thread::sleep(DRAIN_POLL.min(wait - waited));
+        }
     });
-    t.join()
+    let d = t
+        .join()
         .map_err(|_| Error::Hook("drain thread panicked".into()))?
         .at(format!("/proc/{pid}/ns/net (admin 127.0.0.1:{admin})"))?;
-    Ok(true)
+    Ok(Some(d))
 }
 
 /// The host port mappings of a container whose IP is `ip`: each TLS proxy port and,
