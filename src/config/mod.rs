@@ -68,6 +68,9 @@ pub struct Proxy {
     /// waits for Envoy's open downstream connections to finish before the app is
     /// signalled (humantime; `0` = do not wait).
     pub drain_timeout: String,
+    /// Where Envoy's admin API listens: `unix` (a socket under `runtime.state_dir`,
+    /// out of the app's reach) or `loopback` (the reference's 127.0.0.1 port).
+    pub admin_listener: String,
 }
 
 impl Default for Proxy {
@@ -87,6 +90,7 @@ impl Default for Proxy {
             max_connections: 4096,
             network_wait: "30s".into(),
             drain_timeout: "5s".into(),
+            admin_listener: "unix".into(),
         }
     }
 }
@@ -346,6 +350,7 @@ impl Config {
         self.validity()?;
         self.network_wait()?;
         self.drain_timeout()?;
+        self.admin_listener()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -408,6 +413,21 @@ impl Config {
             other => Err(self.err(
                 "metrics.mode",
                 format!("{other:?} is not a mode; valid: \"linear\", \"exact\""),
+            )),
+        }
+    }
+
+    /// `[proxy] admin_listener`; checked by `validate`.
+    pub fn admin_listener(&self) -> Result<AdminListener> {
+        match self.proxy.admin_listener.as_str() {
+            "unix" => Ok(AdminListener::Unix),
+            "loopback" => Ok(AdminListener::Loopback),
+            other => Err(self.err(
+                "proxy.admin_listener",
+                format!(
+                    "{:?} is not a choice; valid: \"unix\" (default), \"loopback\"",
+                    other.chars().take(80).collect::<String>()
+                ),
             )),
         }
     }
@@ -586,6 +606,17 @@ impl Config {
     }
 }
 
+/// Where Envoy's admin API listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListener {
+    /// A unix socket in the host-side state directory: nothing in the container's
+    /// network or mount namespace reaches it.
+    Unix,
+    /// `127.0.0.1:<admin port>` in the container's netns, where the app can reach it
+    /// (the reference's choice; the path allow-list still applies).
+    Loopback,
+}
+
 /// Why an unprivileged Envoy could not do its job: `(config key, message)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
@@ -732,6 +763,22 @@ mod tests {
         );
         let e = invalid("[proxy]\nnetwork_wait = \"2h\"\n");
         assert!(e.contains("1s to 1h"), "{e}");
+    }
+
+    #[test]
+    fn admin_listener_is_unix_or_loopback() {
+        assert_eq!(
+            Config::default().admin_listener().unwrap(),
+            AdminListener::Unix
+        );
+        let c = parse("[proxy]\nadmin_listener = \"loopback\"\n").unwrap();
+        assert_eq!(c.admin_listener().unwrap(), AdminListener::Loopback);
+        let e = invalid("[proxy]\nadmin_listener = \"tcp\"\n");
+        assert!(
+            e.contains("proxy.admin_listener")
+                && e.contains("valid: \"unix\" (default), \"loopback\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,22 +1,57 @@
-//! Envoy's admin API, spoken from inside the container's network namespace (admin
-//! listens on the container's 127.0.0.1 only). A minimal HTTP/1.1 client: the product
-//! needs a few POSTs and GETs, not an HTTP stack.
+//! Envoy's admin API: on a unix socket under the state directory (the default,
+//! reachable from any netns), or on the container's 127.0.0.1 (the caller must be in
+//! the container's netns). A minimal HTTP/1.1 client: the product needs a few POSTs and
+//! GETs, not an HTTP stack.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// `method path` against 127.0.0.1:`port` in the current netns; returns (status, body).
+/// Where admin listens (`ContainerState::admin_socket` / `admin_port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `127.0.0.1:<port>` of the caller's netns.
+    Loopback(u16),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Loopback(p) => write!(f, "admin 127.0.0.1:{p}"),
+            Endpoint::Unix(p) => write!(f, "admin socket {}", p.display()),
+        }
+    }
+}
+
+/// `method path` against admin; returns (status, body).
 pub fn request(
-    port: u16,
+    at: &Endpoint,
     method: &str,
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
+    match at {
+        Endpoint::Loopback(port) => {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+            let s = TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            exchange(s, method, path)
+        }
+        Endpoint::Unix(p) => {
+            // A unix connect does not wait for a peer: no connect timeout needed.
+            let s = UnixStream::connect(p)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            exchange(s, method, path)
+        }
+    }
+}
+
+fn exchange(mut s: impl Read + Write, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -69,8 +104,8 @@ fn dechunk(mut rest: &str) -> std::io::Result<String> {
 
 /// Stop accepting new connections on every listener now (a router gets a clean,
 /// retriable refusal); connections already open keep going until the app exits.
-pub fn drain_listeners(port: u16, timeout: Duration) -> std::io::Result<()> {
-    let (status, body) = request(port, "POST", "/drain_listeners", timeout)?;
+pub fn drain_listeners(at: &Endpoint, timeout: Duration) -> std::io::Result<()> {
+    let (status, body) = request(at, "POST", "/drain_listeners", timeout)?;
     if status != 200 {
         return Err(std::io::Error::other(format!(
             "drain_listeners answered {status}: {body:.200}"
@@ -88,8 +123,8 @@ pub const ACTIVE_DOWNSTREAM: &str =
 
 /// Open downstream connections over all TLS listeners. A drained listener whose last
 /// connection closed is gone from the stats: no line counts as zero.
-pub fn active_downstream(port: u16, timeout: Duration) -> std::io::Result<u64> {
-    let (status, body) = request(port, "GET", ACTIVE_DOWNSTREAM, timeout)?;
+pub fn active_downstream(at: &Endpoint, timeout: Duration) -> std::io::Result<u64> {
+    let (status, body) = request(at, "GET", ACTIVE_DOWNSTREAM, timeout)?;
     if status != 200 {
         return Err(std::io::Error::other(format!(
             "{ACTIVE_DOWNSTREAM} answered {status}: {body:.200}"

@@ -68,7 +68,13 @@ pub struct ContainerState {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub org_guid: Option<String>,
     pub ports: Vec<PortMapping>,
+    /// Allocated and reported whatever the admin listener; Envoy listens on it only
+    /// when `admin_socket` is `None`.
     pub admin_port: u16,
+    /// Envoy's admin API as a unix socket (`[proxy] admin_listener = "unix"`, the
+    /// default); `None`: on `127.0.0.1:admin_port` in the container's netns.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub admin_socket: Option<PathBuf>,
     /// ALPN Envoy advertises: "h2,http/1.1", "http/1.1" or "none".
     pub alpn: String,
     pub host_ip: IpAddr,
@@ -399,6 +405,7 @@ pub(crate) mod tests {
                 external: host_ports.1,
             }],
             admin_port: 61002,
+            admin_socket: None,
             alpn: "h2,http/1.1".into(),
             host_ip: "192.0.2.10".parse().unwrap(),
             memory: Memory {
