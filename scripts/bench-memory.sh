@@ -130,6 +130,8 @@ write_config() { # MODE
         echo "enabled = true"
         echo "envoy_path = \"$ENVOY\""
         echo "max_connections = $MAX_CONNECTIONS"
+        # The bench reads admin with wget from inside the container.
+        echo "admin_listener = \"loopback\""
         if [ "$mode" = mtls ]; then
             echo "require_and_verify_client_certificates = true"
             echo "trusted_ca_certificates = [\"$TMP/client-ca/ca.crt\"]"

@@ -225,7 +225,7 @@ impl Setup {
         let b = bootstrap::bootstrap(&Inputs {
             node_id: &node_id,
             listeners: &listeners,
-            admin_port,
+            admin: bootstrap::AdminAddress::Loopback(admin_port),
             alpn,
             mtls,
             sds_dir: &sds_dir,

@@ -1574,6 +1574,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
             external: Some(61002),
         }],
         admin_port: 61002,
+        admin_socket: None,
         alpn: "h2,http/1.1".into(),
         host_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
         memory: Memory {
@@ -1813,7 +1814,7 @@ fn bootstrap_escapes_every_string() {
             let i = Inputs {
                 node_id: &node_id,
                 listeners: &listeners,
-                admin_port: 61000,
+                admin: envoy_sidecar::envoy::bootstrap::AdminAddress::Loopback(61000),
                 alpn,
                 mtls: m.as_ref(),
                 sds_dir: Path::new(&sds),
@@ -1904,7 +1905,7 @@ fn check_san_config(sans: &[String]) -> TestCaseResult {
     let i = Inputs {
         node_id: "default/c1",
         listeners: &listeners,
-        admin_port: 61002,
+        admin: envoy_sidecar::envoy::bootstrap::AdminAddress::Loopback(61002),
         alpn: Alpn::H2Http11,
         mtls: Some(&m),
         sds_dir: Path::new("/run/envoy-sidecar/default/c1/sds"),

@@ -80,7 +80,8 @@ fn listeners_drained_by_the_app_are_restored() {
     if !can_run("listeners_drained_by_the_app_are_restored") {
         return;
     }
-    let sb = Sandbox::new("live-drain", "", "");
+    // The reference's loopback admin listener: reachable by the app.
+    let sb = Sandbox::new("live-drain", "admin_listener = \"loopback\"", "");
     let net = sb.slot.netns(0);
     let id = "es-live-drain";
     let (c, st, addr) = sb.start_served(id, &net);

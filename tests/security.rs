@@ -515,12 +515,161 @@ fn envoy_sandbox_denies_host_files_and_still_serves() {
 // 4. The admin port is unreachable from outside the container and refuses dangerous
 // paths from inside.
 
+/// Admin paths the allow-list refuses (403): `(is a POST, target)`.
+const DANGEROUS_ADMIN: &[(bool, &str)] = &[
+    (true, "/quitquitquit"),
+    (false, "/config_dump"),
+    (false, "/config_dump?include_eds"),
+    (true, "/healthcheck/fail"),
+    (true, "/logging?level=trace"),
+    (true, "/runtime_modify?a=b"),
+    (false, "/clusters"),
+    (false, "/listeners"),
+    (true, "/reset_counters"),
+    (false, "/stats/recentlookups/enable"),
+    (true, "/cpuprofiler?enable=y"),
+    (true, "/heapprofiler?enable=y"),
+];
+
+/// One HTTP/1.1 request over a unix socket: `(status, body)`.
+fn admin_unix(sock: &Path, method: &str, target: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, out))
+}
+
+/// The default admin listener: a unix socket under the host-side state directory.
+/// Nothing in the container reaches admin — no TCP port in its netns, no socket path in
+/// its mount namespace — while root on the host does (drain, and the allow-list still
+/// refuses what the product does not use); another host uid is denied.
 #[test]
-fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
-    if !can_run("admin_port_is_unreachable_from_outside_and_restricted_inside") {
+fn default_admin_socket_is_out_of_the_apps_reach() {
+    if !can_run("default_admin_socket_is_out_of_the_apps_reach") {
         return;
     }
-    let sb = Sandbox::new("sec-admin", "", "");
+    let sb = Sandbox::new("sec-adsock", "", "");
+    let net = sb.slot.netns(0);
+    let a = sb.start_cmd(
+        "es-sec-adsock",
+        &[(PORTS, "8080")],
+        &[&net.ctr_opt()],
+        &httpd(),
+    );
+    let st = sb.inspect("es-sec-adsock").unwrap();
+    // Still allocated and reported, as with the loopback listener.
+    let admin = u16::try_from(st["admin_port"].as_u64().unwrap()).unwrap();
+    let proxy = port_of(&st, 0, "internal_tls_proxy");
+    let uid = u32::try_from(st["envoy_uid"].as_u64().unwrap()).unwrap();
+    let sock = PathBuf::from(st["admin_socket"].as_str().expect("admin_socket recorded"));
+    assert_eq!(
+        sock,
+        sb.state_dir.join(format!(".admin/{uid}/admin.sock")),
+        "{st}"
+    );
+    let ca = sb.ca();
+    wait_served(&format!("{}:{proxy}", net.ip), &ca, "es-sec-adsock");
+
+    // On the host: Envoy's socket in Envoy's own 0700 directory; root reaches it ...
+    let dir = std::fs::metadata(sock.parent().unwrap()).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (uid, 0o700));
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (uid, 0o600),
+        "socket owner/mode"
+    );
+    let (code, body) = admin_unix(&sock, "GET", "/ready").unwrap();
+    assert!(code == 200 && body.contains("LIVE"), "{body}");
+    // ... with the same allow-list as on loopback ...
+    for (post, path) in DANGEROUS_ADMIN {
+        let (code, _) = admin_unix(&sock, if *post { "POST" } else { "GET" }, path).unwrap();
+        assert_eq!(code, 403, "{path}");
+    }
+    // ... and another host uid does not.
+    let py = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?})",
+        sock.display().to_string()
+    );
+    assert_denied(
+        "nobody connecting",
+        &as_user(NOBODY, NOBODY, &["python3", "-c", &py]),
+    );
+
+    // In the container: nothing listens on the admin port (or anything but the app and
+    // the TLS proxy) ...
+    let (_, out) = exec_captured(
+        &a,
+        "adm",
+        &format!("timeout 5 wget -q -O- http://127.0.0.1:{admin}/ready"),
+    );
+    assert!(
+        out.contains("Connection refused"),
+        "admin port inside: {out}"
+    );
+    let (_, tcp) = exec_captured(&a, "tcp", "cat /proc/net/tcp /proc/net/tcp6");
+    let listening: std::collections::BTreeSet<u16> = tcp
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(3) == Some(&"0A"))
+                .then(|| u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+        .collect();
+    eprintln!(
+        "listening TCP ports in the container: {listening:?}; admin socket {}",
+        sock.display()
+    );
+    assert_eq!(
+        listening,
+        [8080, proxy].into_iter().collect(),
+        "listening TCP ports in the container: {tcp}"
+    );
+    // ... and the socket's path does not exist in its mount namespace (the name shows
+    // in the netns-wide /proc/net/unix, but a path socket is reached through the file
+    // system only).
+    let (rc, out) = exec_captured(
+        &a,
+        "path",
+        &format!(
+            "ls -la {} {} 2>&1; test -e {}",
+            sock.display(),
+            sb.state_dir.display(),
+            sock.display()
+        ),
+    );
+    assert!(
+        rc != Some(0),
+        "the socket path exists in the container: {out}"
+    );
+
+    // Drain goes through the socket: new connections refused after SIGTERM.
+    let out = ctr(&["task", "kill", "-s", "SIGTERM", &a.id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let refused = TcpStream::connect_timeout(
+        &format!("{}:{proxy}", net.ip).parse().unwrap(),
+        Duration::from_secs(2),
+    );
+    assert!(refused.is_err(), "drained through the admin socket");
+}
+
+#[test]
+fn admin_loopback_port_is_unreachable_from_outside_and_restricted_inside() {
+    if !can_run("admin_loopback_port_is_unreachable_from_outside_and_restricted_inside") {
+        return;
+    }
+    let sb = Sandbox::new("sec-admin", "admin_listener = \"loopback\"", "");
     let net_a = sb.slot.netns(0);
     let net_b = sb.slot.netns(1);
     let a = sb.start_cmd(
@@ -596,23 +745,8 @@ fn admin_port_is_unreachable_from_outside_and_restricted_inside() {
     let envoy = sb.try_record(NAMESPACE, "es-sec-adm-a").unwrap()["envoy"]["pid"]
         .as_i64()
         .unwrap();
-    for (i, (args, path)) in [
-        ("--post-data x", "/quitquitquit"),
-        ("", "/config_dump"),
-        ("", "/config_dump?include_eds"),
-        ("--post-data x", "/healthcheck/fail"),
-        ("--post-data x", "/logging?level=trace"),
-        ("--post-data x", "/runtime_modify?a=b"),
-        ("", "/clusters"),
-        ("", "/listeners"),
-        ("--post-data x", "/reset_counters"),
-        ("", "/stats/recentlookups/enable"),
-        ("--post-data x", "/cpuprofiler?enable=y"),
-        ("--post-data x", "/heapprofiler?enable=y"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (post, path)) in DANGEROUS_ADMIN.iter().enumerate() {
+        let args = if *post { "--post-data x" } else { "" };
         let (rc, said) = wget(&format!("bad{i}"), args, path);
         assert!(
             rc != Some(0) && said.contains("403 Forbidden"),

@@ -34,6 +34,22 @@ fn envoy_pid(sb: &Sandbox, id: &str) -> i32 {
     pid_of(&sb.record(id), "envoy").expect("envoy pid recorded")
 }
 
+/// `GET /ready` over admin's unix socket: (status code, response).
+fn admin_ready(sock: &Path) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (code, out)
+}
+
 fn httpd_cmd() -> Vec<&'static str> {
     vec![
         "/bin/sh",
@@ -107,16 +123,19 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     assert_eq!(field("CapEff:"), "0000000000000000");
     assert_eq!(field("CapPrm:"), "0000000000000000");
 
-    // Admin: answers on 127.0.0.1 inside the container, unreachable from outside.
+    // Admin (the default unix listener): answers root on the host's socket, nothing on
+    // its port inside the container, unreachable from outside.
     let admin = st["admin_port"].as_u64().unwrap();
+    let sock = st["admin_socket"].as_str().expect("admin_socket recorded");
+    let (code, _) = admin_ready(Path::new(sock));
+    assert_eq!(code, "200", "admin socket /ready");
     let out = c.exec(
         "admin",
         &format!("wget -qO- http://127.0.0.1:{admin}/ready"),
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "LIVE",
-        "{}",
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "admin port answered inside the container: {}",
         text(&out)
     );
     let reach = std::net::TcpStream::connect_timeout(
@@ -368,6 +387,144 @@ fn sigterm_drains_new_connections_but_finishes_open_ones() {
     assert!(
         out.contains("slow-done"),
         "the open request must complete: {out}"
+    );
+}
+
+/// What the clients of a stop saw ([`stop_under_load`]).
+#[derive(Debug)]
+struct StopSeen {
+    /// Slow requests in flight at the kill that completed, of `slow_total`.
+    slow_done: usize,
+    slow_total: usize,
+    /// The steady stream: served, cleanly refused (connection refused), anything else.
+    served: usize,
+    refused: usize,
+    errors: Vec<String>,
+    /// How long `ctr task kill` took (the wrapper's drain wait is in it).
+    kill_took: Duration,
+}
+
+/// A naive app — `sh` as PID 1 that exits at once on SIGTERM, taking its httpd and
+/// every running CGI with it — with `slow_total` requests of a CGI answering after 3 s
+/// in flight through the TLS port and a steady stream of `GET /` (one after another),
+/// stopped with `ctr task kill -s SIGTERM`.
+fn stop_under_load(name: &str, drain_timeout: &str, slow_total: usize) -> StopSeen {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sb = Sandbox::new(name, &format!("drain_timeout = {drain_timeout:?}"), "");
+    let id = format!("es-{name}");
+    let net = sb.slot.netns(0);
+    let www = sb.dir.join("www");
+    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
+    std::fs::write(www.join("index.html"), HELLO).unwrap();
+    write_script(
+        &www.join("cgi-bin/slow"),
+        "#!/bin/sh\nsleep 3\nprintf 'Content-Type: text/plain\\r\\n\\r\\nslow-done\\n'\n",
+    );
+    let mount = format!(
+        "--mount=type=bind,src={},dst=/w,options=rbind:ro",
+        www.display()
+    );
+    let c = sb.start_cmd(
+        &id,
+        &[(PORTS, "8080")],
+        &[&net.ctr_opt(), &mount],
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'exit 0' TERM; httpd -f -p 8080 -h /w & wait",
+        ],
+    );
+    let st = sb.inspect(&id).unwrap();
+    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
+    let ca = sb.ca();
+    wait_served(&addr, &tls(&ca, &id));
+    let app_net = std::fs::read_link(format!("/proc/{}/ns/net", c.pid())).unwrap();
+    let slow: Vec<_> = (0..slow_total)
+        .map(|_| {
+            let (addr, ca, id) = (addr.clone(), ca.clone(), id.clone());
+            std::thread::spawn(move || tls(&ca, &id).path("/cgi-bin/slow").fetch(&addr))
+        })
+        .collect();
+    wait_until(
+        "the slow requests at the app",
+        Duration::from_secs(10),
+        || {
+            footprint::processes_mentioning("slow")
+                .iter()
+                .filter(|(p, _)| {
+                    std::fs::read_link(format!("/proc/{p}/ns/net")).ok() == Some(app_net.clone())
+                })
+                .count()
+                >= slow_total
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let (addr, ca, id, stop) = (addr.clone(), ca.clone(), id.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut served, mut refused, mut errors) = (0, 0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let out = tls(&ca, &id).fetch(&addr);
+                if out.contains(HELLO) {
+                    served += 1;
+                } else if out.contains("Connection refused") || out.contains("errno=111") {
+                    refused += 1;
+                } else {
+                    errors.push(out.chars().take(600).collect::<String>());
+                }
+            }
+            (served, refused, errors)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let out = ctr(&["task", "kill", "-s", "SIGTERM", &c.id]);
+    let kill_took = t.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    let slow: Vec<String> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+    wait_until("the app exited", Duration::from_secs(10), || {
+        std::fs::metadata(format!("/proc/{}", c.pid())).is_err()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (served, refused, errors) = stream.join().unwrap();
+    StopSeen {
+        slow_done: slow.iter().filter(|o| o.contains("slow-done")).count(),
+        slow_total,
+        served,
+        refused,
+        errors,
+        kill_took,
+    }
+}
+
+/// Stop that loses nothing: the wrapper drains the listeners and waits (up to
+/// `drain_timeout`) for the open connections before runc signals the app. The control
+/// (`drain_timeout = "0"`, the old behaviour) shows the same load does cut requests.
+#[test]
+fn naive_app_stop_under_load_loses_nothing_when_drain_timeout_covers_it() {
+    if !can_run("naive_app_stop_under_load_loses_nothing_when_drain_timeout_covers_it") {
+        return;
+    }
+    let seen = stop_under_load("drainwait", "10s", 4);
+    eprintln!("MEASURED drain_timeout=10s: {seen:?}");
+    assert_eq!(seen.slow_done, seen.slow_total, "{seen:?}");
+    assert!(seen.errors.is_empty(), "client-visible errors: {seen:?}");
+    assert!(
+        seen.served > 0 && seen.refused > 0,
+        "the stream saw the stop: {seen:?}"
+    );
+    assert!(
+        seen.kill_took < Duration::from_secs(10),
+        "the wait ends when the connections do, not at the timeout: {seen:?}"
+    );
+
+    let seen = stop_under_load("drainoff", "0", 4);
+    eprintln!("MEASURED drain_timeout=0: {seen:?}");
+    assert!(
+        seen.slow_done < seen.slow_total,
+        "without the wait the app's exit cuts open requests: {seen:?}"
     );
 }
 

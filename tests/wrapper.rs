@@ -314,3 +314,115 @@ fn recommend_memory_follows_the_measured_model() {
         "{out}"
     );
 }
+
+/// runc's stderr without the per-line timestamps of its logrus lines.
+fn untimed(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(|l| match l.strip_prefix("time=\"") {
+            Some(rest) => rest.split_once("\" ").map_or(rest, |(_, r)| r).to_string(),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An argv the wrapper cannot parse, for a command it has nothing to decide about,
+/// goes to runc unchanged: the caller sees runc's usage text and exit code, byte for
+/// byte, as if the wrapper were not there. A `create` it cannot parse is still refused
+/// (it might be a proxied container).
+#[test]
+fn an_unknown_global_flag_to_state_gives_runcs_exit_code_and_usage_text() {
+    const RUNC: &str = "/usr/sbin/runc";
+    let f = fake("usage");
+    let cfg = std::fs::read_to_string(&f.config).unwrap();
+    let fake = f.runc.path.display().to_string();
+    std::fs::write(&f.config, cfg.replace(&fake, RUNC)).unwrap();
+    let root = f.dir.join("runc-root").display().to_string();
+    let cases: &[&[&str]] = &[
+        &["--bogus", "state", "c1"],
+        &["--root", &root, "--debug=yes", "state", "c1"],
+        &["--root", &root, "kill", "--frobnicate", "c1"],
+        &["--root", &root, "delete", "--force=maybe", "c1"],
+        &["--root", &root, "exec", "--frobnicate", "c1", "true"],
+        &["--root", &root, "state", "a/b"],
+        &["--root", &root, "delete", ".."],
+        &["--root"],
+    ];
+    for argv in cases {
+        let runc = Command::new(RUNC).args(*argv).output().unwrap();
+        let ours = Command::new(wrapper_bin())
+            .args(*argv)
+            .env("ENVOY_SIDECAR_CONFIG", &f.config)
+            .output()
+            .unwrap();
+        assert_ne!(runc.status.code(), Some(0), "{argv:?}: {}", text(&runc));
+        assert_eq!(
+            ours.status.code(),
+            runc.status.code(),
+            "{argv:?}: {}",
+            text(&ours)
+        );
+        assert_eq!(ours.stdout, runc.stdout, "{argv:?}");
+        assert_eq!(untimed(&ours.stderr), untimed(&runc.stderr), "{argv:?}");
+    }
+    // The control: what may be a create is refused with the wrapper's reason.
+    let out = f.wrapper(&["--bogus", "create", "c1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown global flag \"--bogus\""),
+        "{}",
+        text(&out)
+    );
+}
+
+/// runc accepts ids with a comma; so does the wrapper, from create to delete.
+#[test]
+fn ids_with_a_comma_are_accepted_end_to_end() {
+    let f = fake("comma");
+    let id = "web,1";
+    let out = f.create(&[], id);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(f.state_of(id).is_some(), "state recorded for {id}");
+    let env = strings(&f.spec()["process"]["env"])
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        env.iter().any(|e| e.starts_with("CF_INSTANCE_PORTS=")),
+        "{env:?}"
+    );
+    let process = f.dir.join("process.json");
+    std::fs::write(
+        &process,
+        json!({"args": ["sh"], "env": [], "cwd": "/"}).to_string(),
+    )
+    .unwrap();
+    let p = process.display().to_string();
+    let out = f.wrapper(&["exec", "--process", &p, id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&std::fs::read(&process).unwrap()).unwrap();
+    assert!(
+        strings(&v["env"])
+            .iter()
+            .any(|e| e.starts_with("CF_INSTANCE_PORTS=")),
+        "{v}"
+    );
+    let out = f.wrapper(&["kill", id, "TERM"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = f.wrapper(&["delete", id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(f.state_of(id).is_none(), "released");
+    let calls = f.calls();
+    for want in [
+        format!("create --bundle {} {id}", bundle_arg(&f)),
+        format!("exec --process {p} {id}"),
+        format!("kill {id} TERM"),
+        format!("delete {id}"),
+    ] {
+        assert!(
+            calls.iter().any(|c| c.ends_with(&want)),
+            "{want}: {calls:?}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::create::spec::JsonFile;
@@ -85,16 +86,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let default_runc = crate::config::Runtime::default().runc;
     let inv = match Invocation::parse(&args) {
         Ok(inv) => inv,
-        Err(e) => {
-            // Without a parse we still honour --log so containerd shows the reason.
-            let ctx = Ctx {
-                argv,
-                inv: fallback_invocation(&args),
-                runc: default_runc,
-            };
-            ctx.log("error", &crate::error::render(&e));
-            return 2;
-        }
+        Err(e) => return unparsed(argv, &args, &e, default_runc),
     };
     let self_exe: Vec<PathBuf> = std::env::current_exe().into_iter().collect();
     // Only create/run use the CA files (spec decisions need a valid proxy config);
@@ -144,6 +136,35 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             1
         }
     }
+}
+
+/// An argv the wrapper cannot parse. With nothing to decide it goes to runc unchanged,
+/// so runc's own usage text and exit code reach the caller. The one thing that is
+/// refused: what may be a `create`/`run` while the proxy is enabled — handing it on
+/// would start a container that asked for a proxy without one.
+fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathBuf) -> i32 {
+    let mut ctx = Ctx {
+        argv,
+        // Without a parse we still honour --log so containerd shows the reason.
+        inv: fallback_invocation(args),
+        runc: default_runc,
+    };
+    let cfg = Config::load(None).ok();
+    let proxying = cfg.as_ref().is_some_and(|c| c.proxy.enabled);
+    if proxying && may_create(args) {
+        ctx.log("error", &crate::error::render(e));
+        return 2;
+    }
+    if let Some(c) = cfg {
+        ctx.runc = c.runtime.runc;
+    }
+    ctx.exec()
+}
+
+/// Whether an argv that did not parse could be `create` or `run`: any argument spelled
+/// so (the subcommand's position is unknown once a flag is not understood).
+fn may_create(args: &[String]) -> bool {
+    args.iter().any(|a| a == "create" || a == "run")
 }
 
 fn fallback_invocation(args: &[String]) -> Invocation {
@@ -249,7 +270,8 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
     let Some(process) = ctx.inv.flag("process").map(str::to_string) else {
         return Ok(()); // runc reads the (patched) config.json itself
     };
-    let Some((ns, id)) = container(&ctx.inv)? else {
+    // An id or namespace runc refuses has no state of ours: runc answers it.
+    let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return Ok(());
     };
     let Some(state) = Store::of(cfg).read(&ns, &id)? else {
@@ -298,38 +320,54 @@ fn replace_flag_value(argv: &mut [OsString], names: &[&str], value: &str) {
     }
 }
 
-/// SIGTERM to the container's init: first stop Envoy accepting new connections, so a
-/// router gets a clean refusal (and retries elsewhere) instead of a reset mid-request;
-/// open connections carry on until the app exits. Failures never block the kill.
+/// The signals a container is stopped with (runc's spelling: a number, or a name with
+/// or without `SIG`, any case). SIGINT and SIGQUIT stop most apps as SIGTERM does
+/// (QUIT is nginx's graceful stop), so they drain too; SIGKILL is never delayed.
+fn stops(sig: &str) -> bool {
+    let up = sig.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    matches!(name, "TERM" | "15" | "INT" | "2" | "QUIT" | "3")
+}
+
+/// A stopping signal for the container (to its init, or with `--all` to every
+/// process): first stop Envoy accepting new connections, so a router gets a clean
+/// refusal (and retries elsewhere) instead of a reset mid-request, then wait up to
+/// `[proxy] drain_timeout` for the open connections to finish, so an app that exits at
+/// once on the signal cuts none. Failures never block the kill.
 fn on_kill(ctx: &Ctx, cfg: &Config) {
-    if ctx.inv.flag_bool("all") {
-        return;
-    }
     let sig = ctx
         .inv
         .positional
         .get(1)
         .map(String::as_str)
         .unwrap_or("TERM");
-    if !matches!(sig, "15" | "TERM" | "SIGTERM") {
+    if !stops(sig) {
         return;
     }
     let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return;
     };
-    if let Err(e) = control::drain(&Store::of(cfg), &ns, &id) {
-        ctx.log("warning", &format!("draining the proxy of {id}: {e}"));
+    // Validated with the rest of the config; a bad value cannot reach here.
+    let wait = cfg.drain_timeout().unwrap_or(Duration::from_secs(5));
+    match control::drain(&Store::of(cfg), &ns, &id, wait) {
+        Ok(Some(d)) if d.open > 0 => ctx.log(
+            "warning",
+            &format!(
+                "{id}: {} downstream connection(s) still open after proxy.drain_timeout {}; signalling the app",
+                d.open,
+                humantime::format_duration(wait)
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => ctx.log("warning", &format!("draining the proxy of {id}: {e}")),
     }
 }
 
 fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
     let ids = match container(&ctx.inv) {
         Ok(Some(c)) => c,
-        Ok(None) => return ctx.exec(),
-        Err(e) => {
-            ctx.log("error", &crate::error::render(&e));
-            return ctx.exec();
-        }
+        // No id, or one runc refuses (nothing of ours can exist): runc answers it.
+        Ok(None) | Err(_) => return ctx.exec(),
     };
     // Nothing of ours (no proxy, or already released): become runc, no extra fork.
     let store = Store::of(cfg);
@@ -357,6 +395,18 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopping_signals_in_runcs_spellings() {
+        for s in [
+            "TERM", "SIGTERM", "term", "15", "INT", "SIGINT", "2", "QUIT", "sigquit", "3",
+        ] {
+            assert!(stops(s), "{s}");
+        }
+        for s in ["KILL", "9", "HUP", "SIGUSR1", "USR2", "1", "150", ""] {
+            assert!(!stops(s), "{s}");
+        }
+    }
 
     #[test]
     fn replaces_only_the_process_value() {

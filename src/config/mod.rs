@@ -89,6 +89,13 @@ pub struct Proxy {
     /// before Envoy closes the connection (humantime: `5s`, `1500ms`). Connections that
     /// never send a ClientHello count against `max_connections` until then.
     pub handshake_timeout: String,
+    /// After draining the listeners on SIGTERM/SIGINT/SIGQUIT, how long the wrapper
+    /// waits for Envoy's open downstream connections to finish before the app is
+    /// signalled (humantime; `0` = do not wait).
+    pub drain_timeout: String,
+    /// Where Envoy's admin API listens: `unix` (a socket under `runtime.state_dir`,
+    /// out of the app's reach) or `loopback` (the reference's 127.0.0.1 port).
+    pub admin_listener: String,
 }
 
 impl Default for Proxy {
@@ -111,6 +118,8 @@ impl Default for Proxy {
             sandbox: true,
             sandbox_allow_read: Vec::new(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT.into(),
+            drain_timeout: "5s".into(),
+            admin_listener: "unix".into(),
         }
     }
 }
@@ -392,6 +401,8 @@ impl Config {
         self.network_wait()?;
         self.liveness_interval()?;
         self.handshake_timeout()?;
+        self.drain_timeout()?;
+        self.admin_listener()?;
         self.metrics_mode()?;
         self.key_type()?;
 
@@ -457,6 +468,21 @@ impl Config {
             other => Err(self.err(
                 "metrics.mode",
                 format!("{other:?} is not a mode; valid: \"linear\", \"exact\""),
+            )),
+        }
+    }
+
+    /// `[proxy] admin_listener`; checked by `validate`.
+    pub fn admin_listener(&self) -> Result<AdminListener> {
+        match self.proxy.admin_listener.as_str() {
+            "unix" => Ok(AdminListener::Unix),
+            "loopback" => Ok(AdminListener::Loopback),
+            other => Err(self.err(
+                "proxy.admin_listener",
+                format!(
+                    "{:?} is not a choice; valid: \"unix\" (default), \"loopback\"",
+                    other.chars().take(80).collect::<String>()
+                ),
             )),
         }
     }
@@ -601,6 +627,24 @@ impl Config {
         Ok(d)
     }
 
+    /// `[proxy] drain_timeout`; checked by `validate`. Zero turns the wait off.
+    pub fn drain_timeout(&self) -> Result<Duration> {
+        let v = &self.proxy.drain_timeout;
+        let d = humantime::parse_duration(v).map_err(|e| {
+            self.err(
+                "proxy.drain_timeout",
+                format!("{v:?}: {e}; valid: a duration from 0 (off) to 2m, such as \"5s\""),
+            )
+        })?;
+        if d > Duration::from_secs(120) {
+            return Err(self.err(
+                "proxy.drain_timeout",
+                format!("{v:?} is out of range; valid: 0 (off) to 2m"),
+            ));
+        }
+        Ok(d)
+    }
+
     /// Whether Envoy, running as an unprivileged uid of its own, can execute
     /// `proxy.envoy_path` and reach its files under `runtime.state_dir`. The one
     /// decision `check-config`, `doctor`, `create` and the supervisor share: a binary
@@ -719,6 +763,17 @@ impl Config {
             None => physical_memory_bytes(),
         }
     }
+}
+
+/// Where Envoy's admin API listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListener {
+    /// A unix socket in the host-side state directory: nothing in the container's
+    /// network or mount namespace reaches it.
+    Unix,
+    /// `127.0.0.1:<admin port>` in the container's netns, where the app can reach it
+    /// (the reference's choice; the path allow-list still applies).
+    Loopback,
 }
 
 /// Why an unprivileged Envoy could not do its job: `(config key, message)`.
@@ -957,6 +1012,44 @@ mod tests {
         );
         let e = invalid("[proxy]\nnetwork_wait = \"2h\"\n");
         assert!(e.contains("1s to 1h"), "{e}");
+    }
+
+    #[test]
+    fn admin_listener_is_unix_or_loopback() {
+        assert_eq!(
+            Config::default().admin_listener().unwrap(),
+            AdminListener::Unix
+        );
+        let c = parse("[proxy]\nadmin_listener = \"loopback\"\n").unwrap();
+        assert_eq!(c.admin_listener().unwrap(), AdminListener::Loopback);
+        let e = invalid("[proxy]\nadmin_listener = \"tcp\"\n");
+        assert!(
+            e.contains("proxy.admin_listener")
+                && e.contains("valid: \"unix\" (default), \"loopback\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn drain_timeout_is_a_bounded_duration() {
+        assert_eq!(
+            Config::default().drain_timeout().unwrap(),
+            Duration::from_secs(5)
+        );
+        for off in ["0", "0s"] {
+            let c = parse(&format!("[proxy]\ndrain_timeout = {off:?}\n")).unwrap();
+            assert_eq!(c.drain_timeout().unwrap(), Duration::ZERO, "{off}");
+        }
+        let e = invalid("[proxy]\ndrain_timeout = \"soon\"\n");
+        assert!(
+            e.contains("proxy.drain_timeout") && e.contains("valid: a duration from 0"),
+            "{e}"
+        );
+        let e = invalid("[proxy]\ndrain_timeout = \"3m\"\n");
+        assert!(
+            e.contains("proxy.drain_timeout") && e.contains("0 (off) to 2m"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,6 +23,31 @@ use crate::error::{Error, Result};
 use crate::state::store::{self, ContainerState, Memory, PortMapping, Store};
 use crate::sys::fs::now_rfc3339;
 
+/// Envoy's admin socket for `envoy_uid`, or why the path cannot be a unix socket.
+fn admin_socket(cfg: &Config, envoy_uid: u32) -> Result<PathBuf> {
+    use crate::state::layout::{self, SUN_PATH_MAX};
+    let path = layout::admin_socket(&cfg.runtime.state_dir, envoy_uid);
+    let len = path.as_os_str().len();
+    if len > SUN_PATH_MAX {
+        let room = SUN_PATH_MAX - (len - cfg.runtime.state_dir.as_os_str().len());
+        return Err(Error::Config {
+            path: cfg
+                .source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            key: "runtime.state_dir".into(),
+            msg: format!(
+                "Envoy's admin socket {} would be {len} bytes, over the {SUN_PATH_MAX} a unix \
+                 socket path holds; valid: a runtime.state_dir of at most {room} bytes, or \
+                 proxy.admin_listener = \"loopback\"",
+                path.display()
+            ),
+        });
+    }
+    Ok(path)
+}
+
 const UNLIMITED: &str = "unlimited";
 
 /// Hook stages we register, with where our entry goes and runc's timeout (seconds).
@@ -165,6 +190,10 @@ pub fn prepare(
                 cfg.proxy.envoy_uid_pool_size
             ))
         })?;
+    let admin_socket = match cfg.admin_listener()? {
+        crate::config::AdminListener::Loopback => None,
+        crate::config::AdminListener::Unix => Some(admin_socket(cfg, envoy_uid)?),
+    };
     let dir = store.dir(t.namespace, t.id);
     let state = ContainerState {
         version: store::new_state_version(),
@@ -178,6 +207,7 @@ pub fn prepare(
         org_guid: req.org_guid,
         ports: mappings,
         admin_port: proxy.admin,
+        admin_socket,
         alpn: req
             .alpn
             .unwrap_or_else(|| crate::envoy::bootstrap::Alpn::host_default(cfg.proxy.enable_http2))
@@ -310,6 +340,31 @@ mod tests {
     use super::*;
     use crate::state::store::tests::tempdir;
     use std::fs;
+
+    #[test]
+    fn admin_socket_path_fits_sun_path_or_names_the_key() {
+        let mut cfg = Config::default();
+        let p = admin_socket(&cfg, 2_000_000_000).unwrap();
+        assert_eq!(
+            p,
+            PathBuf::from("/run/envoy-sidecar/.admin/2000000000/admin.sock")
+        );
+        // 78 bytes of state_dir + 29 = 107: the longest that fits.
+        cfg.runtime.state_dir = PathBuf::from(format!("/{}", "s".repeat(77)));
+        assert_eq!(
+            admin_socket(&cfg, 2_000_000_000).unwrap().as_os_str().len(),
+            107
+        );
+        cfg.runtime.state_dir = PathBuf::from(format!("/{}", "s".repeat(78)));
+        let e = admin_socket(&cfg, 2_000_000_000).unwrap_err().to_string();
+        assert!(
+            e.contains("runtime.state_dir")
+                && e.contains("108 bytes")
+                && e.contains("at most 78 bytes")
+                && e.contains("admin_listener = \"loopback\""),
+            "{e}"
+        );
+    }
 
     #[test]
     fn memory_rules() {

@@ -76,6 +76,9 @@ const ADMIN_ALLOW_EXACT: &[&str] = &[
 /// the query, so the prefix cannot reach another handler. Not `/stats/` — that
 /// subtree includes the `recentlookups` mutators.
 const ADMIN_ALLOW_PREFIX: &[&str] = &["/stats?"];
+/// The admin socket's mode: Envoy's uid only (root, the wrapper and the supervisor,
+/// connects regardless).
+const ADMIN_SOCKET_MODE: u32 = 0o600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
@@ -143,12 +146,21 @@ pub struct Mtls {
 }
 
 /// Everything one container's bootstrap depends on.
+/// Where admin listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAddress<'a> {
+    /// `127.0.0.1:<port>` in the container's netns (`admin_listener = "loopback"`).
+    Loopback(u16),
+    /// A unix socket Envoy creates, mode 0600 (its own uid; root connects).
+    Unix(&'a Path),
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
     /// `<namespace>/<container id>`.
     pub node_id: &'a str,
     pub listeners: &'a [Listener],
-    pub admin_port: u16,
+    pub admin: AdminAddress<'a>,
     pub alpn: Alpn,
     pub mtls: Option<&'a Mtls>,
     /// Directory Envoy watches; holds [`SDS_FILE`].
@@ -179,7 +191,7 @@ pub fn bootstrap(i: &Inputs) -> Value {
     }
     json!({
         "node": { "id": i.node_id, "cluster": NODE_CLUSTER },
-        "admin": admin(i.admin_port),
+        "admin": admin(i.admin),
         "overload_manager": overload_manager(i),
         "static_resources": {
             "listeners": i.listeners.iter().map(|l| listener(i, l)).collect::<Vec<_>>(),
@@ -207,14 +219,19 @@ fn overload_manager(i: &Inputs) -> Value {
     })
 }
 
-fn admin(port: u16) -> Value {
+fn admin(at: AdminAddress) -> Value {
     let allow: Vec<Value> = ADMIN_ALLOW_EXACT
         .iter()
         .map(|p| json!({ "exact": p }))
         .chain(ADMIN_ALLOW_PREFIX.iter().map(|p| json!({ "prefix": p })))
         .collect();
     json!({
-        "address": socket_address("127.0.0.1", port),
+        "address": match at {
+            AdminAddress::Loopback(port) => socket_address("127.0.0.1", port),
+            AdminAddress::Unix(path) => json!({
+                "pipe": { "path": path.to_string_lossy(), "mode": ADMIN_SOCKET_MODE },
+            }),
+        },
         // The supervisor must still reach admin (to drain) when the app's listeners
         // are at the connection cap.
         "ignore_global_conn_limit": true,
@@ -510,7 +527,7 @@ mod tests {
         Inputs {
             node_id: "default/app1",
             listeners,
-            admin_port: 61001 + u16::try_from(listeners.len()).unwrap(),
+            admin: AdminAddress::Unix(Path::new("/run/envoy-sidecar/.admin/2000000000/admin.sock")),
             alpn,
             mtls,
             sds_dir: Path::new("/run/envoy-sidecar/default/app1/sds"),
@@ -553,6 +570,30 @@ mod tests {
     fn golden_one_port_default_alpn() {
         let alpn = Alpn::host_default(true);
         assert_golden("one-port-default", &bootstrap(&inputs(ONE, alpn, None)));
+    }
+
+    #[test]
+    fn golden_admin_loopback() {
+        let alpn = Alpn::host_default(true);
+        let mut i = inputs(ONE, alpn, None);
+        i.admin = AdminAddress::Loopback(61002);
+        let b = bootstrap(&i);
+        assert_eq!(
+            b["admin"]["address"],
+            json!({"socket_address": {"address": "127.0.0.1", "port_value": 61002}})
+        );
+        assert_golden("admin-loopback", &b);
+    }
+
+    #[test]
+    fn admin_socket_is_envoys_only() {
+        let b = bootstrap(&inputs(ONE, Alpn::host_default(true), None));
+        assert_eq!(
+            b["admin"]["address"],
+            json!({"pipe": {"path": "/run/envoy-sidecar/.admin/2000000000/admin.sock", "mode": 0o600}})
+        );
+        // The same allow-list either way.
+        assert_eq!(b["admin"]["allow_paths"].as_array().unwrap().len(), 8);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::envoy::admin;
 use crate::error::{Error, IoContext, Result};
 use crate::host::Host;
 use crate::nat::{self, Applied, Mapping};
@@ -55,7 +56,16 @@ pub fn stop(store: &Store, host: &Host, ns: &str, id: &str) -> Result<()> {
     }
     // The supervisor may have recorded the cgroup after we read the record.
     let rec = paths.read_record()?.unwrap_or(rec);
-    host.cgroups.kill_and_remove(&rec.cgroup)
+    host.cgroups.kill_and_remove(&rec.cgroup)?;
+    // Envoy is gone: its admin socket directory too (the uid goes back to the pool).
+    if let Some(dir) = store
+        .read(ns, id)?
+        .and_then(|s| s.admin_socket)
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        fsutil::remove_dir_all_if_exists(&dir)?;
+    }
+    Ok(())
 }
 
 /// Ask a container's supervisor to re-issue its credentials now (SIGHUP; it re-reads
@@ -78,11 +88,25 @@ pub fn request_rotation(store: &Store, ns: &str, id: &str) -> Result<i32> {
     Ok(sup.pid)
 }
 
-/// Ask Envoy to stop accepting new connections (before the app gets SIGTERM). Runs in
-/// a thread that enters the container's netns, where the admin port is.
-pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// How long the wait for open connections took.
+    pub waited: Duration,
+    /// Downstream connections still open when the wait ended (0: all finished).
+    pub open: u64,
+}
+
+/// How often the open connections are counted while waiting.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Ask Envoy to stop accepting new connections (before the app is signalled), then
+/// wait up to `wait` until its open downstream connections have finished. Runs in a
+/// thread that enters the container's netns, where the admin port is. `Ok(None)`: no
+/// proxy or no Envoy running (nothing to drain).
+pub fn drain(store: &Store, ns: &str, id: &str, wait: Duration) -> Result<Option<Drained>> {
     let Some(state) = store.read(ns, id)? else {
-        return Ok(false);
+        return Ok(None);
     };
     let paths = Paths::new(store, ns, id);
     let envoy_up = paths
@@ -90,17 +114,42 @@ pub fn drain(store: &Store, ns: &str, id: &str) -> Result<bool> {
         .and_then(|r| r.envoy)
         .is_some_and(|e| e.alive());
     let Some(pid) = state.init_pid.filter(|_| envoy_up) else {
-        return Ok(false);
+        return Ok(None);
     };
-    let admin = state.admin_port;
-    let t = std::thread::spawn(move || -> std::io::Result<()> {
-        process::enter_netns(pid)?;
-        crate::envoy::admin::drain_listeners(admin, Duration::from_secs(2))
+    let at = match state.admin_socket {
+        Some(p) => admin::Endpoint::Unix(p),
+        None => admin::Endpoint::Loopback(state.admin_port),
+    };
+    let what = match &at {
+        admin::Endpoint::Loopback(_) => format!("/proc/{pid}/ns/net ({at})"),
+        admin::Endpoint::Unix(p) => p.display().to_string(),
+    };
+    let t = std::thread::spawn(move || -> std::io::Result<Drained> {
+        // A unix socket is reached from any netns; the loopback port only from the
+        // container's.
+        if matches!(at, admin::Endpoint::Loopback(_)) {
+            process::enter_netns(pid)?;
+        }
+        admin::drain_listeners(&at, Duration::from_secs(2))?;
+        let start = std::time::Instant::now();
+        loop {
+            let open = if wait.is_zero() {
+                0
+            } else {
+                admin::active_downstream(&at, Duration::from_secs(2))?
+            };
+            let waited = start.elapsed();
+            if open == 0 || waited >= wait {
+                return Ok(Drained { waited, open });
+            }
+            std::thread::sleep(DRAIN_POLL.min(wait - waited));
+        }
     });
-    t.join()
+    let d = t
+        .join()
         .map_err(|_| Error::Hook("drain thread panicked".into()))?
-        .at(format!("/proc/{pid}/ns/net (admin 127.0.0.1:{admin})"))?;
-    Ok(true)
+        .at(what)?;
+    Ok(Some(d))
 }
 
 /// The host port mappings of a container whose IP is `ip`: each TLS proxy port and,

@@ -457,6 +457,24 @@ impl Supervisor<'_> {
         std::os::unix::fs::chown(&envoy_dir, Some(0), Some(gid)).at(&envoy_dir)?;
         std::os::unix::fs::chown(&sds, Some(uid), Some(gid)).at(&sds)?;
         std::fs::set_permissions(&sds, std::fs::Permissions::from_mode(0o500)).at(&sds)?;
+        if let Some(sock) = &self.state.admin_socket {
+            // `<state_dir>/.admin` (root's, others may only traverse) / `<uid>` (Envoy's
+            // own, 0700), where Envoy creates its admin socket (unlinking a stale one
+            // itself, so Envoy restarts need nothing here). A socket an earlier Envoy
+            // of this uid left behind is removed before it can be taken for this one's.
+            let dir = sock.parent().expect("admin socket path has a directory");
+            let parent = dir.parent().expect("admin socket directory has a parent");
+            for (d, mode, owner) in [(parent, 0o711, 0), (dir, 0o700, uid)] {
+                std::fs::DirBuilder::new()
+                    .mode(mode)
+                    .recursive(true)
+                    .create(d)
+                    .at(d)?;
+                std::os::unix::fs::chown(d, Some(owner), Some(owner)).at(d)?;
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).at(d)?;
+            }
+            crate::sys::fs::remove_if_exists(sock)?;
+        }
         Ok(())
     }
 
@@ -537,7 +555,10 @@ impl Supervisor<'_> {
         let inputs = Inputs {
             node_id: &node_id,
             listeners: &listeners,
-            admin_port: self.state.admin_port,
+            admin: match &self.state.admin_socket {
+                Some(p) => bootstrap::AdminAddress::Unix(p),
+                None => bootstrap::AdminAddress::Loopback(self.state.admin_port),
+            },
             alpn: bootstrap::Alpn::from_value(&self.state.alpn).ok_or_else(|| {
                 self.fail(format!(
                     "recorded alpn {:?} is not a valid choice",

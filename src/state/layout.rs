@@ -1,6 +1,6 @@
 //! Where one container's files live under `<state_dir>/<namespace>/<id>/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::state::record::Record;
@@ -14,6 +14,25 @@ pub const ENVOY_DIR: &str = "envoy";
 pub const BOOTSTRAP_FILE: &str = "bootstrap.json";
 pub const SDS_DIR: &str = "sds";
 pub const NAT_FILE: &str = "nat.json";
+
+/// Under `<state_dir>`: one directory per Envoy uid holding its admin socket.
+pub const ADMIN_DIR: &str = ".admin";
+pub const ADMIN_SOCKET: &str = "admin.sock";
+/// The longest unix socket path the kernel takes (`sun_path` is 108 bytes with NUL).
+pub const SUN_PATH_MAX: usize = 107;
+
+/// Envoy's admin socket: `<state_dir>/.admin/<envoy uid>/admin.sock`. Not under the
+/// container's directory, whose path (namespace up to 76 bytes, id up to 255) would
+/// not fit `sun_path`; this one is at most `state_dir` + 29 bytes. The uid is unique
+/// among live containers, so is the path. The directory is the Envoy uid's, mode
+/// 0700: only it and root (the wrapper, the supervisor) reach the socket, and nothing
+/// under `<state_dir>` is mounted into a container.
+pub fn admin_socket(state_dir: &Path, envoy_uid: u32) -> PathBuf {
+    state_dir
+        .join(ADMIN_DIR)
+        .join(envoy_uid.to_string())
+        .join(ADMIN_SOCKET)
+}
 
 /// Paths of one container's sidecar.
 pub struct Paths {

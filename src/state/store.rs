@@ -69,7 +69,13 @@ pub struct ContainerState {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub org_guid: Option<String>,
     pub ports: Vec<PortMapping>,
+    /// Allocated and reported whatever the admin listener; Envoy listens on it only
+    /// when `admin_socket` is `None`.
     pub admin_port: u16,
+    /// Envoy's admin API as a unix socket (`[proxy] admin_listener = "unix"`, the
+    /// default); `None`: on `127.0.0.1:admin_port` in the container's netns.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub admin_socket: Option<PathBuf>,
     /// ALPN Envoy advertises: "h2,http/1.1", "http/1.1" or "none".
     pub alpn: String,
     pub host_ip: IpAddr,
@@ -368,18 +374,21 @@ pub fn new_state_version() -> u32 {
 
 /// runc's own rule for container ids, which also makes them safe path components.
 pub fn check_id(id: &str) -> Result<()> {
+    // runc 1.1 (`libcontainer/factory_linux.go` validateID): `^[\w+-\.]+$` — Go's `\w`
+    // is ASCII `[0-9A-Za-z_]` and `+-\.` is the range '+'..='.', i.e. `+ , - .` — and
+    // `/` + id must be its own `CleanPath`, which refuses exactly `.` and `..`. No
+    // length rule: like runc, an id longer than a file name fails at the file system.
     let ok = !id.is_empty()
-        && id.len() <= 1024
         && id != "."
         && id != ".."
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'.'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b',' | b'-' | b'.'));
     if ok {
         Ok(())
     } else {
         Err(Error::Args(format!(
-            "container id {:?} is invalid; valid: letters, digits, '_', '+', '-', '.'",
+            "container id {:?} is invalid; valid (runc's rule): letters, digits, '_', '+', ',', '-', '.', not \".\" or \"..\"",
             id.chars().take(80).collect::<String>()
         )))
     }
@@ -429,6 +438,7 @@ pub(crate) mod tests {
                 external: host_ports.1,
             }],
             admin_port: 61002,
+            admin_socket: None,
             alpn: "h2,http/1.1".into(),
             host_ip: "192.0.2.10".parse().unwrap(),
             memory: Memory {
@@ -552,8 +562,14 @@ pub(crate) mod tests {
 
     #[test]
     fn ids_and_namespaces() {
-        check_id("abc-1.2_3+x").unwrap();
-        for bad in ["", ".", "..", "a/b", "a b", "a\n"] {
+        // runc 1.1.5 accepts these (`runc state ID` says "container does not exist")...
+        for good in ["abc-1.2_3+x", "a,b", ",", "...", "a..b", ".a", "_", "+"] {
+            check_id(good).unwrap();
+        }
+        // ... and refuses these ("invalid container ID format").
+        for bad in [
+            "", ".", "..", "a/b", "ab/", "a b", "a\n", "a:b", "\u{c4}", "a\0",
+        ] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
         check_namespace("default").unwrap();
