@@ -235,7 +235,7 @@ fn sandbox_check(cfg: &Config) -> Result<String, String> {
         ));
     }
     // No container's envoy dir exists yet: the temp dir stands in for it.
-    let s = sandbox::prepare(&cfg.proxy, &std::env::temp_dir()).map_err(|e| e.to_string())?;
+    let s = sandbox::prepare(&cfg.proxy, &std::env::temp_dir(), None).map_err(|e| e.to_string())?;
     Ok(format!(
         "{} for {}",
         s.level,

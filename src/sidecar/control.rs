@@ -258,3 +258,88 @@ pub fn teardown(store: &Store, host: &Host, ns: &str, id: &str) -> Result<()> {
     let unmapped = remove_nat(store, host.nat.as_ref(), ns, id);
     stopped.and(unmapped)
 }
+
+/// Each NAT conflict case the create/delete path meets, against the in-memory table
+/// with the kernel's rules (`nat::FakeNat`: one element per host port, identical
+/// re-adds accepted, a port mapped elsewhere refused all-or-none).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nat::{Backend, FakeNat};
+    use crate::state::store::tests::{record, sample, tempdir};
+
+    fn setup(tag: &str) -> (std::path::PathBuf, Store, ContainerState) {
+        let root = tempdir(tag);
+        let store = Store::new(&root);
+        let s = sample("ns", "c1", &root, (61010, Some(61011)));
+        record(&store, &s);
+        (root, store, s)
+    }
+
+    const IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+
+    #[test]
+    fn a_repeated_mapping_is_accepted_and_recorded_once() {
+        let (root, store, s) = setup("nat-again");
+        let nat = FakeNat::default();
+        let first = map_to(&store, &nat, &s, IP).unwrap();
+        let again = map_to(&store, &nat, &s, IP).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(nat.list().unwrap().len(), 2);
+        let rec = Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap();
+        assert_eq!(rec.unwrap().mappings, first);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_host_port_mapped_elsewhere_is_refused_and_nothing_is_left() {
+        let (root, store, s) = setup("nat-taken");
+        let nat = FakeNat::default();
+        // A leftover element holds the TLS host port for another IP.
+        let other = Mapping {
+            host_port: 61010,
+            container_ip: Ipv4Addr::new(203, 0, 113, 9),
+            container_port: 61001,
+        };
+        nat.add(&[other]).unwrap();
+        let e = map_to(&store, &nat, &s, IP).unwrap_err().to_string();
+        assert!(e.contains("61010") && e.contains("203.0.113.9"), "{e}");
+        assert_eq!(nat.list().unwrap(), vec![other], "all or none");
+        let rec = Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap();
+        assert_eq!(rec, None, "no record of what was not applied");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_new_address_moves_the_elements() {
+        let (root, store, s) = setup("nat-move");
+        let nat = FakeNat::default();
+        map_to(&store, &nat, &s, IP).unwrap();
+        let new_ip = Ipv4Addr::new(203, 0, 113, 6);
+        let moved = map_to(&store, &nat, &s, new_ip).unwrap();
+        assert_eq!(nat.list().unwrap(), {
+            let mut m = moved.clone();
+            m.sort();
+            m
+        });
+        assert!(nat.list().unwrap().iter().all(|m| m.container_ip == new_ip));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn removal_is_idempotent_and_tolerates_elements_already_gone() {
+        let (root, store, s) = setup("nat-remove");
+        let nat = FakeNat::default();
+        let maps = map_to(&store, &nat, &s, IP).unwrap();
+        // Someone (gc, a flush) removed one element already.
+        nat.remove(&maps[..1]).unwrap();
+        remove_nat(&store, &nat, "ns", "c1").unwrap();
+        assert!(nat.list().unwrap().is_empty());
+        assert_eq!(
+            Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap(),
+            None
+        );
+        remove_nat(&store, &nat, "ns", "c1").unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

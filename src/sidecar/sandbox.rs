@@ -83,6 +83,7 @@ pub fn allow_list(
     envoy_path: &Path,
     interpreter: Option<&Path>,
     envoy_dir: &Path,
+    admin_dir: Option<&Path>,
     extra: &[PathBuf],
 ) -> Vec<Allow> {
     let entry = |path: &Path, need, required, why| Allow {
@@ -121,6 +122,11 @@ pub fn allow_list(
         true,
         "bootstrap and SDS files",
     ));
+    if let Some(d) = admin_dir {
+        // `admin_listener = "unix"`: Envoy binds (and, after a crash, replaces) its
+        // admin socket there; the directory is its own, nothing else is in it.
+        v.push(entry(d, Need::Write, true, "admin socket directory"));
+    }
     for x in extra {
         v.push(entry(x, Need::ReadExec, true, "proxy.sandbox_allow_read"));
     }
@@ -198,8 +204,9 @@ pub struct Sandbox {
     pub granted: Vec<landlock::Granted>,
 }
 
-/// Build the sandbox for `proxy`'s Envoy reading `envoy_dir`.
-pub fn prepare(proxy: &Proxy, envoy_dir: &Path) -> Result<Sandbox> {
+/// Build the sandbox for `proxy`'s Envoy reading `envoy_dir` (and binding its admin
+/// socket in `admin_dir`, if it has one).
+pub fn prepare(proxy: &Proxy, envoy_dir: &Path, admin_dir: Option<&Path>) -> Result<Sandbox> {
     let none = |level| Sandbox {
         ruleset: None,
         level,
@@ -217,6 +224,7 @@ pub fn prepare(proxy: &Proxy, envoy_dir: &Path) -> Result<Sandbox> {
         &proxy.envoy_path,
         interp.as_deref(),
         envoy_dir,
+        admin_dir,
         &proxy.sandbox_allow_read,
     );
     let mut rs = Ruleset::new(abi)
@@ -253,7 +261,7 @@ mod tests {
     #[test]
     fn the_allow_list_is_the_binary_libraries_and_envoy_dir_only() {
         let dir = Path::new("/run/es/default/c1/envoy");
-        let list = allow_list(Path::new("/usr/local/bin/envoy"), None, dir, &[]);
+        let list = allow_list(Path::new("/usr/local/bin/envoy"), None, dir, None, &[]);
         let paths: Vec<(&str, Need, bool)> = list
             .iter()
             .map(|a| (a.path.to_str().unwrap(), a.need, a.required))
@@ -288,6 +296,7 @@ mod tests {
             Path::new("/opt/wrap.sh"),
             Some(Path::new("/bin/sh")),
             dir,
+            None,
             &[PathBuf::from("/usr/local/bin/envoy")],
         );
         assert_eq!(script[1].path, Path::new("/bin/sh"));
@@ -344,13 +353,19 @@ mod tests {
             sandbox: false,
             ..Proxy::default()
         };
-        assert_eq!(prepare(&p, Path::new("/x")).unwrap().level, Level::Off);
+        assert_eq!(
+            prepare(&p, Path::new("/x"), None).unwrap().level,
+            Level::Off
+        );
         if kernel_support().is_err() {
             return;
         }
         p.sandbox = true;
         p.envoy_path = "/nonexistent/envoy".into();
-        let e = prepare(&p, Path::new("/tmp")).err().unwrap().to_string();
+        let e = prepare(&p, Path::new("/tmp"), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("/nonexistent/envoy") && e.contains("proxy.envoy_path"),
             "{e}"

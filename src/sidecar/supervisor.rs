@@ -607,8 +607,15 @@ impl Supervisor<'_> {
         .stdout(log_file.try_clone().at(&log_path)?)
         .stderr(log_file);
         // Built here, before the fork: the child only applies it (`exec::confine`).
-        let sandbox =
-            sandbox::prepare(p, &self.paths.envoy_dir()).map_err(|e| self.fail(e.to_string()))?;
+        let sandbox = sandbox::prepare(
+            p,
+            &self.paths.envoy_dir(),
+            self.state
+                .admin_socket
+                .as_deref()
+                .and_then(std::path::Path::parent),
+        )
+        .map_err(|e| self.fail(e.to_string()))?;
         if self.sandbox_logged.as_ref() != Some(&sandbox.level) {
             log(format!("Envoy sandbox: {}", sandbox.level));
             for g in &sandbox.granted {
