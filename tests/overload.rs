@@ -70,10 +70,12 @@ fn tls_flood_is_refused_past_the_allocation_not_oom_killed() {
     // `OVERLOAD_MAX_CONNECTIONS=4096` (the fixed default before it followed the
     // allocation) makes it fail: Envoy is OOM-killed.
     let explicit = std::env::var("OVERLOAD_MAX_CONNECTIONS").ok();
+    // The loopback admin listener: the test reads Envoy's stats from inside the container.
     let extra = explicit
         .as_ref()
         .map(|m| format!("max_connections = {m}\n"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + "admin_listener = \"loopback\"\n";
     let sb = Sandbox::new("overload", &extra, "");
     let cap = match &explicit {
         Some(m) => m.parse().unwrap(),
