@@ -9,9 +9,7 @@
 //! of containers on the host, gone with the netns. It is installed by the
 //! createRuntime hook, before the app's first instruction runs.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
 
@@ -55,39 +53,8 @@ pub fn install(nft: &Path, pid: i32, app_ports: &[u16]) -> Result<()> {
     let ns = std::fs::File::open(&path).map_err(|e| Error::Nat(format!("{path}: {e}")))?;
     let nft = nft.to_path_buf();
     let script = script(app_ports);
-    crate::sys::netns::run_in(&ns, move || run(&nft, &script))
+    crate::sys::netns::run_in(&ns, move || super::run_nft(&nft, &script))
         .map_err(|e| Error::Nat(format!("entering {path}: {e}")))?
-}
-
-fn run(nft: &Path, script: &str) -> Result<()> {
-    let mut child = Command::new(nft)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            Error::Nat(format!(
-                "running {}: {e} (is nftables installed?)",
-                nft.display()
-            ))
-        })?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Nat(format!(
-            "nft refused the ingress filter: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -183,35 +183,7 @@ impl Nat {
 
     /// Run an nft script (the table's skeleton).
     fn nft_script(&self, script: &str) -> Result<()> {
-        let mut child = Command::new(&self.nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                Error::Nat(format!(
-                    "running {}: {e} (is nftables installed?)",
-                    self.nft.display()
-                ))
-            })?;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(script.as_bytes())
-            .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
-        if !out.status.success() {
-            return Err(Error::Nat(format!(
-                "nft rejected {:?}: {}",
-                script.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        run_nft(&self.nft, script)
     }
 
     /// Whether the table and its rules are there. Lists one chain (two rules), not
@@ -360,6 +332,40 @@ pub fn settle() {
 /// Mappings per element transaction when removing many (gc): well inside one
 /// netlink attribute's 64 KiB.
 const REMOVE_CHUNK: usize = 512;
+
+/// `nft -f -` with `script` on stdin, in the calling thread's network namespace (the
+/// table's skeleton here, a container's ingress filter from `ingress`).
+pub(crate) fn run_nft(nft: &Path, script: &str) -> Result<()> {
+    let mut child = Command::new(nft)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::Nat(format!(
+                "running {}: {e} (is nftables installed?)",
+                nft.display()
+            ))
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| Error::Nat(format!("writing to nft: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Nat(format!("waiting for nft: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Nat(format!(
+            "nft rejected {:?}: {}",
+            script.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
 
 /// Why the kernel refused an element change, from its errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::ops::RangeInclusive;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -70,21 +70,7 @@ impl Leases {
     }
 
     fn lock(&self) -> Result<DirLock> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .at(&self.dir)?;
-        let path = self.dir.join(".lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .at(&path)?;
-        f.lock().at(&path)?;
-        Ok(DirLock(f))
+        crate::sys::fs::lock_in(&self.dir, ".lock").map(DirLock)
     }
 
     /// The owner of `uid`'s lease, if there is one that parses.

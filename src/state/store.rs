@@ -7,11 +7,11 @@
 //! files goes through `create` and `remove` here, under the lock, with the index
 //! written first (see `index` for why that is crash-safe).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -154,21 +154,7 @@ impl Store {
 
     /// Exclusive host-wide lock. The state root is created root-only.
     pub fn lock(&self) -> Result<Lock> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)
-            .at(&self.root)?;
-        let path = self.root.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .at(&path)?;
-        f.lock().at(&path)?;
-        Ok(Lock(f))
+        fsutil::lock_in(&self.root, LOCK_FILE).map(Lock)
     }
 
     pub fn read(&self, ns: &str, id: &str) -> Result<Option<ContainerState>> {

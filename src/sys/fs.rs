@@ -154,6 +154,27 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// Create `dir` (0700, with parents) and take an exclusive `flock` on `dir/name`
+/// (0600), waiting for it; released when the file is dropped. The host-wide locks.
+pub fn lock_in(dir: &Path, name: &str) -> Result<fs::File> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .at(dir)?;
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .at(&path)?;
+    f.lock().at(&path)?;
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
