@@ -94,3 +94,37 @@ bench_remove_leftovers() {
     ip link del "$HOST_IF" 2>/dev/null || true
     rm -rf "$TMP"
 }
+
+# The timer every bench uses: `"$PY" -I -S "$TIMEIT" LOG CMD...` prints milliseconds.
+TIMEIT="$REPO/scripts/timeit.py"
+
+# One `ctr run --rm ... /bin/true` lifecycle of variant $1 (its `ctr run` options from
+# the caller's `run_opts VARIANT`), timed; with $3 = 1 the figure goes to $RESULTS as
+# "VARIANT MS". Dies, showing the run's output, when it fails or leaves its container.
+# Uses PY, SOCK, NS, IMAGE, ID_PREFIX, TMP, RESULTS; sets CURRENT_ID while it runs (for
+# the caller's cleanup trap).
+bench_run_one() { # variant tag measured(0|1)
+    local v="$1" tag="$2" measured="$3" ms
+    CURRENT_ID="${ID_PREFIX}$v-$tag"
+    # shellcheck disable=SC2046
+    if ! ms="$("$PY" -I -S "$TIMEIT" "$TMP/run.log" \
+            ctr --address "$SOCK" -n "$NS" run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/true)"; then
+        echo "---- output of the failed run ----" >&2
+        cat "$TMP/run.log" >&2
+        die "variant $v run $tag ($CURRENT_ID) failed"
+    fi
+    if ctr_ containers info "$CURRENT_ID" >/dev/null 2>&1; then
+        die "variant $v: container $CURRENT_ID still exists after 'ctr run --rm'"
+    fi
+    CURRENT_ID=""
+    if [ "$measured" = 1 ]; then echo "$v $ms" >>"$RESULTS"; fi
+}
+
+# Round r runs the caller's VARIANTS rotated by r, so each holds each position equally
+# often (noise on a shared machine hits all of them alike).
+bench_round() { # index tag measured
+    local r="$1" i n=${#VARIANTS[@]}
+    for ((i = 0; i < n; i++)); do
+        bench_run_one "${VARIANTS[(r + i) % n]}" "$2" "$3"
+    done
+}

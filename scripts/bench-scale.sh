@@ -243,18 +243,6 @@ EOF
     "$CLI" --config "$1" check-config >/dev/null || die "config $1 does not check"
 }
 
-# Times one command with a monotonic clock; prints elapsed ms, exits with its status.
-cat >"$TMP/timeit.py" <<'EOF'
-import subprocess, sys, time
-log, cmd = sys.argv[1], sys.argv[2:]
-with open(log, "wb") as f:
-    t0 = time.monotonic_ns()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-    t1 = time.monotonic_ns()
-print(f"{(t1 - t0) / 1e6:.3f}")
-sys.exit(r.returncode)
-EOF
-
 # Our elements now in the map (nft syntax, one a line), optionally only those to IP.
 our_nat() { # [ip]
     nft -j list map ip envoy_sidecar ports 2>/dev/null \
@@ -375,34 +363,12 @@ if [ "$DO_FILL" = 1 ]; then
     # ---- measure -----------------------------------------------------------------
     RESULTS="$TMP/fill-results"
     : >"$RESULTS"
-    run_one() { # variant tag measured(0|1)
-        local v="$1" tag="$2" measured="$3" ms
-        CURRENT_ID="${ID_PREFIX}$v-$tag"
-        # shellcheck disable=SC2046
-        if ! ms="$("$PY" -I -S "$TMP/timeit.py" "$TMP/run.log" \
-                ctr --address "$SOCK" -n "$NS" run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/true)"; then
-            echo "---- output of the failed run ----" >&2
-            cat "$TMP/run.log" >&2
-            die "variant $v run $tag ($CURRENT_ID) failed"
-        fi
-        if ctr_ containers info "$CURRENT_ID" >/dev/null 2>&1; then
-            die "variant $v: container $CURRENT_ID still exists after 'ctr run --rm'"
-        fi
-        CURRENT_ID=""
-        if [ "$measured" = 1 ]; then echo "$v $ms" >>"$RESULTS"; fi
-    }
-    round() { # index tag measured
-        local r="$1" i n=${#VARIANTS[@]}
-        for ((i = 0; i < n; i++)); do
-            run_one "${VARIANTS[(r + i) % n]}" "$2" "$3"
-        done
-    }
     log "warm-up: $WARMUP round(s) (each level's first lifecycle after its fill)"
-    for ((r = 0; r < WARMUP; r++)); do round "$r" "w$r" 0; done
+    for ((r = 0; r < WARMUP; r++)); do bench_round "$r" "w$r" 0; done
     log "measuring: $ROUNDS rounds x ${#VARIANTS[@]} variants (${VARIANTS[*]}), interleaved"
     start_s=$(date +%s)
     for ((r = 0; r < ROUNDS; r++)); do
-        round "$r" "$r" 1
+        bench_round "$r" "$r" 1
         if (( (r + 1) % 5 == 0 )); then log "  $((r + 1))/$ROUNDS rounds"; fi
     done
     FILL_SECS=$(( $(date +%s) - start_s ))
@@ -735,7 +701,7 @@ if [ "$DO_GC" = 1 ]; then
     fi
     DRY=()
     for _ in 1 2 3; do
-        ms="$("$PY" -I -S "$TMP/timeit.py" "$TMP/gc-dry.log" "$CLI" --config "$GC_CONFIG" gc --dry-run)" \
+        ms="$("$PY" -I -S "$TIMEIT" "$TMP/gc-dry.log" "$CLI" --config "$GC_CONFIG" gc --dry-run)" \
             || { tail -20 "$TMP/gc-dry.log" >&2; die "gc --dry-run failed"; }
         DRY+=("$ms")
         # The state files were written behind the allocation index's back (it is
@@ -750,7 +716,7 @@ if [ "$DO_GC" = 1 ]; then
             || die "gc --dry-run changed something (state files $(gc_states), elements $(gc_elems))"
     done
     log "gc --dry-run: ${DRY[*]} ms"
-    REAL="$("$PY" -I -S "$TMP/timeit.py" "$TMP/gc-real.log" "$CLI" --config "$GC_CONFIG" gc)" \
+    REAL="$("$PY" -I -S "$TIMEIT" "$TMP/gc-real.log" "$CLI" --config "$GC_CONFIG" gc)" \
         || { tail -20 "$TMP/gc-real.log" >&2; die "gc failed"; }
     log "gc: $REAL ms"
     want=$GC_N

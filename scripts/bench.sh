@@ -115,18 +115,6 @@ for v in disabled enabled standin; do
     chmod 0755 "$TMP/runc-$v"
 done
 
-# Times one command with a monotonic clock; prints elapsed ms, exits with its status.
-cat >"$TMP/timeit.py" <<'EOF'
-import subprocess, sys, time
-log, cmd = sys.argv[1], sys.argv[2:]
-with open(log, "wb") as f:
-    t0 = time.monotonic_ns()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-    t1 = time.monotonic_ns()
-print(f"{(t1 - t0) / 1e6:.3f}")
-sys.exit(r.returncode)
-EOF
-
 # `ctr run` arguments before the image for a variant.
 run_opts() {
     case "$1" in
@@ -159,37 +147,12 @@ done
 RESULTS="$TMP/results"
 : >"$RESULTS"
 
-run_one() { # variant tag measured(0|1)
-    local v="$1" tag="$2" measured="$3" ms
-    CURRENT_ID="${ID_PREFIX}$v-$tag"
-    # shellcheck disable=SC2046
-    if ! ms="$("$PY" -I -S "$TMP/timeit.py" "$TMP/run.log" \
-            ctr --address "$SOCK" -n "$NS" run --rm $(run_opts "$v") "$IMAGE" "$CURRENT_ID" /bin/true)"; then
-        echo "---- output of the failed run ----" >&2
-        cat "$TMP/run.log" >&2
-        die "variant $v run $tag ($CURRENT_ID) failed"
-    fi
-    if ctr_ containers info "$CURRENT_ID" >/dev/null 2>&1; then
-        die "variant $v: container $CURRENT_ID still exists after 'ctr run --rm'"
-    fi
-    CURRENT_ID=""
-    if [ "$measured" = 1 ]; then echo "$v $ms" >>"$RESULTS"; fi
-}
-
-# Round r runs the variants rotated by r, so each holds each position equally often.
-round() { # index tag measured
-    local r="$1" i n=${#VARIANTS[@]}
-    for ((i = 0; i < n; i++)); do
-        run_one "${VARIANTS[(r + i) % n]}" "$2" "$3"
-    done
-}
-
 log "warm-up: $WARMUP round(s)"
-for ((r = 0; r < WARMUP; r++)); do round "$r" "w$r" 0; done
+for ((r = 0; r < WARMUP; r++)); do bench_round "$r" "w$r" 0; done
 log "measuring: $ROUNDS rounds x ${#VARIANTS[@]} variants, interleaved"
 start_s=$(date +%s)
 for ((r = 0; r < ROUNDS; r++)); do
-    round "$r" "$r" 1
+    bench_round "$r" "$r" 1
     if (( (r + 1) % 10 == 0 )); then log "  $((r + 1))/$ROUNDS rounds"; fi
 done
 log "measured in $(( $(date +%s) - start_s )) s"
