@@ -111,7 +111,7 @@ fn container(base: u16, ip: Ipv4Addr) -> Vec<Mapping> {
         let off = u16::try_from(k).expect("k < 6");
         maps.push(Mapping {
             host_port: base + off,
-            container_ip: ip,
+            container_ip: std::net::IpAddr::V4(ip),
             container_port: p,
         });
     }
@@ -248,7 +248,7 @@ fn ms_since(t: Instant) -> f64 {
 
 fn run(a: &Args) -> Result<(), String> {
     let nat = Nat::default();
-    nat.ensure_table()
+    nat.ensure_tables(&[envoy_sidecar::nat::Family::V4])
         .map_err(|e| format!("ensure_table: {e}"))?;
     let present = nat.list().map_err(|e| format!("listing the map: {e}"))?;
     let measured = container(a.measured_port, a.measured_ip);
@@ -418,7 +418,7 @@ fn measure_all(
             // The conntrack flush Nat::remove makes once per container IP (ctnetlink),
             // alone on a socket of its own.
             let t = Instant::now();
-            let _ = envoy_sidecar::sys::nfnetlink::ct_delete_reply_src(a.measured_ip);
+            let _ = envoy_sidecar::sys::nfnetlink::ct_delete_reply_src(std::net::IpAddr::V4(a.measured_ip));
             let d = ms_since(t);
             if keep {
                 ct.push(d);
@@ -454,7 +454,7 @@ fn main() {
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("ensure-table") => {
-            if let Err(e) = Nat::default().ensure_table() {
+            if let Err(e) = Nat::default().ensure_tables(&[envoy_sidecar::nat::Family::V4]) {
                 die(format!("ensure_table: {e}"));
             }
         }

@@ -230,6 +230,7 @@ impl Setup {
             mtls,
             sds_dir: &sds_dir,
             upstream_address: LOOPBACK,
+            ipv6: true,
             max_connections,
             handshake_timeout,
         });

@@ -1819,6 +1819,7 @@ fn bootstrap_escapes_every_string() {
                 mtls: m.as_ref(),
                 sds_dir: Path::new(&sds),
                 upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                ipv6: max % 2 == 0,
                 max_connections: max,
                 handshake_timeout: std::time::Duration::from_secs(5),
             };
@@ -1910,6 +1911,7 @@ fn check_san_config(sans: &[String]) -> TestCaseResult {
         mtls: Some(&m),
         sds_dir: Path::new("/run/envoy-sidecar/default/c1/sds"),
         upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ipv6: true,
         max_connections: 4096,
         handshake_timeout: std::time::Duration::from_secs(5),
     };

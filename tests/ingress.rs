@@ -3,7 +3,7 @@
 //! bridge, not a client routed to the container subnet through the host, not the host
 //! itself — while the TLS proxy port and the ports the container did not declare stay
 //! reachable. With unproxied mappings on, nothing is filtered. Real containers on a
-//! CNI bridge, real TCP from other network namespaces.
+//! dual-stack CNI bridge, real TCP from other network namespaces, over IPv4 and IPv6.
 // Test code: the [lints] table's cast lints guard the product, not test arithmetic.
 #![allow(
     clippy::cast_possible_truncation,
@@ -24,7 +24,8 @@ const GET: &str = "GET / HTTP/1.0\\r\\n\\r\\n";
 /// The app on 8080, 9999 (declared) and 2222 (not declared).
 const DECLARED: &str = "8080,9999";
 
-/// `printf GET | nc` from inside the network namespace `ns` (None: the host).
+/// `printf GET | nc` from inside the network namespace `ns` (None: the host); `ip`
+/// IPv4 or IPv6.
 fn plain_from(ns: Option<&str>, ip: &str, port: u16) -> String {
     let cmd = format!("printf '{GET}' | timeout 5 busybox nc -w 3 {ip} {port}");
     let o = match ns {
@@ -44,6 +45,7 @@ struct Scene {
     router: Router,
     _net: CniNet,
     ip: String,
+    ip6: String,
     /// A second container namespace on the same bridge.
     peer: String,
     proxy_port: u16,
@@ -51,8 +53,9 @@ struct Scene {
 
 fn scene(name: &str, proxy_extra: &str) -> Scene {
     let slot = slots::next();
-    let net = slot.cni();
+    let net = slot.cni_dual();
     let router = slot.router(0);
+    let host6 = router.enable_ipv6();
     let sb = Sandbox::in_slot(
         &slot,
         name,
@@ -61,12 +64,17 @@ fn scene(name: &str, proxy_extra: &str) -> Scene {
         POOL,
     );
     let id = format!("es-{name}");
-    let (opt, ip) = net.attach(&id);
+    let (opt, ip, ip6) = net.attach_dual(&id);
+    let ip6 = ip6.unwrap();
     let (_, _peer_ip) = net.attach("peer");
     let peer = format!("{}-peer", slot.name());
-    // A client elsewhere with a route to the container subnet through the host.
+    // A client elsewhere with a route to the container subnets through the host.
     let (_, _, subnet) = slot.bridge();
-    let out = router.run(&format!("ip route add {subnet} via {}", router.host_ip()));
+    let out = router.run(&format!(
+        "ip route add {subnet} via {} && ip -6 route add {} via {host6}",
+        router.host_ip(),
+        slot.bridge6()
+    ));
     assert!(out.status.success(), "route: {}", text(&out));
     let c = sb.start_cmd(&id, &[(PORTS, DECLARED)], &[&opt], &httpd3());
     let st = sb.inspect(&id).unwrap();
@@ -77,52 +85,76 @@ fn scene(name: &str, proxy_extra: &str) -> Scene {
         sb,
         _c: c,
         ip,
+        ip6,
         peer,
         proxy_port,
     }
 }
 
+/// Everyone who may try: the peer container, the routed client and the host, each over
+/// IPv4 and IPv6.
+const EVERYONE: [&str; 6] = [
+    "peer container/IPv4",
+    "routed client/IPv4",
+    "host/IPv4",
+    "peer container/IPv6",
+    "routed client/IPv6",
+    "host/IPv6",
+];
+
 impl Scene {
-    /// Plain HTTP to the container IP's `port` from the peer container, the routed
-    /// client and the host: which of them got the app's page.
-    fn answered(&self, port: u16) -> Vec<&'static str> {
+    /// Plain HTTP to the container's `port` on each of its addresses from the peer
+    /// container, the routed client and the host: which of them got the app's page.
+    fn answered(&self, port: u16) -> Vec<String> {
         let mut who = Vec::new();
-        if plain_from(Some(&self.peer), &self.ip, port).contains(HELLO) {
-            who.push("peer container");
-        }
-        let routed = self
-            .router
-            .tcp(&format!("{}:{port}", self.ip), GET)
-            .unwrap_or_default();
-        if routed.contains(HELLO) {
-            who.push("routed client");
-        }
-        if plain_from(None, &self.ip, port).contains(HELLO) {
-            who.push("host");
+        for (ip, family) in [(&self.ip, "IPv4"), (&self.ip6, "IPv6")] {
+            if plain_from(Some(&self.peer), ip, port).contains(HELLO) {
+                who.push(format!("peer container/{family}"));
+            }
+            let routed = self
+                .router
+                .tcp(&format!("{}:{port}", bracketed(ip)), GET)
+                .unwrap_or_default();
+            if routed.contains(HELLO) {
+                who.push(format!("routed client/{family}"));
+            }
+            if plain_from(None, ip, port).contains(HELLO) {
+                who.push(format!("host/{family}"));
+            }
         }
         who
     }
 
-    /// TLS from the routed client, straight to the container's proxy port.
+    /// TLS from the routed client, straight to the container's proxy port, on both of
+    /// its addresses.
     fn wait_tls(&self, id: &str) {
         let ca = self.sb.ca();
-        wait_until("TLS to the proxy port", Duration::from_secs(20), || {
-            self.router
-                .https_via(&ca, id, self.proxy_port, &self.ip)
-                .contains(HELLO)
-                .then_some(())
-        });
+        for ip in [&self.ip, &self.ip6] {
+            wait_until(
+                &format!("TLS to the proxy port on {ip}"),
+                Duration::from_secs(20),
+                || {
+                    self.router
+                        .https_via(&ca, id, self.proxy_port, ip)
+                        .contains(HELLO)
+                        .then_some(())
+                },
+            );
+        }
     }
 
-    /// A TCP connection to the proxy port is accepted (by Envoy) from the routed client.
+    /// A TCP connection to the proxy port is accepted (by Envoy) from the routed
+    /// client, on both addresses.
     fn proxy_port_open(&self) -> bool {
-        self.router
-            .run(&format!(
-                "timeout 5 bash -c 'exec 3<>/dev/tcp/{}/{}'",
-                self.ip, self.proxy_port
-            ))
-            .status
-            .success()
+        [&self.ip, &self.ip6].iter().all(|ip| {
+            self.router
+                .run(&format!(
+                    "timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{}'",
+                    self.proxy_port
+                ))
+                .status
+                .success()
+        })
     }
 }
 
@@ -136,16 +168,12 @@ fn unproxied_off_only_envoy_reaches_the_app_ports() {
     for port in [8080, 9999] {
         assert_eq!(
             s.answered(port),
-            Vec::<&str>::new(),
+            Vec::<String>::new(),
             "declared app port {port} must answer only Envoy"
         );
     }
     // A port the container did not declare is not the product's to close.
-    assert_eq!(
-        s.answered(2222),
-        ["peer container", "routed client", "host"],
-        "undeclared port 2222"
-    );
+    assert_eq!(s.answered(2222), EVERYONE, "undeclared port 2222");
     assert!(s.proxy_port_open());
 }
 
@@ -166,17 +194,19 @@ fn unproxied_off_with_mutual_tls_only_envoy_reaches_the_app_ports() {
         s.proxy_port_open().then_some(())
     });
     // Without a client certificate from the trusted CA, TLS gets nowhere either.
-    let tls = s
-        .router
-        .https_via(&s.sb.ca(), "es-ingress-mtls", s.proxy_port, &s.ip);
-    assert!(
-        !tls.contains(HELLO),
-        "TLS without a client certificate: {tls}"
-    );
-    for port in [8080, 9999] {
-        assert_eq!(s.answered(port), Vec::<&str>::new(), "app port {port}");
+    for ip in [&s.ip, &s.ip6] {
+        let tls = s
+            .router
+            .https_via(&s.sb.ca(), "es-ingress-mtls", s.proxy_port, ip);
+        assert!(
+            !tls.contains(HELLO),
+            "TLS without a client certificate to {ip}: {tls}"
+        );
     }
-    assert_eq!(s.answered(2222).len(), 3, "undeclared port 2222");
+    for port in [8080, 9999] {
+        assert_eq!(s.answered(port), Vec::<String>::new(), "app port {port}");
+    }
+    assert_eq!(s.answered(2222), EVERYONE, "undeclared port 2222");
 }
 
 #[test]
@@ -188,7 +218,7 @@ fn unproxied_on_leaves_the_app_ports_open() {
     s.wait_tls("es-ingress-on");
     assert_eq!(
         s.answered(8080),
-        ["peer container", "routed client", "host"],
+        EVERYONE,
         "with unproxied mappings on, direct access is the operator's choice"
     );
 }

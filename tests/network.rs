@@ -365,6 +365,96 @@ fn garden_order_address_change_moves_nat_and_the_ip_san() {
     assert_eq!(row["nat_applied"], true, "{row}");
 }
 
+#[test]
+fn garden_order_dual_stack_gets_ipv6_nat_the_ipv6_san_and_tls_over_ipv6() {
+    if !can_run_without_containerd(
+        "garden_order_dual_stack_gets_ipv6_nat_the_ipv6_san_and_tls_over_ipv6",
+    ) {
+        return;
+    }
+    let g = Garden::start("g6", "es-g6");
+    let host6 = g.router.enable_ipv6();
+    let (host_ip, ip) = g.link(0);
+    let (host_ip6, ip6) = g.slot.link6(0);
+    g.netns.add_veth();
+    g.netns.add_address(&host_ip, &ip);
+    g.netns.add_address6(&host_ip6, &ip6);
+    let t0 = Instant::now();
+    let served6 = || -> Result<String, String> {
+        let out = router_s_client(&g.router, &g.sb.ca(), &g.id, &host6, g.tls_port());
+        if !served_verified(&out, HELLO) {
+            return Err(out);
+        }
+        first_cert_text(&out).ok_or(out)
+    };
+    // The first certificate served over IPv6 through the host's IPv6 address already
+    // names the IPv6 address (re-issued before the IPv6 NAT went in), and the IPv4 one.
+    let cert = wait_until(
+        "TLS over IPv6 through the host port",
+        Duration::from_secs(10),
+        served6,
+    );
+    eprintln!("IPv6 NAT + TLS {:?} after the addresses", t0.elapsed());
+    let sans: Vec<std::net::IpAddr> = ip_sans(&cert).iter().map(|s| s.parse().unwrap()).collect();
+    let (want4, want6): (std::net::IpAddr, std::net::IpAddr) =
+        (ip.parse().unwrap(), ip6.parse().unwrap());
+    assert!(
+        sans.contains(&want6) && sans.contains(&want4),
+        "IP SANs {sans:?}, want {ip} and {ip6}: {cert}"
+    );
+    let pool = g.sb.pool();
+    assert_eq!(
+        sorted(common::footprint::nat_in_pool_of("ip6", &pool)),
+        want_nat(&g.st, &ip6),
+        "IPv6 NAT"
+    );
+    assert_eq!(
+        sorted(common::footprint::nat_in_pool_of("ip", &pool)),
+        want_nat(&g.st, &ip),
+        "IPv4 NAT beside it"
+    );
+    tls_via_router(&g.router, &g.sb.ca(), &g.id, g.tls_port()).expect("TLS over IPv4 too");
+    let plain6 = g
+        .router
+        .tcp(
+            &format!("[{host6}]:{}", port_of(&g.st, 0, "external")),
+            "GET / HTTP/1.0\\r\\n\\r\\n",
+        )
+        .unwrap_or_else(|e| e);
+    assert!(plain6.contains(HELLO), "unproxied mapping over IPv6: {plain6}");
+    let row = wait_until("status ready", Duration::from_secs(5), || {
+        let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
+        if row["status"] == "ready" {
+            Ok(row)
+        } else {
+            Err(row.to_string())
+        }
+    });
+    assert_eq!(row_str(&row, "container_ip"), ip, "{row}");
+    assert_eq!(row_str(&row, "container_ipv6"), ip6, "{row}");
+    assert_eq!(row["nat_applied"], true, "{row}");
+
+    // The IPv6 address goes: its mappings go, IPv4's stay and keep serving.
+    sh(&format!(
+        "ip -n {} addr del {ip6}/64 dev eth0",
+        g.netns.name
+    ));
+    wait_until("IPv6 NAT withdrawn", Duration::from_secs(5), || {
+        let v6 = common::footprint::nat_in_pool_of("ip6", &pool);
+        v6.is_empty().then_some(()).ok_or(format!("{v6:?}"))
+    });
+    assert_eq!(
+        sorted(common::footprint::nat_in_pool_of("ip", &pool)),
+        want_nat(&g.st, &ip)
+    );
+    tls_via_router(&g.router, &g.sb.ca(), &g.id, g.tls_port()).expect("IPv4 still served");
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
 // ---- 4. No network ever -------------------------------------------------------------
 
 #[test]
@@ -406,7 +496,7 @@ fn no_network_waits_then_degrades_visibly_and_the_container_keeps_running() {
     );
     let reason = row_str(&row, "reason");
     assert!(
-        reason.contains("no IPv4 address") && reason.contains("3s"),
+        reason.contains("no IPv4 or IPv6 address") && reason.contains("3s"),
         "{row}"
     );
     assert_eq!(row["nat_applied"], false, "{row}");
@@ -414,13 +504,13 @@ fn no_network_waits_then_degrades_visibly_and_the_container_keeps_running() {
     // The supervisor logged each status once, in that order.
     let log = sb.supervisor_log(id);
     let w = log.find("status: waiting-for-network").expect(&log);
-    let d = log.find("status: degraded (no network: no IPv4 address");
+    let d = log.find("status: degraded (no network: no IPv4 or IPv6 address");
     assert!(d.is_some_and(|d| d > w), "{log}");
 
     // The table says so too.
     let line = status_line(&sb.config, NAMESPACE, id).expect("a table line");
     assert!(
-        line.contains("degraded (no network: no IPv4 address"),
+        line.contains("degraded (no network: no IPv4 or IPv6 address"),
         "{line}"
     );
 

@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -152,7 +152,7 @@ impl Drop for Lab {
 fn m(host_port: u16, last: u8, container_port: u16) -> Mapping {
     Mapping {
         host_port,
-        container_ip: Ipv4Addr::new(10, 77, 2, last),
+        container_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 2, last)),
         container_port,
     }
 }
@@ -290,7 +290,7 @@ fn conntrack_entries_replied_from_an_address_are_deleted_and_others_kept() {
 
     let before = lab.run_in("h", nfnetlink::ct_count).unwrap();
     assert!(before >= 2, "{before} tracked");
-    let server: Ipv4Addr = SERVER.parse().unwrap();
+    let server: IpAddr = SERVER.parse().unwrap();
     let n = lab
         .run_in("h", move || nfnetlink::ct_delete_reply_src(server))
         .unwrap();
@@ -306,4 +306,89 @@ fn conntrack_entries_replied_from_an_address_are_deleted_and_others_kept() {
         .run_in("h", move || nfnetlink::ct_delete_reply_src(server))
         .unwrap();
     assert_eq!(n, 0);
+}
+
+/// IPv6 in the lab: h's links get `2001:db8:77:1::1` (client side) and
+/// `2001:db8:77:2::1` (server side), c and s `::2` on theirs, without duplicate address
+/// detection, IPv6 forwarding on in h.
+const H6_CLIENT_SIDE: &str = "2001:db8:77:1::1";
+const SERVER6: &str = "2001:db8:77:2::2";
+
+#[test]
+fn dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed() {
+    if !can_run_without_containerd(
+        "dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new("v6");
+    let (h, c, s) = (lab.ns("h"), lab.ns("c"), lab.ns("s"));
+    sh(&format!(
+        "ip -n {h} addr add {H6_CLIENT_SIDE}/64 dev hc nodad && \
+         ip -n {h} addr add 2001:db8:77:2::1/64 dev hs nodad && \
+         ip -n {c} addr add 2001:db8:77:1::2/64 dev eth0 nodad && \
+         ip -n {c} -6 route add default via {H6_CLIENT_SIDE} && \
+         ip -n {s} addr add {SERVER6}/64 dev eth0 nodad && \
+         ip -n {s} -6 route add default via 2001:db8:77:2::1 && \
+         ip netns exec {h} sysctl -qw net.ipv6.conf.all.forwarding=1"
+    ));
+    let v6: Ipv6Addr = SERVER6.parse().unwrap();
+    let maps = vec![
+        m(61001, 2, 8080),
+        Mapping {
+            host_port: 61001,
+            container_ip: IpAddr::V6(v6),
+            container_port: 8080,
+        },
+    ];
+    // The product's own table, in h: the first IPv6 mapping creates the ip6 table.
+    let add = maps.clone();
+    lab.run_in("h", move || nat::Nat::default().add(&add))
+        .unwrap();
+    let listed = lab.run_in("h", || nat::Nat::default().list()).unwrap();
+    let mut want = maps.clone();
+    want.sort();
+    assert_eq!(listed, want, "both families listed back");
+    let o = lab.nft(&["list", "map", "ip6", nat::TABLE, nat::MAP]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("tcp . 61001 : {SERVER6} . 8080")),
+        "{}",
+        text(&o)
+    );
+
+    // A real TCP connection over IPv6 through the DNAT, held open.
+    lab.spawn("s", &["busybox", "nc", "-l", "-p", "8080"]);
+    wait_until("server listening", Duration::from_secs(10), || {
+        let o = lab.exec("s", &["busybox", "netstat", "-ltn"]);
+        String::from_utf8_lossy(&o.stdout).contains(":8080")
+    });
+    lab.spawn("c", &["busybox", "nc", H6_CLIENT_SIDE, "61001"]);
+    let tracked6 = |lab: &Lab| {
+        let o = lab.exec("h", &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6]);
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    wait_until("the IPv6 connection tracked", Duration::from_secs(10), || {
+        tracked6(&lab) == 1
+    });
+    let o = lab.exec("h", &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6]);
+    let line = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        line.contains(&format!("dst={H6_CLIENT_SIDE}")) && line.contains("dport=61001"),
+        "DNAT'd over IPv6: {line}"
+    );
+
+    // Removal: both families' elements in one transaction, then the flush.
+    let rm = maps.clone();
+    lab.run_in("h", move || {
+        let r = nat::Nat::default().remove(&rm);
+        nat::settle();
+        r
+    })
+    .unwrap();
+    assert_eq!(
+        lab.run_in("h", || nat::Nat::default().list()).unwrap(),
+        Vec::<Mapping>::new()
+    );
+    assert_eq!(tracked6(&lab), 0, "the IPv6 entry replied from {SERVER6} is flushed");
+    let _ = c;
 }

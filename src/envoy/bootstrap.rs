@@ -167,6 +167,10 @@ pub struct Inputs<'a> {
     pub sds_dir: &'a Path,
     /// Where the app listens from Envoy's view: 127.0.0.1 (Envoy shares the netns).
     pub upstream_address: IpAddr,
+    /// Listen on `[::]:<proxy port>` as well as `0.0.0.0:<proxy port>` (the kernel
+    /// has IPv6). Two sockets, the IPv6 one IPv6-only, so that each family's traffic
+    /// comes from its own address and a kernel without IPv6 still gets its listener.
+    pub ipv6: bool,
     /// Cap on open downstream connections, over all listeners.
     pub max_connections: u32,
     /// How long a peer may take from accept to a completed TLS handshake
@@ -249,7 +253,7 @@ fn cluster_name(app_port: u16) -> String {
 
 fn listener(i: &Inputs, l: &Listener) -> Value {
     let cluster = cluster_name(l.app_port);
-    json!({
+    let mut v = json!({
         "name": format!("tls-{}", l.proxy_port),
         "address": socket_address("0.0.0.0", l.proxy_port),
         "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
@@ -275,7 +279,13 @@ fn listener(i: &Inputs, l: &Listener) -> Value {
                 "typed_config": downstream_tls_context(i),
             },
         }],
-    })
+    });
+    if i.ipv6 {
+        // One listener, two sockets: its stats, drain and connection cap cover both.
+        // Envoy binds `::` IPv6-only (no `ipv4_compat`), beside the IPv4 socket.
+        v["additional_addresses"] = json!([{ "address": socket_address("::", l.proxy_port) }]);
+    }
+    v
 }
 
 fn downstream_tls_context(i: &Inputs) -> Value {
@@ -532,9 +542,28 @@ mod tests {
             mtls,
             sds_dir: Path::new("/run/envoy-sidecar/default/app1/sds"),
             upstream_address: LOOPBACK,
+            ipv6: true,
             max_connections: 1000,
             handshake_timeout: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn ipv6_listens_on_both_families_or_on_ipv4_alone() {
+        let b = bootstrap(&inputs(ONE, Alpn::H2Http11, None));
+        let l = &b["static_resources"]["listeners"][0];
+        assert_eq!(l["address"]["socket_address"]["address"], "0.0.0.0");
+        assert_eq!(
+            l["additional_addresses"][0]["address"]["socket_address"],
+            json!({"address": "::", "port_value": 61001})
+        );
+        let v4 = bootstrap(&Inputs {
+            ipv6: false,
+            ..inputs(ONE, Alpn::H2Http11, None)
+        });
+        let l = &v4["static_resources"]["listeners"][0];
+        assert!(l.get("additional_addresses").is_none(), "{l}");
+        assert_eq!(l["address"]["socket_address"]["port_value"], 61001);
     }
 
     const ONE: &[Listener] = &[Listener {

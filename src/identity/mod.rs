@@ -178,7 +178,8 @@ pub struct Identity<'a> {
     pub app_guid: Option<&'a str>,
     pub space_guid: Option<&'a str>,
     pub org_guid: Option<&'a str>,
-    pub ip: Option<IpAddr>,
+    /// IP SANs: the container's IPv4 and IPv6 addresses, as it has them.
+    pub ips: Vec<IpAddr>,
     pub validity: Duration,
     pub key_type: KeyType,
 }
@@ -363,7 +364,7 @@ impl Ca {
         let mut sans = vec![GeneralName::DnsName(
             Ia5String::new(id.instance_guid).map_err(|e| failed(e.into()))?,
         )];
-        sans.extend(id.ip.map(GeneralName::from));
+        sans.extend(id.ips.iter().copied().map(GeneralName::from));
         let leaf_key_id = SubjectKeyIdentifier::try_from(leaf_spki.owned_to_ref())
             .map_err(|e| failed(e.into()))?;
         let aki = AuthorityKeyIdentifier {
@@ -718,7 +719,7 @@ mod tests {
             app_guid: Some("app-guid-1"),
             space_guid: Some("space-guid-2"),
             org_guid: Some("org-guid-3"),
-            ip: Some("10.255.1.7".parse().unwrap()),
+            ips: vec!["10.255.1.7".parse().unwrap()],
             validity: Duration::from_secs(24 * 3600),
             key_type: kt,
         }
@@ -788,7 +789,7 @@ mod tests {
             "subjectAltName,keyUsage,extendedKeyUsage,basicConstraints,authorityKeyIdentifier",
         ]);
         let mut san = format!("DNS:{}", id.instance_guid);
-        if let Some(ip) = id.ip {
+        for ip in &id.ips {
             san += &format!(", IP Address:{ip}");
         }
         for want in [
@@ -932,10 +933,11 @@ mod tests {
         let (crt, key) = openssl_ca(&dir.0, "ec-pkcs8-p256", 30, false);
         let ca = Ca::load(&crt, &key).unwrap();
         let mut id = id(KeyType::EcdsaP256);
-        (id.space_guid, id.org_guid, id.ip) = (None, None, None);
+        (id.space_guid, id.org_guid, id.ips) = (None, None, Vec::new());
         check_leaf(&dir.0, &crt, &id, &ca, "ecdsa-with-SHA256");
         id.app_guid = None;
-        id.ip = Some("fd00::17".parse().unwrap());
+        // A dual-stack container: both addresses.
+        id.ips = vec!["10.255.1.7".parse().unwrap(), "fd00::17".parse().unwrap()];
         let issued = ca.issue(&id).unwrap();
         fs::write(dir.0.join("v6.crt"), &issued.cert_chain_pem).unwrap();
         let ext = openssl(&[
@@ -947,7 +949,10 @@ mod tests {
             "subjectAltName",
             "-subject",
         ]);
-        assert!(ext.contains("IP Address:FD00:0:0:0:0:0:0:17"), "{ext}");
+        assert!(
+            ext.contains("IP Address:10.255.1.7, IP Address:FD00:0:0:0:0:0:0:17"),
+            "{ext}"
+        );
         assert!(
             ext.contains(&format!("subject=CN = {}\n", id.instance_guid)),
             "{ext}"

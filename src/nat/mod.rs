@@ -1,5 +1,8 @@
 //! Host port NAT: `<host address>:<host port>` -> `<container IP>:<container port>`, in
-//! an nftables table the product owns.
+//! nftables tables the product owns: `ip envoy_sidecar` for IPv4 and `ip6
+//! envoy_sidecar` for IPv6 (created the first time a container with an IPv6 address is
+//! mapped, so a host without IPv6 never needs the second). A container with both
+//! addresses has each host port in both maps; one transaction changes both.
 //!
 //! One verdict map keyed by protocol and host port holds every mapping, so a packet
 //! costs one hash lookup however many containers there are, and adding or removing a
@@ -12,7 +15,7 @@
 pub mod ingress;
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -24,28 +27,83 @@ use crate::sys::nfnetlink::{self, ElemOp, Element, Netfilter};
 pub const TABLE: &str = "envoy_sidecar";
 pub const MAP: &str = "ports";
 
-/// One host port forwarded to one container port (TCP).
+/// One host port forwarded to one container port (TCP), over IPv4 or IPv6 (the
+/// container address's family; the host address is any of the host's own of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mapping {
     pub host_port: u16,
-    pub container_ip: Ipv4Addr,
+    pub container_ip: IpAddr,
     pub container_port: u16,
 }
 
-/// The fixed part: the map and the two DNAT rules. Prerouting covers traffic arriving
-/// from outside; output covers connections made on the host itself to any of its
-/// addresses (loopback excluded: DNAT from 127.0.0.1 to a container is a martian).
-pub fn skeleton() -> String {
+impl Mapping {
+    pub fn family(&self) -> Family {
+        match self.container_ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// Which of the two tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The nftables family keyword.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    fn nfproto(self) -> u8 {
+        match self {
+            Family::V4 => nfnetlink::NFPROTO_IPV4,
+            Family::V6 => nfnetlink::NFPROTO_IPV6,
+        }
+    }
+}
+
+/// The fixed part of one family's table: the map and the two DNAT rules. Prerouting
+/// covers traffic arriving from outside; output covers connections made on the host
+/// itself to any of its addresses (loopback excluded: DNAT from 127.0.0.1 or ::1 to a
+/// container is a martian).
+pub fn skeleton_of(f: Family) -> String {
+    let (fam, addr, loopback) = match f {
+        Family::V4 => ("ip", "ipv4_addr", "ip daddr != 127.0.0.0/8"),
+        Family::V6 => ("ip6", "ipv6_addr", "ip6 daddr != ::1"),
+    };
     format!(
-        "add table ip {TABLE}\n\
-         add map ip {TABLE} {MAP} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
-         add chain ip {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
-         add chain ip {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
-         add rule ip {TABLE} prerouting fib daddr type local dnat ip to meta l4proto . th dport map @{MAP}\n\
-         add rule ip {TABLE} output ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @{MAP}\n"
+        "add table {fam} {TABLE}\n\
+         add map {fam} {TABLE} {MAP} {{ type inet_proto . inet_service : {addr} . inet_service; }}\n\
+         add chain {fam} {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+         add chain {fam} {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
+         add rule {fam} {TABLE} prerouting fib daddr type local dnat {fam} to meta l4proto . th dport map @{MAP}\n\
+         add rule {fam} {TABLE} output {loopback} fib daddr type local dnat {fam} to meta l4proto . th dport map @{MAP}\n"
     )
 }
 
+/// The IPv4 table's skeleton.
+pub fn skeleton() -> String {
+    skeleton_of(Family::V4)
+}
+
+/// The families `maps` need, each once.
+fn families(maps: &[Mapping]) -> Vec<Family> {
+    let mut f: Vec<Family> = maps.iter().map(Mapping::family).collect();
+    f.sort_unstable();
+    f.dedup();
+    f
+}
+
+/// nft's element syntax; an IPv6 address in brackets is not needed (`.` separates).
 fn elements(maps: &[Mapping]) -> String {
     maps.iter()
         .map(|m| {
@@ -62,29 +120,50 @@ fn elements(maps: &[Mapping]) -> String {
 const IPPROTO_TCP: u8 = 6;
 
 /// The map's elements as nf_tables holds them: key `inet_proto . inet_service`,
-/// value `ipv4_addr . inet_service`, each component padded to 4 bytes (checked
-/// against `nft -j list map` in tests/nfnetlink.rs).
+/// value `ipv4_addr . inet_service` (or `ipv6_addr . ...`), each component padded to
+/// 4 bytes (checked against `nft -j list map` in tests/nfnetlink.rs).
 pub fn netlink_elements(maps: &[Mapping]) -> Vec<Element> {
     maps.iter()
-        .map(|m| Element {
-            key: nfnetlink::concat(&[&[IPPROTO_TCP], &m.host_port.to_be_bytes()]),
-            data: Some(nfnetlink::concat(&[
-                &m.container_ip.octets(),
-                &m.container_port.to_be_bytes(),
-            ])),
+        .map(|m| {
+            let addr = match m.container_ip {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            Element {
+                key: nfnetlink::concat(&[&[IPPROTO_TCP], &m.host_port.to_be_bytes()]),
+                data: Some(nfnetlink::concat(&[&addr, &m.container_port.to_be_bytes()])),
+            }
+        })
+        .collect()
+}
+
+/// `maps` of family `f` only.
+fn of_family(maps: &[Mapping], f: Family) -> Vec<Mapping> {
+    maps.iter().filter(|m| m.family() == f).copied().collect()
+}
+
+fn script(verb: &str, maps: &[Mapping]) -> String {
+    families(maps)
+        .into_iter()
+        .map(|f| {
+            format!(
+                "{verb} element {} {TABLE} {MAP} {{ {} }}\n",
+                f.nft(),
+                elements(&of_family(maps, f))
+            )
         })
         .collect()
 }
 
 pub fn add_script(maps: &[Mapping]) -> String {
-    format!("add element ip {TABLE} {MAP} {{ {} }}\n", elements(maps))
+    script("add", maps)
 }
 
 pub fn delete_script(maps: &[Mapping]) -> String {
-    format!("delete element ip {TABLE} {MAP} {{ {} }}\n", elements(maps))
+    script("delete", maps)
 }
 
-/// Parse `nft -j list map ip envoy_sidecar ports`.
+/// Parse `nft -j list map ip envoy_sidecar ports` (or `ip6`).
 pub fn parse_listing(json: &str) -> Result<Vec<Mapping>> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| Error::Nat(format!("nft -j output: {e}")))?;
@@ -152,14 +231,22 @@ impl Nat {
         op: ElemOp,
         maps: &[Mapping],
     ) -> std::result::Result<(), (Refusal, Error)> {
-        nf.change_set_elements(
-            op,
-            nfnetlink::NFPROTO_IPV4,
-            TABLE,
-            MAP,
-            &netlink_elements(maps),
-        )
-        .map_err(|e| {
+        let fams = families(maps);
+        let elems: Vec<Vec<Element>> = fams
+            .iter()
+            .map(|&f| netlink_elements(&of_family(maps, f)))
+            .collect();
+        let changes: Vec<nfnetlink::SetChange<'_>> = fams
+            .iter()
+            .zip(&elems)
+            .map(|(f, e)| nfnetlink::SetChange {
+                family: f.nfproto(),
+                table: TABLE,
+                set: MAP,
+                elems: e,
+            })
+            .collect();
+        nf.change_sets(op, &changes).map_err(|e| {
             let script = match op {
                 ElemOp::Add => add_script(maps),
                 ElemOp::Delete => delete_script(maps),
@@ -181,47 +268,50 @@ impl Nat {
             .map_err(|e| Error::Nat(format!("opening a netfilter netlink socket: {e}")))
     }
 
-    /// Run an nft script (the table's skeleton).
-    fn nft_script(&self, script: &str) -> Result<()> {
-        run_nft(&self.nft, script)
-    }
-
-    /// Whether the table and its rules are there. Lists one chain (two rules), not
-    /// the table: that would print every element of the map.
-    pub fn table_exists(&self) -> bool {
+    /// Whether family `f`'s table and its rules are there. Lists one chain (two
+    /// rules), not the table: that would print every element of the map.
+    pub fn table_exists(&self, f: Family) -> bool {
         Command::new(&self.nft)
-            .args(["list", "chain", "ip", TABLE, "output"])
+            .args(["list", "chain", f.nft(), TABLE, "output"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     }
 
-    /// Create the table once; callers hold the store lock so two creates cannot both
-    /// add the rules.
-    pub fn ensure_table(&self) -> Result<()> {
-        if self.table_exists() {
-            return Ok(());
+    /// Create the tables of `fams` once; callers hold the store lock so two creates
+    /// cannot both add the rules.
+    pub fn ensure_tables(&self, fams: &[Family]) -> Result<()> {
+        for &f in fams {
+            if !self.table_exists(f) {
+                run_nft(&self.nft, &skeleton_of(f))?;
+            }
         }
-        self.nft_script(&skeleton())
+        Ok(())
     }
 
-    /// Every mapping in the table (empty when the table does not exist).
+    /// Every mapping in the tables (none from a table that does not exist).
     pub fn list(&self) -> Result<Vec<Mapping>> {
-        if !self.table_exists() {
-            return Ok(Vec::new());
+        let mut all = Vec::new();
+        for f in Family::ALL {
+            if !self.table_exists(f) {
+                continue;
+            }
+            let out = Command::new(&self.nft)
+                .args(["-j", "list", "map", f.nft(), TABLE, MAP])
+                .output()
+                .map_err(|e| Error::Nat(format!("running nft: {e}")))?;
+            if !out.status.success() {
+                return Err(Error::Nat(format!(
+                    "nft list map {} {TABLE} {MAP}: {}",
+                    f.nft(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            all.extend(parse_listing(&String::from_utf8_lossy(&out.stdout))?);
         }
-        let out = Command::new(&self.nft)
-            .args(["-j", "list", "map", "ip", TABLE, MAP])
-            .output()
-            .map_err(|e| Error::Nat(format!("running nft: {e}")))?;
-        if !out.status.success() {
-            return Err(Error::Nat(format!(
-                "nft list map: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        parse_listing(&String::from_utf8_lossy(&out.stdout))
+        all.sort();
+        Ok(all)
     }
 
     /// Add one container's mappings atomically: one nf_tables transaction, whatever
@@ -237,8 +327,9 @@ impl Nat {
         match self.change(&mut nf, ElemOp::Add, maps) {
             Ok(()) => Ok(()),
             Err((Refusal::Missing, _)) => {
-                // First container (or a flushed ruleset): create the table, then add.
-                self.ensure_table()?;
+                // First container (of its family, or a flushed ruleset): create the
+                // tables, then add.
+                self.ensure_tables(&families(maps))?;
                 self.change_or_fail(&mut nf, ElemOp::Add, maps)
             }
             Err((Refusal::Exists, e)) => {
@@ -290,7 +381,7 @@ impl Nat {
                 Err((_, e)) => return Err(e),
             }
         }
-        let ips: Vec<Ipv4Addr> = maps.iter().map(|m| m.container_ip).collect();
+        let ips: Vec<IpAddr> = maps.iter().map(|m| m.container_ip).collect();
         // The elements are gone (the kernel acknowledged the deletes): the host ports
         // may be handed out again. What remains is slow and needs no one to wait for
         // it: the conntrack flush (what `conntrack -D --reply-src IP` did, for every IP
@@ -393,12 +484,13 @@ pub fn to_add(present: &[Mapping], maps: &[Mapping]) -> Result<Vec<Mapping>> {
     if let Some((m, other)) = maps.iter().find_map(|m| {
         present
             .iter()
-            .find(|p| p.host_port == m.host_port && *p != m)
+            .find(|p| p.host_port == m.host_port && p.family() == m.family() && *p != m)
             .map(|p| (m, p))
     }) {
         return Err(Error::Nat(format!(
-            "host port {} is already mapped to {}:{} (a leftover? `envoy-sidecar gc` removes mappings no container claims)",
-            m.host_port, other.container_ip, other.container_port
+            "host port {} is already mapped to {} (a leftover? `envoy-sidecar gc` removes mappings no container claims)",
+            m.host_port,
+            std::net::SocketAddr::new(other.container_ip, other.container_port)
         )));
     }
     Ok(maps
@@ -408,7 +500,7 @@ pub fn to_add(present: &[Mapping], maps: &[Mapping]) -> Result<Vec<Mapping>> {
         .collect())
 }
 
-/// The NAT table as the product's decisions use it: the seam with an in-memory fake.
+/// The NAT tables as the product's decisions use it: the seam with an in-memory fake.
 pub trait Backend {
     /// Add one container's mappings, all or none (present ones are fine).
     fn add(&self, maps: &[Mapping]) -> Result<()>;
@@ -430,7 +522,8 @@ impl Backend for Nat {
     }
 }
 
-/// An in-memory NAT table with the kernel's rules: one element per host port.
+/// An in-memory NAT table with the kernel's rules: one element per host port and
+/// family.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub struct FakeNat {
@@ -500,7 +593,7 @@ mod tests {
     fn fake_table_follows_the_kernels_rules() {
         let m = |p, last| Mapping {
             host_port: p,
-            container_ip: Ipv4Addr::new(203, 0, 113, last),
+            container_ip: IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, last)),
             container_port: 61001,
         };
         let nat = FakeNat::default();
@@ -542,6 +635,38 @@ mod tests {
             delete_script(&maps).starts_with("delete element ip envoy_sidecar ports { tcp . 61008")
         );
         assert!(skeleton().contains("dnat ip to meta l4proto . th dport map @ports"));
+        let v6 = skeleton_of(Family::V6);
+        assert!(v6.contains("add table ip6 envoy_sidecar"), "{v6}");
+        assert!(v6.contains("ipv6_addr . inet_service"), "{v6}");
+        assert!(v6.contains("ip6 daddr != ::1 fib daddr type local dnat ip6 to"), "{v6}");
+        // A dual-stack container: one statement per table.
+        let both = [m(61008, "203.0.113.5", 8080), m(61008, "2001:db8::5", 8080)];
+        assert_eq!(
+            add_script(&both),
+            "add element ip envoy_sidecar ports { tcp . 61008 : 203.0.113.5 . 8080 }\n\
+             add element ip6 envoy_sidecar ports { tcp . 61008 : 2001:db8::5 . 8080 }\n"
+        );
+    }
+
+    #[test]
+    fn ipv6_elements_carry_the_16_byte_address() {
+        let e = netlink_elements(&[m(61008, "2001:db8::5", 8080)]);
+        let mut want = vec![0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        want.extend_from_slice(&[0x1f, 0x90, 0, 0]);
+        assert_eq!(e[0].data.as_deref(), Some(&want[..]));
+    }
+
+    #[test]
+    fn the_same_host_port_in_both_families_is_no_conflict() {
+        let nat = FakeNat::default();
+        nat.add(&[m(61010, "203.0.113.5", 61001)]).unwrap();
+        nat.add(&[m(61010, "2001:db8::5", 61001)]).unwrap();
+        let e = nat
+            .add(&[m(61010, "2001:db8::6", 61001)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already mapped to [2001:db8::5]:61001"), "{e}");
+        assert_eq!(nat.list().unwrap().len(), 2);
     }
 
     #[test]
@@ -550,6 +675,11 @@ mod tests {
         assert_eq!(
             parse_listing(j).unwrap(),
             vec![m(61001, "203.0.113.5", 61001)]
+        );
+        let j6 = r#"{"nftables": [{"map": {"family": "ip6", "name": "ports", "elem": [[{"concat": ["tcp", 61001]}, {"concat": ["2001:db8::5", 61001]}]]}}]}"#;
+        assert_eq!(
+            parse_listing(j6).unwrap(),
+            vec![m(61001, "2001:db8::5", 61001)]
         );
         let empty = r#"{"nftables": [{"metainfo": {}}, {"map": {"name": "ports"}}]}"#;
         assert!(parse_listing(empty).unwrap().is_empty());

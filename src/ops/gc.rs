@@ -186,8 +186,9 @@ impl fmt::Display for Action {
             ),
             Action::RemoveNat(m) => write!(
                 f,
-                "removing NAT mapping host port {} -> {}:{} (no container claims it)",
-                m.host_port, m.container_ip, m.container_port
+                "removing NAT mapping host port {} -> {} (no container claims it)",
+                m.host_port,
+                std::net::SocketAddr::new(m.container_ip, m.container_port)
             ),
             Action::RebuildIndex { reasons } => write!(
                 f,
@@ -702,7 +703,7 @@ mod tests {
     fn map(host_port: u16, last: u8, container_port: u16) -> Mapping {
         Mapping {
             host_port,
-            container_ip: Ipv4Addr::new(203, 0, 113, last),
+            container_ip: std::net::IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)),
             container_port,
         }
     }

@@ -35,6 +35,8 @@ pub struct Row {
     pub ports: Vec<PortRow>,
     pub network: Network,
     pub container_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_ipv6: Option<std::net::Ipv6Addr>,
     pub nat_applied: bool,
     pub supervisor_pid: Option<i32>,
     pub envoy_pid: Option<i32>,
@@ -106,6 +108,7 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
             .collect(),
         network: r.network,
         container_ip: r.container_ip,
+        container_ipv6: r.container_ipv6,
         nat_applied: r.nat_applied,
         supervisor_pid: r.supervisor.filter(|_| supervised).map(|p| p.pid),
         envoy_pid: r.envoy.filter(|p| procs.alive(p)).map(|p| p.pid),
@@ -175,10 +178,12 @@ pub fn table(rows: &[Row]) -> String {
             Some(why) => format!("{} ({why})", r.status.as_str()),
             None => r.status.as_str().to_string(),
         };
-        let ip = match (r.network, r.container_ip) {
-            (Network::Host, _) => "host-network".to_string(),
-            (_, Some(ip)) => ip.to_string(),
-            (_, None) => "-".into(),
+        let ip = match (r.network, r.container_ip, r.container_ipv6) {
+            (Network::Host, ..) => "host-network".to_string(),
+            (_, Some(ip), Some(v6)) => format!("{ip},{v6}"),
+            (_, Some(ip), None) => ip.to_string(),
+            (_, None, Some(v6)) => v6.to_string(),
+            (_, None, None) => "-".into(),
         };
         let nat = match (r.network, r.nat_applied) {
             (Network::Host, _) => "n/a",

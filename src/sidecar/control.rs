@@ -10,10 +10,11 @@ use crate::host::Host;
 use crate::nat::{self, Applied, Mapping};
 pub use crate::state::layout::{ENVOY_DIR, Paths};
 pub use crate::state::record::Record;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::state::store::{ContainerState, Store};
 use crate::sys::fs as fsutil;
+use crate::sys::netns::Addresses;
 use crate::sys::process::{self, Processes};
 
 /// How long the supervisor gets to stop Envoy and leave after SIGTERM.
@@ -152,9 +153,18 @@ pub fn drain(store: &Store, ns: &str, id: &str, wait: Duration) -> Result<Option
     Ok(Some(d))
 }
 
-/// The host port mappings of a container whose IP is `ip`: each TLS proxy port and,
-/// with unproxied mappings on, each app port.
-pub fn mappings(state: &ContainerState, ip: Ipv4Addr) -> Vec<Mapping> {
+/// The host port mappings of a container at `addrs`: each TLS proxy port and, with
+/// unproxied mappings on, each app port, for each of its addresses (IPv4 and IPv6 use
+/// the same host ports, in their own tables).
+pub fn mappings(state: &ContainerState, addrs: &Addresses) -> Vec<Mapping> {
+    let mut maps = Vec::new();
+    for ip in addrs.list() {
+        maps.extend(mappings_to(state, ip));
+    }
+    maps
+}
+
+fn mappings_to(state: &ContainerState, ip: IpAddr) -> Vec<Mapping> {
     let mut maps = Vec::new();
     for p in &state.ports {
         if let Some(ext) = p.external {
@@ -173,24 +183,29 @@ pub fn mappings(state: &ContainerState, ip: Ipv4Addr) -> Vec<Mapping> {
     maps
 }
 
-/// Map the container's host ports to `ip`, moving them if they pointed at another IP
-/// (`nat.json` says what was mapped). Recorded in `nat.json` before the NAT change, so
-/// removal deletes exactly what was added even after a crash. Idempotent. Must run in
-/// the host's network namespace (the netlink sockets and nft act on the caller's).
+/// Map the container's host ports to `addrs`, moving them if they pointed at another
+/// IP (`nat.json` says what was mapped). Recorded in `nat.json` before the NAT change,
+/// so removal deletes exactly what was added even after a crash. Idempotent. Must run
+/// in the host's network namespace (the netlink sockets and nft act on the caller's).
 pub fn map_to(
     store: &Store,
     nat: &dyn nat::Backend,
     state: &ContainerState,
-    ip: Ipv4Addr,
+    addrs: &Addresses,
 ) -> Result<Vec<Mapping>> {
-    let maps = mappings(state, ip);
+    let maps = mappings(state, addrs);
     let paths = Paths::new(store, &state.namespace, &state.id);
     let _lock = store.lock()?;
-    if let Some(old) = Applied::read(&paths.nat())?
-        && old.mappings != maps
-    {
-        // Moving: the old elements hold the same host ports.
-        nat.remove(&old.mappings)?;
+    if let Some(old) = Applied::read(&paths.nat())? {
+        // Moving: the old elements hold the same host ports. Only what changed goes
+        // out, so a new IPv6 address leaves the IPv4 mappings serving throughout.
+        let gone: Vec<Mapping> = old
+            .mappings
+            .iter()
+            .filter(|m| !maps.contains(m))
+            .copied()
+            .collect();
+        nat.remove(&gone)?;
     }
     fsutil::write_json_atomic(
         &paths.nat(),
@@ -199,7 +214,7 @@ pub fn map_to(
         },
         0o600,
     )?;
-    ensure_forwarding()?;
+    ensure_forwarding(&maps)?;
     if let Err(e) = nat.add(&maps) {
         let _ = fsutil::remove_if_exists(&paths.nat());
         return Err(e);
@@ -217,24 +232,36 @@ pub fn map_if_addressed(
     nat: &dyn nat::Backend,
     state: &ContainerState,
     init_pid: i32,
-) -> Result<Option<Ipv4Addr>> {
+) -> Result<Option<Addresses>> {
     if crate::sys::netns::same(process::self_pid(), init_pid) {
         return Ok(None); // the host's network: nothing to map
     }
     let path = format!("/proc/{init_pid}/ns/net");
     let ns = std::fs::File::open(&path).at(&path)?;
-    let Some(ip) = crate::sys::netns::run_in(&ns, crate::sys::netns::first_ipv4).at(&path)? else {
+    let addrs = crate::sys::netns::run_in(&ns, crate::sys::netns::addresses).at(&path)?;
+    if addrs.is_empty() {
         return Ok(None);
-    };
-    map_to(store, nat, state, ip)?;
-    Ok(Some(ip))
+    }
+    map_to(store, nat, state, &addrs)?;
+    Ok(Some(addrs))
 }
 
-/// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way.
-fn ensure_forwarding() -> Result<()> {
-    let p = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(p).at(p)?.trim() != "1" {
-        std::fs::write(p, "1").at(p)?;
+/// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way,
+/// for each family it gives an address of. IPv6 forwarding only for IPv6 mappings:
+/// it turns the host into a router for IPv6 (the kernel then ignores router
+/// advertisements on interfaces with `accept_ra` 1).
+fn ensure_forwarding(maps: &[Mapping]) -> Result<()> {
+    let mut knobs = Vec::new();
+    if maps.iter().any(|m| m.container_ip.is_ipv4()) {
+        knobs.push("/proc/sys/net/ipv4/ip_forward");
+    }
+    if maps.iter().any(|m| m.container_ip.is_ipv6()) {
+        knobs.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for p in knobs {
+        if std::fs::read_to_string(p).at(p)?.trim() != "1" {
+            std::fs::write(p, "1").at(p)?;
+        }
     }
     Ok(())
 }
@@ -276,14 +303,27 @@ mod tests {
         (root, store, s)
     }
 
-    const IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+    const IP: Addresses = Addresses {
+        v4: Some(V4),
+        v6: None,
+    };
+
+    fn v4(ip: Ipv4Addr) -> Addresses {
+        Addresses {
+            v4: Some(ip),
+            v6: None,
+        }
+    }
 
     #[test]
     fn a_repeated_mapping_is_accepted_and_recorded_once() {
         let (root, store, s) = setup("nat-again");
         let nat = FakeNat::default();
-        let first = map_to(&store, &nat, &s, IP).unwrap();
-        let again = map_to(&store, &nat, &s, IP).unwrap();
+        let first = map_to(&store, &nat, &s, &IP).unwrap();
+        let again = map_to(&store, &nat, &s, &IP).unwrap();
         assert_eq!(first, again);
         assert_eq!(nat.list().unwrap().len(), 2);
         let rec = Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap();
@@ -298,11 +338,11 @@ mod tests {
         // A leftover element holds the TLS host port for another IP.
         let other = Mapping {
             host_port: 61010,
-            container_ip: Ipv4Addr::new(203, 0, 113, 9),
+            container_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)),
             container_port: 61001,
         };
         nat.add(&[other]).unwrap();
-        let e = map_to(&store, &nat, &s, IP).unwrap_err().to_string();
+        let e = map_to(&store, &nat, &s, &IP).unwrap_err().to_string();
         assert!(e.contains("61010") && e.contains("203.0.113.9"), "{e}");
         assert_eq!(nat.list().unwrap(), vec![other], "all or none");
         let rec = Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap();
@@ -314,23 +354,100 @@ mod tests {
     fn a_new_address_moves_the_elements() {
         let (root, store, s) = setup("nat-move");
         let nat = FakeNat::default();
-        map_to(&store, &nat, &s, IP).unwrap();
+        map_to(&store, &nat, &s, &IP).unwrap();
         let new_ip = Ipv4Addr::new(203, 0, 113, 6);
-        let moved = map_to(&store, &nat, &s, new_ip).unwrap();
+        let moved = map_to(&store, &nat, &s, &v4(new_ip)).unwrap();
         assert_eq!(nat.list().unwrap(), {
             let mut m = moved.clone();
             m.sort();
             m
         });
-        assert!(nat.list().unwrap().iter().all(|m| m.container_ip == new_ip));
+        assert!(
+            nat.list()
+                .unwrap()
+                .iter()
+                .all(|m| m.container_ip == IpAddr::V4(new_ip))
+        );
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_dual_stack_container_gets_each_host_port_in_both_families() {
+        let (root, store, s) = setup("nat-dual");
+        let nat = FakeNat::default();
+        let v6: Ipv6Addr = "2001:db8:e5::5".parse().unwrap();
+        let both = Addresses {
+            v4: Some(V4),
+            v6: Some(v6),
+        };
+        let maps = map_to(&store, &nat, &s, &both).unwrap();
+        assert_eq!(maps.len(), 4, "2 host ports x 2 families: {maps:?}");
+        let ports = |f: nat::Family| -> Vec<u16> {
+            let mut p: Vec<u16> = nat
+                .list()
+                .unwrap()
+                .iter()
+                .filter(|m| m.family() == f)
+                .map(|m| m.host_port)
+                .collect();
+            p.sort_unstable();
+            p
+        };
+        assert_eq!(ports(nat::Family::V4), ports(nat::Family::V6));
+        // A new IPv6 address moves the IPv6 elements only.
+        let v6b: Ipv6Addr = "2001:db8:e5::6".parse().unwrap();
+        let removed = std::cell::RefCell::new(Vec::new());
+        let spy = Spy {
+            inner: &nat,
+            removed: &removed,
+        };
+        map_to(
+            &store,
+            &spy,
+            &s,
+            &Addresses {
+                v4: Some(V4),
+                v6: Some(v6b),
+            },
+        )
+        .unwrap();
+        assert!(
+            removed.borrow().iter().all(|m| m.container_ip == IpAddr::V6(v6)),
+            "only the old IPv6 elements go out: {:?}",
+            removed.borrow()
+        );
+        assert_eq!(removed.borrow().len(), 2);
+        assert_eq!(nat.list().unwrap().len(), 4);
+        // The address gone altogether: nothing left.
+        remove_nat(&store, &nat, "ns", "c1").unwrap();
+        assert!(nat.list().unwrap().is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The fake table, noting what was removed.
+    struct Spy<'a> {
+        inner: &'a FakeNat,
+        removed: &'a std::cell::RefCell<Vec<Mapping>>,
+    }
+
+    impl nat::Backend for Spy<'_> {
+        fn add(&self, maps: &[Mapping]) -> Result<()> {
+            self.inner.add(maps)
+        }
+        fn remove(&self, maps: &[Mapping]) -> Result<()> {
+            self.removed.borrow_mut().extend_from_slice(maps);
+            self.inner.remove(maps)
+        }
+        fn list(&self) -> Result<Vec<Mapping>> {
+            self.inner.list()
+        }
     }
 
     #[test]
     fn removal_is_idempotent_and_tolerates_elements_already_gone() {
         let (root, store, s) = setup("nat-remove");
         let nat = FakeNat::default();
-        let maps = map_to(&store, &nat, &s, IP).unwrap();
+        let maps = map_to(&store, &nat, &s, &IP).unwrap();
         // Someone (gc, a flush) removed one element already.
         nat.remove(&maps[..1]).unwrap();
         remove_nat(&store, &nat, "ns", "c1").unwrap();

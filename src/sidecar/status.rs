@@ -61,7 +61,7 @@ pub fn decide(i: &Inputs) -> (State, Option<String>) {
     if i.network == Network::Namespace && !i.has_ip {
         if i.without_ip_for >= i.network_wait {
             return degraded(format!(
-                "no network: no IPv4 address in the container's network namespace after {:?}; \
+                "no network: no IPv4 or IPv6 address in the container's network namespace after {:?}; \
                  the engine has not configured its network (e.g. `ctr run` without --cni, or a \
                  failed CNI plugin): no host NAT, and the certificate has no IP SAN",
                 i.network_wait
@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(s, State::Degraded);
         let why = why.unwrap();
         assert!(
-            why.contains("no IPv4 address") && why.contains("--cni"),
+            why.contains("no IPv4 or IPv6 address") && why.contains("--cni"),
             "{why}"
         );
     }

@@ -87,7 +87,7 @@ struct Supervisor<'a> {
     host_ns: File,
     /// Address-change notifications (none in the host's netns: nothing to follow).
     watch: Option<AddrWatch>,
-    /// Since when the container has had no IPv4 address (`None`: it has one).
+    /// Since when the container has had no IPv4 or IPv6 address (`None`: it has one).
     no_ip_since: Option<Instant>,
     nat_error: Option<String>,
     nat_retry_at: Option<Instant>,
@@ -193,7 +193,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         Network::Host => None,
         Network::Namespace => Some(AddrWatch::open().at("rtnetlink socket")?),
     };
-    record.container_ip = None;
+    record.set_addresses(netns::Addresses::default());
     record.nat_applied = false;
     record.status = None;
     record.cgroup = SidecarCgroup::for_container(pid)?;
@@ -487,7 +487,7 @@ impl Supervisor<'_> {
             app_guid: s.app_guid.as_deref(),
             space_guid: s.space_guid.as_deref(),
             org_guid: s.org_guid.as_deref(),
-            ip: self.record.container_ip,
+            ips: self.record.addresses().list(),
             validity: self.cfg.validity()?,
             key_type: self.cfg.key_type()?,
         })?;
@@ -568,6 +568,7 @@ impl Supervisor<'_> {
             mtls,
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ipv6: netns::ipv6_supported(),
             max_connections: self.cfg.max_connections(),
             handshake_timeout: self.cfg.handshake_timeout()?,
         };
@@ -745,7 +746,7 @@ impl Supervisor<'_> {
         Probe::new(
             &self.ca_pem,
             &self.state.instance_guid,
-            self.record.container_ip,
+            self.record.addresses().list().first().copied(),
         )
         .map_err(|e| self.fail(e))
     }
@@ -771,35 +772,30 @@ impl Supervisor<'_> {
             self.no_ip_since = None;
             return;
         }
-        let ip = netns::first_ipv4();
+        let addrs = netns::addresses();
         let now = self.clock.now();
-        let old = self.record.container_ip;
-        if ip.map(IpAddr::V4) != old {
-            log(format!(
-                "container IP {} -> {}",
-                old.map_or("none".into(), |i| i.to_string()),
-                ip.map_or("none".into(), |i| i.to_string())
-            ));
-            self.record.container_ip = ip.map(IpAddr::V4);
-            self.no_ip_since = if ip.is_some() { None } else { Some(now) };
+        let old = self.record.addresses();
+        if addrs != old {
+            log(format!("container addresses {old} -> {addrs}"));
+            self.record.set_addresses(addrs);
+            self.no_ip_since = if addrs.is_empty() { Some(now) } else { None };
             self.nat_retry_at = None;
             self.probe_stale = true;
             if let Some(p) = policy {
-                // The IP SAN follows the address (no Envoy restart: SDS swap), before
+                // The IP SANs follow the addresses (no Envoy restart: SDS swap), before
                 // NAT lets anyone in: a connection through the new mapping must not
                 // meet a certificate without (or with the old) IP SAN.
                 let ev = self.issue_event();
                 self.tell(p, ev);
             }
-            match ip {
-                Some(ip) => self.map_nat(ip),
-                None => self.unmap_nat(),
+            if addrs.is_empty() {
+                self.unmap_nat();
+            } else {
+                self.map_nat(addrs);
             }
             self.save();
-        } else if let Some(ip) = ip
-            && self.nat_retry_at.is_some_and(|at| now >= at)
-        {
-            self.map_nat(ip);
+        } else if !addrs.is_empty() && self.nat_retry_at.is_some_and(|at| now >= at) {
+            self.map_nat(addrs);
             self.save();
         }
     }
@@ -817,11 +813,11 @@ impl Supervisor<'_> {
     }
 
     /// Host NAT for `ip`, from the host's netns (where nft must act).
-    fn map_nat(&mut self, ip: Ipv4Addr) {
+    fn map_nat(&mut self, ip: netns::Addresses) {
         let store = Store::of(self.cfg);
         let state = self.state.clone();
         let r = netns::run_in(&self.host_ns, move || {
-            control::map_to(&store, &Nat::default(), &state, ip)
+            control::map_to(&store, &Nat::default(), &state, &ip)
                 .map_err(|e| crate::error::render(&e))
         });
         match r.map_err(|e| e.to_string()).and_then(|r| r) {
@@ -854,7 +850,7 @@ impl Supervisor<'_> {
                 .map_err(|e| crate::error::render(&e))
         });
         match r.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(()) => log("NAT withdrawn: the container has no IPv4 address"),
+            Ok(()) => log("NAT withdrawn: the container has no address"),
             Err(e) => log(format!("withdrawing NAT: {e}")),
         }
         self.record.nat_applied = false;
@@ -922,7 +918,7 @@ impl Supervisor<'_> {
         let (state, reason) = status::decide(&status::Inputs {
             phase,
             network: self.record.network,
-            has_ip: self.record.container_ip.is_some(),
+            has_ip: !self.record.addresses().is_empty(),
             without_ip_for: self.no_ip_since.map_or(Duration::ZERO, |s| {
                 self.clock.now().saturating_duration_since(s)
             }),

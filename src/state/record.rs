@@ -1,6 +1,6 @@
 //! What the supervisor records about itself (`supervisor.json`, written only by it).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,11 @@ pub struct Record {
     pub envoy_restarts: u32,
     /// RFC 3339 time of the first successful TLS handshake of the current Envoy.
     pub ready_at: Option<String>,
+    /// The container's IPv4 address (NAT, the IP SAN).
     pub container_ip: Option<IpAddr>,
+    /// Its IPv6 address, when it has one beside (or instead of) IPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_ipv6: Option<Ipv6Addr>,
     pub cert_serial: Option<String>,
     /// Unix seconds.
     pub cert_not_after: Option<u64>,
@@ -32,12 +36,30 @@ pub struct Record {
     pub network: Network,
 }
 
+impl Record {
+    /// The addresses recorded, as the supervisor found them.
+    pub fn addresses(&self) -> crate::sys::netns::Addresses {
+        crate::sys::netns::Addresses {
+            v4: match self.container_ip {
+                Some(IpAddr::V4(v4)) => Some(v4),
+                _ => None,
+            },
+            v6: self.container_ipv6,
+        }
+    }
+
+    pub fn set_addresses(&mut self, a: crate::sys::netns::Addresses) {
+        self.container_ip = a.v4.map(IpAddr::V4);
+        self.container_ipv6 = a.v6;
+    }
+}
+
 /// Where a proxied container stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
-    /// No IPv4 address in the container's netns yet (the engine has not configured
-    /// it): no host NAT, no IP SAN. Envoy already serves inside the container.
+    /// No IPv4 or IPv6 address in the container's netns yet (the engine has not
+    /// configured it): no host NAT, no IP SAN. Envoy already serves inside the container.
     WaitingForNetwork,
     /// Envoy started, not yet answering TLS on every listener.
     #[default]

@@ -1,10 +1,11 @@
 //! Network namespaces: entering one, running a closure in another (the supervisor
 //! lives in the container's netns but must change the host's NAT table), reading a
-//! namespace's IPv4 address, and being woken when addresses change (rtnetlink).
+//! namespace's IPv4 and IPv6 addresses, and being woken when addresses change
+//! (rtnetlink).
 
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
@@ -49,12 +50,87 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
+/// A container's addresses as the product serves them: one IPv4 and one IPv6 address
+/// (the first of each family that others can reach it on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Addresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Addresses {
+    /// From interface addresses in interface order: the first non-loopback IPv4, and
+    /// the first IPv6 that is neither loopback, link-local (fe80::/10: not routable
+    /// through the host, and scoped to one link) nor multicast.
+    pub fn pick(addrs: impl IntoIterator<Item = IpAddr>) -> Addresses {
+        let mut a = Addresses::default();
+        for ip in addrs {
+            match ip {
+                IpAddr::V4(v4) if a.v4.is_none() && !v4.is_loopback() => a.v4 = Some(v4),
+                IpAddr::V6(v6)
+                    if a.v6.is_none()
+                        && !v6.is_loopback()
+                        && !v6.is_unicast_link_local()
+                        && !v6.is_multicast()
+                        && !v6.is_unspecified() =>
+                {
+                    a.v6 = Some(v6);
+                }
+                _ => {}
+            }
+        }
+        a
+    }
+
+    /// Both, IPv4 first.
+    pub fn list(&self) -> Vec<IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = self.list();
+        if l.is_empty() {
+            return f.write_str("none");
+        }
+        let s: Vec<String> = l.iter().map(ToString::to_string).collect();
+        f.write_str(&s.join(" "))
+    }
+}
+
+/// The current network namespace's [`Addresses`].
+pub fn addresses() -> Addresses {
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else {
+        return Addresses::default();
+    };
+    Addresses::pick(ifs.filter_map(|a| {
+        let sa = a.address?;
+        if let Some(v4) = sa.as_sockaddr_in() {
+            return Some(IpAddr::V4(v4.ip()));
+        }
+        sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+    }))
+}
+
 /// The first non-loopback IPv4 address of the current network namespace.
 pub fn first_ipv4() -> Option<Ipv4Addr> {
-    nix::ifaddrs::getifaddrs()
-        .ok()?
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
-        .find(|ip| !ip.is_loopback())
+    addresses().v4
+}
+
+/// Whether the kernel serves IPv6 (it may be compiled out or disabled at boot with
+/// `ipv6.disable=1`; then an IPv6 socket cannot even be created). Per kernel, not
+/// per namespace: `/proc/net/if_inet6` exists exactly when IPv6 is up.
+pub fn ipv6_supported() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 /// Whether two processes share a network namespace.
@@ -114,6 +190,20 @@ impl AddrWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_skip_loopback_and_link_local() {
+        let ips = ["127.0.0.1", "::1", "fe80::1", "203.0.113.5", "2001:db8::5", "203.0.113.6", "2001:db8::6"]
+            .map(|s| s.parse::<IpAddr>().unwrap());
+        let a = Addresses::pick(ips);
+        assert_eq!(a.v4, Some(Ipv4Addr::new(203, 0, 113, 5)));
+        assert_eq!(a.v6, Some("2001:db8::5".parse().unwrap()));
+        assert_eq!(a.to_string(), "203.0.113.5 2001:db8::5");
+        let only_local = Addresses::pick(["::1", "fe80::2", "127.0.0.1"].map(|s| s.parse().unwrap()));
+        assert!(only_local.is_empty());
+        assert_eq!(only_local.to_string(), "none");
+        assert_eq!(only_local.list(), Vec::<IpAddr>::new());
+    }
 
     #[test]
     fn address_watch_opens_and_drains_nothing_when_idle() {

@@ -33,7 +33,7 @@
 //!   absent key fails "No such file or directory" and deletes nothing: the same.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
@@ -67,8 +67,10 @@ const NFGENMSG_LEN: usize = 4;
 
 // linux/netfilter.h
 pub const NFPROTO_IPV4: u8 = 2;
+pub const NFPROTO_IPV6: u8 = 10;
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 // linux/netfilter/nf_tables.h
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -93,6 +95,7 @@ const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V6_SRC: u16 = 3;
 
 /// A dump datagram is at most 32 KiB (the kernel's cap on dump skbs); an error reply
 /// echoes the request, a few hundred bytes for one container's elements.
@@ -281,6 +284,15 @@ pub enum ElemOp {
     Delete,
 }
 
+/// One set's part of a transaction: `elems` of `family table set`.
+#[derive(Debug, Clone, Copy)]
+pub struct SetChange<'a> {
+    pub family: u8,
+    pub table: &'a str,
+    pub set: &'a str,
+    pub elems: &'a [Element],
+}
+
 /// The datagram of one nf_tables transaction changing `elems` of `family table set`:
 /// batch begin (`seq`), the change (`seq + 1`, acked), batch end (`seq + 2`).
 pub fn setelem_batch(
@@ -291,6 +303,22 @@ pub fn setelem_batch(
     elems: &[Element],
     seq: u32,
 ) -> io::Result<Vec<u8>> {
+    setelem_batch_of(
+        op,
+        &[SetChange {
+            family,
+            table,
+            set,
+            elems,
+        }],
+        seq,
+    )
+}
+
+/// The datagram of one nf_tables transaction making every change of `changes` (all
+/// or none, whatever their families): batch begin (`seq`), the changes (`seq + 1` ..
+/// `seq + n`, each acked), batch end (`seq + n + 1`).
+pub fn setelem_batch_of(op: ElemOp, changes: &[SetChange<'_>], seq: u32) -> io::Result<Vec<u8>> {
     let mut w = Writer::default();
     let m = w.begin_msg(
         NFNL_MSG_BATCH_BEGIN,
@@ -304,34 +332,38 @@ pub fn setelem_batch(
         ElemOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
         ElemOp::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
     };
-    let m = w.begin_msg(
-        nfnl_type(NFNL_SUBSYS_NFTABLES, ty),
-        flags,
-        seq.wrapping_add(1),
-        family,
-        0,
-    );
-    w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table)?;
-    w.attr_str(NFTA_SET_ELEM_LIST_SET, set)?;
-    let list = w.begin_nest(NFTA_SET_ELEM_LIST_ELEMENTS);
-    for e in elems {
-        let el = w.begin_nest(NFTA_LIST_ELEM);
-        let k = w.begin_nest(NFTA_SET_ELEM_KEY);
-        w.attr(NFTA_DATA_VALUE, &e.key)?;
-        w.end_nest(k)?;
-        if let (ElemOp::Add, Some(data)) = (op, &e.data) {
-            let d = w.begin_nest(NFTA_SET_ELEM_DATA);
-            w.attr(NFTA_DATA_VALUE, data)?;
-            w.end_nest(d)?;
+    let mut next = seq;
+    for c in changes {
+        next = next.wrapping_add(1);
+        let m = w.begin_msg(
+            nfnl_type(NFNL_SUBSYS_NFTABLES, ty),
+            flags,
+            next,
+            c.family,
+            0,
+        );
+        w.attr_str(NFTA_SET_ELEM_LIST_TABLE, c.table)?;
+        w.attr_str(NFTA_SET_ELEM_LIST_SET, c.set)?;
+        let list = w.begin_nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for e in c.elems {
+            let el = w.begin_nest(NFTA_LIST_ELEM);
+            let k = w.begin_nest(NFTA_SET_ELEM_KEY);
+            w.attr(NFTA_DATA_VALUE, &e.key)?;
+            w.end_nest(k)?;
+            if let (ElemOp::Add, Some(data)) = (op, &e.data) {
+                let d = w.begin_nest(NFTA_SET_ELEM_DATA);
+                w.attr(NFTA_DATA_VALUE, data)?;
+                w.end_nest(d)?;
+            }
+            w.end_nest(el)?;
         }
-        w.end_nest(el)?;
+        w.end_nest(list)?;
+        w.end_msg(m)?;
     }
-    w.end_nest(list)?;
-    w.end_msg(m)?;
     let m = w.begin_msg(
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        seq.wrapping_add(2),
+        next.wrapping_add(1),
         AF_UNSPEC,
         NFNL_SUBSYS_NFTABLES,
     );
@@ -442,7 +474,7 @@ pub fn change_set_elements(
 }
 
 /// `Netfilter::ct_delete_reply_src` on a socket of its own.
-pub fn ct_delete_reply_src(ip: Ipv4Addr) -> io::Result<usize> {
+pub fn ct_delete_reply_src(ip: IpAddr) -> io::Result<usize> {
     Netfilter::open()?.ct_delete_reply_src(ip)
 }
 
@@ -463,20 +495,38 @@ impl Netfilter {
         set: &str,
         elems: &[Element],
     ) -> io::Result<()> {
-        let begin = self.seqs(3);
+        self.change_sets(
+            op,
+            &[SetChange {
+                family,
+                table,
+                set,
+                elems,
+            }],
+        )
+    }
+
+    /// Apply several sets' element changes (e.g. an IPv4 and an IPv6 map) as one
+    /// transaction: all or none.
+    pub fn change_sets(&mut self, op: ElemOp, changes: &[SetChange<'_>]) -> io::Result<()> {
+        let n = u32::try_from(changes.len()).map_err(|_| too_long())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let begin = self.seqs(n + 2);
         let sock = self;
-        sock.send(&setelem_batch(op, family, table, set, elems, begin)?)?;
-        // The change's reply (ack or error) always comes, and comes last: a failing batch
-        // begin (no permission, unknown subsystem) or commit is reported before it (the
-        // kernel sends the commit error first, then the queued per-message replies) and
-        // ends the batch. Keep the first errno seen.
-        let change = begin.wrapping_add(1);
+        sock.send(&setelem_batch_of(op, changes, begin)?)?;
+        // Each change's reply (ack or error) always comes, the last change's last: a
+        // failing batch begin (no permission, unknown subsystem) or commit is reported
+        // before them (the kernel sends the commit error first, then the queued
+        // per-message replies) and ends the batch. Keep the first errno seen.
+        let last = begin.wrapping_add(n);
         let mut first: Option<i32> = None;
         loop {
             let dg = sock.recv()?;
             let mut done = false;
             for m in messages(dg)? {
-                if m.ty != NLMSG_ERROR || m.seq.wrapping_sub(begin) >= 3 {
+                if m.ty != NLMSG_ERROR || m.seq.wrapping_sub(begin) >= n + 2 {
                     continue;
                 }
                 let code = error_code(m.payload).ok_or_else(|| malformed("short error"))?;
@@ -484,7 +534,7 @@ impl Netfilter {
                     first = Some(code);
                 }
                 // The batch begin failing means nothing else is processed.
-                if m.seq == change || (m.seq == begin && code != 0) {
+                if m.seq == last || (m.seq == begin && code != 0) {
                     done = true;
                 }
             }
@@ -499,14 +549,15 @@ impl Netfilter {
     }
 }
 
-/// The request dumping every IPv4 conntrack entry.
+/// The request dumping every conntrack entry, IPv4 and IPv6 (`AF_UNSPEC`: the
+/// kernel filters a dump by family only when one is named).
 pub fn ct_dump_request(seq: u32) -> io::Result<Vec<u8>> {
     let mut w = Writer::default();
     let m = w.begin_msg(
         nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET),
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
-        AF_INET,
+        AF_UNSPEC,
         0,
     );
     w.end_msg(m)?;
@@ -516,9 +567,11 @@ pub fn ct_dump_request(seq: u32) -> io::Result<Vec<u8>> {
 /// What identifies a conntrack entry for deletion, from a dump message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CtEntry {
+    /// `AF_INET` or `AF_INET6`: a delete must name the entry's own family.
+    pub family: u8,
     /// The nested `CTA_TUPLE_ORIG` payload as the kernel sent it.
     pub orig: Vec<u8>,
-    pub reply_src: Option<Ipv4Addr>,
+    pub reply_src: Option<IpAddr>,
     /// `CTA_ZONE` (a non-default zone must be named to find the entry).
     pub zone: Option<Vec<u8>>,
     /// `CTA_ID`: the delete then only hits this very entry, not a newer one that
@@ -528,14 +581,23 @@ pub struct CtEntry {
 
 /// Parse one `IPCTNL_MSG_CT_NEW` dump message's payload (nfgenmsg + attributes).
 pub fn parse_ct(payload: &[u8]) -> Option<CtEntry> {
+    let family = *payload.first()?;
     let a = payload.get(NFGENMSG_LEN..)?;
     let orig = attr(a, CTA_TUPLE_ORIG)?.to_vec();
-    let reply_src = attr(a, CTA_TUPLE_REPLY)
-        .and_then(|t| attr(t, CTA_TUPLE_IP))
-        .and_then(|ip| attr(ip, CTA_IP_V4_SRC))
-        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        .map(Ipv4Addr::from);
+    let ip = attr(a, CTA_TUPLE_REPLY).and_then(|t| attr(t, CTA_TUPLE_IP));
+    let reply_src = match family {
+        AF_INET => ip
+            .and_then(|ip| attr(ip, CTA_IP_V4_SRC))
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+        AF_INET6 => ip
+            .and_then(|ip| attr(ip, CTA_IP_V6_SRC))
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+        _ => None,
+    };
     Some(CtEntry {
+        family,
         orig,
         reply_src,
         zone: attr(a, CTA_ZONE).map(<[u8]>::to_vec),
@@ -549,7 +611,7 @@ fn ct_delete(w: &mut Writer, e: &CtEntry, seq: u32) -> io::Result<()> {
         nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE),
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
-        AF_INET,
+        e.family,
         0,
     );
     let t = w.begin_nest(CTA_TUPLE_ORIG);
@@ -565,9 +627,9 @@ fn ct_delete(w: &mut Writer, e: &CtEntry, seq: u32) -> io::Result<()> {
     w.end_msg(m)
 }
 
-/// Every IPv4 conntrack entry whose reply comes from `ip`: a full dump, filtered here
-/// (what `conntrack -L --reply-src` does).
-fn ct_matching(sock: &mut Netfilter, ips: &[Ipv4Addr], seq: u32) -> io::Result<Vec<CtEntry>> {
+/// Every conntrack entry whose reply comes from one of `ips` (sorted): a full dump,
+/// filtered here (what `conntrack -L --reply-src` does).
+fn ct_matching(sock: &mut Netfilter, ips: &[IpAddr], seq: u32) -> io::Result<Vec<CtEntry>> {
     sock.send(&ct_dump_request(seq)?)?;
     let mut found = Vec::new();
     loop {
@@ -607,13 +669,13 @@ impl Netfilter {
     ///
     /// The dump walks the kernel's whole conntrack hash table (shared by all namespaces):
     /// its cost grows with `nf_conntrack_buckets`, not with the entries found.
-    pub fn ct_delete_reply_src(&mut self, ip: Ipv4Addr) -> io::Result<usize> {
+    pub fn ct_delete_reply_src(&mut self, ip: IpAddr) -> io::Result<usize> {
         self.ct_delete_reply_srcs(&[ip])
     }
 
     /// [`Netfilter::ct_delete_reply_src`] for several addresses with one dump (gc
     /// removing many containers at once walks the table once, not once each).
-    pub fn ct_delete_reply_srcs(&mut self, ips: &[Ipv4Addr]) -> io::Result<usize> {
+    pub fn ct_delete_reply_srcs(&mut self, ips: &[IpAddr]) -> io::Result<usize> {
         let mut ips = ips.to_vec();
         ips.sort_unstable();
         ips.dedup();
@@ -837,7 +899,8 @@ mod tests {
         assert_eq!(ms[0].ty, 0x0100);
         assert_ne!(ms[0].flags & NLM_F_MULTI, 0);
         let e = parse_ct(ms[0].payload).unwrap();
-        assert_eq!(e.reply_src, Some(Ipv4Addr::new(10, 200, 2, 2)));
+        assert_eq!(e.reply_src, Some(IpAddr::V4(Ipv4Addr::new(10, 200, 2, 2))));
+        assert_eq!(e.family, AF_INET);
         let ip = attr(&e.orig, CTA_TUPLE_IP).unwrap();
         assert_eq!(attr(ip, CTA_IP_V4_SRC), Some(&[10, 200, 1, 2][..]));
         assert_eq!(attr(ip, 2), Some(&[10, 200, 1, 1][..])); // CTA_IP_V4_DST
@@ -851,9 +914,66 @@ mod tests {
         ct_delete(&mut w, &e, 5).unwrap();
         let d = messages(&w.buf).unwrap();
         assert_eq!((d[0].ty, d[0].flags, d[0].seq), (0x0102, 0x05, 5));
+        assert_eq!(d[0].payload[0], AF_INET, "the entry's own family");
         let a = &d[0].payload[4..];
         assert_eq!(attr(a, CTA_TUPLE_ORIG), Some(&e.orig[..]));
         assert_eq!(attr(a, CTA_ID), e.id.as_deref());
+    }
+
+    #[test]
+    fn one_transaction_changes_an_ipv4_and_an_ipv6_map() {
+        let e4 = [Element {
+            key: concat(&[&[6], &61008u16.to_be_bytes()]),
+            data: Some(concat(&[&[203, 0, 113, 5], &8080u16.to_be_bytes()])),
+        }];
+        let v6: Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let e6 = [Element {
+            key: e4[0].key.clone(),
+            data: Some(concat(&[&v6.octets(), &8080u16.to_be_bytes()])),
+        }];
+        let changes = [
+            SetChange { family: NFPROTO_IPV4, table: "t", set: "m", elems: &e4 },
+            SetChange { family: NFPROTO_IPV6, table: "t", set: "m", elems: &e6 },
+        ];
+        let b = setelem_batch_of(ElemOp::Add, &changes, 20).unwrap();
+        let ms = messages(&b).unwrap();
+        let seqs: Vec<u32> = ms.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [20, 21, 22, 23]);
+        assert_eq!((ms[0].ty, ms[3].ty), (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END));
+        assert_eq!((ms[1].payload[0], ms[2].payload[0]), (NFPROTO_IPV4, NFPROTO_IPV6));
+        let value = |m: &Message<'_>| {
+            let list = attr(&m.payload[4..], NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+            let el = attr(list, NFTA_LIST_ELEM).unwrap();
+            let d = attr(el, NFTA_SET_ELEM_DATA).unwrap();
+            attr(d, NFTA_DATA_VALUE).unwrap().to_vec()
+        };
+        assert_eq!(value(&ms[1]).len(), 8);
+        assert_eq!(value(&ms[2]).len(), 20, "16-byte address . port padded to 4");
+        // One change is the single-set batch, byte for byte.
+        assert_eq!(
+            setelem_batch_of(ElemOp::Delete, &changes[..1], 7).unwrap(),
+            setelem_batch(ElemOp::Delete, NFPROTO_IPV4, "t", "m", &e4, 7).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_ipv6_entry_names_its_reply_source() {
+        let src: Ipv6Addr = "2001:db8:e5::2".parse().unwrap();
+        let mut w = Writer::default();
+        let t = w.begin_nest(CTA_TUPLE_ORIG);
+        let ip = w.begin_nest(CTA_TUPLE_IP);
+        w.attr(CTA_IP_V6_SRC, &[0; 16]).unwrap();
+        w.end_nest(ip).unwrap();
+        w.end_nest(t).unwrap();
+        let t = w.begin_nest(CTA_TUPLE_REPLY);
+        let ip = w.begin_nest(CTA_TUPLE_IP);
+        w.attr(CTA_IP_V6_SRC, &src.octets()).unwrap();
+        w.end_nest(ip).unwrap();
+        w.end_nest(t).unwrap();
+        let mut payload = vec![AF_INET6, 0, 0, 0];
+        payload.extend_from_slice(&w.buf);
+        let e = parse_ct(&payload).unwrap();
+        assert_eq!((e.family, e.reply_src), (AF_INET6, Some(IpAddr::V6(src))));
     }
 
     #[test]
@@ -861,7 +981,7 @@ mod tests {
         let r = ct_dump_request(3).unwrap();
         let ms = messages(&r).unwrap();
         assert_eq!((ms[0].ty, ms[0].flags, ms[0].seq), (0x0101, 0x301, 3));
-        assert_eq!(ms[0].payload, [AF_INET, 0, 0, 0]);
+        assert_eq!(ms[0].payload, [AF_UNSPEC, 0, 0, 0], "both families");
         // nlmsgerr: -ENOENT then the request's header.
         let mut err = Vec::new();
         err.extend_from_slice(&36u32.to_ne_bytes());

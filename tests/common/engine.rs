@@ -367,6 +367,16 @@ impl BareNetns {
         ));
     }
 
+    /// `ip6`/64 on `eth0` (after `host_ip6`/64 on the host end, both without duplicate
+    /// address detection), IPv6 default route via the host.
+    pub fn add_address6(&self, host_ip6: &str, ip6: &str) {
+        let (n, h) = (&self.name, &self.host_if);
+        sh(&format!(
+            "ip addr add {host_ip6}/64 dev {h} nodad && ip -n {n} addr add {ip6}/64 dev eth0 nodad && \
+             ip -n {n} -6 route replace default via {host_ip6}"
+        ));
+    }
+
     /// Take `ip` off `eth0` (its routes go with it), and `host_ip` off the host end.
     pub fn del_address(&self, host_ip: &str, ip: &str) {
         let (n, h) = (&self.name, &self.host_if);
@@ -392,8 +402,9 @@ impl Drop for BareNetns {
 pub fn router_s_client(router: &Router, ca: &Path, sni: &str, host: &str, port: u16) -> String {
     let o = router.run(&format!(
         "printf 'GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' | timeout 5 openssl s_client \
-         -connect {host}:{port} -servername {sni} -CAfile {} -verify_return_error -ign_eof \
+         -connect {}:{port} -servername {sni} -CAfile {} -verify_return_error -ign_eof \
          -showcerts",
+        super::net::bracketed(host),
         ca.display()
     ));
     format!(

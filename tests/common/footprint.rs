@@ -15,8 +15,15 @@ use super::wait::poll;
 /// `(host port, "container ip . container port")` of every element of the NAT map
 /// whose host port lies in `pool`.
 pub fn nat_in_pool(pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
+    let mut v = nat_in_pool_of("ip", pool);
+    v.extend(nat_in_pool_of("ip6", pool));
+    v
+}
+
+/// [`nat_in_pool`] of one family's table (`ip` or `ip6`).
+pub fn nat_in_pool_of(family: &str, pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
     let o = Command::new("nft")
-        .args(["list", "map", "ip", "envoy_sidecar", "ports"])
+        .args(["list", "map", family, "envoy_sidecar", "ports"])
         .output()
         .unwrap();
     let t = String::from_utf8_lossy(&o.stdout);
@@ -37,9 +44,10 @@ pub fn nat_in_pool(pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
 /// Delete NAT elements in `pool` (clean-up after a failed test only).
 pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
     for (port, to) in nat_in_pool(pool) {
+        let family = if to.contains(':') { "ip6" } else { "ip" };
         let _ = Command::new("nft")
             .arg(format!(
-                "delete element ip envoy_sidecar ports {{ tcp . {port} : {to} }}"
+                "delete element {family} envoy_sidecar ports {{ tcp . {port} : {to} }}"
             ))
             .output();
     }

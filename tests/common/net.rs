@@ -16,10 +16,25 @@ pub struct Netns {
     pub path: String,
     pub host_ip: String,
     pub ip: String,
+    k: u32,
     _slot: Slot,
 }
 
 impl Netns {
+    /// IPv6 on the link too (the slot's [`Slot::link6`], no duplicate address
+    /// detection); returns `(host end, namespace)`. No IPv6 default route: a router
+    /// reaches the host's address alone, as with IPv4.
+    pub fn enable_ipv6(&self) -> (String, String) {
+        let (host6, ip6) = self._slot.link6(self.k);
+        let (_, host_if, _, _) = self._slot.link(self.k);
+        sh(&format!(
+            "ip addr add {host6}/64 dev {host_if} nodad && \
+             ip -n {n} addr add {ip6}/64 dev eth0 nodad",
+            n = self.name
+        ));
+        (host6, ip6)
+    }
+
     /// The slot's `k`-th link: `host_ip` on the host end, `ip` on `eth0` inside, which
     /// routes everything via the host.
     pub fn new(slot: &Slot, k: u32) -> Netns {
@@ -38,6 +53,7 @@ impl Netns {
             name,
             host_ip,
             ip,
+            k,
             _slot: slot.clone(),
         }
     }
@@ -72,6 +88,14 @@ impl Slot {
     pub fn cni(&self) -> CniNet {
         CniNet::new(self)
     }
+
+    /// This slot's [`CniNet`], dual-stack: IPv4 and IPv6 on the bridge (the CNI bridge
+    /// plugin turns IPv6 forwarding on for it, as for IPv4).
+    pub fn cni_dual(&self) -> CniNet {
+        let mut n = CniNet::new(self);
+        n.subnet6 = Some(self.bridge6());
+        n
+    }
 }
 
 const CNI_DATA: &str = "/run/envoy-sidecar-test/cni";
@@ -83,6 +107,8 @@ pub struct CniNet {
     bridge: String,
     network: String,
     subnet: String,
+    /// The IPv6 subnet of a dual-stack network.
+    subnet6: Option<String>,
     prefix: String,
     attached: std::sync::Mutex<Vec<(String, String)>>,
     _slot: Slot,
@@ -98,6 +124,7 @@ impl CniNet {
             bridge,
             network,
             subnet,
+            subnet6: None,
             prefix: slot.name(),
             attached: Default::default(),
             _slot: slot.clone(),
@@ -105,9 +132,19 @@ impl CniNet {
     }
 
     fn conf(&self) -> String {
+        let ipam = match &self.subnet6 {
+            None => format!(
+                r#"{{"type":"host-local","subnet":"{}","dataDir":"{CNI_DATA}","routes":[{{"dst":"0.0.0.0/0"}}]}}"#,
+                self.subnet
+            ),
+            Some(v6) => format!(
+                r#"{{"type":"host-local","ranges":[[{{"subnet":"{}"}}],[{{"subnet":"{v6}"}}]],"dataDir":"{CNI_DATA}","routes":[{{"dst":"0.0.0.0/0"}},{{"dst":"::/0"}}]}}"#,
+                self.subnet
+            ),
+        };
         format!(
-            r#"{{"cniVersion":"1.0.0","name":"{}","type":"bridge","bridge":"{}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","subnet":"{}","dataDir":"{CNI_DATA}","routes":[{{"dst":"0.0.0.0/0"}}]}}}}"#,
-            self.network, self.bridge, self.subnet
+            r#"{{"cniVersion":"1.0.0","name":"{}","type":"bridge","bridge":"{}","isGateway":true,"ipMasq":false,"ipam":{ipam}}}"#,
+            self.network, self.bridge
         )
     }
 
@@ -134,6 +171,12 @@ impl CniNet {
 
     /// A new namespace on the bridge; returns (ctr option, container IP).
     pub fn attach(&self, id: &str) -> (String, String) {
+        let (opt, ip, _) = self.attach_dual(id);
+        (opt, ip)
+    }
+
+    /// [`CniNet::attach`], also returning the IPv6 address of a dual-stack network.
+    pub fn attach_dual(&self, id: &str) -> (String, String, Option<String>) {
         let name = format!("{}-{id}", self.prefix);
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         // lo up, as CNI's loopback plugin (which ctr --cni also runs) would do.
@@ -144,15 +187,17 @@ impl CniNet {
         let out = self.plugin("ADD", id, &path);
         assert!(out.status.success(), "CNI ADD: {}", text(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ip = v["ips"][0]["address"]
-            .as_str()
+        let ips: Vec<String> = v["ips"]
+            .as_array()
             .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
+            .iter()
+            .map(|a| a["address"].as_str().unwrap().split('/').next().unwrap().to_string())
+            .collect();
+        let ip = ips.iter().find(|a| !a.contains(':')).unwrap().clone();
+        let ip6 = ips.iter().find(|a| a.contains(':')).cloned();
+        assert_eq!(ip6.is_some(), self.subnet6.is_some(), "CNI ADD gave {ips:?}");
         self.attached.lock().unwrap().push((id.to_string(), name));
-        (format!("--with-ns=network:{path}"), ip)
+        (format!("--with-ns=network:{path}"), ip, ip6)
     }
 }
 
@@ -192,8 +237,9 @@ impl Router {
     /// HTTPS GET / from the router to `host:port` as `name`.
     pub fn https_via(&self, ca: &Path, name: &str, port: u16, host: &str) -> String {
         let o = self.run(&format!(
-            "curl -sS --http1.1 --max-time 5 --cacert {} --resolve {name}:{port}:{host} https://{name}:{port}/",
+            "curl -sS --http1.1 --max-time 5 --cacert {} --resolve {name}:{port}:{} https://{name}:{port}/",
             ca.display(),
+            bracketed(host),
         ));
         format!(
             "{}{}",
@@ -207,6 +253,11 @@ impl Router {
         &self.ns.host_ip
     }
 
+    /// IPv6 on the router's link; returns the host's IPv6 address as the router sees it.
+    pub fn enable_ipv6(&self) -> String {
+        self.ns.enable_ipv6().0
+    }
+
     /// Run `cmd` inside the router's namespace.
     pub fn run(&self, cmd: &str) -> Output {
         Command::new("ip")
@@ -215,9 +266,11 @@ impl Router {
             .unwrap()
     }
 
-    /// TCP connect from the router; Ok(first line received) or Err(reason).
+    /// TCP connect from the router; Ok(first line received) or Err(reason). `addr` is
+    /// `host:port`, an IPv6 host in brackets.
     pub fn tcp(&self, addr: &str, send: &str) -> Result<String, String> {
         let (host, port) = addr.rsplit_once(':').unwrap();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
         let o = self.run(&format!(
             "printf '{send}' | timeout 5 busybox nc -w 3 {host} {port}"
         ));
@@ -227,6 +280,15 @@ impl Router {
         } else {
             Ok(out)
         }
+    }
+}
+
+/// An IPv6 address in brackets (for `host:port` and curl's `--resolve`); IPv4 as is.
+pub fn bracketed(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
     }
 }
 

@@ -16,6 +16,10 @@
 //!   (host `+1`, namespace `+2`), in namespace `es-s<i>n<k>` with host end `es-s<i>v<k>`;
 //!   and `16i + 13`, an address that is never on an interface ([`Slot::unrouted_address`]);
 //! - `203.0.113.16i/28`: one CNI bridge `es-s<i>br` (CNI network `es-s<i>net`);
+//! - IPv6, for the tests that turn it on (documentation prefix `2001:db8::/32`; this
+//!   host's eth0 may sit in `fd00::/64`): link `k` also gets `2001:db8:e5:<x>::/64`
+//!   with `x = 0x100 + 16i + k` (host `::1`, namespace `::2`), and the bridge
+//!   `2001:db8:e5:<0x1000 + i>::/64`;
 //! - host ports `16384 + 1024i ..= 16384 + 1024i + 1023`, below the kernel's ephemeral
 //!   range (32768-60999): the first [`POOL_MAX`] for the sandbox's host port pool
 //!   ([`Slot::pool`]), the rest for listeners a test starts itself ([`Slot::tcp_port`]).
@@ -190,6 +194,18 @@ impl Slot {
             self.link_net(4 * k + 1),
             self.link_net(4 * k + 2),
         )
+    }
+
+    /// The `k`-th link's IPv6 addresses: `(host end, namespace)`, a /64.
+    pub fn link6(&self, k: u32) -> (String, String) {
+        assert!(k < LINKS, "a slot has {LINKS} links");
+        let net = 0x100 + 16 * self.index() + k;
+        (format!("2001:db8:e5:{net:x}::1"), format!("2001:db8:e5:{net:x}::2"))
+    }
+
+    /// The CNI bridge's IPv6 subnet (a /64).
+    pub fn bridge6(&self) -> String {
+        format!("2001:db8:e5:{:x}::/64", 0x1000 + self.index())
     }
 
     /// An address of this slot's on no interface (for `[host] address` where nothing
