@@ -46,6 +46,8 @@ struct Scene {
     _net: CniNet,
     ip: String,
     ip6: String,
+    /// The host's IPv6 address on the router's link.
+    host6: String,
     /// A second container namespace on the same bridge.
     peer: String,
     proxy_port: u16,
@@ -86,6 +88,7 @@ fn scene(name: &str, proxy_extra: &str) -> Scene {
         _c: c,
         ip,
         ip6,
+        host6,
         peer,
         proxy_port,
     }
@@ -165,6 +168,18 @@ fn unproxied_off_only_envoy_reaches_the_app_ports() {
     }
     let s = scene("ingress-off", "enable_unproxied_port_mappings = false");
     s.wait_tls("es-ingress-off");
+    // The network was there before create (as CRI and nerdctl set it up): host NAT
+    // for both families is in place when `create` returns, and TLS goes through it
+    // over IPv6 too.
+    let st = s.sb.inspect("es-ingress-off").unwrap();
+    let host_tls = port_of(&st, 0, "external_tls_proxy");
+    let v6 = common::footprint::nat_in_pool_of("ip6", &s.sb.pool());
+    assert!(
+        v6.contains(&(host_tls, format!("{} . {}", s.ip6, s.proxy_port))),
+        "IPv6 NAT of the TLS port: {v6:?}"
+    );
+    let tls6 = s.router.https_via(&s.sb.ca(), "es-ingress-off", host_tls, &s.host6);
+    assert!(tls6.contains(HELLO), "TLS via the host's IPv6 address: {tls6}");
     for port in [8080, 9999] {
         assert_eq!(
             s.answered(port),
