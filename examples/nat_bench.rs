@@ -418,7 +418,9 @@ fn measure_all(
             // The conntrack flush Nat::remove makes once per container IP (ctnetlink),
             // alone on a socket of its own.
             let t = Instant::now();
-            let _ = envoy_sidecar::sys::nfnetlink::ct_delete_reply_src(std::net::IpAddr::V4(a.measured_ip));
+            let _ = envoy_sidecar::sys::nfnetlink::ct_delete_reply_src(std::net::IpAddr::V4(
+                a.measured_ip,
+            ));
             let d = ms_since(t);
             if keep {
                 ct.push(d);

@@ -178,8 +178,13 @@ fn unproxied_off_only_envoy_reaches_the_app_ports() {
         v6.contains(&(host_tls, format!("{} . {}", s.ip6, s.proxy_port))),
         "IPv6 NAT of the TLS port: {v6:?}"
     );
-    let tls6 = s.router.https_via(&s.sb.ca(), "es-ingress-off", host_tls, &s.host6);
-    assert!(tls6.contains(HELLO), "TLS via the host's IPv6 address: {tls6}");
+    let tls6 = s
+        .router
+        .https_via(&s.sb.ca(), "es-ingress-off", host_tls, &s.host6);
+    assert!(
+        tls6.contains(HELLO),
+        "TLS via the host's IPv6 address: {tls6}"
+    );
     for port in [8080, 9999] {
         assert_eq!(
             s.answered(port),

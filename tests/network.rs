@@ -421,7 +421,10 @@ fn garden_order_dual_stack_gets_ipv6_nat_the_ipv6_san_and_tls_over_ipv6() {
             "GET / HTTP/1.0\\r\\n\\r\\n",
         )
         .unwrap_or_else(|e| e);
-    assert!(plain6.contains(HELLO), "unproxied mapping over IPv6: {plain6}");
+    assert!(
+        plain6.contains(HELLO),
+        "unproxied mapping over IPv6: {plain6}"
+    );
     let row = wait_until("status ready", Duration::from_secs(5), || {
         let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
         if row["status"] == "ready" {

@@ -364,13 +364,21 @@ fn dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed() {
     });
     lab.spawn("c", &["busybox", "nc", H6_CLIENT_SIDE, "61001"]);
     let tracked6 = |lab: &Lab| {
-        let o = lab.exec("h", &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6]);
+        let o = lab.exec(
+            "h",
+            &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6],
+        );
         String::from_utf8_lossy(&o.stdout).lines().count()
     };
-    wait_until("the IPv6 connection tracked", Duration::from_secs(10), || {
-        tracked6(&lab) == 1
-    });
-    let o = lab.exec("h", &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6]);
+    wait_until(
+        "the IPv6 connection tracked",
+        Duration::from_secs(10),
+        || tracked6(&lab) == 1,
+    );
+    let o = lab.exec(
+        "h",
+        &["conntrack", "-L", "-f", "ipv6", "--reply-src", SERVER6],
+    );
     let line = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         line.contains(&format!("dst={H6_CLIENT_SIDE}")) && line.contains("dport=61001"),
@@ -389,6 +397,10 @@ fn dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed() {
         lab.run_in("h", || nat::Nat::default().list()).unwrap(),
         Vec::<Mapping>::new()
     );
-    assert_eq!(tracked6(&lab), 0, "the IPv6 entry replied from {SERVER6} is flushed");
+    assert_eq!(
+        tracked6(&lab),
+        0,
+        "the IPv6 entry replied from {SERVER6} is flushed"
+    );
     let _ = c;
 }

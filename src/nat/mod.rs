@@ -638,7 +638,10 @@ mod tests {
         let v6 = skeleton_of(Family::V6);
         assert!(v6.contains("add table ip6 envoy_sidecar"), "{v6}");
         assert!(v6.contains("ipv6_addr . inet_service"), "{v6}");
-        assert!(v6.contains("ip6 daddr != ::1 fib daddr type local dnat ip6 to"), "{v6}");
+        assert!(
+            v6.contains("ip6 daddr != ::1 fib daddr type local dnat ip6 to"),
+            "{v6}"
+        );
         // A dual-stack container: one statement per table.
         let both = [m(61008, "203.0.113.5", 8080), m(61008, "2001:db8::5", 8080)];
         assert_eq!(

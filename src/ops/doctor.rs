@@ -207,6 +207,13 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
         },
     ));
     out.push(check("Envoy sandbox", sandbox_check(&cfg)));
+    out.push(check(
+        "IPv6",
+        Ok(ipv6_report(
+            crate::sys::netns::ipv6_supported(),
+            &std::fs::read_to_string(IPV6_FORWARDING).unwrap_or_default(),
+        )),
+    ));
     out.push(check("state dir", {
         let d = &cfg.runtime.state_dir;
         std::fs::create_dir_all(d)
@@ -217,6 +224,24 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
     out.push(check("allocation index", index_agrees(&cfg)));
     out.push(sizing(&cfg));
     out
+}
+
+const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// What IPv6 support means here: informational, never a failure (IPv4 alone works).
+fn ipv6_report(supported: bool, forwarding: &str) -> String {
+    if !supported {
+        return "kernel without IPv6 (ipv6.disable=1 or not built): proxies listen on IPv4 only"
+            .into();
+    }
+    let fwd = if forwarding.trim() == "1" {
+        "on"
+    } else {
+        "off (turned on when the first container with an IPv6 address is mapped)"
+    };
+    format!(
+        "proxies listen on [::] too; IPv6 host NAT in table ip6 envoy_sidecar; IPv6 forwarding {fwd}"
+    )
 }
 
 /// Whether the kernel confines Envoy to `sidecar::sandbox::allow_list`, and builds
@@ -313,6 +338,7 @@ mod tests {
         assert!(!by("registration").ok && by("registration").detail.contains("make install"));
         assert!(by("state dir").ok, "{}", by("state dir").detail);
         assert!(by("CA").ok && by("CA").detail.contains("proxy disabled"));
+        assert!(by("IPv6").ok && !by("IPv6").warn, "{}", by("IPv6").detail);
         if crate::sidecar::sandbox::kernel_support().is_ok() {
             let d = &by("Envoy sandbox").detail;
             assert!(by("Envoy sandbox").ok && d.contains("Landlock ABI"), "{d}");
@@ -358,6 +384,14 @@ mod tests {
         let checks = run(Err("config x: bad".into()), Path::new("/x"));
         assert!(!checks[0].ok && checks[0].detail == "config x: bad");
         std::fs::remove_dir_all(&cfg.runtime.state_dir).unwrap();
+    }
+
+    #[test]
+    fn ipv6_is_reported_not_required() {
+        assert!(ipv6_report(false, "").contains("IPv4 only"));
+        let on = ipv6_report(true, "1\n");
+        assert!(on.contains("[::]") && on.contains("forwarding on"), "{on}");
+        assert!(ipv6_report(true, "0\n").contains("forwarding off (turned on when"));
     }
 
     #[test]

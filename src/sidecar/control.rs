@@ -412,7 +412,10 @@ mod tests {
         )
         .unwrap();
         assert!(
-            removed.borrow().iter().all(|m| m.container_ip == IpAddr::V6(v6)),
+            removed
+                .borrow()
+                .iter()
+                .all(|m| m.container_ip == IpAddr::V6(v6)),
             "only the old IPv6 elements go out: {:?}",
             removed.borrow()
         );

@@ -193,13 +193,22 @@ mod tests {
 
     #[test]
     fn addresses_skip_loopback_and_link_local() {
-        let ips = ["127.0.0.1", "::1", "fe80::1", "203.0.113.5", "2001:db8::5", "203.0.113.6", "2001:db8::6"]
-            .map(|s| s.parse::<IpAddr>().unwrap());
+        let ips = [
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+            "203.0.113.5",
+            "2001:db8::5",
+            "203.0.113.6",
+            "2001:db8::6",
+        ]
+        .map(|s| s.parse::<IpAddr>().unwrap());
         let a = Addresses::pick(ips);
         assert_eq!(a.v4, Some(Ipv4Addr::new(203, 0, 113, 5)));
         assert_eq!(a.v6, Some("2001:db8::5".parse().unwrap()));
         assert_eq!(a.to_string(), "203.0.113.5 2001:db8::5");
-        let only_local = Addresses::pick(["::1", "fe80::2", "127.0.0.1"].map(|s| s.parse().unwrap()));
+        let only_local =
+            Addresses::pick(["::1", "fe80::2", "127.0.0.1"].map(|s| s.parse().unwrap()));
         assert!(only_local.is_empty());
         assert_eq!(only_local.to_string(), "none");
         assert_eq!(only_local.list(), Vec::<IpAddr>::new());

@@ -932,15 +932,31 @@ mod tests {
             data: Some(concat(&[&v6.octets(), &8080u16.to_be_bytes()])),
         }];
         let changes = [
-            SetChange { family: NFPROTO_IPV4, table: "t", set: "m", elems: &e4 },
-            SetChange { family: NFPROTO_IPV6, table: "t", set: "m", elems: &e6 },
+            SetChange {
+                family: NFPROTO_IPV4,
+                table: "t",
+                set: "m",
+                elems: &e4,
+            },
+            SetChange {
+                family: NFPROTO_IPV6,
+                table: "t",
+                set: "m",
+                elems: &e6,
+            },
         ];
         let b = setelem_batch_of(ElemOp::Add, &changes, 20).unwrap();
         let ms = messages(&b).unwrap();
         let seqs: Vec<u32> = ms.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [20, 21, 22, 23]);
-        assert_eq!((ms[0].ty, ms[3].ty), (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END));
-        assert_eq!((ms[1].payload[0], ms[2].payload[0]), (NFPROTO_IPV4, NFPROTO_IPV6));
+        assert_eq!(
+            (ms[0].ty, ms[3].ty),
+            (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END)
+        );
+        assert_eq!(
+            (ms[1].payload[0], ms[2].payload[0]),
+            (NFPROTO_IPV4, NFPROTO_IPV6)
+        );
         let value = |m: &Message<'_>| {
             let list = attr(&m.payload[4..], NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
             let el = attr(list, NFTA_LIST_ELEM).unwrap();
@@ -948,7 +964,11 @@ mod tests {
             attr(d, NFTA_DATA_VALUE).unwrap().to_vec()
         };
         assert_eq!(value(&ms[1]).len(), 8);
-        assert_eq!(value(&ms[2]).len(), 20, "16-byte address . port padded to 4");
+        assert_eq!(
+            value(&ms[2]).len(),
+            20,
+            "16-byte address . port padded to 4"
+        );
         // One change is the single-set batch, byte for byte.
         assert_eq!(
             setelem_batch_of(ElemOp::Delete, &changes[..1], 7).unwrap(),

@@ -191,11 +191,23 @@ impl CniNet {
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| a["address"].as_str().unwrap().split('/').next().unwrap().to_string())
+            .map(|a| {
+                a["address"]
+                    .as_str()
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         let ip = ips.iter().find(|a| !a.contains(':')).unwrap().clone();
         let ip6 = ips.iter().find(|a| a.contains(':')).cloned();
-        assert_eq!(ip6.is_some(), self.subnet6.is_some(), "CNI ADD gave {ips:?}");
+        assert_eq!(
+            ip6.is_some(),
+            self.subnet6.is_some(),
+            "CNI ADD gave {ips:?}"
+        );
         self.attached.lock().unwrap().push((id.to_string(), name));
         (format!("--with-ns=network:{path}"), ip, ip6)
     }

@@ -200,7 +200,10 @@ impl Slot {
     pub fn link6(&self, k: u32) -> (String, String) {
         assert!(k < LINKS, "a slot has {LINKS} links");
         let net = 0x100 + 16 * self.index() + k;
-        (format!("2001:db8:e5:{net:x}::1"), format!("2001:db8:e5:{net:x}::2"))
+        (
+            format!("2001:db8:e5:{net:x}::1"),
+            format!("2001:db8:e5:{net:x}::2"),
+        )
     }
 
     /// The CNI bridge's IPv6 subnet (a /64).
