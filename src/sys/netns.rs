@@ -121,11 +121,6 @@ pub fn addresses() -> Addresses {
     }))
 }
 
-/// The first non-loopback IPv4 address of the current network namespace.
-pub fn first_ipv4() -> Option<Ipv4Addr> {
-    addresses().v4
-}
-
 /// Whether the kernel serves IPv6 (it may be compiled out or disabled at boot with
 /// `ipv6.disable=1`; then an IPv6 socket cannot even be created). Per kernel, not
 /// per namespace: `/proc/net/if_inet6` exists exactly when IPv6 is up.
@@ -141,7 +136,7 @@ pub fn same(a: i32, b: i32) -> bool {
 
 /// An rtnetlink socket subscribed to address changes in the namespace it was opened
 /// in: readable whenever an address is added or removed. What changed is read again
-/// with `first_ipv4` (the events only wake the reader; a missed or coalesced event
+/// with `addresses` (the events only wake the reader; a missed or coalesced event
 /// cannot leave it wrong).
 pub struct AddrWatch {
     fd: OwnedFd,
