@@ -254,3 +254,48 @@ fn a_corrupt_or_missing_index_is_rebuilt_from_the_state_files() {
     assert_disjoint(&claims(&f));
     assert_index_agrees(&f);
 }
+
+#[test]
+fn gc_sweeps_the_lease_of_a_create_that_died_and_stray_admin_dirs() {
+    let f = stack("gc-leases");
+    killed(
+        &create(&f, "b", Some("create:index-written")),
+        "create:index-written",
+    );
+    let leases = f.dir.join("uid-leases");
+    let lease = leases.join(UID_START.to_string());
+    assert!(lease.exists(), "the dead create's lease of {UID_START}");
+    // A stop that did not finish left an admin socket directory behind.
+    let stray = f.state.join(".admin").join((UID_START + 5).to_string());
+    std::fs::create_dir_all(&stray).unwrap();
+    let o = cli(&f.config)
+        .args(["gc", "--grace", "0"])
+        .output()
+        .unwrap();
+    ok(&o, "gc");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("removing the lease of Envoy uid {UID_START}")),
+        "{}",
+        text(&o)
+    );
+    assert!(out.contains(&stray.display().to_string()), "{}", text(&o));
+    assert!(!lease.exists(), "lease left");
+    assert!(!stray.exists(), "admin dir left");
+    // A live container's lease and admin directory are not touched.
+    ok(&create(&f, "c", None), "create c");
+    let live = leases.join(UID_START.to_string());
+    assert!(live.exists());
+    let o = cli(&f.config)
+        .args(["gc", "--grace", "0", "--dry-run"])
+        .output()
+        .unwrap();
+    ok(&o, "gc --dry-run");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("lease"),
+        "{}",
+        text(&o)
+    );
+    ok(&delete(&f, "c", None), "delete c");
+    assert!(!live.exists(), "delete releases its lease");
+}

@@ -54,6 +54,8 @@ pub struct SeenContainer {
     /// Its init process still exists.
     pub init_running: bool,
     pub host_ports: Vec<u16>,
+    /// The Envoy uid its state records.
+    pub envoy_uid: u32,
     /// `nat.json`: what was mapped for it.
     pub applied: Vec<Mapping>,
     pub record: Record,
@@ -113,6 +115,11 @@ pub struct Observed {
     pub nat: Vec<Mapping>,
     pub processes: Vec<SeenProcess>,
     pub cgroups: Vec<SeenCgroup>,
+    /// Host-wide uid leases this state directory may remove: its own whose owner has
+    /// no state recording the uid, and unreadable ones past the grace period.
+    pub stale_leases: Vec<u32>,
+    /// `<state_dir>/.admin/<uid>` directories, by uid.
+    pub admin_dirs: Vec<(u32, PathBuf)>,
 }
 
 /// What gc does, one action each.
@@ -155,6 +162,13 @@ pub enum Action {
         id: String,
         cgroup: SidecarCgroup,
     },
+    /// An Envoy uid lease whose owner no longer holds the uid (a create that died, a
+    /// state wiped): taken over by the next create anyway, removed so that the lease
+    /// directory lists only uids in use.
+    RemoveLease { uid: u32 },
+    /// `<state_dir>/.admin/<uid>` of a uid no container's state records (its stop did
+    /// not finish).
+    RemoveAdminDir { uid: u32, dir: PathBuf },
 }
 
 fn pid_or_dash(p: Option<i32>) -> String {
@@ -189,6 +203,15 @@ impl fmt::Display for Action {
                 "removing NAT mapping host port {} -> {} (no container claims it)",
                 m.host_port,
                 std::net::SocketAddr::new(m.container_ip, m.container_port)
+            ),
+            Action::RemoveLease { uid } => write!(
+                f,
+                "removing the lease of Envoy uid {uid} (its owner holds it no more)"
+            ),
+            Action::RemoveAdminDir { uid, dir } => write!(
+                f,
+                "removing {} (no container has Envoy uid {uid})",
+                dir.display()
             ),
             Action::RebuildIndex { reasons } => write!(
                 f,
@@ -265,6 +288,7 @@ pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> 
             started: s.started_at.is_some(),
             init_running: s.init_pid.is_some_and(|p| host.procs.exists(p)),
             host_ports: s.host_ports().collect(),
+            envoy_uid: s.envoy_uid,
             applied: Applied::read(&paths.nat())
                 .ok()
                 .flatten()
@@ -318,6 +342,17 @@ pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> 
             cgroup: f.cgroup,
         });
     }
+    o.stale_leases = store.leases().stale(store.root());
+    o.admin_dirs = std::fs::read_dir(store.root().join(crate::state::layout::ADMIN_DIR))
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let e = e.ok()?;
+                Some((e.file_name().to_str()?.parse().ok()?, e.path()))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    o.admin_dirs.sort_unstable();
     Ok(o)
 }
 
@@ -431,6 +466,19 @@ pub fn plan(seen: &Observed, grace: Duration, pool: &std::ops::RangeInclusive<u1
             cgroup: g.cgroup.clone(),
         });
     }
+
+    // 6. Leases and admin socket directories of uids no state records. Any state,
+    //    young or removed above: a removal releases its own lease and directory.
+    let uids: BTreeSet<u32> = seen.containers.iter().map(|c| c.envoy_uid).collect();
+    for &uid in seen.stale_leases.iter().filter(|u| !uids.contains(u)) {
+        actions.push(Action::RemoveLease { uid });
+    }
+    for (uid, dir) in seen.admin_dirs.iter().filter(|(u, _)| !uids.contains(u)) {
+        actions.push(Action::RemoveAdminDir {
+            uid: *uid,
+            dir: dir.clone(),
+        });
+    }
     actions
 }
 
@@ -462,6 +510,10 @@ pub fn apply(
                 Ok(())
             }
             Action::RemoveCgroups { cgroup, .. } => host.cgroups.kill_and_remove(cgroup),
+            Action::RemoveLease { uid } => {
+                store.leases().remove_stale(*uid, store.root()).map(drop)
+            }
+            Action::RemoveAdminDir { dir, .. } => crate::sys::fs::remove_dir_all_if_exists(dir),
         };
         if let Err(e) = r {
             failures.push((a.clone(), e));
@@ -726,6 +778,7 @@ mod tests {
             started: true,
             init_running: true,
             host_ports: vec![port],
+            envoy_uid: 2_000_000_000 + u32::from(last),
             applied: vec![map(port, last, 61001)],
             record: Record {
                 supervisor: Some(proc(100 + last as i32)),
@@ -763,7 +816,29 @@ mod tests {
             }],
             containers: vec![a],
             interrupted: vec![],
+            stale_leases: vec![],
+            admin_dirs: vec![(2_000_000_001, PathBuf::from("/run/es/.admin/2000000001"))],
         }
+    }
+
+    #[test]
+    fn plan_sweeps_leases_and_admin_dirs_no_state_records() {
+        let mut seen = healthy();
+        // 2000000001 is container a's: kept even if its lease looked stale (a state
+        // written between the two looks).
+        seen.stale_leases = vec![2_000_000_001, 2_000_000_007];
+        seen.admin_dirs
+            .push((2_000_000_009, PathBuf::from("/run/es/.admin/2000000009")));
+        assert_eq!(
+            plan(&seen, GRACE, &POOL),
+            vec![
+                Action::RemoveLease { uid: 2_000_000_007 },
+                Action::RemoveAdminDir {
+                    uid: 2_000_000_009,
+                    dir: PathBuf::from("/run/es/.admin/2000000009")
+                },
+            ]
+        );
     }
 
     #[test]
