@@ -136,7 +136,7 @@ fn ctr_run_cni_address_after_create_gets_nat_and_ip_san_and_leaves_nothing() {
     // found no address, then followed the one CNI configured, and re-issued for it.
     let log = sb.supervisor_log(id);
     let waited = log.find("status: waiting-for-network");
-    let followed = log.find(&format!("container IP none -> {ip}"));
+    let followed = log.find(&format!("container addresses none -> {ip}"));
     assert!(
         waited.is_some() && followed.is_some() && waited < followed,
         "no address at the supervisor's start, then {ip}:\n{log}"
