@@ -242,3 +242,68 @@ fn unproxied_on_leaves_the_app_ports_open() {
         "with unproxied mappings on, direct access is the operator's choice"
     );
 }
+
+/// `nft ...` in the network namespace of `pid`, as root in the container with
+/// `CAP_NET_ADMIN` would run it (it shares that netns).
+fn nft_in(pid: i64, args: &str) -> std::process::Output {
+    Command::new("sh")
+        .args(["-c", &format!("nsenter -t {pid} -n nft {args}")])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_ingress_filter_removed_or_loosened_inside_the_container_is_put_back() {
+    if !can_run("an_ingress_filter_removed_or_loosened_inside_the_container_is_put_back") {
+        return;
+    }
+    let id = "es-ingress-tamper";
+    let s = scene("ingress-tamper", "enable_unproxied_port_mappings = false");
+    s.wait_tls(id);
+    let pid = s.sb.inspect(id).unwrap()["init_pid"].as_i64().unwrap();
+    let table = "table inet envoy_sidecar_ingress";
+    let intact = || {
+        let o = nft_in(pid, &format!("list {table}"));
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        (o.status.success() && t.contains("reject with tcp reset"))
+            .then_some(())
+            .ok_or(t)
+    };
+    intact().unwrap();
+    for (how, cmd, word) in [
+        ("removed", format!("delete {table}"), "removed"),
+        (
+            "loosened",
+            "flush chain inet envoy_sidecar_ingress input".to_string(),
+            "changed",
+        ),
+    ] {
+        let t0 = std::time::Instant::now();
+        let o = nft_in(pid, &cmd);
+        assert!(o.status.success(), "{how}: {}", text(&o));
+        wait_until(
+            &format!("the filter {how}, then put back"),
+            Duration::from_secs(2),
+            intact,
+        );
+        eprintln!("filter {how}: back after {:?}", t0.elapsed());
+        for port in [8080, 9999] {
+            assert_eq!(
+                s.answered(port),
+                Vec::<String>::new(),
+                "{how}: app port {port}"
+            );
+        }
+        let log = s.sb.supervisor_log(id);
+        assert!(
+            log.contains(&format!(
+                "ingress filter {word} inside the container: restored"
+            )),
+            "{log}"
+        );
+    }
+    let row = status_row(&s.sb.config, NAMESPACE, id).unwrap();
+    assert_eq!(row["ingress_repairs"], 2, "{row}");
+    assert_eq!(row["status"], "ready", "{row}");
+    s.wait_tls(id);
+}

@@ -104,6 +104,10 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         "envoy_sidecar_envoy_oom_kills",
         "Times the kernel OOM-killed the container's Envoy (its own cgroup; absent when not readable).",
     );
+    let mut repairs = g(
+        "envoy_sidecar_ingress_repairs",
+        "Times the container's ingress filter was found removed or changed and put back.",
+    );
     let mut expiry = g(
         "envoy_sidecar_credential_expiry_timestamp_seconds",
         "NotAfter of the instance identity certificate served.",
@@ -163,6 +167,9 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
                 restarts
                     .samples
                     .push((l.clone(), rec.envoy_restarts as u64));
+                repairs
+                    .samples
+                    .push((l.clone(), u64::from(rec.ingress_repairs)));
                 if let Some(t) = rec.cert_not_after {
                     expiry.samples.push((l.clone(), t));
                 }
@@ -180,7 +187,7 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
     }
     let mut out = String::new();
     for gauge in [
-        quota, usage, raw, envoy, restarts, ooms, expiry, up, ready, nat, status,
+        quota, usage, raw, envoy, restarts, ooms, repairs, expiry, up, ready, nat, status,
     ] {
         let _ = writeln!(out, "# HELP {} {}", gauge.name, gauge.help);
         let _ = writeln!(out, "# TYPE {} gauge", gauge.name);

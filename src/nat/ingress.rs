@@ -46,6 +46,24 @@ pub fn wanted(state: &crate::state::store::ContainerState) -> bool {
     !state.ports.is_empty() && state.ports.iter().all(|p| p.external.is_none())
 }
 
+/// The filter as `nft list table` prints it in the calling thread's network
+/// namespace; `None` when it is not there.
+pub fn listing(nft: &Path) -> Option<String> {
+    let o = std::process::Command::new(nft)
+        .args(["list", "table", "inet", TABLE])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Install (or replace) the filter in the calling thread's network namespace.
+pub fn install_here(nft: &Path, app_ports: &[u16]) -> Result<()> {
+    super::run_nft(nft, &script(app_ports))
+}
+
 /// Install the filter in the network namespace of `pid` (nft runs on a thread that
 /// entered it: a child inherits the thread's namespace).
 pub fn install(nft: &Path, pid: i32, app_ports: &[u16]) -> Result<()> {

@@ -46,6 +46,8 @@ pub struct Row {
     /// `None` when not readable (cgroup v2 child without a memory controller, no
     /// Envoy cgroup yet).
     pub envoy_oom_kills: Option<u64>,
+    /// Times the ingress filter was found removed or changed and put back.
+    pub ingress_repairs: u32,
     /// Unix seconds.
     pub cert_not_after: Option<u64>,
     pub last_error: Option<String>,
@@ -115,6 +117,7 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
         ready_since: r.ready_at.clone(),
         restarts: r.envoy_restarts,
         envoy_oom_kills: r.cgroup.oom_kills(),
+        ingress_repairs: r.ingress_repairs,
         cert_not_after: r.cert_not_after,
         last_error: r.last_error.clone(),
     }

@@ -2,6 +2,7 @@
 //! supervisor, and the supervisor's decisions (policy).
 
 pub mod control;
+pub mod ingress_guard;
 pub mod policy;
 pub mod sandbox;
 pub mod status;

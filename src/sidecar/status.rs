@@ -24,6 +24,8 @@ pub struct Inputs<'a> {
     pub rotation_error: Option<&'a str>,
     /// Why Envoy is not running or not ready (its start error, exit, probe failure).
     pub envoy_error: Option<&'a str>,
+    /// The ingress filter could not be put back, while that stands.
+    pub ingress_error: Option<&'a str>,
     pub stopping: bool,
 }
 
@@ -51,6 +53,9 @@ pub fn decide(i: &Inputs) -> (State, Option<String>) {
             ));
         }
         _ => {}
+    }
+    if let Some(e) = i.ingress_error {
+        return degraded(format!("ingress filter: {e}"));
     }
     if let Some(e) = i.nat_error {
         return degraded(format!("NAT failed: {e}"));
@@ -92,6 +97,7 @@ mod tests {
             nat_error: None,
             rotation_error: None,
             envoy_error: None,
+            ingress_error: None,
             stopping: false,
         }
     }
@@ -174,6 +180,14 @@ mod tests {
                     ..base()
                 },
                 "rotation failing: CA key unreadable",
+            ),
+            (
+                Inputs {
+                    ingress_error: Some("nft rejected"),
+                    nat_error: Some("also"),
+                    ..base()
+                },
+                "ingress filter: nft rejected",
             ),
         ];
         for (i, want) in cases {

@@ -29,8 +29,9 @@ use crate::envoy::bootstrap::{self, Inputs, Listener, Mtls};
 use crate::envoy::probe::Probe;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::{self, Ca, Identity, Issued};
-use crate::nat::Nat;
+use crate::nat::{Nat, ingress};
 use crate::sidecar::control::{self, Paths, Record};
+use crate::sidecar::ingress_guard::{IngressGuard, Outcome};
 use crate::sidecar::policy::{Action, Event, Phase, Policy};
 use crate::sidecar::{sandbox, status};
 use crate::state::record::{Network, State, Status};
@@ -105,6 +106,10 @@ struct Supervisor<'a> {
     kill_reason: Option<String>,
     /// The sandbox level last written to the log (logged again only when it changes).
     sandbox_logged: Option<sandbox::Level>,
+    /// The ingress filter under watch (unproxied mappings off, own netns).
+    ingress: Option<IngressGuard>,
+    /// The ingress filter could not be put back.
+    ingress_error: Option<String>,
 }
 
 /// What identifies a file's content cheaply: device, inode, size, modification time
@@ -236,7 +241,10 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         probe_stale: false,
         kill_reason: None,
         sandbox_logged: None,
+        ingress: None,
+        ingress_error: None,
     };
+    s.guard_ingress();
     let result = s.main_loop();
     s.shutdown();
     result
@@ -697,6 +705,10 @@ impl Supervisor<'_> {
             fds.push(w.fd());
             fds.len() - 1
         });
+        let ingress_at = self.ingress.as_ref().map(|g| {
+            fds.push(g.fd());
+            fds.len() - 1
+        });
         // poll counts whole milliseconds, rounding down; round up instead so a wake-up
         // is never early (one would find nothing due yet and poll again at once).
         let timeout = timeout.saturating_add(Duration::from_nanos(999_999));
@@ -707,6 +719,9 @@ impl Supervisor<'_> {
         {
             // What changed is looked at by `follow_network` after every wake-up.
             w.drain();
+        }
+        if ingress_at.is_some_and(|i| ready.contains(&i)) {
+            self.check_ingress();
         }
         Ok(if ready.contains(&0) {
             Event::InitExited
@@ -724,6 +739,66 @@ impl Supervisor<'_> {
         } else {
             Event::Timeout
         })
+    }
+
+    /// With unproxied mappings off in a netns of its own, watch the ingress filter
+    /// (installing it if the engine ran no createRuntime hook). A filter that cannot
+    /// be watched leaves the container degraded (the promise would go unchecked), and
+    /// serving: the filter installed at create still stands.
+    fn guard_ingress(&mut self) {
+        if self.record.network != Network::Namespace || !ingress::wanted(&self.state) {
+            return;
+        }
+        let ports: Vec<u16> = self.state.ports.iter().map(|p| p.internal).collect();
+        match IngressGuard::start(Nat::default().nft, ports) {
+            Ok((guard, found)) => {
+                if let Some(what) = found {
+                    // Missing: an engine that ran no createRuntime hook. Changed: while
+                    // no supervisor watched.
+                    log(format!(
+                        "ingress filter {what} at the supervisor's start: installed"
+                    ));
+                }
+                self.ingress = Some(guard);
+            }
+            Err(e) => {
+                let e = crate::error::render(&e);
+                log(format!("ingress filter cannot be watched: {e}"));
+                self.record.last_error = Some(format!("ingress filter: {e}"));
+                self.ingress_error = Some(format!("not watched: {e}"));
+            }
+        }
+    }
+
+    /// The ruleset changed in the container's netns: is the filter still ours?
+    fn check_ingress(&mut self) {
+        let Some(g) = self.ingress.as_mut() else {
+            return;
+        };
+        match g.check() {
+            Outcome::Intact => {
+                if self.ingress_error.take().is_some() {
+                    self.save();
+                }
+            }
+            Outcome::Restored(what) => {
+                self.record.ingress_repairs += 1;
+                self.ingress_error = None;
+                log(format!(
+                    "ingress filter {what} inside the container: restored (repair {})",
+                    self.record.ingress_repairs
+                ));
+                self.save();
+            }
+            Outcome::Failed(e) => {
+                log(format!(
+                    "ingress filter removed or changed, restoring failed: {e}"
+                ));
+                self.record.last_error = Some(format!("ingress filter: {e}"));
+                self.ingress_error = Some(e);
+                self.save();
+            }
+        }
     }
 
     /// The soonest of our own timers: the next CA check, a NAT retry, the end of the
@@ -926,6 +1001,7 @@ impl Supervisor<'_> {
             nat_error: self.nat_error.as_deref(),
             rotation_error: self.rotation_error.as_deref(),
             envoy_error: self.envoy_error.as_deref(),
+            ingress_error: self.ingress_error.as_deref(),
             stopping,
         });
         let same = self

@@ -34,6 +34,10 @@ pub struct Record {
     /// How the container is networked, as the supervisor found it.
     #[serde(default)]
     pub network: Network,
+    /// Times the ingress filter was found removed or changed inside the container and
+    /// put back.
+    #[serde(default)]
+    pub ingress_repairs: u32,
 }
 
 impl Record {

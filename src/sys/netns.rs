@@ -161,23 +161,25 @@ impl AddrWatch {
         &self.fd
     }
 
-    /// Read every pending notification; true if there was any. A receive-buffer
-    /// overrun (ENOBUFS) means events were lost: also a change to look at.
+    /// Read every pending notification; true if there was any.
     pub fn drain(&self) -> bool {
-        let mut buf = [0u8; 8192];
-        let mut any = false;
-        loop {
-            match recv(
-                self.fd.as_fd().as_raw_fd(),
-                &mut buf,
-                MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(0) => return any,
-                Ok(_) => any = true,
-                Err(nix::errno::Errno::ENOBUFS) => any = true,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => return any,
-            }
+        drain_notifications(&self.fd)
+    }
+}
+
+/// Read every pending datagram of a netlink notification socket; true if there was
+/// any. A receive-buffer overrun (ENOBUFS) means events were lost: also a change to
+/// look at. The events only wake the reader, who looks again at what they are about.
+pub(crate) fn drain_notifications(fd: &OwnedFd) -> bool {
+    let mut buf = [0u8; 8192];
+    let mut any = false;
+    loop {
+        match recv(fd.as_fd().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return any,
+            Ok(_) => any = true,
+            Err(nix::errno::Errno::ENOBUFS) => any = true,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return any,
         }
     }
 }

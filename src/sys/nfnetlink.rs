@@ -462,6 +462,42 @@ impl Netfilter {
     }
 }
 
+/// nf_tables' multicast group (linux/netfilter/nfnetlink.h `NFNLGRP_NFTABLES`): every
+/// ruleset change in the namespace is announced there.
+const NFNLGRP_NFTABLES: u32 = 7;
+
+/// A netfilter socket subscribed to ruleset changes in the network namespace of the
+/// thread that opened it: readable whenever a table, chain, rule or set changes (by
+/// anyone, us included). Receiving needs CAP_NET_ADMIN in that namespace.
+pub struct RulesetWatch {
+    fd: OwnedFd,
+}
+
+impl RulesetWatch {
+    pub fn open() -> io::Result<RulesetWatch> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkNetFilter,
+        )?;
+        bind(
+            fd.as_raw_fd(),
+            &NetlinkAddr::new(0, 1 << (NFNLGRP_NFTABLES - 1)),
+        )?;
+        Ok(RulesetWatch { fd })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Read every pending notification; true if there was any.
+    pub fn drain(&self) -> bool {
+        crate::sys::netns::drain_notifications(&self.fd)
+    }
+}
+
 /// `Netfilter::change_set_elements` on a socket of its own.
 pub fn change_set_elements(
     op: ElemOp,
