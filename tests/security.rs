@@ -496,6 +496,13 @@ fn envoy_sandbox_denies_host_files_and_still_serves() {
         sup_log.contains("Envoy sandbox: Landlock ABI") && sup_log.contains("enforced"),
         "supervisor.log:\n{sup_log}"
     );
+    // And the operator sees it without reading logs.
+    let row = status_row(&sb.config, NAMESPACE, id).unwrap();
+    let level = row["sandbox"].as_str().unwrap_or_default();
+    assert!(
+        level.starts_with("Landlock ABI") && level.contains("enforced"),
+        "{row}"
+    );
 
     // Control: the same uid without the sandbox reads both (the test would pass
     // without Landlock only if the files were not readable anyway).

@@ -48,6 +48,9 @@ pub struct Row {
     pub envoy_oom_kills: Option<u64>,
     /// Times the ingress filter was found removed or changed and put back.
     pub ingress_repairs: u32,
+    /// How Envoy is confined (`Landlock ABI 7 enforced (10 rules)`, `NOT enforced:
+    /// ...`, `off`), from its last start.
+    pub sandbox: Option<String>,
     /// Unix seconds.
     pub cert_not_after: Option<u64>,
     pub last_error: Option<String>,
@@ -118,6 +121,7 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
         restarts: r.envoy_restarts,
         envoy_oom_kills: r.cgroup.oom_kills(),
         ingress_repairs: r.ingress_repairs,
+        sandbox: r.sandbox.clone(),
         cert_not_after: r.cert_not_after,
         last_error: r.last_error.clone(),
     }

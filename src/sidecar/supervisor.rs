@@ -655,6 +655,7 @@ impl Supervisor<'_> {
         let pid = i32::try_from(child.id()).expect("pids fit in pid_t");
         let fd = process::pidfd_open(pid).at(format!("pidfd of envoy {pid}"))?;
         self.record.envoy = ProcId::of(pid);
+        self.record.sandbox = self.sandbox_logged.as_ref().map(ToString::to_string);
         self.save();
         log(format!("started Envoy pid {pid}"));
         self.envoy = Some((child, fd));

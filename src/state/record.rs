@@ -38,6 +38,9 @@ pub struct Record {
     /// put back.
     #[serde(default)]
     pub ingress_repairs: u32,
+    /// How the running Envoy is confined (`sidecar::sandbox::Level`, as logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 impl Record {
