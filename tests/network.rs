@@ -246,6 +246,18 @@ impl Garden {
         (host_ip, ip)
     }
 
+    /// Waits (up to 5 s) for the status row to say `ready` and satisfy `also`.
+    fn ready_row(&self, also: impl Fn(&Value) -> bool) -> Value {
+        wait_until("status ready", Duration::from_secs(5), || {
+            let row = status_row(&self.sb.config, "default", &self.id).ok_or("no row")?;
+            if row["status"] == "ready" && also(&row) {
+                Ok(row)
+            } else {
+                Err(row.to_string())
+            }
+        })
+    }
+
     fn tls_port(&self) -> u16 {
         port_of(&self.st, 0, "external_tls_proxy")
     }
@@ -296,14 +308,7 @@ fn garden_order_address_after_run_detach_is_followed_within_a_second() {
         t0.elapsed()
     );
     assert!(cert.contains("DNS:es-gnet"), "{cert}");
-    let row = wait_until("status ready", Duration::from_secs(5), || {
-        let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
-        if row["status"] == "ready" {
-            Ok(row)
-        } else {
-            Err(row.to_string())
-        }
-    });
+    let row = g.ready_row(|_| true);
     assert_eq!(row["nat_applied"], true, "{row}");
     assert_eq!(row_str(&row, "container_ip"), ip, "{row}");
     let rec = g.sb.record_ns("default", &g.id);
@@ -354,14 +359,7 @@ fn garden_order_address_change_moves_nat_and_the_ip_san() {
             .all(|(_, to)| !to.starts_with(&format!("{ip_a} "))),
         "old elements left: {nat:?}"
     );
-    let row = wait_until("status ready again", Duration::from_secs(5), || {
-        let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
-        if row["status"] == "ready" && row_str(&row, "container_ip") == ip_b {
-            Ok(row)
-        } else {
-            Err(row.to_string())
-        }
-    });
+    let row = g.ready_row(|row| row_str(row, "container_ip") == ip_b);
     assert_eq!(row["nat_applied"], true, "{row}");
 }
 
@@ -425,14 +423,7 @@ fn garden_order_dual_stack_gets_ipv6_nat_the_ipv6_san_and_tls_over_ipv6() {
         plain6.contains(HELLO),
         "unproxied mapping over IPv6: {plain6}"
     );
-    let row = wait_until("status ready", Duration::from_secs(5), || {
-        let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
-        if row["status"] == "ready" {
-            Ok(row)
-        } else {
-            Err(row.to_string())
-        }
-    });
+    let row = g.ready_row(|_| true);
     assert_eq!(row_str(&row, "container_ip"), ip, "{row}");
     assert_eq!(row_str(&row, "container_ipv6"), ip6, "{row}");
     assert_eq!(row["nat_applied"], true, "{row}");
