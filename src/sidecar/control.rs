@@ -196,16 +196,16 @@ pub fn map_to(
     let maps = mappings(state, addrs);
     let paths = Paths::new(store, &state.namespace, &state.id);
     let _lock = store.lock()?;
+    // What stays in the kernel whatever happens below: the old elements that are
+    // still wanted.
+    let mut kept: Vec<Mapping> = Vec::new();
     if let Some(old) = Applied::read(&paths.nat())? {
         // Moving: the old elements hold the same host ports. Only what changed goes
         // out, so a new IPv6 address leaves the IPv4 mappings serving throughout.
-        let gone: Vec<Mapping> = old
-            .mappings
-            .iter()
-            .filter(|m| !maps.contains(m))
-            .copied()
-            .collect();
+        let (stay, gone): (Vec<Mapping>, Vec<Mapping>) =
+            old.mappings.iter().partition(|m| maps.contains(m));
         nat.remove(&gone)?;
+        kept = stay;
     }
     fsutil::write_json_atomic(
         &paths.nat(),
@@ -216,7 +216,13 @@ pub fn map_to(
     )?;
     ensure_forwarding(&maps)?;
     if let Err(e) = nat.add(&maps) {
-        let _ = fsutil::remove_if_exists(&paths.nat());
+        // All or none: only the kept elements are there; the record says so, so
+        // that removal still deletes them.
+        let _ = if kept.is_empty() {
+            fsutil::remove_if_exists(&paths.nat())
+        } else {
+            fsutil::write_json_atomic(&paths.nat(), &Applied { mappings: kept }, 0o600)
+        };
         return Err(e);
     }
     Ok(maps)
@@ -424,6 +430,35 @@ mod tests {
         // The address gone altogether: nothing left.
         remove_nat(&store, &nat, "ns", "c1").unwrap();
         assert!(nat.list().unwrap().is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_refused_new_address_leaves_the_kept_mappings_recorded() {
+        let (root, store, s) = setup("nat-refused-v6");
+        let nat = FakeNat::default();
+        let v4_maps = map_to(&store, &nat, &s, &IP).unwrap();
+        // A leftover IPv6 element holds the TLS host port for another address.
+        let leftover = Mapping {
+            host_port: 61010,
+            container_ip: "2001:db8:e5::9".parse().unwrap(),
+            container_port: 61001,
+        };
+        nat.add(&[leftover]).unwrap();
+        let both = Addresses {
+            v4: Some(V4),
+            v6: Some("2001:db8:e5::5".parse().unwrap()),
+        };
+        let e = map_to(&store, &nat, &s, &both).unwrap_err().to_string();
+        assert!(e.contains("[2001:db8:e5::9]:61001"), "{e}");
+        let rec = Applied::read(&Paths::new(&store, "ns", "c1").nat()).unwrap();
+        assert_eq!(
+            rec.unwrap().mappings,
+            v4_maps,
+            "the IPv4 elements are still there"
+        );
+        remove_nat(&store, &nat, "ns", "c1").unwrap();
+        assert_eq!(nat.list().unwrap(), vec![leftover], "nothing of ours left");
         std::fs::remove_dir_all(root).unwrap();
     }
 
