@@ -231,6 +231,7 @@ impl Setup {
             sds_dir: &sds_dir,
             upstream_address: LOOPBACK,
             max_connections,
+            heap_budget_bytes: envoy_sidecar::envoy::sizing::heap_budget_bytes(32, mtls.is_some()),
             handshake_timeout,
         });
         let bootstrap = dir.path().join("bootstrap.json");

@@ -1820,6 +1820,7 @@ fn bootstrap_escapes_every_string() {
                 sds_dir: Path::new(&sds),
                 upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 max_connections: max,
+                heap_budget_bytes: u64::from(max) * 40_000,
                 handshake_timeout: std::time::Duration::from_secs(5),
             };
             let sans = mtls.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
@@ -1911,6 +1912,7 @@ fn check_san_config(sans: &[String]) -> TestCaseResult {
         sds_dir: Path::new("/run/envoy-sidecar/default/c1/sds"),
         upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
         max_connections: 4096,
+        heap_budget_bytes: 17_167_047,
         handshake_timeout: std::time::Duration::from_secs(5),
     };
     check_bootstrap(&i, sans, Some(&m.trusted_ca_pem))

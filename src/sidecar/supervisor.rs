@@ -569,6 +569,7 @@ impl Supervisor<'_> {
             sds_dir: &sds_dir,
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             max_connections: self.cfg.max_connections(),
+            heap_budget_bytes: self.cfg.heap_budget_bytes(),
             handshake_timeout: self.cfg.handshake_timeout()?,
         };
         let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
