@@ -13,8 +13,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -62,6 +62,10 @@ fn metrics_text(sb: &Sandbox) -> String {
 /// A new TLS connection must be served this soon after a flood is released: the heap
 /// monitor's figure has to come down with the connections (no lockout).
 const RECOVERY: Duration = Duration::from_secs(15);
+/// How long the flood is held once open, with `liveness_interval = "1s"`: three failed
+/// liveness checks in a row (1 s + 2 × 2 s) would have the supervisor restart Envoy,
+/// dropping every held connection, if it took a refused handshake for a dead Envoy.
+const HOLD: Duration = Duration::from_secs(8);
 
 /// Envoy's stats whose names match `regex`, read over the loopback admin listener
 /// from inside the container.
@@ -101,7 +105,7 @@ struct Flood {
 fn flood(name: &str, extra: &str) -> Flood {
     let t0 = Instant::now();
     // The loopback admin listener: the test reads Envoy's stats from inside the container.
-    let extra = format!("{extra}admin_listener = \"loopback\"\n");
+    let extra = format!("{extra}admin_listener = \"loopback\"\nliveness_interval = \"1s\"\n");
     let sb = Sandbox::new(name, &extra, "");
     let cfg = envoy_sidecar::config::Config::load(Some(&sb.config)).unwrap();
     let cap = u64::from(cfg.max_connections());
@@ -223,6 +227,22 @@ fn flood(name: &str, extra: &str) -> Flood {
         "{held:?}"
     );
 
+    // Held past three liveness checks: still the same Envoy, and the checks saw it
+    // refusing on purpose.
+    std::thread::sleep(HOLD);
+    let rec = sb.record(id);
+    assert_eq!(
+        pid_of(&rec, "envoy"),
+        Some(envoy),
+        "Envoy was replaced while refusing a flood: {}",
+        sb.supervisor_log(id)
+    );
+    let log = sb.supervisor_log(id);
+    assert!(
+        log.contains("refusing at its connection cap or heap budget"),
+        "{log}"
+    );
+
     // Release: every held connection completes its request first.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(load.0.id()).unwrap()),
@@ -240,16 +260,22 @@ fn flood(name: &str, extra: &str) -> Flood {
         "held connections stopped working: {done}"
     );
 
-    // Accepting resumes once they are gone, soon.
+    // Accepting resumes once they are gone, soon, and by the same Envoy (a refusing
+    // Envoy fails the supervisor's liveness checks, and three in a row, ~14 s, get it
+    // restarted: that is no recovery).
     let took = Instant::now();
     openssl_wait_for(&addr, &sb.ca(), id, HELLO);
     let resumed = took.elapsed();
+    let rec = sb.record(id);
     assert!(
-        resumed <= RECOVERY,
-        "a new connection was served only {resumed:?} after the release"
+        resumed <= RECOVERY && pid_of(&rec, "envoy") == Some(envoy),
+        "a new connection was served {resumed:?} after the release, Envoy pid {envoy} \
+         then {:?} ({} restarts); supervisor log:\n{}",
+        pid_of(&rec, "envoy"),
+        rec["envoy_restarts"],
+        sb.supervisor_log(id)
     );
     let after = stats(&c, admin, &wanted);
-    assert_eq!(pid_of(&sb.record(id), "envoy"), Some(envoy));
     assert_eq!(oom(), 0);
     let peak_mib = peak as f64 / MIB as f64;
     eprintln!(
@@ -297,7 +323,9 @@ fn tls_flood_is_refused_past_the_allocation_not_oom_killed() {
         f.opened,
         f.cap
     );
-    assert_eq!(stat(&f.held, ".downstream_global_cx_overflow"), f.failed);
+    // The flood's refusals, and the liveness checks' (two handshakes per check).
+    let refused = stat(&f.held, ".downstream_global_cx_overflow");
+    assert!((f.failed..f.failed + 20).contains(&refused), "{refused}");
     assert_eq!(stat(&f.held, ".downstream_cx_overload_reject"), 0);
     assert!(stat(&f.held, "fixed_heap.pressure") < 90, "{:?}", f.held);
     assert!(
@@ -329,7 +357,9 @@ fn heap_budget_refuses_past_the_allocation_with_a_large_cap() {
         "{} opened with the heap budget",
         f.opened
     );
-    assert_eq!(stat(&f.held, ".downstream_cx_overload_reject"), f.failed);
+    // The flood's refusals, and the liveness checks' (two handshakes per check).
+    let refused = stat(&f.held, ".downstream_cx_overload_reject");
+    assert!((f.failed..f.failed + 20).contains(&refused), "{refused}");
     assert_eq!(stat(&f.held, ".downstream_global_cx_overflow"), 0);
     assert!(stat(&f.held, "fixed_heap.pressure") >= 90, "{:?}", f.held);
     assert_eq!(stat(&f.held, "reject_incoming_connections.active"), 1);
