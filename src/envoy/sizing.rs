@@ -143,6 +143,22 @@ pub fn heap_budget_bytes(mb: u64, mtls: bool) -> u64 {
     u64::try_from(budget.max(floor)).unwrap_or(u64::MAX)
 }
 
+/// How many idle connections Envoy takes before its heap budget refuses more:
+/// [`HEAP_REJECT_PERCENT`] of [`heap_budget_bytes`], less the idle heap, at the heap
+/// cost per connection (407 TLS / 336 mTLS for 32 MiB; a flood overshoots it by what
+/// arrives within one monitor refresh: 448 / 384 measured). Fewer when connections
+/// carry data.
+pub fn heap_budget_connections(mb: u64, mtls: bool) -> u64 {
+    let heap_per_conn = if mtls {
+        MTLS_HEAP_PER_CONNECTION_BYTES
+    } else {
+        TLS_HEAP_PER_CONNECTION_BYTES
+    };
+    let reject = u128::from(heap_budget_bytes(mb, mtls)) * u128::from(HEAP_REJECT_PERCENT) / 100;
+    let n = reject.saturating_sub(u128::from(HEAP_IDLE_KIB) * 1024) / u128::from(heap_per_conn);
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
 /// Recommended `proxy.additional_memory_allocation_mb` (MiB) for an instance that must
 /// hold a peak of `connections` concurrent connections, with (`mtls`) or without
 /// client-certificate verification:
@@ -306,10 +322,13 @@ mod tests {
                 assert!(reject < HEAP_IDLE_KIB * 1024 + full * heap_per, "mb {mb}");
             }
         }
+        assert_eq!(heap_budget_connections(32, false), 407);
+        assert_eq!(heap_budget_connections(32, true), 336);
         // No allocation: still room for MIN_CONNECTIONS before refusal.
         for mtls in [false, true] {
             let b = heap_budget_bytes(0, mtls);
             assert_eq!(b, heap_budget_bytes(5, mtls));
+            assert_eq!(heap_budget_connections(0, mtls), MIN_CONNECTIONS);
             assert!(
                 b * HEAP_REJECT_PERCENT / 100 >= HEAP_IDLE_KIB * 1024 + MIN_CONNECTIONS * 22_733
             );
