@@ -69,7 +69,8 @@ const MIB: u128 = 1 << 20;
 /// with client-certificate verification). What `envoy.resource_monitors.fixed_heap`
 /// measures with `envoy.reloadable_features.fixed_heap_use_allocated` on (see
 /// [`heap_budget_bytes`]). Measured on Envoy 1.40.0, `--concurrency 1`, 2026-12-02,
-/// with the generated listener and a flood of 600 held connections (two runs each).
+/// with the generated listener's shape and 600 held connections, two runs each
+/// (`scripts/heap-budget.py`; `docs/BENCHMARKS.md`, "Envoy heap budget").
 pub const HEAP_IDLE_KIB: u64 = 6_042;
 /// Allocated heap per open TLS connection (downstream TLS + upstream to the app,
 /// idle), bytes (22.2 KiB in both runs; of the 29.6 KiB the cgroup counted per
@@ -81,8 +82,8 @@ pub const MTLS_HEAP_PER_CONNECTION_BYTES: u64 = 31_539;
 /// Heap pressure (allocated / [`heap_budget_bytes`]), percent, at which Envoy refuses
 /// new connections (`envoy.overload_actions.reject_incoming_connections`). Below 100
 /// because the monitor is sampled (every `overload_manager.refresh_interval`, 100 ms)
-/// while a flood keeps handshaking: measured, a flood of 4000 reached 94–97 % with this
-/// threshold (448 TLS or 384 mTLS connections taken of the 32 MiB budget).
+/// while a flood keeps handshaking: measured, floods of 4000 reached 93–97 % with this
+/// threshold (438–448 TLS or 360–385 mTLS connections taken of the 32 MiB budget).
 pub const HEAP_REJECT_PERCENT: u64 = 90;
 
 fn per_connection(mtls: bool) -> (u64, u64) {
