@@ -102,10 +102,30 @@ struct Flood {
 /// connections it did not take were refused (none left hanging), every connection it
 /// took still answers a request at the end, and a new connection is served within
 /// [`RECOVERY`] once they have closed.
-fn flood(name: &str, extra: &str) -> Flood {
+fn flood(name: &str, extra: &str, mtls: bool) -> Flood {
     let t0 = Instant::now();
     // The loopback admin listener: the test reads Envoy's stats from inside the container.
-    let extra = format!("{extra}admin_listener = \"loopback\"\nliveness_interval = \"1s\"\n");
+    let mut extra = format!("{extra}admin_listener = \"loopback\"\nliveness_interval = \"1s\"\n");
+    // Mutual TLS: a router CA Envoy trusts, and a client certificate from it.
+    let tmp = TempDir::new(&format!("es-{name}-client"));
+    let client = mtls.then(|| {
+        let ca = Ca::new(tmp.path(), "router-ca");
+        extra += &format!("{}\n", mtls_proxy_config(&ca.crt));
+        sign_leaf(
+            tmp.path(),
+            &ca,
+            "router",
+            None,
+            "subjectAltName=DNS:gorouter.service.cf.internal\nextendedKeyUsage=clientAuth\n",
+        )
+    });
+    let client = client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    let get = |sb: &Sandbox, addr: &str, id: &str| {
+        Get::new(&sb.ca())
+            .sni(id)
+            .client(client)
+            .wait_for(addr, HELLO);
+    };
     let sb = Sandbox::new(name, &extra, "");
     let cfg = envoy_sidecar::config::Config::load(Some(&sb.config)).unwrap();
     let cap = u64::from(cfg.max_connections());
@@ -121,7 +141,7 @@ fn flood(name: &str, extra: &str) -> Flood {
     let st = sb.inspect(id).unwrap();
     let port = port_of(&st, 0, "internal_tls_proxy");
     let addr = format!("{}:{port}", net.ip);
-    openssl_wait_for(&addr, &sb.ca(), id, HELLO);
+    get(&sb, &addr, id);
     let envoy = pid_of(&sb.record(id), "envoy").expect("envoy pid");
     let cg = memory_cgroup_dir(u32::try_from(envoy).unwrap());
     assert!(cg.ends_with("envoy-sidecar"), "{}", cg.display());
@@ -154,25 +174,28 @@ fn flood(name: &str, extra: &str) -> Flood {
     );
 
     let ready = sb.dir.join("flood.ready");
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo().join("scripts/tls-load.py"))
+        .args(["hold", "--host", &net.ip, "--port", &port.to_string()])
+        .arg("--ca")
+        .arg(sb.ca())
+        .args(["--server-name", id, "--n", &FLOOD.to_string()])
+        .arg("--ready-file")
+        .arg(&ready)
+        .args([
+            "--parallel",
+            "64",
+            "--open-timeout",
+            "40",
+            "--hold-max",
+            "40",
+        ])
+        .args(["--keep-partial", "--finish"]);
+    if let Some((c, k)) = client {
+        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+    }
     let mut load = ChildGuard(
-        Command::new("python3")
-            .arg(repo().join("scripts/tls-load.py"))
-            .args(["hold", "--host", &net.ip, "--port", &port.to_string()])
-            .arg("--ca")
-            .arg(sb.ca())
-            .args(["--server-name", id, "--n", &FLOOD.to_string()])
-            .arg("--ready-file")
-            .arg(&ready)
-            .args([
-                "--parallel",
-                "64",
-                "--open-timeout",
-                "40",
-                "--hold-max",
-                "40",
-            ])
-            .args(["--keep-partial", "--finish"])
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -264,7 +287,7 @@ fn flood(name: &str, extra: &str) -> Flood {
     // Envoy fails the supervisor's liveness checks, and three in a row, ~14 s, get it
     // restarted: that is no recovery).
     let took = Instant::now();
-    openssl_wait_for(&addr, &sb.ca(), id, HELLO);
+    get(&sb, &addr, id);
     let resumed = took.elapsed();
     let rec = sb.record(id);
     assert!(
@@ -315,7 +338,7 @@ fn tls_flood_is_refused_past_the_allocation_not_oom_killed() {
     if !can_run("tls_flood_is_refused_past_the_allocation_not_oom_killed") {
         return;
     }
-    let f = flood("overload", "");
+    let f = flood("overload", "", false);
     assert_eq!(f.cap, 386);
     assert!(
         f.opened <= f.cap && f.opened + 5 >= f.cap,
@@ -348,7 +371,7 @@ fn heap_budget_refuses_past_the_allocation_with_a_large_cap() {
     if !can_run("heap_budget_refuses_past_the_allocation_with_a_large_cap") {
         return;
     }
-    let f = flood("overload-heap", "max_connections = 4096\n");
+    let f = flood("overload-heap", "max_connections = 4096\n", false);
     assert_eq!(f.cap, 4096);
     // The budget holds at least what the default cap would take (386), and far fewer
     // than 4096: 483 by the model at 100 %, refusal from 90 % (measured 448 standalone).
@@ -369,6 +392,34 @@ fn heap_budget_refuses_past_the_allocation_with_a_large_cap() {
         f.peak_mib
     );
     // Recovered: pressure back down with the connections, refusal off.
+    assert!(stat(&f.after, "fixed_heap.pressure") < 60, "{:?}", f.after);
+    assert_eq!(stat(&f.after, "reject_incoming_connections.active"), 0);
+}
+
+/// The same with mutual TLS (client certificates verified; the allocation holds ~316,
+/// the heap budget is 17.8 MiB: a connection costs more heap).
+#[test]
+fn heap_budget_refuses_past_the_allocation_with_mutual_tls() {
+    if !can_run("heap_budget_refuses_past_the_allocation_with_mutual_tls") {
+        return;
+    }
+    let f = flood("overload-mtls", "max_connections = 4096\n", true);
+    assert_eq!(f.cap, 4096);
+    // 336 by the model at 90 %; measured 360–385 standalone.
+    assert!(
+        (316..600).contains(&f.opened),
+        "{} opened with the heap budget",
+        f.opened
+    );
+    let refused = stat(&f.held, ".downstream_cx_overload_reject");
+    assert!((f.failed..f.failed + 20).contains(&refused), "{refused}");
+    assert_eq!(stat(&f.held, ".downstream_global_cx_overflow"), 0);
+    assert!(stat(&f.held, "fixed_heap.pressure") >= 90, "{:?}", f.held);
+    assert!(
+        f.peak_mib < 32.0,
+        "Envoy's cgroup went past the 32 MiB allocation: {:.1} MiB",
+        f.peak_mib
+    );
     assert!(stat(&f.after, "fixed_heap.pressure") < 60, "{:?}", f.after);
     assert_eq!(stat(&f.after, "reject_incoming_connections.active"), 0);
 }
