@@ -232,6 +232,7 @@ impl Setup {
             upstream_address: LOOPBACK,
             ipv6: true,
             max_connections,
+            heap_budget_bytes: envoy_sidecar::envoy::sizing::heap_budget_bytes(32, mtls.is_some()),
             handshake_timeout,
         });
         let bootstrap = dir.path().join("bootstrap.json");

@@ -133,6 +133,27 @@ pub fn active_downstream(at: &Endpoint, timeout: Duration) -> std::io::Result<u6
     sum_gauges(&body)
 }
 
+/// The counters of connections Envoy accepted and closed at once because it is at a
+/// limit: its connection cap (`downstream_global_cx_overflow`) or an overload action
+/// such as the heap budget's `reject_incoming_connections`
+/// (`downstream_cx_overload_reject`), over every listener (the per-address part of
+/// the name is left open).
+pub const REFUSED_AT_LIMIT: &str =
+    "/stats?filter=^listener\\..*\\.downstream_(global_cx_overflow|cx_overload_reject)$";
+
+/// Connections refused at a limit so far ([`REFUSED_AT_LIMIT`]). Only a working
+/// worker thread refuses (it accepts, counts and closes): an increase means Envoy is
+/// alive and refusing on purpose.
+pub fn refused_at_limit(at: &Endpoint, timeout: Duration) -> std::io::Result<u64> {
+    let (status, body) = request(at, "GET", REFUSED_AT_LIMIT, timeout)?;
+    if status != 200 {
+        return Err(std::io::Error::other(format!(
+            "{REFUSED_AT_LIMIT} answered {status}: {body:.200}"
+        )));
+    }
+    sum_gauges(&body)
+}
+
 /// The sum of `name: value` lines (Envoy's text stats format).
 fn sum_gauges(body: &str) -> std::io::Result<u64> {
     body.lines()

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::envoy::sizing;
 use crate::error::Result;
 
 /// The SDS file inside [`Inputs::sds_dir`]; replaced only by rename (see [`write_sds`]).
@@ -173,6 +174,10 @@ pub struct Inputs<'a> {
     pub ipv6: bool,
     /// Cap on open downstream connections, over all listeners.
     pub max_connections: u32,
+    /// Envoy's heap budget (`envoy::sizing::heap_budget_bytes` of the additional
+    /// allocation): past [`HEAP_REJECT_PERCENT`](crate::envoy::sizing::HEAP_REJECT_PERCENT)
+    /// of it, new connections are refused.
+    pub heap_budget_bytes: u64,
     /// How long a peer may take from accept to a completed TLS handshake
     /// (`proxy.handshake_timeout`): the filter chain's
     /// `transport_socket_connect_timeout`. Until then a connection that never sends a
@@ -197,6 +202,7 @@ pub fn bootstrap(i: &Inputs) -> Value {
         "node": { "id": i.node_id, "cluster": NODE_CLUSTER },
         "admin": admin(i.admin),
         "overload_manager": overload_manager(i),
+        "layered_runtime": layered_runtime(),
         "static_resources": {
             "listeners": i.listeners.iter().map(|l| listener(i, l)).collect::<Vec<_>>(),
             "clusters": app_ports.iter().map(|&p| cluster(i, p)).collect::<Vec<_>>(),
@@ -204,21 +210,69 @@ pub fn bootstrap(i: &Inputs) -> Value {
     })
 }
 
-/// The connection cap: a proactive monitor, enforced at accept (no action needed).
-/// No heap budget: Envoy 1.40's fixed-heap monitor counts tcmalloc's cached free
-/// memory as used (heap size less free pages only), so after a flood of connections
-/// closed it stayed at 99 % pressure with 6 MiB allocated, and an overload action on it
-/// refused every new connection for good (measured on Envoy 1.40 with the flood of
-/// `tests/overload.rs` and an explicit 4096 cap: pressure 97 % with 384 held, 99 % once
-/// all were closed; `envoy.resource_monitors.cgroup_memory` is the candidate instead).
+/// Two monitors, either of which makes Envoy refuse new connections (reset at accept)
+/// rather than grow into the container's limit and be OOM-killed:
+///
+/// - the connection cap, a proactive monitor enforced at accept (no action needed);
+/// - a heap budget derived from the additional allocation
+///   ([`sizing::heap_budget_bytes`]): `envoy.resource_monitors.fixed_heap` with
+///   `reject_incoming_connections` at [`sizing::HEAP_REJECT_PERCENT`]. It is what
+///   trips when connections cost more than the idle ones the cap is sized for, or an
+///   explicit `max_connections` exceeds what the allocation holds.
+///
+/// The heap monitor counts allocated bytes ([`layered_runtime`]). By default it
+/// counts tcmalloc's heap less its free and unmapped pages, and that figure hardly
+/// falls when a flood closes (the freed memory stays in tcmalloc's per-size caches):
+/// measured on Envoy 1.40 with this budget (16.4 MiB for 32 MiB) and refusal at 90 %,
+/// a flood of 4000 held TLS connections left it at 92–93 % with no connection open and
+/// 5.9 MiB allocated, and Envoy refused every new connection for good (the next flood
+/// got 0). Counting allocated bytes it is 35–55 % once a flood closes, and a new
+/// connection is served within 0.9 s (`docs/BENCHMARKS.md`, "Envoy heap budget";
+/// `tests/overload.rs` fails with the default counting). `shrink_heap` and
+/// `memory_allocator_manager` release cached pages but did not bring the default
+/// figure down reliably (one run from 95 % to 74 % after 5.4 s).
+/// `refresh_interval` 100 ms (default 1 s): the monitor is sampled while a flood
+/// handshakes ~200–300 connections a second on one worker; at 250 ms one flood overshot
+/// to 120 % of the budget, at 100 ms floods stopped at 93–97 %.
 fn overload_manager(i: &Inputs) -> Value {
     json!({
-        "resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                "max_active_downstream_connections": i.max_connections,
+        "refresh_interval": "0.1s",
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": i.max_connections,
+                },
             },
+            {
+                "name": HEAP_MONITOR,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": i.heap_budget_bytes,
+                },
+            },
+        ],
+        "actions": [{
+            "name": "envoy.overload_actions.reject_incoming_connections",
+            "triggers": [{
+                "name": HEAP_MONITOR,
+                "threshold": { "value": sizing::HEAP_REJECT_PERCENT as f64 / 100.0 },
+            }],
+        }],
+    })
+}
+
+const HEAP_MONITOR: &str = "envoy.resource_monitors.fixed_heap";
+
+/// One static runtime layer: the heap monitor counts tcmalloc's allocated bytes
+/// (`fixed_heap_use_allocated`, a runtime flag off by default in Envoy 1.37–1.40),
+/// which fall back when connections close; see [`overload_manager`].
+fn layered_runtime() -> Value {
+    json!({
+        "layers": [{
+            "name": "envoy-sidecar",
+            "static_layer": { "envoy.reloadable_features.fixed_heap_use_allocated": true },
         }],
     })
 }
@@ -544,6 +598,7 @@ mod tests {
             upstream_address: LOOPBACK,
             ipv6: true,
             max_connections: 1000,
+            heap_budget_bytes: sizing::heap_budget_bytes(32, false),
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -599,6 +654,39 @@ mod tests {
     fn golden_one_port_default_alpn() {
         let alpn = Alpn::host_default(true);
         assert_golden("one-port-default", &bootstrap(&inputs(ONE, alpn, None)));
+    }
+
+    #[test]
+    fn heap_budget_refuses_and_counts_allocated_bytes() {
+        let mut i = inputs(ONE, Alpn::host_default(true), None);
+        i.heap_budget_bytes = 123_456_789;
+        let v = bootstrap(&i);
+        let om = &v["overload_manager"];
+        let monitors = om["resource_monitors"].as_array().unwrap();
+        assert_eq!(monitors.len(), 2, "{om}");
+        assert_eq!(
+            monitors[0]["typed_config"]["max_active_downstream_connections"],
+            1000
+        );
+        assert_eq!(monitors[1]["name"], HEAP_MONITOR);
+        assert_eq!(
+            monitors[1]["typed_config"]["max_heap_size_bytes"],
+            123_456_789
+        );
+        let actions = om["actions"].as_array().unwrap();
+        assert_eq!(actions.len(), 1, "{om}");
+        assert_eq!(
+            actions[0]["name"],
+            "envoy.overload_actions.reject_incoming_connections"
+        );
+        assert_eq!(actions[0]["triggers"][0]["name"], HEAP_MONITOR);
+        assert_eq!(actions[0]["triggers"][0]["threshold"]["value"], 0.9);
+        // Without the flag the monitor's figure stays up after a flood (see
+        // `overload_manager`): refusal for good.
+        assert_eq!(
+            v["layered_runtime"]["layers"][0]["static_layer"]["envoy.reloadable_features.fixed_heap_use_allocated"],
+            true
+        );
     }
 
     #[test]

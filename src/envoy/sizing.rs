@@ -64,6 +64,28 @@ pub const MIN_CONNECTIONS: u64 = 64;
 
 const MIB: u128 = 1 << 20;
 
+/// Heap Envoy's allocator reports in use (tcmalloc `generic.current_allocated_bytes`,
+/// admin `/memory` `allocated`) at idle with one TLS listener, KiB (5.9 MiB; the same
+/// with client-certificate verification). What `envoy.resource_monitors.fixed_heap`
+/// measures with `envoy.reloadable_features.fixed_heap_use_allocated` on (see
+/// [`heap_budget_bytes`]). Measured on Envoy 1.40.0, `--concurrency 1`, 2026-12-02,
+/// with the generated listener's shape and 600 held connections, two runs each
+/// (`scripts/heap-budget.py`; `docs/BENCHMARKS.md`, "Envoy heap budget").
+pub const HEAP_IDLE_KIB: u64 = 6_042;
+/// Allocated heap per open TLS connection (downstream TLS + upstream to the app,
+/// idle), bytes (22.2 KiB in both runs; of the 29.6 KiB the cgroup counted per
+/// connection in the same runs, the rest is kernel socket memory and tcmalloc's
+/// caches).
+pub const TLS_HEAP_PER_CONNECTION_BYTES: u64 = 22_733;
+/// The same with mutual TLS, bytes (30.8 KiB in both runs; cgroup 37.9 KiB).
+pub const MTLS_HEAP_PER_CONNECTION_BYTES: u64 = 31_539;
+/// Heap pressure (allocated / [`heap_budget_bytes`]), percent, at which Envoy refuses
+/// new connections (`envoy.overload_actions.reject_incoming_connections`). Below 100
+/// because the monitor is sampled (every `overload_manager.refresh_interval`, 100 ms)
+/// while a flood keeps handshaking: measured, floods of 4000 reached 93–97 % with this
+/// threshold (438–448 TLS or 360–385 mTLS connections taken of the 32 MiB budget).
+pub const HEAP_REJECT_PERCENT: u64 = 90;
+
 fn per_connection(mtls: bool) -> (u64, u64) {
     if mtls {
         (MTLS_BASE_KIB, MTLS_PER_CONNECTION_BYTES)
@@ -90,6 +112,52 @@ pub fn connections_for_mb(mb: u64, mtls: bool) -> u64 {
 /// `max`.
 pub fn default_max_connections(mb: u64, mtls: bool, max: u64) -> u64 {
     connections_for_mb(mb, mtls).clamp(MIN_CONNECTIONS, max)
+}
+
+/// `max_heap_size_bytes` of Envoy's heap monitor for `mb` MiB of additional
+/// allocation: the heap (allocated bytes, not resident memory) of an idle Envoy plus
+/// that of the connections the allocation holds less [`FIXED_OVERHEAD_KIB`], at the
+/// measured cost per connection without the per-connection headroom of
+/// [`recommend_mb`] — so it holds more connections than [`connections_for_mb`] (the
+/// default connection cap trips first on idle connections) but fewer when connections
+/// carry data, and when an explicit `max_connections` exceeds the allocation it is
+/// what stops Envoy. Never less than what makes [`HEAP_REJECT_PERCENT`] of it hold
+/// [`MIN_CONNECTIONS`] connections. 16.4 MiB (TLS) / 17.8 MiB (mTLS) for 32 MiB.
+///
+/// Why allocated bytes: tcmalloc keeps the pages of closed connections in its caches,
+/// so Envoy's resident heap (what the monitor counts by default) does not fall after a
+/// flood closes and a threshold on it would refuse every new connection for good.
+pub fn heap_budget_bytes(mb: u64, mtls: bool) -> u64 {
+    let (base_kib, per_conn) = per_connection(mtls);
+    let heap_per_conn = u128::from(if mtls {
+        MTLS_HEAP_PER_CONNECTION_BYTES
+    } else {
+        TLS_HEAP_PER_CONNECTION_BYTES
+    });
+    let fixed = u128::from(base_kib + KERNEL_BASE_KIB + FIXED_OVERHEAD_KIB) * 1024;
+    let per = u128::from(per_conn + KERNEL_PER_CONNECTION_BYTES);
+    let n = (u128::from(mb) * MIB).saturating_sub(fixed) / per;
+    let idle = u128::from(HEAP_IDLE_KIB) * 1024;
+    let budget = idle + n * heap_per_conn;
+    let floor = ((idle + u128::from(MIN_CONNECTIONS) * heap_per_conn) * 100)
+        .div_ceil(u128::from(HEAP_REJECT_PERCENT));
+    u64::try_from(budget.max(floor)).unwrap_or(u64::MAX)
+}
+
+/// How many idle connections Envoy takes before its heap budget refuses more:
+/// [`HEAP_REJECT_PERCENT`] of [`heap_budget_bytes`], less the idle heap, at the heap
+/// cost per connection (407 TLS / 336 mTLS for 32 MiB; a flood overshoots it by what
+/// arrives within one monitor refresh: 448 / 384 measured). Fewer when connections
+/// carry data.
+pub fn heap_budget_connections(mb: u64, mtls: bool) -> u64 {
+    let heap_per_conn = if mtls {
+        MTLS_HEAP_PER_CONNECTION_BYTES
+    } else {
+        TLS_HEAP_PER_CONNECTION_BYTES
+    };
+    let reject = u128::from(heap_budget_bytes(mb, mtls)) * u128::from(HEAP_REJECT_PERCENT) / 100;
+    let n = reject.saturating_sub(u128::from(HEAP_IDLE_KIB) * 1024) / u128::from(heap_per_conn);
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 /// Recommended `proxy.additional_memory_allocation_mb` (MiB) for an instance that must
@@ -226,6 +294,59 @@ mod tests {
         );
         assert_eq!(default_max_connections(32, false, 1_000_000), 386);
         assert_eq!(default_max_connections(65536, false, 1_000_000), 1_000_000);
+    }
+
+    #[test]
+    fn heap_budget_values() {
+        // 32 MiB: 14.3 MiB idle + 0.47 kernel + 4 fixed leaves 13.7 MiB, 483 TLS
+        // connections at 29.1 KiB → 5.9 MiB + 483 × 22.2 KiB = 16.4 MiB of heap.
+        assert_eq!(heap_budget_bytes(32, false), 6_042 * 1024 + 483 * 22_733);
+        assert_eq!(heap_budget_bytes(32, true), 6_042 * 1024 + 396 * 31_539);
+        // Refusal at 90 % of it holds more than the default cap (386 / 316) ...
+        for mtls in [false, true] {
+            let heap_per = if mtls {
+                MTLS_HEAP_PER_CONNECTION_BYTES
+            } else {
+                TLS_HEAP_PER_CONNECTION_BYTES
+            };
+            for mb in [19, 32, 54, 90, 128, 1024] {
+                let reject = heap_budget_bytes(mb, mtls) * HEAP_REJECT_PERCENT / 100;
+                let cap = default_max_connections(mb, mtls, 1_000_000);
+                assert!(
+                    reject >= HEAP_IDLE_KIB * 1024 + cap * heap_per,
+                    "mb {mb} mTLS {mtls}: heap budget below the default cap {cap}"
+                );
+                // ... and fewer than the whole allocation would, with no headroom at all.
+                let (base_kib, per_conn) = per_connection(mtls);
+                let full = (mb * 1024 - base_kib - KERNEL_BASE_KIB) * 1024
+                    / (per_conn + KERNEL_PER_CONNECTION_BYTES);
+                assert!(reject < HEAP_IDLE_KIB * 1024 + full * heap_per, "mb {mb}");
+            }
+        }
+        assert_eq!(heap_budget_connections(32, false), 407);
+        assert_eq!(heap_budget_connections(32, true), 336);
+        // No allocation: still room for MIN_CONNECTIONS before refusal.
+        for mtls in [false, true] {
+            let b = heap_budget_bytes(0, mtls);
+            assert_eq!(b, heap_budget_bytes(5, mtls));
+            assert_eq!(heap_budget_connections(0, mtls), MIN_CONNECTIONS);
+            assert!(
+                b * HEAP_REJECT_PERCENT / 100 >= HEAP_IDLE_KIB * 1024 + MIN_CONNECTIONS * 22_733
+            );
+        }
+        assert!(heap_budget_bytes(u64::MAX, true) > heap_budget_bytes(65_536, true));
+    }
+
+    #[test]
+    fn heap_budget_monotonic() {
+        for mtls in [false, true] {
+            let mut prev = heap_budget_bytes(0, mtls);
+            for mb in 1..=4096 {
+                let b = heap_budget_bytes(mb, mtls);
+                assert!(b >= prev, "mb {mb}");
+                prev = b;
+            }
+        }
     }
 
     #[test]

@@ -273,13 +273,14 @@ fn sandbox_check(cfg: &Config) -> Result<String, String> {
 fn sizing(cfg: &Config) -> Check {
     let warnings = cfg.warnings();
     let summary = format!(
-        "max_connections {} ({}), additional_memory_allocation_mb = {}",
+        "max_connections {} ({}), heap budget {:.1} MiB, additional_memory_allocation_mb = {}",
         cfg.max_connections(),
         if cfg.proxy.max_connections.is_some() {
             "set"
         } else {
             "from the allocation"
         },
+        cfg.heap_budget_bytes() as f64 / f64::from(1u32 << 20),
         cfg.proxy.additional_memory_allocation_mb
     );
     Check {
@@ -366,7 +367,7 @@ mod tests {
         assert!(s.ok && !s.warn, "{}", s.detail);
         assert!(
             s.detail
-                .contains("max_connections 386 (from the allocation)"),
+                .contains("max_connections 386 (from the allocation), heap budget 16.4 MiB"),
             "{}",
             s.detail
         );

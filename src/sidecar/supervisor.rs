@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
+use crate::envoy::admin;
 use crate::envoy::bootstrap::{self, Inputs, Listener, Mtls};
 use crate::envoy::probe::Probe;
 use crate::error::{Error, IoContext, Result};
@@ -578,6 +579,7 @@ impl Supervisor<'_> {
             upstream_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ipv6: netns::ipv6_supported(),
             max_connections: self.cfg.max_connections(),
+            heap_budget_bytes: self.cfg.heap_budget_bytes(),
             handshake_timeout: self.cfg.handshake_timeout()?,
         };
         let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
@@ -683,16 +685,52 @@ impl Supervisor<'_> {
 
     /// A running Envoy's liveness: a TLS handshake on every listener (the first that
     /// fails decides, so a hung Envoy holds the loop for one timeout at most).
+    ///
+    /// A refused handshake is not a dead Envoy when Envoy is refusing at its
+    /// connection cap or heap budget: it accepts and closes at once, which is what a
+    /// flood must get — restarting it would drop every connection it holds. So on a
+    /// failure the check asks admin how many connections were refused at a limit,
+    /// handshakes once more, and asks again: an increase (a worker accepted and
+    /// refused, ours or another's) or a second handshake that succeeds counts as alive.
     fn check_live(&mut self, probe: &Probe) -> bool {
         for port in self.ports() {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             if let Err(e) = probe.handshake(addr, LIVENESS_TIMEOUT) {
+                if let Some(why) = self.refusing_at_limit(probe, addr) {
+                    log(format!(
+                        "liveness check on {port}: handshake refused ({e}), {why}: alive"
+                    ));
+                    continue;
+                }
                 log(format!("liveness check failed on {port}: {e}"));
                 self.probe_err = format!("port {port}: {e}");
                 return false;
             }
         }
         true
+    }
+
+    /// After a failed liveness handshake on `addr`: why Envoy is alive after all, if it
+    /// is (see [`Self::check_live`]); `None` when admin does not answer or nothing was
+    /// refused at a limit.
+    fn refusing_at_limit(&self, probe: &Probe, addr: SocketAddr) -> Option<String> {
+        let at = match &self.state.admin_socket {
+            Some(p) => admin::Endpoint::Unix(p.clone()),
+            None => admin::Endpoint::Loopback(self.state.admin_port),
+        };
+        let before = admin::refused_at_limit(&at, LIVENESS_TIMEOUT).ok()?;
+        let again = probe.handshake(addr, LIVENESS_TIMEOUT);
+        if again.is_ok() {
+            return Some("the next one succeeded".into());
+        }
+        let after = admin::refused_at_limit(&at, LIVENESS_TIMEOUT).ok()?;
+        (after > before).then(|| {
+            format!(
+                "Envoy is refusing at its connection cap or heap budget ({} refused \
+                 meanwhile)",
+                after - before
+            )
+        })
     }
 
     /// Wait up to `timeout` for the container's init or Envoy to exit, or a signal.
