@@ -17,10 +17,19 @@ deps:
 
 # The whole suite: lint, unit tests, and the integration tests against a private
 # containerd + runc (started here; as root, else they skip with a printed reason).
+# The IPv6 tests turn IPv6 forwarding on (CNI's bridge plugin and the product do, for
+# dual-stack containers), which makes the kernel drop default routes learned from
+# router advertisements: put the host's setting back afterwards.
+IPV6_FWD := /proc/sys/net/ipv6/conf/all/forwarding
+
 test: lint
 	$(CARGO) build --all-targets
 	$(TEST_ENV) up
-	$(CARGO) test -- --test-threads=4
+	fwd=$$(cat $(IPV6_FWD) 2>/dev/null || true); rc=0; \
+	$(CARGO) test -- --test-threads=4 || rc=$$?; \
+	if [ -n "$$fwd" ] && [ "$$fwd" != "$$(cat $(IPV6_FWD))" ]; then \
+		echo "$$fwd" > $(IPV6_FWD) && echo "make test: IPv6 forwarding put back to $$fwd"; fi; \
+	exit $$rc
 
 unit:
 	$(CARGO) test --lib --bins
