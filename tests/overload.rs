@@ -381,19 +381,7 @@ fn heap_budget_refuses_past_the_allocation_with_a_large_cap() {
         f.opened
     );
     // The flood's refusals, and the liveness checks' (two handshakes per check).
-    let refused = stat(&f.held, ".downstream_cx_overload_reject");
-    assert!((f.failed..f.failed + 20).contains(&refused), "{refused}");
-    assert_eq!(stat(&f.held, ".downstream_global_cx_overflow"), 0);
-    assert!(stat(&f.held, "fixed_heap.pressure") >= 90, "{:?}", f.held);
-    assert_eq!(stat(&f.held, "reject_incoming_connections.active"), 1);
-    assert!(
-        f.peak_mib < 32.0,
-        "Envoy's cgroup went past the 32 MiB allocation: {:.1} MiB",
-        f.peak_mib
-    );
-    // Recovered: pressure back down with the connections, refusal off.
-    assert!(stat(&f.after, "fixed_heap.pressure") < 60, "{:?}", f.after);
-    assert_eq!(stat(&f.after, "reject_incoming_connections.active"), 0);
+    refused_by_the_heap_budget_then_recovered(&f);
 }
 
 /// The same with mutual TLS (client certificates verified; the allocation holds ~316,
@@ -411,10 +399,18 @@ fn heap_budget_refuses_past_the_allocation_with_mutual_tls() {
         "{} opened with the heap budget",
         f.opened
     );
+    refused_by_the_heap_budget_then_recovered(&f);
+}
+
+/// The flood's refusals were the heap budget's (and the liveness checks', two
+/// handshakes per check), never the cap's; Envoy stayed inside its allocation; and
+/// once the flood closed the pressure came down and the refusal was lifted.
+fn refused_by_the_heap_budget_then_recovered(f: &Flood) {
     let refused = stat(&f.held, ".downstream_cx_overload_reject");
     assert!((f.failed..f.failed + 20).contains(&refused), "{refused}");
     assert_eq!(stat(&f.held, ".downstream_global_cx_overflow"), 0);
     assert!(stat(&f.held, "fixed_heap.pressure") >= 90, "{:?}", f.held);
+    assert_eq!(stat(&f.held, "reject_incoming_connections.active"), 1);
     assert!(
         f.peak_mib < 32.0,
         "Envoy's cgroup went past the 32 MiB allocation: {:.1} MiB",

@@ -124,10 +124,15 @@ pub const ACTIVE_DOWNSTREAM: &str =
 /// Open downstream connections over all TLS listeners. A drained listener whose last
 /// connection closed is gone from the stats: no line counts as zero.
 pub fn active_downstream(at: &Endpoint, timeout: Duration) -> std::io::Result<u64> {
-    let (status, body) = request(at, "GET", ACTIVE_DOWNSTREAM, timeout)?;
+    stats_sum(at, ACTIVE_DOWNSTREAM, timeout)
+}
+
+/// The sum of the stats `query` selects.
+fn stats_sum(at: &Endpoint, query: &str, timeout: Duration) -> std::io::Result<u64> {
+    let (status, body) = request(at, "GET", query, timeout)?;
     if status != 200 {
         return Err(std::io::Error::other(format!(
-            "{ACTIVE_DOWNSTREAM} answered {status}: {body:.200}"
+            "{query} answered {status}: {body:.200}"
         )));
     }
     sum_gauges(&body)
@@ -145,13 +150,7 @@ pub const REFUSED_AT_LIMIT: &str =
 /// worker thread refuses (it accepts, counts and closes): an increase means Envoy is
 /// alive and refusing on purpose.
 pub fn refused_at_limit(at: &Endpoint, timeout: Duration) -> std::io::Result<u64> {
-    let (status, body) = request(at, "GET", REFUSED_AT_LIMIT, timeout)?;
-    if status != 200 {
-        return Err(std::io::Error::other(format!(
-            "{REFUSED_AT_LIMIT} answered {status}: {body:.200}"
-        )));
-    }
-    sum_gauges(&body)
+    stats_sum(at, REFUSED_AT_LIMIT, timeout)
 }
 
 /// The sum of `name: value` lines (Envoy's text stats format).
