@@ -163,19 +163,6 @@ fn feed(prog: &str, args: &[&str], input: &str, what: &str) -> Result<(), String
     }
 }
 
-/// The elements as nft's set syntax (the map's type is documented in `nat::skeleton`).
-fn nft_elements(maps: &[Mapping]) -> String {
-    maps.iter()
-        .map(|m| {
-            format!(
-                "tcp . {} : {} . {}",
-                m.host_port, m.container_ip, m.container_port
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn ipt_rule(a: &Args, m: &Mapping) -> Vec<String> {
     vec![
         "-p".into(),
@@ -213,12 +200,7 @@ impl Loaded {
     fn clean(&mut self) -> Result<(), String> {
         let mut errs = Vec::new();
         for chunk in self.fill.chunks(6000) {
-            let script = format!(
-                "delete element ip {} {} {{ {} }}\n",
-                nat::TABLE,
-                nat::MAP,
-                nft_elements(chunk)
-            );
+            let script = nat::delete_script(chunk);
             if let Err(e) = feed("nft", &["-f", "-"], &script, "deleting the fill elements") {
                 errs.push(e);
             }
@@ -308,12 +290,7 @@ fn measure_all(
         let t = Instant::now();
         let new: Vec<Mapping> = (have..n).flat_map(|i| fill_container(a, i)).collect();
         for chunk in new.chunks(6000) {
-            let script = format!(
-                "add element ip {} {} {{ {} }}\n",
-                nat::TABLE,
-                nat::MAP,
-                nft_elements(chunk)
-            );
+            let script = nat::add_script(chunk);
             loaded.fill.extend_from_slice(chunk);
             feed("nft", &["-f", "-"], &script, "preloading the map")?;
         }

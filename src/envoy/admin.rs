@@ -17,6 +17,16 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+impl Endpoint {
+    /// Where a container's Envoy serves admin, as its state records it.
+    pub fn of(state: &crate::state::store::ContainerState) -> Endpoint {
+        match &state.admin_socket {
+            Some(p) => Endpoint::Unix(p.clone()),
+            None => Endpoint::Loopback(state.admin_port),
+        }
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

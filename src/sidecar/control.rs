@@ -117,10 +117,7 @@ pub fn drain(store: &Store, ns: &str, id: &str, wait: Duration) -> Result<Option
     let Some(pid) = state.init_pid.filter(|_| envoy_up) else {
         return Ok(None);
     };
-    let at = match state.admin_socket {
-        Some(p) => admin::Endpoint::Unix(p),
-        None => admin::Endpoint::Loopback(state.admin_port),
-    };
+    let at = admin::Endpoint::of(&state);
     let what = match &at {
         admin::Endpoint::Loopback(_) => format!("/proc/{pid}/ns/net ({at})"),
         admin::Endpoint::Unix(p) => p.display().to_string(),

@@ -714,10 +714,7 @@ impl Supervisor<'_> {
     /// is (see [`Self::check_live`]); `None` when admin does not answer or nothing was
     /// refused at a limit.
     fn refusing_at_limit(&self, probe: &Probe, addr: SocketAddr) -> Option<String> {
-        let at = match &self.state.admin_socket {
-            Some(p) => admin::Endpoint::Unix(p.clone()),
-            None => admin::Endpoint::Loopback(self.state.admin_port),
-        };
+        let at = admin::Endpoint::of(&self.state);
         let before = admin::refused_at_limit(&at, LIVENESS_TIMEOUT).ok()?;
         let again = probe.handshake(addr, LIVENESS_TIMEOUT);
         if again.is_ok() {
