@@ -323,6 +323,7 @@ impl Nat {
         if maps.is_empty() {
             return Ok(());
         }
+        ensure_forwarding(maps)?;
         let mut nf = Self::netfilter()?;
         match self.change(&mut nf, ElemOp::Add, maps) {
             Ok(()) => Ok(()),
@@ -401,6 +402,30 @@ impl Nat {
             .push(h);
         Ok(())
     }
+}
+
+/// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way,
+/// for each family it gives an address of. IPv6 forwarding only for IPv6 mappings:
+/// it turns the host into a router for IPv6 (the kernel then ignores router
+/// advertisements on interfaces with `accept_ra` 1).
+fn ensure_forwarding(maps: &[Mapping]) -> Result<()> {
+    let mut knobs = Vec::new();
+    if maps.iter().any(|m| m.container_ip.is_ipv4()) {
+        knobs.push("/proc/sys/net/ipv4/ip_forward");
+    }
+    if maps.iter().any(|m| m.container_ip.is_ipv6()) {
+        knobs.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for p in knobs {
+        if std::fs::read_to_string(p)
+            .map_err(|e| Error::Nat(format!("{p}: {e}")))?
+            .trim()
+            != "1"
+        {
+            std::fs::write(p, "1").map_err(|e| Error::Nat(format!("{p}: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`Nat::remove`] left running.

@@ -211,7 +211,6 @@ pub fn map_to(
         },
         0o600,
     )?;
-    ensure_forwarding(&maps)?;
     if let Err(e) = nat.add(&maps) {
         // All or none: only the kept elements are there; the record says so, so
         // that removal still deletes them.
@@ -247,26 +246,6 @@ pub fn map_if_addressed(
     }
     map_to(store, nat, state, &addrs)?;
     Ok(Some(addrs))
-}
-
-/// DNAT to containers is forwarding; CNI's bridge plugin turns it on the same way,
-/// for each family it gives an address of. IPv6 forwarding only for IPv6 mappings:
-/// it turns the host into a router for IPv6 (the kernel then ignores router
-/// advertisements on interfaces with `accept_ra` 1).
-fn ensure_forwarding(maps: &[Mapping]) -> Result<()> {
-    let mut knobs = Vec::new();
-    if maps.iter().any(|m| m.container_ip.is_ipv4()) {
-        knobs.push("/proc/sys/net/ipv4/ip_forward");
-    }
-    if maps.iter().any(|m| m.container_ip.is_ipv6()) {
-        knobs.push("/proc/sys/net/ipv6/conf/all/forwarding");
-    }
-    for p in knobs {
-        if std::fs::read_to_string(p).at(p)?.trim() != "1" {
-            std::fs::write(p, "1").at(p)?;
-        }
-    }
-    Ok(())
 }
 
 /// Remove what `map_to` added. Idempotent. Must run in the host's network namespace.
