@@ -2069,11 +2069,11 @@ fn exact_errors_runc_argv() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["create", "--frobnicate", "c1"],
-            "runc arguments: unknown flag \"--frobnicate\" for `runc create`; known: --bundle, --console-socket, --pid-file, --no-pivot, --no-new-keyring, --preserve-fds, --help",
+            "runc arguments: unknown flag \"--frobnicate\" for `runc create` (known: --bundle, --console-socket, --pidfd-socket, --pid-file, --no-pivot, --no-new-keyring, --preserve-fds, --help, the flags of runc 1.1 to 1.3)",
         ),
         (
             &["--bogus", "create", "c1"],
-            "runc arguments: unknown global flag \"--bogus\"; known: --debug, --log, --log-format, --root, --criu, --systemd-cgroup, --rootless, --help, --version",
+            "runc arguments: unknown global flag \"--bogus\" (known: --debug, --log, --log-format, --root, --criu, --systemd-cgroup, --rootless, --help, --version, the flags of runc 1.1 to 1.3)",
         ),
         (
             &["create", "--bundle"],

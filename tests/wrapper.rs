@@ -366,14 +366,104 @@ fn an_unknown_global_flag_to_state_gives_runcs_exit_code_and_usage_text() {
         assert_eq!(ours.stdout, runc.stdout, "{argv:?}");
         assert_eq!(untimed(&ours.stderr), untimed(&runc.stderr), "{argv:?}");
     }
-    // The control: what may be a create is refused with the wrapper's reason.
-    let out = f.wrapper(&["--bogus", "create", "c1"]);
+    // The control: a create of a container that asks for a proxy is refused with the
+    // wrapper's reason.
+    let b = bundle_arg(&f);
+    let out = f.wrapper(&["--bogus", "create", "--bundle", &b, "c1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unknown global flag \"--bogus\""),
         "{}",
         text(&out)
     );
+}
+
+/// A flag of a runc newer than the wrapper knows: for a container that asks for a
+/// proxy the create is refused, naming the flag and the runc versions known, with
+/// nothing left behind; for one that asks for none the argv reaches runc unchanged,
+/// exactly as with the proxy disabled. runc 1.2's `--pidfd-socket` is known.
+#[test]
+fn an_unknown_runc_flag_refuses_only_a_proxied_create() {
+    let f = fake("newflag");
+    let b = bundle_arg(&f);
+    let out = f.wrapper(&["create", "--bundle", &b, "--future-flag", "x", "c1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"--future-flag\"") && err.contains("runc 1.1 to 1.3"),
+        "{err}"
+    );
+    assert!(f.calls().is_empty(), "runc not called: {:?}", f.calls());
+    assert!(f.state_of("c1").is_none(), "no state");
+    // containerd shows the last error line of --log.
+    let log = std::fs::read_to_string(&f.runc_log).unwrap();
+    assert!(log.contains("--future-flag"), "{log}");
+
+    // The same argv for a container without envoy-sidecar annotations: runc's.
+    let mut spec = f.spec();
+    spec["annotations"] = json!({"other/thing": "1"});
+    std::fs::write(f.bundle.join("config.json"), spec.to_string()).unwrap();
+    let out = f.wrapper(&["create", "--bundle", &b, "--future-flag", "x", "c2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = f.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].ends_with(&format!("create --bundle {b} --future-flag x c2")),
+        "{calls:?}"
+    );
+    assert!(f.state_of("c2").is_none(), "nothing of ours");
+
+    // runc 1.2's --pidfd-socket parses: the proxied create goes ahead.
+    let mut spec = f.spec();
+    spec["annotations"] = json!({"envoy-sidecar/ports": "8080"});
+    std::fs::write(f.bundle.join("config.json"), spec.to_string()).unwrap();
+    let out = f.create(&["--pidfd-socket", "/run/x.sock"], "c3");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(f.state_of("c3").is_some(), "proxied");
+    assert!(
+        f.calls().last().unwrap().ends_with(&format!(
+            "create --bundle {b} --pidfd-socket /run/x.sock c3"
+        )),
+        "{:?}",
+        f.calls()
+    );
+}
+
+/// A bundle whose config.json runc refuses (empty, as runc's own timens.bats leaves
+/// it; not JSON; missing) gets runc's own error and exit code, with the proxy enabled
+/// and the argv understood: the wrapper decides nothing and says nothing.
+#[test]
+fn a_spec_runc_refuses_gets_runcs_own_error() {
+    let runc = std::env::var("ES_RUNC").unwrap_or_else(|_| "/usr/sbin/runc".into());
+    let f = fake("badspec");
+    let cfg = std::fs::read_to_string(&f.config).unwrap();
+    std::fs::write(
+        &f.config,
+        cfg.replace(&f.runc.path.display().to_string(), &runc),
+    )
+    .unwrap();
+    let root = f.dir.join("runc-root/plain").display().to_string();
+    let b = bundle_arg(&f);
+    for (what, bytes) in [("empty", &b""[..]), ("not JSON", &b"{\"ociVers"[..])] {
+        std::fs::write(f.bundle.join("config.json"), bytes).unwrap();
+        let argv = ["--root", &root, "create", "--bundle", &b, "c1"];
+        let plain = Command::new(&runc).args(argv).output().unwrap();
+        let ours = Command::new(wrapper_bin())
+            .args(argv)
+            .env("ENVOY_SIDECAR_CONFIG", &f.config)
+            .output()
+            .unwrap();
+        assert_ne!(plain.status.code(), Some(0), "{what}: {}", text(&plain));
+        assert_eq!(
+            ours.status.code(),
+            plain.status.code(),
+            "{what}: {}",
+            text(&ours)
+        );
+        assert_eq!(ours.stdout, plain.stdout, "{what}");
+        assert_eq!(untimed(&ours.stderr), untimed(&plain.stderr), "{what}");
+        assert!(f.state_of("c1").is_none(), "{what}: no state");
+    }
 }
 
 /// runc accepts ids with a comma; so does the wrapper, from create to delete.

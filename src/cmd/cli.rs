@@ -33,10 +33,15 @@ commands:
   recommend-memory --connections N [--mtls]
                                   additional_memory_allocation_mb for N concurrent
                                   connections, from Envoy's measured cost
-  doctor                          check this host before enabling the product
-  install [--dry-run] [--root DIR]
+  doctor [--containerd BIN] [--containerd-config PATH]
+                                  check this host before enabling the product (BIN:
+                                  containerd in PATH; PATH: /etc/containerd/config.toml)
+  install [--dry-run] [--root DIR] [--containerd BIN] [--containerd-config-version 2|3]
+          [--binary-name PATH]
                                   binaries (from beside this one), default config (kept
-                                  if present), containerd drop-in, gc timer; DIR: /
+                                  if present), containerd drop-in (in the config version
+                                  of BIN's containerd; BinaryName PATH, default
+                                  /usr/local/bin/envoy-sidecar-runc), gc timer; DIR: /
   uninstall [--dry-run] [--root DIR]
                                   remove exactly what install added
   gc [--dry-run] [--grace SECS]   remove state, NAT mappings, processes and cgroups of
@@ -67,10 +72,16 @@ pub enum Cmd {
         connections: u64,
         mtls: bool,
     },
-    Doctor,
+    Doctor {
+        containerd: PathBuf,
+        containerd_config: PathBuf,
+    },
     Install {
         dry_run: bool,
         root: PathBuf,
+        containerd: PathBuf,
+        config_version: Option<u32>,
+        binary_name: Option<String>,
     },
     Uninstall {
         dry_run: bool,
@@ -130,6 +141,10 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut connections = None;
     let mut mtls = false;
     let mut all = false;
+    let mut containerd = None;
+    let mut containerd_config = None;
+    let mut config_version = None;
+    let mut binary_name = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -157,6 +172,27 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--listen" => listen = Some(value("--listen")?),
             "--root" => root = Some(PathBuf::from(value("--root")?)),
             "--mtls" => mtls = true,
+            "--containerd" => containerd = Some(PathBuf::from(value("--containerd")?)),
+            "--containerd-config" => {
+                containerd_config = Some(PathBuf::from(value("--containerd-config")?))
+            }
+            "--containerd-config-version" => {
+                let v = value("--containerd-config-version")?;
+                config_version = Some(match v.as_str() {
+                    "2" => 2,
+                    "3" => 3,
+                    _ => bail!(
+                        "--containerd-config-version {v:?}: valid: 2 (containerd 1.6/1.7) or 3 (containerd 2.x)"
+                    ),
+                });
+            }
+            "--binary-name" => {
+                let v = value("--binary-name")?;
+                if !v.starts_with('/') {
+                    bail!("--binary-name {v:?}: valid: an absolute path to envoy-sidecar-runc");
+                }
+                binary_name = Some(v);
+            }
             "--all" => all = true,
             "--connections" => {
                 let v = value("--connections")?;
@@ -179,7 +215,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --all, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --all, --containerd BIN, --containerd-config PATH, --containerd-config-version 2|3, --binary-name PATH, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -216,7 +252,12 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
                 .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
             namespace,
         },
-        Some("doctor") => Cmd::Doctor,
+        Some("doctor") => Cmd::Doctor {
+            containerd: containerd.clone().unwrap_or_else(|| "containerd".into()),
+            containerd_config: containerd_config
+                .clone()
+                .unwrap_or_else(|| "/etc/containerd/config.toml".into()),
+        },
         Some("recommend-memory") => Cmd::RecommendMemory {
             connections: connections.context("recommend-memory needs --connections N")?,
             mtls,
@@ -224,6 +265,9 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
         Some("install") => Cmd::Install {
             dry_run,
             root: root.clone().unwrap_or_else(|| "/".into()),
+            containerd: containerd.clone().unwrap_or_else(|| "containerd".into()),
+            config_version,
+            binary_name: binary_name.clone(),
         },
         Some("uninstall") => Cmd::Uninstall {
             dry_run,
@@ -409,11 +453,18 @@ fn run(args: Args) -> anyhow::Result<()> {
                 crate::envoy::sizing::reference_mb(connections)
             );
         }
-        Cmd::Doctor => {
+        Cmd::Doctor {
+            containerd,
+            containerd_config,
+        } => {
             let cfg = load(args.config.as_deref()).map_err(|e| format!("{e:#}"));
             let checks = crate::ops::doctor::run(
                 cfg,
-                &std::path::Path::new("/").join(crate::ops::install::DROP_IN),
+                &crate::ops::doctor::Containerd {
+                    bin: containerd,
+                    config: containerd_config,
+                    drop_in: std::path::Path::new("/").join(crate::ops::install::DROP_IN),
+                },
             );
             for c in &checks {
                 println!(
@@ -432,10 +483,18 @@ fn run(args: Args) -> anyhow::Result<()> {
                 bail!("{failed} check(s) failed");
             }
         }
-        Cmd::Install { dry_run, root } => {
+        Cmd::Install {
+            dry_run,
+            root,
+            containerd,
+            config_version,
+            binary_name,
+        } => {
             let exe = std::env::current_exe()?;
             let bins = exe.parent().context("no directory for this executable")?;
-            for a in crate::ops::install::install(&root, bins, dry_run)? {
+            let drop_in =
+                crate::ops::install::drop_in_for(&containerd, config_version, binary_name);
+            for a in crate::ops::install::install(&root, bins, &drop_in, dry_run)? {
                 println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
             }
         }

@@ -138,10 +138,13 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// An argv the wrapper cannot parse. With nothing to decide it goes to runc unchanged,
-/// so runc's own usage text and exit code reach the caller. The one thing that is
-/// refused: what may be a `create`/`run` while the proxy is enabled — handing it on
-/// would start a container that asked for a proxy without one.
+/// An argv the wrapper cannot parse (a flag of a runc newer than [`KNOWN_RUNC`]). With
+/// nothing to decide it goes to runc unchanged, so runc's own usage text and exit code
+/// reach the caller: always with the proxy disabled, and for a `create`/`run` whose
+/// spec asks for no proxy (or that runc refuses by itself). Refused: a `create`/`run`
+/// of a container that asks for a proxy — handing it on would start it without one.
+///
+/// [`KNOWN_RUNC`]: crate::runc::argv::KNOWN_RUNC
 fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathBuf) -> i32 {
     let mut ctx = Ctx {
         argv,
@@ -152,8 +155,18 @@ fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathB
     let cfg = Config::load(None).ok();
     let proxying = cfg.as_ref().is_some_and(|c| c.proxy.enabled);
     if proxying && may_create(args) {
-        ctx.log("error", &crate::error::render(e));
-        return 2;
+        let asks = Invocation::bundle_of_unparsed(args).map(|b| create::asks(&b));
+        if !matches!(asks, Some(create::Asks::Nothing | create::Asks::Unreadable)) {
+            ctx.log(
+                "error",
+                &format!(
+                    "{}; this container asks for a proxy, which cannot be set up for a command line this wrapper does not know (runc's own flags of {} are known)",
+                    crate::error::render(e),
+                    crate::runc::argv::KNOWN_RUNC
+                ),
+            );
+            return 2;
+        }
     }
     if let Some(c) = cfg {
         ctx.runc = c.runtime.runc;

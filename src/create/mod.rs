@@ -84,6 +84,30 @@ pub fn default_host_ip() -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
+/// What a bundle's spec asks for, for an argv the wrapper could not parse: with
+/// nothing to proxy (or a spec runc refuses) the argv goes to runc unchanged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Asks {
+    /// A proxy, or `envoy-sidecar/*` annotations that are invalid.
+    Proxy,
+    Nothing,
+    /// runc will refuse the spec itself.
+    Unreadable,
+}
+
+pub fn asks(bundle: &Path) -> Asks {
+    let Ok(spec) = JsonFile::load(&bundle.join("config.json")) else {
+        return Asks::Unreadable;
+    };
+    match spec.annotations() {
+        Err(_) => Asks::Unreadable,
+        Ok(ann) => match Request::from_annotations(&ann) {
+            Ok(None) => Asks::Nothing,
+            Ok(Some(_)) | Err(_) => Asks::Proxy,
+        },
+    }
+}
+
 /// Decide and apply. `Ok(None)`: the container gets no proxy and `config.json` is not
 /// touched. `exists_in_runc` is asked only when a state for this id already exists.
 pub fn prepare(
@@ -95,7 +119,14 @@ pub fn prepare(
         return Ok(None);
     }
     let spec_path = t.bundle.join("config.json");
-    let mut spec = JsonFile::load(&spec_path)?;
+    let mut spec = match JsonFile::load(&spec_path) {
+        Ok(s) => s,
+        // A spec runc itself refuses (missing, empty, not a JSON object): runc reads the
+        // same file and answers in its own words and exit code ("runc create failed:
+        // EOF"), nothing of ours is decided. Not for one only we refuse (too large).
+        Err(_) if t.mutate_spec && spec::runc_refuses(&spec_path) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let ann = spec.annotations()?;
     let Some(req) = Request::from_annotations(&ann)? else {
         return Ok(None);

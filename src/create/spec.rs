@@ -22,6 +22,16 @@ pub struct JsonFile {
     mode: u32,
 }
 
+/// Whether runc refuses this spec file by itself: missing, or (within the size we
+/// read) not a JSON object — empty, truncated, `null`, garbage.
+pub fn runc_refuses(path: &Path) -> bool {
+    match std::fs::read(path) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(b) if b.len() as u64 > MAX_SPEC_BYTES => false,
+        Ok(b) => !serde_json::from_slice::<Value>(&b).is_ok_and(|v| v.is_object()),
+    }
+}
+
 impl JsonFile {
     /// A spec or process file on disk: a regular file of bounded size.
     pub fn load(path: &Path) -> Result<JsonFile> {

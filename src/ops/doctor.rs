@@ -1,7 +1,7 @@
 //! `envoy-sidecar doctor`: the checks an operator would make before enabling the
 //! product on a host, one line each.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::Config;
@@ -75,8 +75,85 @@ fn listeners_in(pool: std::ops::RangeInclusive<u16>) -> Vec<u16> {
     found
 }
 
+/// The containerd whose CRI registration is checked.
+pub struct Containerd {
+    /// The binary (a path, or a name looked up in PATH).
+    pub bin: PathBuf,
+    /// Its config.toml (`containerd --config`).
+    pub config: PathBuf,
+    /// The drop-in `install` writes.
+    pub drop_in: PathBuf,
+}
+
+/// The drop-in is there *and* containerd loads it: `containerd config dump` (no daemon
+/// needed) shows the handler, or the reason it does not.
+fn registration(c: &Containerd) -> Check {
+    use crate::ops::registration::{HANDLER, Loaded, loaded};
+    let name = "registration";
+    if !c.drop_in.exists() {
+        return check(
+            name,
+            Err(format!(
+                "{} missing: CRI (Kubernetes) cannot select the envoy-sidecar runtime; `ctr run --runc-binary` still works (make install adds it)",
+                c.drop_in.display()
+            )),
+        );
+    }
+    let out = Command::new(&c.bin)
+        .arg("--config")
+        .arg(&c.config)
+        .args(["config", "dump"])
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            return Check {
+                name,
+                ok: true,
+                warn: true,
+                detail: format!(
+                    "{} present; whether containerd loads it is not checked: {}: {e} (doctor --containerd BIN)",
+                    c.drop_in.display(),
+                    c.bin.display()
+                ),
+            };
+        }
+    };
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let version = version_of(&c.bin, "--version").unwrap_or_default();
+    match loaded(&dump, &log, &c.drop_in) {
+        Loaded::Yes { binary: Some(b) } if !Path::new(&b).is_file() => check(
+            name,
+            Err(format!(
+                "containerd defines runtime {HANDLER:?} but its BinaryName {b} does not exist (from {}; `envoy-sidecar install --binary-name PATH`)",
+                c.drop_in.display()
+            )),
+        ),
+        Loaded::Yes { binary } => check(
+            name,
+            Ok(format!(
+                "{} loaded by {} ({}): runtime {HANDLER:?}, BinaryName {}",
+                c.drop_in.display(),
+                c.bin.display(),
+                version,
+                binary.as_deref().unwrap_or("runc (none set)")
+            )),
+        ),
+        Loaded::No { reason } => check(
+            name,
+            Err(format!(
+                "{} ({}, --config {}) does not define runtime {HANDLER:?}: {reason}",
+                c.bin.display(),
+                version,
+                c.config.display()
+            )),
+        ),
+    }
+}
+
 /// Run every check; `cfg` is the loaded configuration or why it failed to load.
-pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
+pub fn run(cfg: Result<Config, String>, containerd: &Containerd) -> Vec<Check> {
     let mut out = Vec::new();
     let cfg = match cfg {
         Ok(c) => {
@@ -167,17 +244,7 @@ pub fn run(cfg: Result<Config, String>, drop_in: &Path) -> Vec<Check> {
             }
         },
     ));
-    out.push(check(
-        "registration",
-        if drop_in.exists() {
-            Ok(format!("{} present", drop_in.display()))
-        } else {
-            Err(format!(
-                "{} missing: CRI (Kubernetes) cannot select the envoy-sidecar runtime; `ctr run --runc-binary` still works (make install adds it)",
-                drop_in.display()
-            ))
-        },
-    ));
+    out.push(registration(containerd));
     out.push(check("port pool", {
         let pool = cfg.pool();
         let busy = listeners_in(pool.clone());
@@ -325,6 +392,15 @@ fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+fn no_containerd(drop_in: &str) -> Containerd {
+    Containerd {
+        bin: "/nonexistent/containerd".into(),
+        config: "/nonexistent/config.toml".into(),
+        drop_in: drop_in.into(),
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -333,7 +409,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.runtime.runc = "/nonexistent/runc".into();
         cfg.runtime.state_dir = crate::state::store::tests::tempdir("doctor");
-        let checks = run(Ok(cfg.clone()), Path::new("/nonexistent/drop-in.toml"));
+        let checks = run(Ok(cfg.clone()), &no_containerd("/nonexistent/drop-in.toml"));
         let by = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
         assert!(!by("runc").ok && by("runc").detail.contains("/nonexistent/runc"));
         assert!(!by("registration").ok && by("registration").detail.contains("make install"));
@@ -356,7 +432,7 @@ mod tests {
         ix.ports.set(61007, true);
         store.write_index(&lock, &ix).unwrap();
         drop(lock);
-        let checks = run(Ok(cfg.clone()), Path::new("/nonexistent/drop-in.toml"));
+        let checks = run(Ok(cfg.clone()), &no_containerd("/nonexistent/drop-in.toml"));
         let by = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
         let d = &by("allocation index").detail;
         assert!(
@@ -382,7 +458,7 @@ mod tests {
             "{}",
             s.detail
         );
-        let checks = run(Err("config x: bad".into()), Path::new("/x"));
+        let checks = run(Err("config x: bad".into()), &no_containerd("/x"));
         assert!(!checks[0].ok && checks[0].detail == "config x: bad");
         std::fs::remove_dir_all(&cfg.runtime.state_dir).unwrap();
     }
@@ -424,10 +500,10 @@ mod ca_key_tests {
             let c = checks.iter().find(|c| c.name == n).unwrap();
             (c.ok, c.detail.clone())
         };
-        let checks = run(Ok(cfg.clone()), Path::new("/x"));
+        let checks = run(Ok(cfg.clone()), &no_containerd("/x"));
         assert!(by(&checks, "CA").0, "{}", by(&checks, "CA").1);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let checks = run(Ok(cfg.clone()), Path::new("/x"));
+        let checks = run(Ok(cfg.clone()), &no_containerd("/x"));
         let (ok, d) = by(&checks, "CA");
         assert!(
             !ok && d.contains("ca.key") && d.contains("0644") && d.contains("chmod 600"),

@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::ops::registration::{self, ConfigVersion};
 
 pub const DROP_IN: &str = "etc/containerd/conf.d/envoy-sidecar.toml";
 const MANIFEST: &str = "var/lib/envoy-sidecar/installed-files";
 
 const CONFIG: &str = include_str!("../../hooks/config.toml");
-const CONTAINERD: &str = include_str!("../../hooks/containerd-runtime.toml");
 const GC_SERVICE: &str = include_str!("../../hooks/envoy-sidecar-gc.service");
 const GC_TIMER: &str = include_str!("../../hooks/envoy-sidecar-gc.timer");
 const HOOK_CREATE: &str = include_str!("../../hooks/oci-hooks.d/envoy-sidecar-createRuntime.json");
@@ -21,6 +21,27 @@ const HOOK_POSTSTOP: &str = include_str!("../../hooks/oci-hooks.d/envoy-sidecar-
 enum Source {
     File(PathBuf),
     Text(&'static str),
+    Owned(String),
+}
+
+/// What the containerd drop-in says: the config version it is written in (the host's
+/// containerd's) and the wrapper the runc shim runs.
+#[derive(Debug, Clone)]
+pub struct DropIn {
+    pub version: ConfigVersion,
+    pub binary: String,
+    /// How the version was chosen, for the action line.
+    pub why: String,
+}
+
+impl Default for DropIn {
+    fn default() -> DropIn {
+        DropIn {
+            version: ConfigVersion::V2,
+            binary: registration::DEFAULT_BINARY.into(),
+            why: "default".into(),
+        }
+    }
 }
 
 struct Item {
@@ -31,7 +52,49 @@ struct Item {
     keep_existing: bool,
 }
 
-fn items(bin_dir: &Path) -> Vec<Item> {
+/// The drop-in for the containerd at `containerd` (a path or a name in PATH): an
+/// explicit `config_version` wins; else the version `containerd --version` reports;
+/// else version 2 with its `version` line, which 1.6/1.7 read and 2.x migrates.
+pub fn drop_in_for(
+    containerd: &Path,
+    config_version: Option<u32>,
+    binary: Option<String>,
+) -> DropIn {
+    let binary = binary.unwrap_or_else(|| registration::DEFAULT_BINARY.into());
+    if let Some(n) = config_version {
+        return DropIn {
+            version: ConfigVersion::for_major(n.saturating_sub(1)),
+            binary,
+            why: "--containerd-config-version".into(),
+        };
+    }
+    let line = std::process::Command::new(containerd)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    match line
+        .as_deref()
+        .and_then(registration::parse_containerd_version)
+    {
+        Some((major, minor, patch)) => DropIn {
+            version: ConfigVersion::for_major(major),
+            binary,
+            why: format!("{} {major}.{minor}.{patch}", containerd.display()),
+        },
+        None => DropIn {
+            version: ConfigVersion::V2,
+            binary,
+            why: format!(
+                "{} --version gave no version: read by containerd 1.6/1.7, migrated by 2.x",
+                containerd.display()
+            ),
+        },
+    }
+}
+
+fn items(bin_dir: &Path, drop_in: &DropIn) -> Vec<Item> {
     vec![
         Item {
             to: "usr/local/bin/envoy-sidecar",
@@ -53,7 +116,7 @@ fn items(bin_dir: &Path) -> Vec<Item> {
         },
         Item {
             to: DROP_IN,
-            source: Source::Text(CONTAINERD),
+            source: Source::Owned(registration::drop_in(drop_in.version, &drop_in.binary)),
             mode: 0o644,
             keep_existing: false,
         },
@@ -92,16 +155,32 @@ fn items(bin_dir: &Path) -> Vec<Item> {
 
 /// Install below `root` (`/` normally; a staging directory for packaging and tests)
 /// the binaries found in `bin_dir`. Returns one line per action.
-pub fn install(root: &Path, bin_dir: &Path, dry_run: bool) -> Result<Vec<String>> {
+pub fn install(
+    root: &Path,
+    bin_dir: &Path,
+    drop_in: &DropIn,
+    dry_run: bool,
+) -> Result<Vec<String>> {
     let mut actions = Vec::new();
     let mut written = read_manifest(root)?;
-    for it in items(bin_dir) {
+    for it in items(bin_dir, drop_in) {
         let to = root.join(it.to);
         if it.keep_existing && to.exists() && !written.contains(&to) {
             actions.push(format!("keep {} (exists; not overwritten)", to.display()));
             continue;
         }
-        actions.push(format!("write {} (mode {:o})", to.display(), it.mode));
+        if it.to == DROP_IN {
+            actions.push(format!(
+                "write {} (mode {:o}; containerd config version {}, {}; BinaryName {})",
+                to.display(),
+                it.mode,
+                drop_in.version.number(),
+                drop_in.why,
+                drop_in.binary
+            ));
+        } else {
+            actions.push(format!("write {} (mode {:o})", to.display(), it.mode));
+        }
         if dry_run {
             continue;
         }
@@ -111,6 +190,7 @@ pub fn install(root: &Path, bin_dir: &Path, dry_run: bool) -> Result<Vec<String>
         let bytes = match &it.source {
             Source::File(p) => std::fs::read(p).at(p)?,
             Source::Text(t) => t.as_bytes().to_vec(),
+            Source::Owned(t) => t.clone().into_bytes(),
         };
         // Atomic, so a running container never sees a half-written binary.
         crate::sys::fs::write_atomic(&to, &bytes, it.mode)?;
@@ -200,7 +280,7 @@ mod tests {
         std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
         std::fs::write(&cfg, "[proxy]\nenabled = true\n").unwrap();
 
-        let dry = install(&root, &bins, true).unwrap();
+        let dry = install(&root, &bins, &DropIn::default(), true).unwrap();
         assert!(
             dry.iter()
                 .any(|a| a.contains("keep") && a.contains("config.toml")),
@@ -211,7 +291,7 @@ mod tests {
             "dry run writes nothing"
         );
 
-        install(&root, &bins, false).unwrap();
+        install(&root, &bins, &DropIn::default(), false).unwrap();
         assert_eq!(
             std::fs::read(root.join("usr/local/bin/envoy-sidecar-runc")).unwrap(),
             b"wrapper"
@@ -222,7 +302,7 @@ mod tests {
             "[proxy]\nenabled = true\n"
         );
         // Installing again (an upgrade) is fine and still keeps the configuration.
-        install(&root, &bins, false).unwrap();
+        install(&root, &bins, &DropIn::default(), false).unwrap();
 
         uninstall(&root, false).unwrap();
         assert!(!root.join("usr/local/bin/envoy-sidecar").exists());
@@ -240,6 +320,49 @@ mod tests {
         std::fs::remove_dir_all(root).unwrap();
     }
 
+    /// The files in hooks/ are what install writes for each version (operators copy
+    /// them by hand).
+    #[test]
+    fn shipped_drop_ins_are_the_generated_ones() {
+        assert_eq!(
+            include_str!("../../hooks/containerd-runtime.toml"),
+            registration::drop_in(ConfigVersion::V2, registration::DEFAULT_BINARY)
+        );
+        assert_eq!(
+            include_str!("../../hooks/containerd2-runtime.toml"),
+            registration::drop_in(ConfigVersion::V3, registration::DEFAULT_BINARY)
+        );
+    }
+
+    #[test]
+    fn drop_in_in_the_chosen_version() {
+        let root = crate::state::store::tests::tempdir("install-v3");
+        let bins = root.join("build");
+        std::fs::create_dir_all(&bins).unwrap();
+        std::fs::write(bins.join("envoy-sidecar"), b"cli").unwrap();
+        std::fs::write(bins.join("envoy-sidecar-runc"), b"wrapper").unwrap();
+        let d = DropIn {
+            version: ConfigVersion::V3,
+            binary: "/opt/es/envoy-sidecar-runc".into(),
+            why: "containerd 2.1.9".into(),
+        };
+        let actions = install(&root, &bins, &d, false).unwrap();
+        assert!(
+            actions
+                .iter()
+                .any(|a| a.contains("config version 3, containerd 2.1.9")),
+            "{actions:?}"
+        );
+        let text = std::fs::read_to_string(root.join(DROP_IN)).unwrap();
+        assert_eq!(
+            text,
+            registration::drop_in(ConfigVersion::V3, "/opt/es/envoy-sidecar-runc")
+        );
+        uninstall(&root, false).unwrap();
+        assert!(!root.join(DROP_IN).exists());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
     #[test]
     fn fresh_install_writes_the_default_config() {
         let root = crate::state::store::tests::tempdir("install-fresh");
@@ -247,7 +370,7 @@ mod tests {
         std::fs::create_dir_all(&bins).unwrap();
         std::fs::write(bins.join("envoy-sidecar"), b"cli").unwrap();
         std::fs::write(bins.join("envoy-sidecar-runc"), b"wrapper").unwrap();
-        install(&root, &bins, false).unwrap();
+        install(&root, &bins, &DropIn::default(), false).unwrap();
         let cfg = root.join("etc/envoy-sidecar/config.toml");
         assert_eq!(std::fs::read_to_string(&cfg).unwrap(), CONFIG);
         uninstall(&root, false).unwrap();

@@ -3,4 +3,5 @@
 pub mod doctor;
 pub mod gc;
 pub mod install;
+pub mod registration;
 pub mod status;

@@ -8,6 +8,11 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 
+/// The runc releases whose command lines this parser knows (read in their sources:
+/// docs/ENGINES.md); an argv with anything else is refused only for a container that
+/// asks for a proxy.
+pub const KNOWN_RUNC: &str = "runc 1.1 to 1.3";
+
 /// (names, takes a value)
 type FlagSpec = &'static [(&'static [&'static str], bool)];
 
@@ -23,9 +28,12 @@ const GLOBAL: FlagSpec = &[
     (&["version", "v"], false),
 ];
 
+// `--criu` is hidden and ignored from runc 1.2 on (gone in 1.4), still parsed.
 const CREATE: FlagSpec = &[
     (&["bundle", "b"], true),
     (&["console-socket"], true),
+    // runc 1.2+: the container init's pidfd sent to this unix socket.
+    (&["pidfd-socket"], true),
     (&["pid-file"], true),
     (&["no-pivot"], false),
     (&["no-new-keyring"], false),
@@ -36,6 +44,7 @@ const CREATE: FlagSpec = &[
 const RUN: FlagSpec = &[
     (&["bundle", "b"], true),
     (&["console-socket"], true),
+    (&["pidfd-socket"], true),
     (&["pid-file"], true),
     (&["no-pivot"], false),
     (&["no-new-keyring"], false),
@@ -48,6 +57,7 @@ const RUN: FlagSpec = &[
 
 const EXEC: FlagSpec = &[
     (&["console-socket"], true),
+    (&["pidfd-socket"], true),
     (&["cwd"], true),
     (&["env", "e"], true),
     (&["tty", "t"], false),
@@ -113,7 +123,7 @@ impl Invocation {
             };
             let (names, takes) = spec.ok_or_else(|| {
                 Error::Args(format!(
-                    "unknown global flag {a:?}; known: {}",
+                    "unknown global flag {a:?} (known: {}, the flags of {KNOWN_RUNC})",
                     known(GLOBAL)
                 ))
             })?;
@@ -172,7 +182,7 @@ impl Invocation {
                 }
                 Some((None, _)) => {
                     return Err(Error::Args(format!(
-                        "unknown flag {a:?} for `runc {name}`; known: {}",
+                        "unknown flag {a:?} for `runc {name}` (known: {}, the flags of {KNOWN_RUNC})",
                         known(spec)
                     )));
                 }
@@ -186,6 +196,30 @@ impl Invocation {
             inv.command = Command::None;
         }
         Ok(inv)
+    }
+
+    /// The bundle of a `create`/`run` argv that did not parse (a flag newer than
+    /// [`KNOWN_RUNC`]): the value of `--bundle`/`-b` in any spelling, else the current
+    /// directory. `None`: no `create`/`run` in it, or the bundle flag has no value.
+    pub fn bundle_of_unparsed(args: &[String]) -> Option<PathBuf> {
+        if !args.iter().any(|a| a == "create" || a == "run") {
+            return None;
+        }
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let body = a.strip_prefix("--").or_else(|| a.strip_prefix('-'));
+            let Some(body) = body else { continue };
+            if let Some(v) = body
+                .strip_prefix("bundle=")
+                .or_else(|| body.strip_prefix("b="))
+            {
+                return Some(PathBuf::from(v));
+            }
+            if body == "bundle" || body == "b" {
+                return it.next().map(PathBuf::from);
+            }
+        }
+        std::env::current_dir().ok()
     }
 
     fn bool_global(&self, name: &str) -> bool {
@@ -365,12 +399,145 @@ mod tests {
         assert_eq!(i.positional, ["c1", "TERM"]);
     }
 
+    /// Every flag runc 1.3 (and 1.1, 1.2) has on the commands the wrapper parses, in
+    /// both spellings: it parses, a value flag keeps its value, and the container id
+    /// after it is still the id.
+    #[test]
+    fn every_runc_1_3_flag() {
+        let value_flags: &[(&str, &[&str])] = &[
+            (
+                "create",
+                &[
+                    "bundle",
+                    "b",
+                    "console-socket",
+                    "pidfd-socket",
+                    "pid-file",
+                    "preserve-fds",
+                ],
+            ),
+            (
+                "run",
+                &[
+                    "bundle",
+                    "b",
+                    "console-socket",
+                    "pidfd-socket",
+                    "pid-file",
+                    "preserve-fds",
+                ],
+            ),
+            (
+                "exec",
+                &[
+                    "console-socket",
+                    "pidfd-socket",
+                    "cwd",
+                    "env",
+                    "e",
+                    "user",
+                    "u",
+                    "additional-gids",
+                    "g",
+                    "process",
+                    "p",
+                    "pid-file",
+                    "process-label",
+                    "apparmor",
+                    "cap",
+                    "c",
+                    "preserve-fds",
+                    "cgroup",
+                ],
+            ),
+        ];
+        let bool_flags: &[(&str, &[&str])] = &[
+            ("create", &["no-pivot", "no-new-keyring"]),
+            (
+                "run",
+                &[
+                    "no-pivot",
+                    "no-new-keyring",
+                    "detach",
+                    "d",
+                    "keep",
+                    "no-subreaper",
+                ],
+            ),
+            (
+                "exec",
+                &["tty", "t", "detach", "d", "no-new-privs", "ignore-paused"],
+            ),
+            ("delete", &["force", "f"]),
+            ("kill", &["all", "a"]),
+        ];
+        for (cmd, flags) in value_flags {
+            for f in *flags {
+                for form in [format!("--{f} /v"), format!("-{f}=/v")] {
+                    let i = p(&format!("{cmd} {form} c1"))
+                        .unwrap_or_else(|e| panic!("{cmd} {form}: {e}"));
+                    assert_eq!(i.id(), Some("c1"), "{cmd} {form}");
+                    let canonical = i.flags.keys().next().copied().unwrap();
+                    assert_eq!(i.flag(canonical), Some("/v"), "{cmd} {form}");
+                }
+            }
+        }
+        for (cmd, flags) in bool_flags {
+            for f in *flags {
+                for form in [format!("--{f}"), format!("-{f}=true")] {
+                    let i = p(&format!("{cmd} {form} c1"))
+                        .unwrap_or_else(|e| panic!("{cmd} {form}: {e}"));
+                    assert_eq!(i.id(), Some("c1"), "{cmd} {form}");
+                    assert!(i.flags.values().all(|v| v == &["true"]), "{cmd} {form}");
+                }
+            }
+        }
+        for g in [
+            "--debug",
+            "--log /l",
+            "--log-format json",
+            "--root /r",
+            "--criu /c",
+            "--systemd-cgroup",
+            "--rootless=auto",
+            "--rootless true",
+        ] {
+            let i = p(&format!("{g} create c1")).unwrap_or_else(|e| panic!("{g}: {e}"));
+            assert_eq!((i.command, i.id()), (Command::Create, Some("c1")), "{g}");
+        }
+        // runc 1.2's pidfd socket as the containerd shim would pass it.
+        let i = p("--root /run/containerd/runc/k8s.io create --bundle /b --pidfd-socket /s.sock --pid-file /b/init.pid c1").unwrap();
+        assert_eq!(i.flag("pidfd-socket"), Some("/s.sock"));
+        assert_eq!(i.bundle().unwrap(), PathBuf::from("/b"));
+        // start and features take no flags besides --help.
+        assert_eq!(p("start c1").unwrap().id(), Some("c1"));
+        assert_eq!(p("features").unwrap().command, Command::Other);
+    }
+
+    #[test]
+    fn bundle_of_an_unparsed_create() {
+        let v = |s: &str| -> Vec<String> { s.split_whitespace().map(str::to_string).collect() };
+        let b = Invocation::bundle_of_unparsed;
+        assert_eq!(
+            b(&v("--root /r create --frob x --bundle /b c1")),
+            Some(PathBuf::from("/b"))
+        );
+        assert_eq!(b(&v("run -b=/b2 --frob c1")), Some(PathBuf::from("/b2")));
+        assert_eq!(
+            b(&v("create --frob c1")),
+            Some(std::env::current_dir().unwrap())
+        );
+        assert_eq!(b(&v("create --frob c1 --bundle")), None);
+        assert_eq!(b(&v("--frob state c1")), None);
+    }
+
     #[test]
     fn errors_name_the_flag() {
         let e = p("--bogus create c1").unwrap_err().to_string();
         assert!(e.contains("--bogus") && e.contains("--root"), "{e}");
         let e = p("create --frobnicate c1").unwrap_err().to_string();
         assert!(e.contains("--frobnicate") && e.contains("--bundle"), "{e}");
+        assert!(e.contains("runc 1.1 to 1.3"), "{e}");
         let e = p("create --bundle").unwrap_err().to_string();
         assert!(e.contains("needs a value"), "{e}");
         let e = p("delete --force=maybe c1").unwrap_err().to_string();

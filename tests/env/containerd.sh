@@ -17,11 +17,22 @@
 # and root directories, socket and test namespace get the suffix "-NAME"
 # (/run/envoy-sidecar-test-NAME/containerd.sock, namespace envoy-sidecar-test-NAME).
 # Unset or empty: the paths above.
+#
+# ES_STACK=NAME (set by tests/env/stack.sh, with CONTAINERD_BIN, CTR_BIN, ES_RUNC and
+# PATH pointing at that stack's binaries) runs another engine stack's containerd in the
+# same run directory and socket, with a root of its own; one stack runs at a time. Its
+# config is written in the version that containerd speaks (2 for 1.x, 3 for 2.x).
 set -euo pipefail
 
 INSTANCE_SUFFIX="${ES_CONTAINERD_INSTANCE:+-$ES_CONTAINERD_INSTANCE}"
 RUN_DIR=/run/envoy-sidecar-test$INSTANCE_SUFFIX
-ROOT_DIR=/var/lib/envoy-sidecar-test$INSTANCE_SUFFIX/containerd
+STACK="${ES_STACK:-bookworm}"
+if [ "$STACK" = bookworm ]; then
+    ROOT_DIR=/var/lib/envoy-sidecar-test$INSTANCE_SUFFIX/containerd
+else
+    ROOT_DIR=/var/lib/envoy-sidecar-test$INSTANCE_SUFFIX/stack-$STACK/containerd
+fi
+STACK_FILE=$RUN_DIR/stack
 STATE_DIR=$RUN_DIR/containerd
 SOCK=$RUN_DIR/containerd.sock
 CONF=$RUN_DIR/containerd.toml
@@ -36,6 +47,9 @@ READY_TIMEOUT=20
 
 CONTAINERD_BIN="${CONTAINERD_BIN:-containerd}"
 CTR_BIN="${CTR_BIN:-ctr}"
+RUNC_BIN="${ES_RUNC:-/usr/sbin/runc}"
+# Where `envoy-sidecar install --root` stages the product's files (the CRI drop-in).
+INSTALL_ROOT=$RUN_DIR/install
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
 REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
