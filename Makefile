@@ -16,19 +16,29 @@ deps:
 	scripts/install-deps.sh
 
 # The whole suite: lint, unit tests, and the integration tests against a private
-# containerd + runc (started here; as root, else they skip with a printed reason).
+# containerd + runc of every engine stack in STACKS (tests/env/stack.sh: bookworm =
+# the host's containerd 1.6 / runc 1.1, trixie = 1.7 / 1.1, sid = 2.1 / 1.3 and crun;
+# the others are unpacked from Debian's packages, nothing of the host changes), one
+# stack after another (as root, else they skip with a printed reason). One stack
+# alone: `make test STACKS=sid`.
 # The IPv6 tests turn IPv6 forwarding on (CNI's bridge plugin and the product do, for
 # dual-stack containers), which makes the kernel drop default routes learned from
 # router advertisements: put the host's setting back afterwards.
 IPV6_FWD := /proc/sys/net/ipv6/conf/all/forwarding
+STACKS ?= bookworm trixie sid
+STACK_ENV := tests/env/stack.sh
 
 test: lint
 	$(CARGO) build --all-targets
-	$(TEST_ENV) up
-	fwd=$$(cat $(IPV6_FWD) 2>/dev/null || true); rc=0; \
-	$(CARGO) test -- --test-threads=4 || rc=$$?; \
+	$(CARGO) test --lib --bins
+	fwd=$$(cat $(IPV6_FWD) 2>/dev/null || true); rc=0; failed=""; \
+	for s in $(STACKS); do \
+		echo "==== make test: stack $$s ===="; \
+		$(STACK_ENV) $$s test --test '*' -- --test-threads=4 || { rc=1; failed="$$failed $$s"; }; \
+	done; \
 	if [ -n "$$fwd" ] && [ "$$fwd" != "$$(cat $(IPV6_FWD))" ]; then \
 		echo "$$fwd" > $(IPV6_FWD) && echo "make test: IPv6 forwarding put back to $$fwd"; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test: FAILED on stack(s):$$failed"; fi; \
 	exit $$rc
 
 unit:

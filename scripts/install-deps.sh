@@ -21,6 +21,10 @@ have curl || need_apt+=(curl)
 have protoc || need_apt+=(protobuf-compiler)
 have podman || need_apt+=(podman)
 have gzip || need_apt+=(gzip)
+# tests/env/stack.sh: newer engines unpacked from Debian's packages, pointed at their
+# own suite's libc.
+have patchelf || need_apt+=(patchelf)
+[ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || need_apt+=(debian-archive-keyring)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "install-deps: apt-get install ${need_apt[*]}"

@@ -319,7 +319,7 @@ fn proxy_disabled_is_plain_runc() {
         cmd,
     );
     // The same through plain runc (same output capture, same annotation).
-    *sb.runtime_override.lock().unwrap() = Some("/usr/sbin/runc".into());
+    *sb.runtime_override.lock().unwrap() = Some(real_runc());
     let plain = sb.run_rm(
         "es-pass-b",
         &[(PORTS, "8080")],
@@ -368,7 +368,7 @@ fn failed_runc_create_releases_everything() {
     }
     // The real runc fails after the wrapper decided and recorded everything.
     let sb = Sandbox::new("runcfail", "", "");
-    let failing = FakeRunc::passthrough(&sb.dir, "/usr/sbin/runc");
+    let failing = FakeRunc::passthrough(&sb.dir, &real_runc().display().to_string());
     failing.fail("create", 1);
     sb.add_config_line("[runtime]", &format!("runc = {:?}", failing.path));
     let out = sb.run_rm("es-runcfail", &[(PORTS, "8080")], &[], "true");

@@ -50,12 +50,7 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     impl Drop for Restore {
         fn drop(&mut self) {
             // As tests/env/containerd.sh leaves it: plain runc.
-            write_exec_script(
-                Path::new(CRI_RUNTIME),
-                &[],
-                Path::new("/usr/sbin/runc"),
-                None,
-            );
+            write_exec_script(Path::new(CRI_RUNTIME), &[], &real_runc(), None);
         }
     }
     let _restore = Restore;

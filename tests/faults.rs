@@ -442,7 +442,7 @@ fn wrapper_sigkill_mid_create_then_gc_cleans() {
     //    the wrapper, or a crash): the half-made state stays until gc.
     let bundle = sb.dir.join("bundle-half2");
     std::fs::create_dir_all(&bundle).unwrap();
-    let o = Command::new("runc")
+    let o = Command::new(real_runc())
         .arg("spec")
         .arg("--bundle")
         .arg(&bundle)

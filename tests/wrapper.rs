@@ -333,11 +333,12 @@ fn untimed(b: &[u8]) -> String {
 /// (it might be a proxied container).
 #[test]
 fn an_unknown_global_flag_to_state_gives_runcs_exit_code_and_usage_text() {
-    const RUNC: &str = "/usr/sbin/runc";
+    let runc_bin = common::real_runc();
+    let runc_path = runc_bin.to_str().unwrap();
     let f = fake("usage");
     let cfg = std::fs::read_to_string(&f.config).unwrap();
     let fake = f.runc.path.display().to_string();
-    std::fs::write(&f.config, cfg.replace(&fake, RUNC)).unwrap();
+    std::fs::write(&f.config, cfg.replace(&fake, runc_path)).unwrap();
     let root = f.dir.join("runc-root").display().to_string();
     let cases: &[&[&str]] = &[
         &["--bogus", "state", "c1"],
@@ -350,7 +351,7 @@ fn an_unknown_global_flag_to_state_gives_runcs_exit_code_and_usage_text() {
         &["--root"],
     ];
     for argv in cases {
-        let runc = Command::new(RUNC).args(*argv).output().unwrap();
+        let runc = Command::new(runc_path).args(*argv).output().unwrap();
         let ours = Command::new(wrapper_bin())
             .args(*argv)
             .env("ENVOY_SIDECAR_CONFIG", &f.config)
@@ -434,12 +435,12 @@ fn an_unknown_runc_flag_refuses_only_a_proxied_create() {
 /// and the argv understood: the wrapper decides nothing and says nothing.
 #[test]
 fn a_spec_runc_refuses_gets_runcs_own_error() {
-    let runc = std::env::var("ES_RUNC").unwrap_or_else(|_| "/usr/sbin/runc".into());
+    let runc = common::real_runc();
     let f = fake("badspec");
     let cfg = std::fs::read_to_string(&f.config).unwrap();
     std::fs::write(
         &f.config,
-        cfg.replace(&f.runc.path.display().to_string(), &runc),
+        cfg.replace(&f.runc.path.display().to_string(), runc.to_str().unwrap()),
     )
     .unwrap();
     let root = f.dir.join("runc-root/plain").display().to_string();
@@ -514,5 +515,72 @@ fn ids_with_a_comma_are_accepted_end_to_end() {
             calls.iter().any(|c| c.ends_with(&want)),
             "{want}: {calls:?}"
         );
+    }
+}
+
+/// containerd 2.x's NRI plugins and CDI devices may already have put hooks into the
+/// spec (every stage, several each) before the runtime sees it: all of them stay, in
+/// their order; ours go after theirs (createRuntime, poststart) and first in poststop
+/// (before a network teardown such as nerdctl's, so NAT goes while the address is
+/// still the container's). A second create of the bundle does not stack ours.
+#[test]
+fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
+    let f = fake("nri-hooks");
+    let theirs = |who: &str, stage: &str| json!({"path": format!("/usr/libexec/{who}"), "args": [who, stage], "env": ["A=1"], "timeout": 5});
+    let stages = [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+        "poststart",
+        "poststop",
+    ];
+    let mut spec = f.spec();
+    // Unproxied mappings off: our createRuntime hook (the ingress filter) is there too.
+    for st in stages {
+        spec["hooks"][st] = json!([theirs("nri-plugin", st), theirs("cdi-hook", st)]);
+    }
+    std::fs::write(f.bundle.join("config.json"), spec.to_string()).unwrap();
+    let cfg = std::fs::read_to_string(&f.config).unwrap();
+    std::fs::write(
+        &f.config,
+        cfg.replace(
+            "[proxy]\nenabled = true\n",
+            "[proxy]\nenabled = true\nenable_unproxied_port_mappings = false\n",
+        ),
+    )
+    .unwrap();
+    for round in 0..2 {
+        // The second round is a re-create of the same bundle (state released first).
+        if round == 1 {
+            let out = f.wrapper(&["delete", "--force", "c1"]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        let out = f.create(&[], "c1");
+        assert!(out.status.success(), "round {round}: {}", text(&out));
+        let hooks = &f.spec()["hooks"];
+        let ours = cli_bin().display().to_string();
+        for st in stages {
+            let list = hooks[st].as_array().unwrap();
+            let paths: Vec<&str> = list.iter().map(|h| h["path"].as_str().unwrap()).collect();
+            let want_theirs = [theirs("nri-plugin", st), theirs("cdi-hook", st)];
+            let kept: Vec<&Value> = list.iter().filter(|h| h["path"] != ours).collect();
+            assert_eq!(
+                kept,
+                want_theirs.iter().collect::<Vec<_>>(),
+                "{st}: {paths:?}"
+            );
+            match st {
+                "createRuntime" | "poststart" => {
+                    assert_eq!(paths.len(), 3, "{st}: {paths:?}");
+                    assert_eq!(paths[2], ours, "{st}: ours last: {paths:?}")
+                }
+                "poststop" => {
+                    assert_eq!(paths.len(), 3, "{st}: {paths:?}");
+                    assert_eq!(paths[0], ours, "{st}: ours first: {paths:?}")
+                }
+                _ => assert_eq!(paths.len(), 2, "{st}: none of ours: {paths:?}"),
+            }
+        }
     }
 }

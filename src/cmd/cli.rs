@@ -33,9 +33,10 @@ commands:
   recommend-memory --connections N [--mtls]
                                   additional_memory_allocation_mb for N concurrent
                                   connections, from Envoy's measured cost
-  doctor [--containerd BIN] [--containerd-config PATH]
+  doctor [--containerd BIN] [--containerd-config PATH] [--root DIR]
                                   check this host before enabling the product (BIN:
-                                  containerd in PATH; PATH: /etc/containerd/config.toml)
+                                  containerd in PATH; PATH: /etc/containerd/config.toml;
+                                  DIR: where install put the drop-in, default /)
   install [--dry-run] [--root DIR] [--containerd BIN] [--containerd-config-version 2|3]
           [--binary-name PATH]
                                   binaries (from beside this one), default config (kept
@@ -75,6 +76,7 @@ pub enum Cmd {
     Doctor {
         containerd: PathBuf,
         containerd_config: PathBuf,
+        root: PathBuf,
     },
     Install {
         dry_run: bool,
@@ -257,6 +259,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             containerd_config: containerd_config
                 .clone()
                 .unwrap_or_else(|| "/etc/containerd/config.toml".into()),
+            root: root.clone().unwrap_or_else(|| "/".into()),
         },
         Some("recommend-memory") => Cmd::RecommendMemory {
             connections: connections.context("recommend-memory needs --connections N")?,
@@ -456,6 +459,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Doctor {
             containerd,
             containerd_config,
+            root,
         } => {
             let cfg = load(args.config.as_deref()).map_err(|e| format!("{e:#}"));
             let checks = crate::ops::doctor::run(
@@ -463,7 +467,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 &crate::ops::doctor::Containerd {
                     bin: containerd,
                     config: containerd_config,
-                    drop_in: std::path::Path::new("/").join(crate::ops::install::DROP_IN),
+                    drop_in: root.join(crate::ops::install::DROP_IN),
                 },
             );
             for c in &checks {

@@ -11,6 +11,19 @@ pub const NAMESPACE: &str = "envoy-sidecar-test";
 pub const IMAGE: &str = "localhost/envoy-sidecar/busybox:latest";
 const DEFAULT_ADDRESS: &str = "/run/envoy-sidecar-test/containerd.sock";
 
+/// The real runc of the engine stack under test (tests/env/stack.sh sets `ES_RUNC`;
+/// else the host's).
+pub fn real_runc() -> std::path::PathBuf {
+    std::env::var_os("ES_RUNC")
+        .map(Into::into)
+        .unwrap_or_else(|| "/usr/sbin/runc".into())
+}
+
+/// The engine stack under test (tests/env/stack.sh), `bookworm` by default.
+pub fn stack() -> String {
+    std::env::var("ES_STACK").unwrap_or_else(|_| "bookworm".into())
+}
+
 pub fn address() -> String {
     std::env::var("CONTAINERD_ADDRESS").unwrap_or_else(|_| DEFAULT_ADDRESS.into())
 }

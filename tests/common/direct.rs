@@ -98,7 +98,7 @@ impl DirectRun {
 
     /// The real runc with the same `--root` (and no wrapper in between).
     pub fn runc(&self, args: &[&str]) -> Output {
-        Command::new("runc")
+        Command::new(super::containerd::real_runc())
             .arg("--root")
             .arg(&self.root)
             .args(args)

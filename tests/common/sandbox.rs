@@ -70,10 +70,11 @@ impl Sandbox {
             format!(
                 "[proxy]\nenabled = true\nenvoy_path = \"/usr/local/bin/envoy\"\n{proxy_extra}\n\
                  [instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nstate_dir = {:?}\n{extra}\n{}",
+                 [runtime]\nstate_dir = {:?}\nrunc = {:?}\n{extra}\n{}",
                 ca.join("ca.crt"),
                 ca.join("ca.key"),
                 state_dir,
+                super::containerd::real_runc(),
                 pool_toml(&pool)
             ),
         )
@@ -274,11 +275,28 @@ impl Sandbox {
     }
 
     /// Add `line` at the top of the config's table `table` (e.g. `[instance_identity]`).
+    /// `line` (`key = value`) at the top of `table`, replacing that key's line there.
     pub fn add_config_line(&self, table: &str, line: &str) {
         let cfg = std::fs::read_to_string(&self.config).unwrap();
         let head = format!("{table}\n");
         assert!(cfg.contains(&head), "{table} not in {cfg}");
-        std::fs::write(&self.config, cfg.replace(&head, &format!("{head}{line}\n"))).unwrap();
+        let key = line.split('=').next().unwrap().trim();
+        let mut out = Vec::new();
+        let mut in_table = false;
+        for l in cfg.lines() {
+            if l.starts_with('[') {
+                in_table = l == table;
+            }
+            let same_key = l.split('=').next().is_some_and(|k| k.trim() == key);
+            if in_table && l.contains('=') && same_key {
+                continue;
+            }
+            out.push(l.to_string());
+            if l == table {
+                out.push(line.to_string());
+            }
+        }
+        std::fs::write(&self.config, out.join("\n") + "\n").unwrap();
     }
 }
 

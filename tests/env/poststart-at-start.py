@@ -94,6 +94,9 @@ def run_deferred(globals_, cid):
         "ociVersion": "1.2.0", "id": cid, "status": "running",
         "pid": state["pid"], "bundle": bundle, "annotations": annotations,
     })
+    if os.environ.get("ES_POSTSTART_LOG"):
+        with open(os.environ["ES_POSTSTART_LOG"], "a") as f:
+            f.write(f"poststart after start: {cid} pid {state['pid']} ({len(hooks)} hook(s))\n")
     for h in hooks:
         argv = h.get("args") or [h["path"]]
         env = dict(e.split("=", 1) for e in h.get("env") or [] if "=" in e)
