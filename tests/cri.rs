@@ -1,7 +1,9 @@
 //! containerd's CRI plugin as the kubelet drives it: a pod sandbox and a container
-//! with `runtime_handler = "envoy-sidecar"` (the handler defined by
-//! hooks/containerd-runtime.toml, which tests/env/containerd.sh configures with its
-//! BinaryName pointed at /run/envoy-sidecar-test/cri-runtime) and the port annotation.
+//! with `runtime_handler = "envoy-sidecar"` (the handler `envoy-sidecar install --root`
+//! wrote for the stack's containerd — version 3 for 2.x, imported; version 2 for 1.x,
+//! appended to config.toml — with its BinaryName pointed at
+//! /run/envoy-sidecar-test/cri-runtime, see tests/env/containerd.sh) and the port
+//! annotation: sidecar, credentials, memory, TLS to the pod IP and through host NAT.
 // Test code: the [lints] table's cast lints guard the product, not test arithmetic.
 #![allow(
     clippy::cast_possible_truncation,
@@ -199,6 +201,32 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     });
     let addr = format!("{ip}:{}", st["ports"][0]["internal_tls_proxy"]);
     Get::new(&sb.ca()).wait_for(&addr, HELLO);
+
+    // Host NAT: the pod IP mapped (CRI's netns has its address before the container),
+    // and TLS through the host's address and the external TLS proxy port.
+    let row = wait_until(
+        "status ready with NAT",
+        std::time::Duration::from_secs(20),
+        || {
+            let row = status_row(&sb.config, "k8s.io", &cid).ok_or("no row")?;
+            if row["status"] == "ready" && row["nat_applied"] == true && row["container_ip"] == ip {
+                Ok(row)
+            } else {
+                Err(row.to_string())
+            }
+        },
+    );
+    let tls_port = port_of(&st, 0, "external_tls_proxy");
+    let nat = common::footprint::nat_in_pool(&sb.pool());
+    assert!(
+        nat.contains(&(
+            tls_port,
+            format!("{ip} . {}", port_of(&st, 0, "internal_tls_proxy"))
+        )),
+        "{nat:?} ({row})"
+    );
+    let host = st["host_ip"].as_str().unwrap();
+    Get::new(&sb.ca()).wait_for(&format!("{host}:{tls_port}"), HELLO);
     assert!(
         exec_out.contains("creds"),
         "credentials mounted: {exec_out}"
@@ -225,4 +253,9 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
         "state left after RemoveContainer"
     );
     assert!(!sb.state_dir.join("k8s.io").join(&cid).exists());
+    assert_eq!(
+        common::footprint::nat_in_pool(&sb.pool()),
+        [],
+        "NAT left after RemoveContainer"
+    );
 }

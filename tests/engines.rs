@@ -302,3 +302,109 @@ fn a_failing_poststop_of_ours_never_fails_delete() {
     assert!(out.status.success(), "gc: {}", text(&out));
     assert!(c.inspect().is_none(), "gc released it: {}", text(&out));
 }
+
+/// `doctor` proves the stack's containerd loads the handler `install --root` wrote (as
+/// this stack's tests/env/containerd.sh registers it: imported on 2.x, its tables in
+/// config.toml on 1.x), and fails the `registration` line, naming the drop-in and why,
+/// when containerd does not: not imported, or (2.x) an old drop-in without a
+/// `version` line whose tables containerd ignores.
+#[test]
+fn doctor_proves_containerd_loads_the_handler() {
+    let test = "doctor_proves_containerd_loads_the_handler";
+    if !can_run_without_containerd(test) {
+        return;
+    }
+    let containerd = std::env::var("CONTAINERD_BIN").unwrap_or_else(|_| "containerd".into());
+    let tmp = TempDir::new("es-doctor-reg");
+    let root = tmp.path().join("root");
+    let out = Command::new(cli_bin())
+        .args(["install", "--root"])
+        .arg(&root)
+        .args(["--containerd", &containerd])
+        .arg("--binary-name")
+        .arg(wrapper_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "install: {}", text(&out));
+    let drop_in = root.join("etc/containerd/conf.d/envoy-sidecar.toml");
+    let text_of = std::fs::read_to_string(&drop_in).unwrap();
+    let v3 = text_of.contains("version = 3");
+    let conf = tmp.path().join("config.toml");
+    let runc_table = |plugin: &str| {
+        format!(
+            "[plugins.\"{plugin}\".containerd.runtimes.runc]\nruntime_type = \"io.containerd.runc.v2\"\n"
+        )
+    };
+    let doctor = |label: &str| -> String {
+        let out = cli(Path::new("/nonexistent/envoy-sidecar.toml"))
+            .arg("doctor")
+            .args(["--containerd", &containerd])
+            .arg("--containerd-config")
+            .arg(&conf)
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("registration"))
+            .unwrap_or_else(|| panic!("{label}: no registration line: {}", text(&out)))
+            .to_string()
+    };
+    // As registered for this stack.
+    let registered = if v3 {
+        format!(
+            "version = 3\nimports = [{:?}]\n{}",
+            drop_in,
+            runc_table("io.containerd.cri.v1.runtime")
+        )
+    } else {
+        format!(
+            "version = 2\n{}\n{}",
+            runc_table("io.containerd.grpc.v1.cri"),
+            text_of.replace("version = 2\n", "")
+        )
+    };
+    std::fs::write(&conf, registered).unwrap();
+    let line = doctor("registered");
+    assert!(
+        line.starts_with("ok") && line.contains("runtime \"envoy-sidecar\""),
+        "{}: {line}",
+        stack()
+    );
+    // Not imported.
+    std::fs::write(&conf, if v3 { "version = 3\n" } else { "version = 2\n" }).unwrap();
+    let line = doctor("not imported");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("does not import")
+            && line.contains(&drop_in.display().to_string()),
+        "{}: {line}",
+        stack()
+    );
+    if v3 {
+        // What install wrote before: version-2 tables, no version line.
+        std::fs::write(
+            &drop_in,
+            text_of
+                .replace("version = 3\n", "")
+                .replace("io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"),
+        )
+        .unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                "version = 3\nimports = [{:?}]\n{}",
+                drop_in,
+                runc_table("io.containerd.cri.v1.runtime")
+            ),
+        )
+        .unwrap();
+        let line = doctor("versionless v2 drop-in");
+        assert!(
+            line.starts_with("FAIL") && line.contains("ignored its tables"),
+            "{}: {line}",
+            stack()
+        );
+    }
+}
