@@ -39,6 +39,10 @@ pub enum Error {
     #[error("ports: {0}")]
     Ports(String),
 
+    /// A Kubernetes pod's containers and the one proxy of the pod disagree.
+    #[error("pod: {0}")]
+    Pod(String),
+
     /// Creating the container would overcommit `[host] memory_capacity_mb`.
     #[error("memory: {0}")]
     Memory(String),

@@ -92,7 +92,7 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
             if let Some(mut s) = state {
                 s.init_pid = st.pid;
                 store.write(&s)?;
-                ingress_filter(&s)?;
+                crate::sidecar::control::ingress_filter(&s)?;
             }
         }
         Stage::Poststart => {
@@ -132,27 +132,6 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
     Ok(())
 }
 
-/// With unproxied mappings off, only loopback (Envoy) may reach the app ports: the
-/// filter goes into the container's netns before the app starts. Failing here fails
-/// the create: the container must not run without the protection asked for. A
-/// container in the host's network namespace cannot be filtered without filtering
-/// the host: it is created, with a warning.
-fn ingress_filter(s: &ContainerState) -> Result<()> {
-    use crate::nat::ingress;
-    let Some(pid) = s.init_pid.filter(|_| ingress::wanted(s)) else {
-        return Ok(());
-    };
-    if crate::sys::netns::same(crate::sys::process::self_pid(), pid) {
-        eprintln!(
-            "envoy-sidecar: warning: {}/{} shares the host's network namespace: its app ports are not filtered",
-            s.namespace, s.id
-        );
-        return Ok(());
-    }
-    let ports: Vec<u16> = s.ports.iter().map(|p| p.internal).collect();
-    ingress::install(&crate::nat::Nat::default().nft, pid, &ports)
-}
-
 /// Hooks-only mode (podman/CRI-O hooks.d): allocate ports and record the container
 /// as the wrapper would, leaving the spec (env, mounts, memory) as it is.
 fn hooks_only_create(
@@ -173,7 +152,11 @@ fn hooks_only_create(
         runc_root: None,
         mutate_spec: false,
     };
-    crate::create::prepare(cfg, &target, || false)
+    Ok(match crate::create::prepare(cfg, &target, || false)? {
+        crate::create::Prepared::Proxy(s) => Some(s),
+        // A pod's container: the pod's Envoy serves its netns.
+        crate::create::Prepared::Member { .. } | crate::create::Prepared::Nothing => None,
+    })
 }
 
 #[cfg(test)]

@@ -255,21 +255,60 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
         runc_root: ctx.inv.global("root").map(Path::new),
         mutate_spec: true,
     };
-    let Some(_state) = create::prepare(cfg, &target, || ctx.exists_in_runc(&id))? else {
-        return Ok(None);
-    };
-    let foreground = ctx.inv.command == Command::Run && !ctx.inv.flag_bool("detach");
-    if foreground {
-        // `runc run` in the foreground forwards signals to the container: it must be
-        // runc itself, not our child. poststop releases the state.
-        return Ok(None);
+    match create::prepare(cfg, &target, || ctx.exists_in_runc(&id))? {
+        create::Prepared::Nothing => Ok(None),
+        create::Prepared::Proxy(_) => {
+            let foreground = ctx.inv.command == Command::Run && !ctx.inv.flag_bool("detach");
+            if foreground {
+                // `runc run` in the foreground forwards signals to the container: it
+                // must be runc itself, not our child. poststop releases the state.
+                return Ok(None);
+            }
+            let code = ctx.spawn();
+            if code != 0 {
+                // runc may already have run our poststop hook; release is idempotent.
+                let _ = Store::of(cfg).remove(&ns, &id);
+            }
+            Ok(Some(code))
+        }
+        create::Prepared::Member { pod, adopted } => {
+            let store = Store::of(cfg);
+            let pod_id = pod.id.clone();
+            if adopted && let Err(e) = start_pod_sidecar(ctx, cfg, &store, pod) {
+                // Nothing half-applied: the pod's proxy goes with the refused create.
+                let host = crate::host::Host::system(&cfg.runtime.runc);
+                let _ = control::teardown(&store, &host, &ns, &pod_id);
+                let _ = store.remove(&ns, &pod_id);
+                return Err(e);
+            }
+            let code = ctx.spawn();
+            if code != 0 {
+                let _ = store.leave_pod(&ns, &id);
+            }
+            Ok(Some(code))
+        }
     }
-    let code = ctx.spawn();
-    if code != 0 {
-        // runc may already have run our poststop hook; release is idempotent.
-        let _ = Store::of(cfg).remove(&ns, &id);
-    }
-    Ok(Some(code))
+}
+
+/// A pod's proxy set up by one of its containers: its sandbox already runs, so the
+/// sidecar starts now, in the sandbox's netns and cgroup (what the sandbox's hooks
+/// would have done had the pod carried the annotation).
+fn start_pod_sidecar(
+    ctx: &Ctx,
+    cfg: &Config,
+    store: &Store,
+    pod: crate::state::store::ContainerState,
+) -> Result<()> {
+    let global = &ctx.argv[1..1 + ctx.inv.global_len];
+    let pid = crate::runc::query::pid_of(&ctx.runc, global, &pod.id).ok_or_else(|| {
+        Error::Pod(format!(
+            "the sandbox {} of this container is not running under runc (runc state), so its \
+             proxy cannot start",
+            pod.id
+        ))
+    })?;
+    let host = crate::host::Host::system(&cfg.runtime.runc);
+    control::start_for_running(store, &host, cfg.source.as_deref(), pod, pid)
 }
 
 /// containerd builds exec processes from its own copy of the spec, without what we
@@ -287,8 +326,14 @@ fn on_exec(ctx: &mut Ctx, cfg: &Config) -> Result<()> {
     let Ok(Some((ns, id))) = container(&ctx.inv) else {
         return Ok(());
     };
-    let Some(state) = Store::of(cfg).read(&ns, &id)? else {
-        return Ok(());
+    let store = Store::of(cfg);
+    // A pod's container execs with the pod's environment.
+    let state = match store.read(&ns, &id)? {
+        Some(s) => s,
+        None => match store.pod_of_member(&ns, &id)? {
+            Some(pod) => pod,
+            None => return Ok(()),
+        },
     };
     let path = Path::new(&process);
     let mut f = JsonFile::load_stream(path)?;
@@ -362,7 +407,24 @@ fn on_kill(ctx: &Ctx, cfg: &Config) {
     };
     // Validated with the rest of the config; a bad value cannot reach here.
     let wait = cfg.drain_timeout().unwrap_or(Duration::from_secs(5));
-    match control::drain(&Store::of(cfg), &ns, &id, wait) {
+    let store = Store::of(cfg);
+    // A pod's app container going away drains the pod's Envoy (the kubelet stops the
+    // containers before the sandbox; containerd's StopPodSandbox SIGKILLs them). Its
+    // liveness check restarts a drained Envoy, so a restarted container is served again.
+    let target = match store.read(&ns, &id) {
+        Ok(Some(_)) => id.clone(),
+        _ => match store.pod_of_member(&ns, &id) {
+            Ok(Some(pod))
+                if pod.pod.as_ref().is_some_and(|p| {
+                    p.members.iter().any(|m| m.id == id && m.declares_ports)
+                }) =>
+            {
+                pod.id
+            }
+            _ => return,
+        },
+    };
+    match control::drain(&store, &ns, &target, wait) {
         Ok(Some(d)) if d.open > 0 => ctx.log(
             "warning",
             &format!(
@@ -385,7 +447,17 @@ fn on_delete(ctx: &Ctx, cfg: &Config) -> i32 {
     // Nothing of ours (no proxy, or already released): become runc, no extra fork.
     let store = Store::of(cfg);
     if !matches!(store.read(&ids.0, &ids.1), Ok(Some(_))) {
-        return ctx.exec();
+        if !matches!(store.pod_of_member(&ids.0, &ids.1), Ok(Some(_))) {
+            return ctx.exec();
+        }
+        // A pod's container: the pod keeps its proxy; only the membership goes.
+        let code = ctx.spawn();
+        if (code == 0 || !ctx.exists_in_runc(&ids.1))
+            && let Err(e) = store.leave_pod(&ids.0, &ids.1)
+        {
+            ctx.log("warning", &format!("taking {} out of its pod: {e}", ids.1));
+        }
+        return code;
     }
     // runc cannot remove a cgroup that still holds Envoy: stop the sidecar first.
     let host = crate::host::Host::system(&cfg.runtime.runc);

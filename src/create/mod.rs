@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod env;
 pub mod memory;
+pub mod pod;
 pub mod ports;
 pub mod spec;
 
@@ -20,7 +21,7 @@ use crate::config::Config;
 use crate::create::annotations::Request;
 use crate::create::spec::JsonFile;
 use crate::error::{Error, Result};
-use crate::state::store::{self, ContainerState, Memory, PortMapping, Store};
+use crate::state::store::{self, ContainerState, Member, Memory, Pod, PortMapping, Store, User};
 use crate::sys::fs::now_rfc3339;
 
 /// Envoy's admin socket for `envoy_uid`, or why the path cannot be a unix socket.
@@ -108,15 +109,35 @@ pub fn asks(bundle: &Path) -> Asks {
     }
 }
 
-/// Decide and apply. `Ok(None)`: the container gets no proxy and `config.json` is not
-/// touched. `exists_in_runc` is asked only when a state for this id already exists.
+/// What `create` decided for a container.
+#[derive(Debug)]
+pub enum Prepared {
+    /// No proxy: `config.json` is not touched.
+    Nothing,
+    /// A proxy of its own — or, for a CRI pod sandbox, the pod's.
+    Proxy(ContainerState),
+    /// A container of a CRI pod: it got the pod's environment and credentials, and is
+    /// listed in the pod's record. `adopted`: the pod had no proxy yet (no annotation
+    /// on the pod) and this container's annotation set one up; its sandbox already
+    /// runs, so the caller starts the pod's sidecar now (see [`adopt`]).
+    Member { pod: ContainerState, adopted: bool },
+}
+
+impl Prepared {
+    pub fn is_nothing(&self) -> bool {
+        matches!(self, Prepared::Nothing)
+    }
+}
+
+/// Decide and apply. `exists_in_runc` is asked only when a state for this id already
+/// exists.
 pub fn prepare(
     cfg: &Config,
     t: &Target,
     exists_in_runc: impl FnOnce() -> bool,
-) -> Result<Option<ContainerState>> {
+) -> Result<Prepared> {
     if !cfg.proxy.enabled {
-        return Ok(None);
+        return Ok(Prepared::Nothing);
     }
     let spec_path = t.bundle.join("config.json");
     let mut spec = match JsonFile::load(&spec_path) {
@@ -124,19 +145,26 @@ pub fn prepare(
         // A spec runc itself refuses (missing, empty, not a JSON object): runc reads the
         // same file and answers in its own words and exit code ("runc create failed:
         // EOF"), nothing of ours is decided. Not for one only we refuse (too large).
-        Err(_) if t.mutate_spec && spec::runc_refuses(&spec_path) => return Ok(None),
+        Err(_) if t.mutate_spec && spec::runc_refuses(&spec_path) => return Ok(Prepared::Nothing),
         Err(e) => return Err(e),
     };
     let ann = spec.annotations()?;
-    let Some(req) = Request::from_annotations(&ann)? else {
-        return Ok(None);
+    let req = Request::from_annotations(&ann)?;
+    let role = match pod::Role::of(&ann) {
+        Ok(r) => r,
+        // Malformed CRI markers on a container that asks for nothing: not ours to judge.
+        Err(_) if req.is_none() => return Ok(Prepared::Nothing),
+        Err(e) => return Err(e),
+    };
+    if let pod::Role::Member { sandbox_id, name } = &role {
+        return member(cfg, t, &mut spec, &ann, req, sandbox_id, name.clone());
+    }
+    let Some(req) = req else {
+        return Ok(Prepared::Nothing);
     };
 
     // Our own earlier patch of this bundle (a second create) is undone, not stacked.
-    let managed: Vec<String> = ann
-        .get(annotations::MANAGED_ENV)
-        .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_default();
+    let managed = managed_env(&ann);
     let (mut limit, mut swap) = spec.memory()?;
     if let Some(r) = ann.get(annotations::REQUESTED_MEMORY) {
         limit = parse_recorded(&spec_path, annotations::REQUESTED_MEMORY, r)?;
@@ -151,34 +179,126 @@ pub fn prepare(
     } else {
         0
     };
-    let (requested, new_limit, new_swap) = raise_memory(limit, swap, additional);
+    let sandbox = matches!(role, pod::Role::Sandbox { .. });
+    // A pod sandbox keeps its limits: the pod's Envoy is paid by the RuntimeClass
+    // overhead (in the pod cgroup the kubelet sized), which is what the record claims.
+    let (requested, new_limit, new_swap) = if sandbox {
+        (None, None, None)
+    } else {
+        raise_memory(limit, swap, additional)
+    };
     let user = spec.user()?;
-    let proxy = ports::select_proxy_ports(&req.ports)?;
 
     let store = Store::of(cfg);
     let lock = store.lock()?;
     if store.read(t.namespace, t.id)?.is_some() {
         if exists_in_runc() {
             // Let runc report "container exists"; never touch a live container's state.
-            return Ok(None);
+            return Ok(Prepared::Nothing);
         }
         store.remove_locked(&lock, t.namespace, t.id)?;
     }
-    let uid_pool = cfg.envoy_uid_pool();
-    let mut index = store.index(&lock, &uid_pool)?;
-
     let limit_bytes = new_limit.filter(|l| *l > 0).map(i64::unsigned_abs);
-    if let Some(l) = limit_bytes {
+    let memory = Memory {
+        requested_bytes: requested,
+        limit_bytes,
+        additional_bytes: if limit_bytes.is_some() || sandbox {
+            additional
+        } else {
+            0
+        },
+    };
+    let pod = match &role {
+        pod::Role::Sandbox { pod_name } => Some(Pod {
+            name: pod_name.clone(),
+            members: Vec::new(),
+        }),
+        _ => None,
+    };
+    let state = record(cfg, t, &store, &lock, &req, memory, user, pod)?;
+
+    // From here on the state claims ports and memory: undo it on any failure.
+    let applied = (|| {
+        crate::sys::fault::kill_point("create:state-written");
+        fault_delay();
+        if !t.mutate_spec {
+            return Ok(());
+        }
+        if sandbox {
+            // The pause container needs no environment, credentials or memory: only
+            // the hooks that run the pod's sidecar.
+            set_hooks(&mut spec, &state, cfg, t)?;
+        } else {
+            patch_spec(
+                &mut spec,
+                &state,
+                cfg,
+                t,
+                &managed,
+                (limit, swap),
+                (new_limit, new_swap),
+            )?;
+        }
+        spec.save()
+    })();
+    if let Err(e) = applied {
+        let _ = store.remove_locked(&lock, t.namespace, t.id);
+        let _ = store.leases().release(state.envoy_uid, &store.owner(t.namespace, t.id));
+        return Err(e);
+    }
+    Ok(Prepared::Proxy(state))
+}
+
+fn managed_env(ann: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    ann.get(annotations::MANAGED_ENV)
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Claim memory, host ports and an Envoy uid for `t` and write its record, under
+/// `lock`. Nothing is left claimed on failure.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    cfg: &Config,
+    t: &Target,
+    store: &Store,
+    lock: &store::Lock,
+    req: &Request,
+    memory: Memory,
+    user: User,
+    pod: Option<Pod>,
+) -> Result<ContainerState> {
+    let proxy = ports::select_proxy_ports(&req.ports)?;
+    let uid_pool = cfg.envoy_uid_pool();
+    let mut index = store.index(lock, &uid_pool)?;
+
+    let claim = if pod.is_some() {
+        memory.additional_bytes
+    } else {
+        memory.limit_bytes.unwrap_or(0)
+    };
+    if claim > 0 {
         let capacity = cfg.memory_capacity_bytes()?;
-        let total = index.memory_limit_bytes.saturating_add(l);
+        let total = index.memory_limit_bytes.saturating_add(claim);
         if total > capacity {
+            let what = if pod.is_some() {
+                format!(
+                    "pod sandbox {}'s proxy needs {} MiB (proxy.additional_memory_allocation_mb, \
+                     the RuntimeClass overhead)",
+                    t.id,
+                    mib(claim)
+                )
+            } else {
+                format!(
+                    "container {} needs a memory limit of {} MiB ({} MiB requested + {} MiB proxy allocation)",
+                    t.id,
+                    mib(claim),
+                    mib(memory.requested_bytes.unwrap_or(0)),
+                    mib(memory.additional_bytes)
+                )
+            };
             return Err(Error::Memory(format!(
-                "container {} needs a memory limit of {} MiB ({} MiB requested + {} MiB proxy allocation); \
-                 with the {} proxied containers already running that is {} MiB, over [host] memory_capacity_mb = {} MiB",
-                t.id,
-                mib(l),
-                mib(requested.unwrap_or(0)),
-                mib(additional),
+                "{what}; with the {} proxied containers already running that is {} MiB, over [host] memory_capacity_mb = {} MiB",
                 index.containers,
                 mib(total),
                 mib(capacity)
@@ -221,9 +341,17 @@ pub fn prepare(
                 cfg.proxy.envoy_uid_pool_size
             ))
         })?;
-    let admin_socket = match cfg.admin_listener()? {
-        crate::config::AdminListener::Loopback => None,
-        crate::config::AdminListener::Unix => Some(admin_socket(cfg, envoy_uid)?),
+    let admin_socket = match cfg.admin_listener() {
+        Ok(crate::config::AdminListener::Loopback) => Ok(None),
+        Ok(crate::config::AdminListener::Unix) => admin_socket(cfg, envoy_uid).map(Some),
+        Err(e) => Err(e),
+    };
+    let admin_socket = match admin_socket {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = store.leases().release(envoy_uid, &owner);
+            return Err(e);
+        }
     };
     let dir = store.dir(t.namespace, t.id);
     let state = ContainerState {
@@ -233,9 +361,9 @@ pub fn prepare(
         bundle: t.bundle.to_path_buf(),
         config: cfg.source.clone(),
         instance_guid: req.instance_guid.clone().unwrap_or_else(|| t.id.into()),
-        app_guid: req.app_guid,
-        space_guid: req.space_guid,
-        org_guid: req.org_guid,
+        app_guid: req.app_guid.clone(),
+        space_guid: req.space_guid.clone(),
+        org_guid: req.org_guid.clone(),
         ports: mappings,
         admin_port: proxy.admin,
         admin_socket,
@@ -245,11 +373,7 @@ pub fn prepare(
             .as_str()
             .into(),
         host_ip: cfg.host.address.unwrap_or_else(default_host_ip),
-        memory: Memory {
-            requested_bytes: requested,
-            limit_bytes,
-            additional_bytes: if limit_bytes.is_some() { additional } else { 0 },
-        },
+        memory,
         user,
         envoy_uid,
         credentials_dir: dir.join(store::CREDENTIALS_DIR),
@@ -257,32 +381,145 @@ pub fn prepare(
         created_at: now_rfc3339(),
         init_pid: None,
         started_at: None,
+        pod,
     };
-
-    // From here on the state claims ports and memory: undo it on any failure.
-    let applied = store.create(&lock, &mut index, &state).and_then(|()| {
-        crate::sys::fault::kill_point("create:state-written");
-        fault_delay();
-        if !t.mutate_spec {
-            return Ok(());
-        }
-        patch_spec(
-            &mut spec,
-            &state,
-            cfg,
-            t,
-            &managed,
-            (limit, swap),
-            (new_limit, new_swap),
-        )?;
-        spec.save()
-    });
-    if let Err(e) = applied {
-        let _ = store.remove_locked(&lock, t.namespace, t.id);
+    if let Err(e) = store.create(lock, &mut index, &state) {
+        let _ = store.remove_locked(lock, t.namespace, t.id);
         let _ = store.leases().release(envoy_uid, &owner);
         return Err(e);
     }
-    Ok(Some(state))
+    Ok(state)
+}
+
+/// A container of a CRI pod: the pod's proxy, if it has one, or one set up from this
+/// container's annotation (then keyed by the sandbox, and living as long as it does).
+/// No Envoy, hooks or extra memory of its own: its environment and credentials come
+/// from the pod's record, and its declared ports must be among the pod's.
+#[allow(clippy::too_many_arguments)]
+fn member(
+    cfg: &Config,
+    t: &Target,
+    spec: &mut JsonFile,
+    ann: &std::collections::BTreeMap<String, String>,
+    req: Option<Request>,
+    sandbox_id: &str,
+    name: Option<String>,
+) -> Result<Prepared> {
+    let store = Store::of(cfg);
+    let lock = store.lock()?;
+    let declared = req.as_ref().map(|r| r.ports.clone()).unwrap_or_default();
+    let (mut pod_state, adopted) = match store.read(t.namespace, sandbox_id)? {
+        Some(p) if p.pod.is_some() => (p, false),
+        Some(_) => {
+            return Err(Error::Pod(format!(
+                "the record of sandbox {sandbox_id} is not a pod's (created by an older \
+                 envoy-sidecar?); recreate the pod"
+            )));
+        }
+        None => {
+            let Some(req) = req.as_ref() else {
+                return Ok(Prepared::Nothing);
+            };
+            if !t.mutate_spec {
+                // Hooks-only (no wrapper): nothing would follow the sandbox's life.
+                return Err(Error::Pod(format!(
+                    "container {} declares ports but its pod {sandbox_id} has no proxy; without \
+                     the runc wrapper a pod's proxy comes only from an annotation on the pod",
+                    t.id
+                )));
+            }
+            // CRI bundles are siblings: <task dir>/<namespace>/<id>.
+            let sandbox_bundle = t
+                .bundle
+                .parent()
+                .map(|d| d.join(sandbox_id))
+                .filter(|b| b.join("config.json").is_file())
+                .unwrap_or_else(|| t.bundle.to_path_buf());
+            let user = JsonFile::load(&sandbox_bundle.join("config.json"))
+                .and_then(|s| s.user())
+                .or_else(|_| spec.user())?;
+            let pod_name = pod::Role::of(
+                &JsonFile::load(&sandbox_bundle.join("config.json"))
+                    .and_then(|s| s.annotations())
+                    .unwrap_or_default(),
+            )
+            .ok()
+            .and_then(|r| match r {
+                pod::Role::Sandbox { pod_name } => pod_name,
+                _ => None,
+            });
+            let st = Target {
+                namespace: t.namespace,
+                id: sandbox_id,
+                bundle: &sandbox_bundle,
+                cli: t.cli,
+                runc_root: t.runc_root,
+                mutate_spec: t.mutate_spec,
+            };
+            let memory = Memory {
+                requested_bytes: None,
+                limit_bytes: None,
+                additional_bytes: cfg.additional_memory_bytes(),
+            };
+            let pod = Pod {
+                name: pod_name,
+                members: Vec::new(),
+            };
+            (
+                record(cfg, &st, &store, &lock, req, memory, user, Some(pod))?,
+                true,
+            )
+        }
+    };
+    let undo = |store: &Store| {
+        if adopted {
+            let _ = store.remove_locked(&lock, t.namespace, sandbox_id);
+        }
+    };
+    let missing = pod::uncovered(&pod_state, &declared);
+    if !missing.is_empty() {
+        undo(&store);
+        return Err(pod::not_covered(&pod_state, t.id, &missing));
+    }
+    if !t.mutate_spec {
+        // Hooks-only: the spec is in force; the pod's Envoy already serves this netns.
+        return Ok(Prepared::Nothing);
+    }
+    let applied = (|| {
+        let (limit, _) = spec.memory()?;
+        let requested = match ann.get(annotations::REQUESTED_MEMORY) {
+            Some(r) => parse_recorded(&t.bundle.join("config.json"), annotations::REQUESTED_MEMORY, r)?,
+            None => limit,
+        };
+        let p = pod_state.pod.as_mut().expect("a pod record");
+        p.members.retain(|m| m.id != t.id);
+        p.members.push(Member {
+            id: t.id.into(),
+            name,
+            requested_bytes: requested.filter(|l| *l > 0).map(i64::unsigned_abs),
+            declares_ports: !declared.is_empty(),
+        });
+        store.write(&pod_state)?;
+        let vars = env_vars(&pod_state);
+        spec.merge_env(true, &vars, &managed_env(ann), false)?;
+        let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+        spec.set_annotation(annotations::MANAGED_ENV, &names.join(","))?;
+        spec.set_bind_mount(&pod_state.credentials_dir, CREDENTIALS_MOUNT)?;
+        spec.save()
+    })();
+    if let Err(e) = applied {
+        if adopted {
+            undo(&store);
+        } else if let Some(p) = pod_state.pod.as_mut() {
+            p.members.retain(|m| m.id != t.id);
+            let _ = store.write(&pod_state);
+        }
+        return Err(e);
+    }
+    Ok(Prepared::Member {
+        pod: pod_state,
+        adopted,
+    })
 }
 
 /// Fault injection for the reliability suite: `ENVOY_SIDECAR_FAULT_DELAY_CREATE_MS`
@@ -323,7 +560,10 @@ fn patch_spec(
     if let Some(sw) = show(requested.1) {
         spec.set_annotation(annotations::REQUESTED_SWAP, &sw)?;
     }
+    set_hooks(spec, s, cfg, t)
+}
 
+fn set_hooks(spec: &mut JsonFile, s: &ContainerState, cfg: &Config, t: &Target) -> Result<()> {
     for (stage, first, timeout) in HOOKS {
         let entry = hook_entry(cfg, t, stage, timeout);
         if stage == "createRuntime" && !crate::nat::ingress::wanted(s) {
@@ -486,13 +726,15 @@ mod tests {
     fn prepare_is_all_or_nothing_and_idempotent() {
         let (root, cfg) = setup("prep", "", spec_with("8080,9999", 256));
         let (bundle, t) = target(&root, "c1");
-        let s = prepare(&cfg, &t, || false).unwrap().unwrap();
+        let Prepared::Proxy(s) = prepare(&cfg, &t, || false).unwrap() else {
+            panic!("a proxy")
+        };
         assert_eq!(s.ports.len(), 2);
         assert_eq!(s.memory.limit_bytes, Some(288 << 20));
         let once = fs::read_to_string(bundle.join("config.json")).unwrap();
         // A second create on the same bundle after the first was deleted.
         Store::of(&cfg).remove("default", "c1").unwrap();
-        prepare(&cfg, &t, || false).unwrap().unwrap();
+        assert!(!prepare(&cfg, &t, || false).unwrap().is_nothing());
         let twice = fs::read_to_string(bundle.join("config.json")).unwrap();
         let (a, b): (serde_json::Value, serde_json::Value) = (
             serde_json::from_str(&once).unwrap(),
@@ -519,6 +761,167 @@ mod tests {
         let store = Store::of(&cfg);
         assert!(store.list().unwrap().is_empty());
         assert!(!store.dir("default", "big").exists());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn cri_spec(kind: &str, sandbox: &str, ports: Option<&str>, limit_mb: i64) -> serde_json::Value {
+        let mut ann = serde_json::Map::new();
+        ann.insert(pod::CONTAINER_TYPE.into(), kind.into());
+        ann.insert(pod::SANDBOX_ID.into(), sandbox.into());
+        ann.insert(pod::SANDBOX_NAME.into(), "web".into());
+        ann.insert(pod::SANDBOX_NAMESPACE.into(), "shop".into());
+        if let Some(p) = ports {
+            ann.insert(annotations::PORTS.into(), p.into());
+        }
+        let mut v = spec_with("0", limit_mb);
+        v["annotations"] = serde_json::Value::Object(ann);
+        v
+    }
+
+    /// A second bundle beside the first (CRI's task dirs are siblings).
+    fn sibling<'a>(root: &'a Path, id: &'a str, spec: &serde_json::Value) -> Target<'a> {
+        let bundle = root.join(id);
+        fs::create_dir_all(&bundle).unwrap();
+        fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        Target {
+            namespace: "k8s.io",
+            id,
+            bundle: Box::leak(bundle.into_boxed_path()),
+            cli: Path::new("/usr/local/bin/envoy-sidecar"),
+            runc_root: None,
+            mutate_spec: true,
+        }
+    }
+
+    fn env_of(t: &Target) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(t.bundle.join("config.json")).unwrap()).unwrap();
+        v["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_has_one_proxy_its_containers_share() {
+        let (root, cfg) = setup("pod", "", spec_with("0", 0));
+        let sb = sibling(&root, "sb1", &cri_spec("sandbox", "sb1", Some("8080"), 0));
+        let Prepared::Proxy(pod) = prepare(&cfg, &sb, || false).unwrap() else {
+            panic!("the sandbox holds the pod's proxy")
+        };
+        assert_eq!(pod.pod.as_ref().unwrap().name.as_deref(), Some("shop/web"));
+        // Not raised: the overhead pays for Envoy; it is what the record claims.
+        assert_eq!(pod.memory.limit_bytes, None);
+        assert_eq!(pod.memory.additional_bytes, cfg.additional_memory_bytes());
+        let sb_spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(sb.bundle.join("config.json")).unwrap()).unwrap();
+        assert!(sb_spec["hooks"]["poststart"].is_array(), "{sb_spec}");
+        assert!(sb_spec.get("mounts").is_none(), "{sb_spec}");
+
+        // Two containers, one with the pod's (copied) annotation, one with none.
+        let app = sibling(&root, "app1", &cri_spec("container", "sb1", Some("8080"), 128));
+        let shipper = sibling(&root, "log1", &cri_spec("container", "sb1", None, 64));
+        for t in [&app, &shipper] {
+            let Prepared::Member { pod: p, adopted } = prepare(&cfg, t, || false).unwrap() else {
+                panic!("{} is a member", t.id)
+            };
+            assert!(!adopted);
+            assert_eq!(p.id, "sb1");
+            let env = env_of(t);
+            let ports = format!(
+                "CF_INSTANCE_PORTS={}",
+                serde_json::to_string(&pod.ports).unwrap()
+            );
+            assert!(env.contains(&ports), "{env:?}");
+            let v: serde_json::Value =
+                serde_json::from_slice(&fs::read(t.bundle.join("config.json")).unwrap()).unwrap();
+            assert_eq!(v["linux"], spec_with("0", if t.id == "app1" { 128 } else { 64 })["linux"]);
+            assert!(v.get("hooks").is_none(), "no hooks of its own: {v}");
+            assert!(v["mounts"].to_string().contains(CREDENTIALS_MOUNT));
+        }
+        let store = Store::of(&cfg);
+        let rec = store.read("k8s.io", "sb1").unwrap().unwrap();
+        let members = &rec.pod.as_ref().unwrap().members;
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].requested_bytes, Some(128 << 20));
+        assert!(members[0].declares_ports && !members[1].declares_ports);
+        assert_eq!(store.list().unwrap().len(), 1, "one record for the pod");
+        assert_eq!(
+            store.pod_of_member("k8s.io", "log1").unwrap().unwrap().id,
+            "sb1"
+        );
+        assert!(store.leave_pod("k8s.io", "log1").unwrap());
+        assert!(store.pod_of_member("k8s.io", "log1").unwrap().is_none());
+
+        // A container declaring a port the pod does not proxy: refused, nothing changed.
+        let other = sibling(&root, "c9", &cri_spec("container", "sb1", Some("8080,9090"), 0));
+        let before = fs::read(other.bundle.join("config.json")).unwrap();
+        let e = prepare(&cfg, &other, || false).unwrap_err().to_string();
+        assert!(e.contains("9090") && e.contains("sb1"), "{e}");
+        assert_eq!(fs::read(other.bundle.join("config.json")).unwrap(), before);
+        assert!(store.pod_of_member("k8s.io", "c9").unwrap().is_none());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_pod_without_annotation_takes_its_first_annotated_containers_ports() {
+        let (root, cfg) = setup("podfirst", "", spec_with("0", 0));
+        let sb = sibling(&root, "sb2", &cri_spec("sandbox", "sb2", None, 0));
+        assert!(prepare(&cfg, &sb, || false).unwrap().is_nothing());
+        // Nothing declared, no pod proxy: nothing.
+        let plain = sibling(&root, "p0", &cri_spec("container", "sb2", None, 0));
+        assert!(prepare(&cfg, &plain, || false).unwrap().is_nothing());
+        let app = sibling(&root, "a1", &cri_spec("container", "sb2", Some("8080"), 256));
+        let Prepared::Member { pod, adopted } = prepare(&cfg, &app, || false).unwrap() else {
+            panic!("a member")
+        };
+        assert!(adopted, "the pod's proxy was set up by this container");
+        assert_eq!(pod.id, "sb2");
+        assert_eq!(pod.bundle, root.join("sb2"), "the sandbox's bundle");
+        assert_eq!(pod.pod.as_ref().unwrap().name.as_deref(), Some("shop/web"));
+        assert_eq!(pod.ports[0].internal, 8080);
+        let store = Store::of(&cfg);
+        assert!(store.read("k8s.io", "a1").unwrap().is_none());
+        // The app's memory is its own.
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(app.bundle.join("config.json")).unwrap()).unwrap();
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 256 << 20);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn pod_proxy_ports_avoid_every_declared_port() {
+        let (root, cfg) = setup("podrange", "", spec_with("0", 0));
+        let sb = sibling(&root, "sb3", &cri_spec("sandbox", "sb3", Some("61001,61002,8080"), 0));
+        let Prepared::Proxy(pod) = prepare(&cfg, &sb, || false).unwrap() else {
+            panic!("a proxy")
+        };
+        let declared = [61001, 61002, 8080];
+        for m in &pod.ports {
+            assert!(!declared.contains(&m.internal_tls_proxy), "{:?}", pod.ports);
+        }
+        assert!(!declared.contains(&pod.admin_port));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn pods_count_their_overhead_against_host_capacity() {
+        // 1000 MiB capacity, 32 MiB overhead each: the 32nd pod does not fit.
+        let (root, cfg) = setup("podcap", "", spec_with("0", 0));
+        let mut refused = None;
+        for i in 0..40 {
+            let id: &'static str = Box::leak(format!("sb{i}").into_boxed_str());
+            let sb = sibling(&root, id, &cri_spec("sandbox", id, Some("8080"), 0));
+            if let Err(e) = prepare(&cfg, &sb, || false) {
+                refused = Some((i, e.to_string()));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("capacity reached");
+        assert_eq!(u64::from(i as u32) * cfg.additional_memory_bytes() / (1 << 20), 992, "{e}");
+        assert!(e.contains("RuntimeClass overhead") && e.contains("memory_capacity_mb"), "{e}");
         fs::remove_dir_all(root).unwrap();
     }
 }

@@ -18,6 +18,28 @@ pub fn knows<S: AsRef<OsStr>>(runc: &Path, global: &[S], id: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The init pid of container `id` if runc says it is running (or created: a pod
+/// sandbox's pause is running by the time its containers are created).
+pub fn pid_of<S: AsRef<OsStr>>(runc: &Path, global: &[S], id: &str) -> Option<i32> {
+    let out = Command::new(runc)
+        .args(global)
+        .args(["state", id])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let running = matches!(
+        v.get("status").and_then(serde_json::Value::as_str),
+        Some("running" | "created")
+    );
+    v.get("pid")
+        .and_then(serde_json::Value::as_i64)
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| running && *p > 0)
+}
+
 /// What the product asks runc: the seam gc's decisions run against (faked in tests).
 pub trait RuncQuery {
     /// Whether runc, with state under `root`, knows container `id`.

@@ -268,6 +268,53 @@ pub fn teardown(store: &Store, host: &Host, ns: &str, id: &str) -> Result<()> {
     stopped.and(unmapped)
 }
 
+/// With unproxied mappings off, only loopback (Envoy) may reach the app ports: the
+/// filter goes into the container's netns before the app starts. Failing here fails
+/// the create: the container must not run without the protection asked for. A
+/// container in the host's network namespace cannot be filtered without filtering
+/// the host: it is created, with a warning.
+pub fn ingress_filter(s: &ContainerState) -> Result<()> {
+    use crate::nat::ingress;
+    let Some(pid) = s.init_pid.filter(|_| ingress::wanted(s)) else {
+        return Ok(());
+    };
+    if crate::sys::netns::same(process::self_pid(), pid) {
+        eprintln!(
+            "envoy-sidecar: warning: {}/{} shares the host's network namespace: its app ports are not filtered",
+            s.namespace, s.id
+        );
+        return Ok(());
+    }
+    let ports: Vec<u16> = s.ports.iter().map(|p| p.internal).collect();
+    ingress::install(&nat::Nat::default().nft, pid, &ports)
+}
+
+/// The sidecar of a pod whose sandbox (init `pid`) already runs — its proxy set up by
+/// a container's annotation, after the sandbox's hooks had nothing to do: what the
+/// createRuntime and poststart hooks do for a container of its own, done now, before
+/// that container's `create` goes on.
+pub fn start_for_running(
+    store: &Store,
+    host: &Host,
+    config: Option<&Path>,
+    mut s: ContainerState,
+    pid: i32,
+) -> Result<()> {
+    s.init_pid = Some(pid);
+    s.started_at = Some(crate::sys::fs::now_rfc3339());
+    store.write(&s)?;
+    ingress_filter(&s)?;
+    if let Err(e) = map_if_addressed(store, host.nat.as_ref(), &s, pid) {
+        eprintln!(
+            "envoy-sidecar: NAT for {}/{}: {} (the supervisor retries)",
+            s.namespace,
+            s.id,
+            crate::error::render(&e)
+        );
+    }
+    launch(host.procs.as_ref(), config, store, &s.namespace, &s.id)
+}
+
 /// Each NAT conflict case the create/delete path meets, against the in-memory table
 /// with the kernel's rules (`nat::FakeNat`: one element per host port, identical
 /// re-adds accepted, a port mapped elsewhere refused all-or-none).

@@ -133,7 +133,13 @@ impl Claim {
         Claim {
             host_ports: s.host_ports().collect(),
             envoy_uid: s.envoy_uid,
-            memory_limit_bytes: s.memory.limit_bytes.unwrap_or(0),
+            // A pod's containers keep the limits the kubelet gave them; what the
+            // pod's proxy adds (the RuntimeClass overhead) is its claim.
+            memory_limit_bytes: if s.pod.is_some() {
+                s.memory.additional_bytes
+            } else {
+                s.memory.limit_bytes.unwrap_or(0)
+            },
         }
     }
 }

@@ -94,6 +94,34 @@ pub struct ContainerState {
     /// Set by the poststart hook.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub started_at: Option<String>,
+    /// A Kubernetes pod's proxy (this record is the pod sandbox's): its containers.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod: Option<Pod>,
+}
+
+/// The proxy of a CRI pod: one per pod network namespace, keyed by the sandbox id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Pod {
+    /// `<namespace>/<name>` of the Kubernetes pod, when CRI says.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    /// The pod's containers that took the pod's proxy (`CF_INSTANCE_*`, credentials).
+    #[serde(default)]
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    /// The memory limit the container asked for (not raised under CRI: Envoy's
+    /// allocation is the RuntimeClass overhead); `None`: no limit.
+    #[serde(default)]
+    pub requested_bytes: Option<u64>,
+    /// Whether its own spec declares ports (a stopping signal to it drains the proxy).
+    #[serde(default)]
+    pub declares_ports: bool,
 }
 
 impl ContainerState {
@@ -182,6 +210,33 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The pod record (in `ns`) that lists container `id` among its members. A scan
+    /// of the namespace's records: only asked for ids with no record of their own.
+    pub fn pod_of_member(&self, ns: &str, id: &str) -> Result<Option<ContainerState>> {
+        for other in read_dir_names(&self.root.join(ns))? {
+            // A record being removed meanwhile, or unreadable, is not this one's pod.
+            if let Ok(Some(s)) = self.read(ns, &other)
+                && s.pod.as_ref().is_some_and(|p| p.members.iter().any(|m| m.id == id))
+            {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Take `id` out of its pod's members (its `delete`); whether it was one.
+    pub fn leave_pod(&self, ns: &str, id: &str) -> Result<bool> {
+        let _lock = self.lock()?;
+        let Some(mut pod) = self.pod_of_member(ns, id)? else {
+            return Ok(false);
+        };
+        if let Some(p) = pod.pod.as_mut() {
+            p.members.retain(|m| m.id != id);
+        }
+        self.write(&pod)?;
+        Ok(true)
     }
 
     fn index_path(&self) -> PathBuf {
@@ -442,6 +497,7 @@ pub(crate) mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             init_pid: None,
             started_at: None,
+            pod: None,
         }
     }
 
