@@ -1589,6 +1589,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
         created_at: "2026-01-01T00:00:00Z".into(),
         init_pid: None,
         started_at: None,
+        pod: None,
     }
 }
 

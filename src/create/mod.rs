@@ -911,7 +911,7 @@ mod tests {
         // 1000 MiB capacity, 32 MiB overhead each: the 32nd pod does not fit.
         let (root, cfg) = setup("podcap", "", spec_with("0", 0));
         let mut refused = None;
-        for i in 0..40 {
+        for i in 0u64..40 {
             let id: &'static str = Box::leak(format!("sb{i}").into_boxed_str());
             let sb = sibling(&root, id, &cri_spec("sandbox", id, Some("8080"), 0));
             if let Err(e) = prepare(&cfg, &sb, || false) {
@@ -920,7 +920,7 @@ mod tests {
             }
         }
         let (i, e) = refused.expect("capacity reached");
-        assert_eq!(u64::from(i as u32) * cfg.additional_memory_bytes() / (1 << 20), 992, "{e}");
+        assert_eq!(i * cfg.additional_memory_bytes() / (1 << 20), 992, "{e}");
         assert!(e.contains("RuntimeClass overhead") && e.contains("memory_capacity_mb"), "{e}");
         fs::remove_dir_all(root).unwrap();
     }
