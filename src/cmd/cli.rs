@@ -30,9 +30,11 @@ commands:
   serve-metrics --listen ADDR:PORT [--address SOCK]
                                   the same for every proxied container, plus Envoy
                                   restarts and credential expiry, as Prometheus text
-  recommend-memory --connections N [--mtls]
+  recommend-memory --connections N [--mtls] [--runtime-class]
                                   additional_memory_allocation_mb for N concurrent
-                                  connections, from Envoy's measured cost
+                                  connections, from Envoy's measured cost; with
+                                  --runtime-class, the Kubernetes RuntimeClass whose
+                                  overhead.podFixed.memory pays for it
   doctor [--containerd BIN] [--containerd-config PATH] [--root DIR]
                                   check this host before enabling the product (BIN:
                                   containerd in PATH; PATH: /etc/containerd/config.toml;
@@ -72,6 +74,7 @@ pub enum Cmd {
     RecommendMemory {
         connections: u64,
         mtls: bool,
+        runtime_class: bool,
     },
     Doctor {
         containerd: PathBuf,
@@ -142,6 +145,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut root = None;
     let mut connections = None;
     let mut mtls = false;
+    let mut runtime_class = false;
     let mut all = false;
     let mut containerd = None;
     let mut containerd_config = None;
@@ -174,6 +178,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--listen" => listen = Some(value("--listen")?),
             "--root" => root = Some(PathBuf::from(value("--root")?)),
             "--mtls" => mtls = true,
+            "--runtime-class" => runtime_class = true,
             "--containerd" => containerd = Some(PathBuf::from(value("--containerd")?)),
             "--containerd-config" => {
                 containerd_config = Some(PathBuf::from(value("--containerd-config")?))
@@ -217,7 +222,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
             "--help" | "-h" => positional.push("help".to_string()),
             f if f.starts_with('-') && f.len() > 1 => {
                 bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --all, --containerd BIN, --containerd-config PATH, --containerd-config-version 2|3, --binary-name PATH, --help\n\n{USAGE}"
+                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --runtime-class, --all, --containerd BIN, --containerd-config PATH, --containerd-config-version 2|3, --binary-name PATH, --help\n\n{USAGE}"
                 )
             }
             _ => positional.push(a.clone()),
@@ -264,6 +269,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Args> {
         Some("recommend-memory") => Cmd::RecommendMemory {
             connections: connections.context("recommend-memory needs --connections N")?,
             mtls,
+            runtime_class,
         },
         Some("install") => Cmd::Install {
             dry_run,
@@ -446,8 +452,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::RecommendMemory { connections, mtls } => {
+        Cmd::RecommendMemory {
+            connections,
+            mtls,
+            runtime_class,
+        } => {
             let mb = crate::envoy::sizing::recommend_mb(connections, mtls);
+            if runtime_class {
+                print!("{}", crate::ops::registration::runtime_class(mb));
+                return Ok(());
+            }
             println!("additional_memory_allocation_mb = {mb}");
             println!(
                 "# {connections} concurrent {} connections; measured model (docs/BENCHMARKS.md); \

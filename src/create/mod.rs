@@ -498,6 +498,7 @@ fn member(
             name,
             requested_bytes: requested.filter(|l| *l > 0).map(i64::unsigned_abs),
             declares_ports: !declared.is_empty(),
+            joined_at: now_rfc3339(),
         });
         store.write(&pod_state)?;
         let vars = env_vars(&pod_state);

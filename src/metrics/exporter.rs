@@ -135,7 +135,7 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         by_ns.entry(s.namespace.clone()).or_default().push(s);
     }
     for (ns, list) in &by_ns {
-        let ids: Vec<String> = list.iter().map(|s| s.id.clone()).collect();
+        let ids: Vec<String> = list.iter().flat_map(metrics::ids_of).collect();
         let fetched = metrics::fetch(address, ns, &ids, Duration::from_secs(3));
         up.samples
             .push((format!("namespace=\"{ns}\""), fetched.is_ok() as u64));
@@ -162,7 +162,7 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
             }
             quota
                 .samples
-                .push((l.clone(), s.memory.requested_bytes.unwrap_or(0)));
+                .push((l.clone(), metrics::requested(s).unwrap_or(0)));
             if let Some(rec) = rec {
                 restarts
                     .samples
@@ -178,8 +178,8 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
             if let Some(v) = e {
                 envoy.samples.push((l.clone(), v));
             }
-            if let Some((_, r)) = fetched.iter().find(|(id, _)| id == &s.id) {
-                let rep = metrics::report(s, *r, e, mode);
+            if let Some(r) = metrics::raw_of(s, &fetched) {
+                let rep = metrics::report(s, r, e, mode);
                 usage.samples.push((l.clone(), rep.memory_bytes));
                 raw.samples.push((l, rep.raw_working_set_bytes));
             }

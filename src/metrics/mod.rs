@@ -135,8 +135,44 @@ pub fn linear(usage: u64, requested: Option<u64>, additional: u64) -> Option<u64
     Some(u64::try_from(scaled).unwrap_or(usage))
 }
 
+/// The quota the user asked for. A pod's is the sum of its containers' limits (the
+/// kubelet's pod cgroup limit less the RuntimeClass overhead); `None` (no limit) when
+/// it has no containers yet or one of them has none.
+pub fn requested(s: &ContainerState) -> Option<u64> {
+    match &s.pod {
+        None => s.memory.requested_bytes,
+        Some(p) if p.members.is_empty() => None,
+        Some(p) => p
+            .members
+            .iter()
+            .try_fold(0u64, |sum, m| m.requested_bytes.map(|r| sum.saturating_add(r))),
+    }
+}
+
+/// The ids containerd is asked about for `s`: a pod's sandbox and its containers.
+pub fn ids_of(s: &ContainerState) -> Vec<String> {
+    std::iter::once(s.id.clone())
+        .chain(s.pod.iter().flat_map(|p| p.members.iter().map(|m| m.id.clone())))
+        .collect()
+}
+
+/// `s`'s raw memory from containerd's answers: a pod's is the sum over its sandbox
+/// (pause and Envoy) and its containers; `None` if the sandbox was not reported.
+pub fn raw_of(s: &ContainerState, raws: &[(String, Raw)]) -> Option<Raw> {
+    let find = |id: &str| raws.iter().find(|(i, _)| i == id).map(|(_, r)| *r);
+    let mut total = find(&s.id)?;
+    for id in ids_of(s).iter().skip(1) {
+        if let Some(r) = find(id) {
+            total.usage_bytes = total.usage_bytes.saturating_add(r.usage_bytes);
+            total.working_set_bytes = total.working_set_bytes.saturating_add(r.working_set_bytes);
+            total.limit_bytes = total.limit_bytes.saturating_add(r.limit_bytes);
+        }
+    }
+    Some(total)
+}
+
 pub fn report(s: &ContainerState, raw: Raw, envoy: Option<u64>, mode: Mode) -> Report {
-    let requested = s.memory.requested_bytes;
+    let requested = requested(s);
     let used = raw.working_set_bytes;
     let (value, method) = match (
         mode,
@@ -248,12 +284,12 @@ pub fn collect(
     if states.is_empty() {
         return Ok(Vec::new());
     }
-    let wanted: Vec<String> = states.iter().map(|s| s.id.clone()).collect();
+    let wanted: Vec<String> = states.iter().flat_map(ids_of).collect();
     let raws = fetch(address, namespace, &wanted, Duration::from_secs(5))?;
     Ok(states
         .iter()
         .filter_map(|s| {
-            let raw = raws.iter().find(|(id, _)| id == &s.id)?.1;
+            let raw = raw_of(s, &raws)?;
             Some(report(s, raw, envoy_working_set(store, s), mode))
         })
         .collect())
@@ -265,6 +301,54 @@ mod tests {
     use crate::state::store::tests::{sample, tempdir};
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_pod_is_rescaled_over_its_containers_limits() {
+        use crate::state::store::{Member, Pod};
+        let root = tempdir("metrics-pod");
+        let mut s = sample("k8s.io", "sb", &root, (61010, None));
+        s.memory = crate::state::store::Memory {
+            requested_bytes: None,
+            limit_bytes: None,
+            additional_bytes: 32 * MIB,
+        };
+        let m = |id: &str, r: Option<u64>| Member {
+            id: id.into(),
+            name: None,
+            requested_bytes: r,
+            declares_ports: true,
+            joined_at: String::new(),
+        };
+        s.pod = Some(Pod::default());
+        assert_eq!(requested(&s), None, "no containers yet");
+        s.pod = Some(Pod {
+            name: None,
+            members: vec![m("a", Some(64 * MIB)), m("b", Some(32 * MIB))],
+        });
+        assert_eq!(requested(&s), Some(96 * MIB));
+        assert_eq!(ids_of(&s), ["sb", "a", "b"]);
+        let r = |ws: u64| Raw {
+            usage_bytes: ws,
+            working_set_bytes: ws,
+            limit_bytes: 0,
+        };
+        let raws = vec![
+            ("sb".to_string(), r(16 * MIB)),
+            ("a".to_string(), r(40 * MIB)),
+            ("b".to_string(), r(8 * MIB)),
+            ("other".to_string(), r(999 * MIB)),
+        ];
+        let total = raw_of(&s, &raws).unwrap();
+        assert_eq!(total.working_set_bytes, 64 * MIB);
+        let rep = report(&s, total, None, Mode::Linear);
+        // 64 MiB x 96 / (96 + 32)
+        assert_eq!((rep.memory_bytes, rep.method), (48 * MIB, "linear"));
+        assert_eq!(rep.memory_bytes_quota, 96 * MIB);
+        s.pod.as_mut().unwrap().members.push(m("c", None));
+        assert_eq!(requested(&s), None, "a container without a limit: the pod has none");
+        assert!(raw_of(&s, &raws[1..]).is_none(), "sandbox not reported");
+        std::fs::remove_dir_all(root).unwrap();
+    }
 
     #[test]
     fn decodes_v1_and_v2() {

@@ -61,6 +61,8 @@ pub struct SeenContainer {
     pub record: Record,
     /// Whether the recorded supervisor is still alive.
     pub supervisor_alive: bool,
+    /// A pod's proxy: its members (older than the grace period) runc no longer knows.
+    pub gone_members: Vec<String>,
 }
 
 /// A container directory without a state file (a create that died early).
@@ -169,6 +171,13 @@ pub enum Action {
     /// `<state_dir>/.admin/<uid>` of a uid no container's state records (its stop did
     /// not finish).
     RemoveAdminDir { uid: u32, dir: PathBuf },
+    /// Containers of a live pod that runc no longer knows (deleted without the
+    /// wrapper seeing it): out of the pod's member list. The pod keeps its proxy.
+    PruneMembers {
+        namespace: String,
+        id: String,
+        members: Vec<String>,
+    },
 }
 
 fn pid_or_dash(p: Option<i32>) -> String {
@@ -237,6 +246,15 @@ impl fmt::Display for Action {
                 "removing cgroups {:?} of {namespace}/{id} (no state)",
                 cgroup.dirs
             ),
+            Action::PruneMembers {
+                namespace,
+                id,
+                members,
+            } => write!(
+                f,
+                "pod {namespace}/{id}: {} gone, out of its members (the pod keeps its proxy)",
+                members.join(",")
+            ),
         }
     }
 }
@@ -259,6 +277,10 @@ fn age(created_at: &str, now: SystemTime) -> Duration {
         .unwrap_or(Duration::MAX)
 }
 
+fn rfc3339_age(t: &str, now: SystemTime) -> Duration {
+    age(t, now)
+}
+
 /// Read everything gc decides from. runc is asked only about containers older than
 /// `grace` (one `runc state` each); nothing is changed.
 pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> {
@@ -275,7 +297,24 @@ pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> 
             .runc_root
             .clone()
             .unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_ROOT));
+        let mut gone_members = Vec::new();
+        for m in s.pod.iter().flat_map(|p| &p.members) {
+            if rfc3339_age(&m.joined_at, now) < grace {
+                continue;
+            }
+            let listed = known
+                .entry(root.clone())
+                .or_insert_with(|| host.runc.list(&root));
+            let knows = match listed {
+                Some(ids) => ids.contains(&m.id),
+                None => host.runc.knows(&root, &m.id),
+            };
+            if !knows {
+                gone_members.push(m.id.clone());
+            }
+        }
         o.containers.push(SeenContainer {
+            gone_members,
             runc_knows: (age >= grace).then(|| {
                 let listed = known
                     .entry(root.clone())
@@ -380,6 +419,13 @@ pub fn plan(seen: &Observed, grace: Duration, pool: &std::ops::RangeInclusive<u1
                     namespace: c.namespace.clone(),
                     id: c.id.clone(),
                     why,
+                });
+            }
+            if !c.gone_members.is_empty() {
+                actions.push(Action::PruneMembers {
+                    namespace: c.namespace.clone(),
+                    id: c.id.clone(),
+                    members: c.gone_members.clone(),
                 });
             }
             live.push(c);
@@ -514,6 +560,11 @@ pub fn apply(
                 store.leases().remove_stale(*uid, store.root()).map(drop)
             }
             Action::RemoveAdminDir { dir, .. } => crate::sys::fs::remove_dir_all_if_exists(dir),
+            Action::PruneMembers {
+                namespace,
+                id,
+                members,
+            } => store.prune_members_locked(lock, namespace, id, members),
         };
         if let Err(e) = r {
             failures.push((a.clone(), e));
@@ -787,6 +838,7 @@ mod tests {
                 ..Record::default()
             },
             supervisor_alive: true,
+            gone_members: vec![],
         }
     }
 
@@ -819,6 +871,65 @@ mod tests {
             stale_leases: vec![],
             admin_dirs: vec![(2_000_000_001, PathBuf::from("/run/es/.admin/2000000001"))],
         }
+    }
+
+    #[test]
+    fn plan_prunes_a_live_pods_gone_containers_and_keeps_its_proxy() {
+        let mut seen = healthy();
+        seen.containers[0].gone_members = vec!["c-old".into()];
+        assert_eq!(
+            plan(&seen, GRACE, &POOL),
+            vec![Action::PruneMembers {
+                namespace: "ns".into(),
+                id: "a".into(),
+                members: vec!["c-old".into()],
+            }]
+        );
+    }
+
+    #[test]
+    fn observe_finds_pod_members_runc_forgot_after_the_grace_only() {
+        use crate::state::store::{Member, Pod};
+        let root = crate::state::store::tests::tempdir("gc-members");
+        let store = Store::with_leases(root.join("state"), root.join("leases"));
+        let mut s = crate::state::store::tests::sample("ns", "sb", store.root(), (61010, None));
+        let m = |id: &str, joined: &str| Member {
+            id: id.into(),
+            name: None,
+            requested_bytes: None,
+            declares_ports: true,
+            joined_at: joined.into(),
+        };
+        s.pod = Some(Pod {
+            name: None,
+            members: vec![
+                m("kept", "2026-01-01T00:00:00Z"),
+                m("gone", "2026-01-01T00:00:00Z"),
+                // The fake clock's now.
+                m("young", "2027-01-15T08:00:00Z"),
+            ],
+        });
+        crate::state::store::tests::record(&store, &s);
+        let fakes = crate::host::fake::Fakes {
+            runc: std::rc::Rc::new(crate::runc::query::FakeRunc {
+                known: vec![
+                    (PathBuf::from(RUNC_DEFAULT_ROOT), "sb".into()),
+                    (PathBuf::from(RUNC_DEFAULT_ROOT), "kept".into()),
+                ],
+            }),
+            ..Default::default()
+        };
+        let host = fakes.host();
+        let o = observe(&store, &host, GRACE).unwrap();
+        assert_eq!(o.containers[0].gone_members, ["gone"]);
+        let lock = store.lock().unwrap();
+        let failed = apply(&store, &lock, &host, None, &plan(&o, GRACE, &POOL));
+        assert!(failed.is_empty(), "{failed:?}");
+        drop(lock);
+        let ids: Vec<String> = store.read("ns", "sb").unwrap().unwrap().pod.unwrap().members
+            .into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, ["kept", "young"]);
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

@@ -88,6 +88,30 @@ pub fn drop_in(version: ConfigVersion, binary: &str) -> String {
     )
 }
 
+/// The Kubernetes RuntimeClass of the handler, with the pod's proxy allocation as its
+/// fixed overhead: the scheduler adds it to the pod's requests and the kubelet to the
+/// pod cgroup's limit (Pod Overhead, stable since Kubernetes 1.24), which is where the
+/// pod's Envoy runs (the sandbox's cgroup). `additional_mb`: the configured
+/// `proxy.additional_memory_allocation_mb`.
+pub fn runtime_class(additional_mb: u64) -> String {
+    format!(
+        "# Kubernetes RuntimeClass for the \"{HANDLER}\" CRI handler that `envoy-sidecar install`\n\
+         # registers. overhead.podFixed.memory must equal proxy.additional_memory_allocation_mb\n\
+         # (`envoy-sidecar recommend-memory --connections N --runtime-class` prints it for a\n\
+         # load): the pod's one Envoy runs in its sandbox's cgroup, inside the pod cgroup the\n\
+         # kubelet sizes as the containers' limits plus this overhead. Containers' own limits\n\
+         # are not raised under Kubernetes.\n\
+         apiVersion: node.k8s.io/v1\n\
+         kind: RuntimeClass\n\
+         metadata:\n\
+         \x20 name: {HANDLER}\n\
+         handler: {HANDLER}\n\
+         overhead:\n\
+         \x20 podFixed:\n\
+         \x20   memory: \"{additional_mb}Mi\"\n"
+    )
+}
+
 /// What `containerd config dump` says of the handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Loaded {

@@ -54,6 +54,18 @@ pub struct Row {
     /// Unix seconds.
     pub cert_not_after: Option<u64>,
     pub last_error: Option<String>,
+    /// A Kubernetes pod's proxy (the row is its sandbox's): the pod and its containers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodRow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The pod's containers that use its proxy: CRI name, else id.
+    pub containers: Vec<String>,
+    pub container_ids: Vec<String>,
 }
 
 /// What the row says, from the state, the supervisor's record and a look at the
@@ -124,6 +136,15 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
         sandbox: r.sandbox.clone(),
         cert_not_after: r.cert_not_after,
         last_error: r.last_error.clone(),
+        pod: s.pod.as_ref().map(|p| PodRow {
+            name: p.name.clone(),
+            containers: p
+                .members
+                .iter()
+                .map(|m| m.name.clone().unwrap_or_else(|| m.id.clone()))
+                .collect(),
+            container_ids: p.members.iter().map(|m| m.id.clone()).collect(),
+        }),
     }
 }
 
@@ -197,8 +218,22 @@ pub fn table(rows: &[Row]) -> String {
             (_, true) => "yes",
             (_, false) => "no",
         };
+        let who = match &r.pod {
+            None => format!("{}/{}", r.namespace, r.id),
+            Some(p) => format!(
+                "{}/{} (pod {}: {})",
+                r.namespace,
+                r.id,
+                p.name.as_deref().unwrap_or("-"),
+                if p.containers.is_empty() {
+                    "no containers".to_string()
+                } else {
+                    p.containers.join(",")
+                }
+            ),
+        };
         lines.push([
-            format!("{}/{}", r.namespace, r.id),
+            who,
             status,
             ports,
             ip,
@@ -287,6 +322,33 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("203.0.113.7") && t.contains("ready"), "{t}");
+    }
+
+    #[test]
+    fn a_pod_is_one_row_naming_its_containers() {
+        use crate::state::store::{Member, Pod};
+        let p = FakeProcesses::default();
+        p.add(10, &["pause"]);
+        let sup = p.add(11, &["envoy-sidecar", "supervise"]);
+        let mut s = started(std::path::Path::new("/r"));
+        let member = |id: &str, name: Option<&str>| Member {
+            id: id.into(),
+            name: name.map(str::to_string),
+            requested_bytes: None,
+            declares_ports: true,
+            joined_at: String::new(),
+        };
+        s.pod = Some(Pod {
+            name: Some("shop/web".into()),
+            members: vec![member("a1", Some("app")), member("b2", None)],
+        });
+        let r = row(&s, Some(&rec(sup, State::Ready, None)), &p);
+        assert_eq!(r.pod.as_ref().unwrap().container_ids, ["a1", "b2"]);
+        let t = table(&[r]);
+        assert!(t.contains("ns/c1 (pod shop/web: app,b2)"), "{t}");
+        s.pod.as_mut().unwrap().members.clear();
+        let t = table(&[row(&s, Some(&rec(sup, State::Ready, None)), &p)]);
+        assert!(t.contains("(pod shop/web: no containers)"), "{t}");
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct Member {
     /// Whether its own spec declares ports (a stopping signal to it drains the proxy).
     #[serde(default)]
     pub declares_ports: bool,
+    /// When its create took the pod's proxy (RFC 3339; gc leaves young ones alone).
+    #[serde(default)]
+    pub joined_at: String,
 }
 
 impl ContainerState {
@@ -224,6 +227,23 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// Take `gone` out of the members of pod record `ns/pod` (gc, holding the lock).
+    pub fn prune_members_locked(
+        &self,
+        _lock: &Lock,
+        ns: &str,
+        pod: &str,
+        gone: &[String],
+    ) -> Result<()> {
+        let Some(mut s) = self.read(ns, pod)? else {
+            return Ok(());
+        };
+        if let Some(p) = s.pod.as_mut() {
+            p.members.retain(|m| !gone.contains(&m.id));
+        }
+        self.write(&s)
     }
 
     /// Take `id` out of its pod's members (its `delete`); whether it was one.
