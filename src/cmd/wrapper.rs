@@ -308,7 +308,13 @@ fn start_pod_sidecar(
         ))
     })?;
     let host = crate::host::Host::system(&cfg.runtime.runc);
-    control::start_for_running(store, &host, cfg.source.as_deref(), pod, pid)
+    control::start_for_running(
+        store,
+        &host,
+        (&cli_path(cfg)?, cfg.source.as_deref()),
+        pod,
+        pid,
+    )
 }
 
 /// containerd builds exec processes from its own copy of the spec, without what we
@@ -415,9 +421,10 @@ fn on_kill(ctx: &Ctx, cfg: &Config) {
         Ok(Some(_)) => id.clone(),
         _ => match store.pod_of_member(&ns, &id) {
             Ok(Some(pod))
-                if pod.pod.as_ref().is_some_and(|p| {
-                    p.members.iter().any(|m| m.id == id && m.declares_ports)
-                }) =>
+                if pod
+                    .pod
+                    .as_ref()
+                    .is_some_and(|p| p.members.iter().any(|m| m.id == id && m.declares_ports)) =>
             {
                 pod.id
             }

@@ -243,7 +243,9 @@ pub fn prepare(
     })();
     if let Err(e) = applied {
         let _ = store.remove_locked(&lock, t.namespace, t.id);
-        let _ = store.leases().release(state.envoy_uid, &store.owner(t.namespace, t.id));
+        let _ = store
+            .leases()
+            .release(state.envoy_uid, &store.owner(t.namespace, t.id));
         return Err(e);
     }
     Ok(Prepared::Proxy(state))
@@ -488,7 +490,11 @@ fn member(
     let applied = (|| {
         let (limit, _) = spec.memory()?;
         let requested = match ann.get(annotations::REQUESTED_MEMORY) {
-            Some(r) => parse_recorded(&t.bundle.join("config.json"), annotations::REQUESTED_MEMORY, r)?,
+            Some(r) => parse_recorded(
+                &t.bundle.join("config.json"),
+                annotations::REQUESTED_MEMORY,
+                r,
+            )?,
             None => limit,
         };
         let p = pod_state.pod.as_mut().expect("a pod record");
@@ -765,7 +771,12 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
-    fn cri_spec(kind: &str, sandbox: &str, ports: Option<&str>, limit_mb: i64) -> serde_json::Value {
+    fn cri_spec(
+        kind: &str,
+        sandbox: &str,
+        ports: Option<&str>,
+        limit_mb: i64,
+    ) -> serde_json::Value {
         let mut ann = serde_json::Map::new();
         ann.insert(pod::CONTAINER_TYPE.into(), kind.into());
         ann.insert(pod::SANDBOX_ID.into(), sandbox.into());
@@ -822,7 +833,11 @@ mod tests {
         assert!(sb_spec.get("mounts").is_none(), "{sb_spec}");
 
         // Two containers, one with the pod's (copied) annotation, one with none.
-        let app = sibling(&root, "app1", &cri_spec("container", "sb1", Some("8080"), 128));
+        let app = sibling(
+            &root,
+            "app1",
+            &cri_spec("container", "sb1", Some("8080"), 128),
+        );
         let shipper = sibling(&root, "log1", &cri_spec("container", "sb1", None, 64));
         for t in [&app, &shipper] {
             let Prepared::Member { pod: p, adopted } = prepare(&cfg, t, || false).unwrap() else {
@@ -838,7 +853,10 @@ mod tests {
             assert!(env.contains(&ports), "{env:?}");
             let v: serde_json::Value =
                 serde_json::from_slice(&fs::read(t.bundle.join("config.json")).unwrap()).unwrap();
-            assert_eq!(v["linux"], spec_with("0", if t.id == "app1" { 128 } else { 64 })["linux"]);
+            assert_eq!(
+                v["linux"],
+                spec_with("0", if t.id == "app1" { 128 } else { 64 })["linux"]
+            );
             assert!(v.get("hooks").is_none(), "no hooks of its own: {v}");
             assert!(v["mounts"].to_string().contains(CREDENTIALS_MOUNT));
         }
@@ -857,7 +875,11 @@ mod tests {
         assert!(store.pod_of_member("k8s.io", "log1").unwrap().is_none());
 
         // A container declaring a port the pod does not proxy: refused, nothing changed.
-        let other = sibling(&root, "c9", &cri_spec("container", "sb1", Some("8080,9090"), 0));
+        let other = sibling(
+            &root,
+            "c9",
+            &cri_spec("container", "sb1", Some("8080,9090"), 0),
+        );
         let before = fs::read(other.bundle.join("config.json")).unwrap();
         let e = prepare(&cfg, &other, || false).unwrap_err().to_string();
         assert!(e.contains("9090") && e.contains("sb1"), "{e}");
@@ -874,7 +896,11 @@ mod tests {
         // Nothing declared, no pod proxy: nothing.
         let plain = sibling(&root, "p0", &cri_spec("container", "sb2", None, 0));
         assert!(prepare(&cfg, &plain, || false).unwrap().is_nothing());
-        let app = sibling(&root, "a1", &cri_spec("container", "sb2", Some("8080"), 256));
+        let app = sibling(
+            &root,
+            "a1",
+            &cri_spec("container", "sb2", Some("8080"), 256),
+        );
         let Prepared::Member { pod, adopted } = prepare(&cfg, &app, || false).unwrap() else {
             panic!("a member")
         };
@@ -895,7 +921,11 @@ mod tests {
     #[test]
     fn pod_proxy_ports_avoid_every_declared_port() {
         let (root, cfg) = setup("podrange", "", spec_with("0", 0));
-        let sb = sibling(&root, "sb3", &cri_spec("sandbox", "sb3", Some("61001,61002,8080"), 0));
+        let sb = sibling(
+            &root,
+            "sb3",
+            &cri_spec("sandbox", "sb3", Some("61001,61002,8080"), 0),
+        );
         let Prepared::Proxy(pod) = prepare(&cfg, &sb, || false).unwrap() else {
             panic!("a proxy")
         };
@@ -922,7 +952,10 @@ mod tests {
         }
         let (i, e) = refused.expect("capacity reached");
         assert_eq!(i * cfg.additional_memory_bytes() / (1 << 20), 992, "{e}");
-        assert!(e.contains("RuntimeClass overhead") && e.contains("memory_capacity_mb"), "{e}");
+        assert!(
+            e.contains("RuntimeClass overhead") && e.contains("memory_capacity_mb"),
+            "{e}"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 }

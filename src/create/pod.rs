@@ -85,9 +85,8 @@ pub fn uncovered(pod: &ContainerState, declared: &[u16]) -> Vec<u16> {
 
 /// The refusal of a member whose ports the pod's proxy does not cover.
 pub fn not_covered(pod: &ContainerState, member: &str, missing: &[u16]) -> Error {
-    let list = |v: &mut dyn Iterator<Item = u16>| {
-        v.map(|p| p.to_string()).collect::<Vec<_>>().join(",")
-    };
+    let list =
+        |v: &mut dyn Iterator<Item = u16>| v.map(|p| p.to_string()).collect::<Vec<_>>().join(",");
     Error::Pod(format!(
         "container {member} declares port(s) {} that the proxy of its pod {} does not cover \
          (it proxies {}); a pod has one proxy with its ports fixed when it is set up: \
@@ -144,7 +143,10 @@ mod tests {
         let e = Role::of(&ann(&[(CONTAINER_TYPE, "pod")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains(CONTAINER_TYPE) && e.contains("\"sandbox\""), "{e}");
+        assert!(
+            e.contains(CONTAINER_TYPE) && e.contains("\"sandbox\""),
+            "{e}"
+        );
         let e = Role::of(&ann(&[(CONTAINER_TYPE, "container")]))
             .unwrap_err()
             .to_string();

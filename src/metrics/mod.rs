@@ -142,17 +142,20 @@ pub fn requested(s: &ContainerState) -> Option<u64> {
     match &s.pod {
         None => s.memory.requested_bytes,
         Some(p) if p.members.is_empty() => None,
-        Some(p) => p
-            .members
-            .iter()
-            .try_fold(0u64, |sum, m| m.requested_bytes.map(|r| sum.saturating_add(r))),
+        Some(p) => p.members.iter().try_fold(0u64, |sum, m| {
+            m.requested_bytes.map(|r| sum.saturating_add(r))
+        }),
     }
 }
 
 /// The ids containerd is asked about for `s`: a pod's sandbox and its containers.
 pub fn ids_of(s: &ContainerState) -> Vec<String> {
     std::iter::once(s.id.clone())
-        .chain(s.pod.iter().flat_map(|p| p.members.iter().map(|m| m.id.clone())))
+        .chain(
+            s.pod
+                .iter()
+                .flat_map(|p| p.members.iter().map(|m| m.id.clone())),
+        )
         .collect()
 }
 
@@ -345,7 +348,11 @@ mod tests {
         assert_eq!((rep.memory_bytes, rep.method), (48 * MIB, "linear"));
         assert_eq!(rep.memory_bytes_quota, 96 * MIB);
         s.pod.as_mut().unwrap().members.push(m("c", None));
-        assert_eq!(requested(&s), None, "a container without a limit: the pod has none");
+        assert_eq!(
+            requested(&s),
+            None,
+            "a container without a limit: the pod has none"
+        );
         assert!(raw_of(&s, &raws[1..]).is_none(), "sandbox not reported");
         std::fs::remove_dir_all(root).unwrap();
     }

@@ -926,8 +926,16 @@ mod tests {
         let failed = apply(&store, &lock, &host, None, &plan(&o, GRACE, &POOL));
         assert!(failed.is_empty(), "{failed:?}");
         drop(lock);
-        let ids: Vec<String> = store.read("ns", "sb").unwrap().unwrap().pod.unwrap().members
-            .into_iter().map(|m| m.id).collect();
+        let ids: Vec<String> = store
+            .read("ns", "sb")
+            .unwrap()
+            .unwrap()
+            .pod
+            .unwrap()
+            .members
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         assert_eq!(ids, ["kept", "young"]);
         std::fs::remove_dir_all(root).unwrap();
     }

@@ -333,9 +333,12 @@ mod tests {
             registration::drop_in(ConfigVersion::V3, registration::DEFAULT_BINARY)
         );
         // The RuntimeClass's overhead is the default proxy allocation.
-        let default_mb =
-            u64::try_from(crate::config::Config::default().proxy.additional_memory_allocation_mb)
-                .unwrap();
+        let default_mb = u64::try_from(
+            crate::config::Config::default()
+                .proxy
+                .additional_memory_allocation_mb,
+        )
+        .unwrap();
         assert_eq!(
             include_str!("../../hooks/runtimeclass.yaml"),
             registration::runtime_class(default_mb)

@@ -29,15 +29,27 @@ pub fn launch(
     ns: &str,
     id: &str,
 ) -> Result<()> {
-    let paths = Paths::new(store, ns, id);
     let exe = std::env::current_exe().at("/proc/self/exe")?;
+    launch_as(procs, &exe, config, store, ns, id)
+}
+
+/// [`launch`] from a process that is not the CLI (the wrapper): `exe` is the CLI.
+pub fn launch_as(
+    procs: &dyn Processes,
+    exe: &Path,
+    config: Option<&Path>,
+    store: &Store,
+    ns: &str,
+    id: &str,
+) -> Result<()> {
+    let paths = Paths::new(store, ns, id);
     let mut args = Vec::new();
     if let Some(c) = config {
         args.extend(["--config".to_string(), c.display().to_string()]);
     }
     args.extend(["supervise", id, "--namespace", ns].map(String::from));
     procs
-        .spawn_detached(&exe, &args, &paths.supervisor_log())
+        .spawn_detached(exe, &args, &paths.supervisor_log())
         .map_err(|e| Error::process(format!("starting the supervisor of {ns}/{id}"), e))
 }
 
@@ -296,7 +308,7 @@ pub fn ingress_filter(s: &ContainerState) -> Result<()> {
 pub fn start_for_running(
     store: &Store,
     host: &Host,
-    config: Option<&Path>,
+    (cli, config): (&Path, Option<&Path>),
     mut s: ContainerState,
     pid: i32,
 ) -> Result<()> {
@@ -312,7 +324,7 @@ pub fn start_for_running(
             crate::error::render(&e)
         );
     }
-    launch(host.procs.as_ref(), config, store, &s.namespace, &s.id)
+    launch_as(host.procs.as_ref(), cli, config, store, &s.namespace, &s.id)
 }
 
 /// Each NAT conflict case the create/delete path meets, against the in-memory table

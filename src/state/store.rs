@@ -221,7 +221,9 @@ impl Store {
         for other in read_dir_names(&self.root.join(ns))? {
             // A record being removed meanwhile, or unreadable, is not this one's pod.
             if let Ok(Some(s)) = self.read(ns, &other)
-                && s.pod.as_ref().is_some_and(|p| p.members.iter().any(|m| m.id == id))
+                && s.pod
+                    .as_ref()
+                    .is_some_and(|p| p.members.iter().any(|m| m.id == id))
             {
                 return Ok(Some(s));
             }
