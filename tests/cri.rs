@@ -596,7 +596,7 @@ fn a_pod_runs_one_envoy_for_all_its_containers() {
         .unwrap_or_else(|e| panic!("shipper: {e}"));
 
     // One record, keyed by the sandbox; no record for either container.
-    assert_eq!(sb.state_entries("k8s.io"), [pod.clone()]);
+    assert_eq!(sb.state_entries("k8s.io"), std::slice::from_ref(&pod));
     let st = sb.inspect_ns(&pod, "k8s.io").expect("the pod's record");
     let ip = k.pod_ip(&pod);
     let proxy = port_of(&st, 0, "internal_tls_proxy");
