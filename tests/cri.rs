@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
@@ -56,115 +55,28 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     }
     let _turn = handler_turn();
     let sb = Sandbox::new("cri", "", "");
-    // The handler's binary: the wrapper with this test's configuration.
-    write_wrapper_script(Path::new(CRI_RUNTIME), &sb.config, &[], None);
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // As tests/env/containerd.sh leaves it: plain runc.
-            write_exec_script(Path::new(CRI_RUNTIME), &[], &real_runc(), None);
-        }
-    }
-    let _restore = Restore;
-    let logs = sb.dir.join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let rt = rt();
-    let uid = format!("es-cri-{}", std::process::id());
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "web".into(),
-            uid: uid.clone(),
-            namespace: "es-test".into(),
-            attempt: 0,
-        }),
-        hostname: "web".into(),
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    };
-    let pod = rt.block_on(async {
-        client()
-            .await
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                runtime_handler: HANDLER.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {}", e.message()))
-            .into_inner()
-            .pod_sandbox_id
-    });
-    struct Pod<'a>(&'a tokio::runtime::Runtime, String);
-    impl Drop for Pod<'_> {
-        fn drop(&mut self) {
-            self.0.block_on(async {
-                let mut c = client().await;
-                let _ = c
-                    .stop_pod_sandbox(StopPodSandboxRequest {
-                        pod_sandbox_id: self.1.clone(),
-                    })
-                    .await;
-                let _ = c
-                    .remove_pod_sandbox(RemovePodSandboxRequest {
-                        pod_sandbox_id: self.1.clone(),
-                    })
-                    .await;
-            });
-        }
-    }
-    let pod_guard = Pod(&rt, pod.clone());
+    let (k, _restore) = Kubelet::new(&sb);
+    let pod_config = k.pod_config("web", &[]);
+    let pod = k.run_pod(&pod_config);
+    let pod_guard = PodGuard(&k, pod.clone());
+    let cid = k
+        .start(
+            &pod,
+            &pod_config,
+            container(
+                "app",
+                0,
+                &["/bin/httpd", "-f", "-p", "8080", "-h", "/www"],
+                &[("envoy-sidecar/ports", "8080")],
+                128 * MIB,
+                vec![],
+            ),
+        )
+        .unwrap_or_else(|e| panic!("app: {e}"));
 
-    let container_config = ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: "app".into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec![
-            "/bin/httpd".into(),
-            "-f".into(),
-            "-p".into(),
-            "8080".into(),
-            "-h".into(),
-            "/www".into(),
-        ],
-        annotations: HashMap::from([("envoy-sidecar/ports".to_string(), "8080".to_string())]),
-        log_path: "app.log".into(),
-        linux: Some(LinuxContainerConfig {
-            resources: Some(LinuxContainerResources {
-                memory_limit_in_bytes: 128 * MIB,
-                ..Default::default()
-            }),
-            security_context: None,
-        }),
-        ..Default::default()
-    };
-    let cid = rt.block_on(async {
-        let mut c = client().await;
-        let id = c
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container_config),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer: {}", e.message()))
-            .into_inner()
-            .container_id;
-        c.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {}", e.message()));
-        id
-    });
-
-    // Decided exactly as under ctr: namespace k8s.io (the shim's runc root), ports, memory.
-    // The annotation is the container's own (the pod has none): the pod's proxy is set
-    // up by it, keyed by the sandbox, and the container's limit is its own (the
+    // Decided as under ctr: namespace k8s.io (the shim's runc root), ports. The
+    // annotation is the container's own (the pod has none): the pod's proxy is set up
+    // by it, keyed by the sandbox, and the container's limit is its own (the
     // RuntimeClass overhead pays for Envoy).
     let st = sb
         .inspect_ns(&pod, "k8s.io")
@@ -177,82 +89,42 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     assert_eq!(st["pod"]["members"][0]["id"], cid.as_str());
     assert_eq!(st["pod"]["members"][0]["requested_bytes"], 128 * MIB);
     assert_eq!(st["memory"]["limit_bytes"], serde_json::Value::Null);
-    let limit = rt.block_on(async {
-        client()
-            .await
-            .exec_sync(ExecSyncRequest {
-                container_id: cid.clone(),
-                cmd: vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null".into(),
-                ],
-                timeout: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    });
     assert_eq!(
-        String::from_utf8_lossy(&limit.stdout).trim(),
+        k.exec(
+            &cid,
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null"
+        ),
         (128 * MIB).to_string(),
         "the container's limit is not raised"
     );
 
     // The app's environment and credentials, seen through CRI's ExecSync.
-    let out = rt.block_on(async {
-        client()
-            .await
-            .exec_sync(ExecSyncRequest {
-                container_id: cid.clone(),
-                cmd: vec!["/bin/sh".into(), "-c".into(), "echo $CF_INSTANCE_PORTS; test -s /etc/cf-instance-credentials/instance.crt && echo creds".into()],
-                timeout: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    let exec_out = String::from_utf8_lossy(&out.stdout).to_string();
-    let ports: serde_json::Value = serde_json::from_str(exec_out.lines().next().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {exec_out}"));
+    let ports: serde_json::Value = {
+        let out = k.exec(&cid, "echo $CF_INSTANCE_PORTS");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
     assert_eq!(
         ports[0]["internal_tls_proxy"],
         st["ports"][0]["internal_tls_proxy"]
     );
+    assert_eq!(
+        k.exec(
+            &cid,
+            "test -s /etc/cf-instance-credentials/instance.crt && echo creds"
+        ),
+        "creds",
+        "credentials mounted"
+    );
 
-    // The proxy: TLS from the host to the pod IP, served by the app.
-    let ip = rt.block_on(async {
-        client()
-            .await
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .unwrap()
-    });
-    wait_ready(&sb, &pod);
-    let addr = format!("{ip}:{}", st["ports"][0]["internal_tls_proxy"]);
-    Get::new(&sb.ca()).wait_for(&addr, HELLO);
-
-    // Host NAT: the pod IP mapped (CRI's netns has its address before the container),
-    // and TLS through the host's address and the external TLS proxy port.
-    let row = wait_until(
-        "status ready with NAT",
-        std::time::Duration::from_secs(20),
-        || {
-            let row = status_row(&sb.config, "k8s.io", &pod).ok_or("no row")?;
-            if row["status"] == "ready" && row["nat_applied"] == true && row["container_ip"] == ip {
-                Ok(row)
-            } else {
-                Err(row.to_string())
-            }
-        },
+    // The proxy: TLS from the host to the pod IP, served by the app; host NAT to the
+    // pod IP (CRI's netns has its address before the container), and TLS through the
+    // host's address and the external TLS proxy port.
+    let ip = k.pod_ip(&pod);
+    let row = wait_ready(&sb, &pod);
+    assert_eq!(row["container_ip"], ip.as_str(), "{row}");
+    Get::new(&sb.ca()).wait_for(
+        &format!("{ip}:{}", st["ports"][0]["internal_tls_proxy"]),
+        HELLO,
     );
     let tls_port = port_of(&st, 0, "external_tls_proxy");
     let nat = common::footprint::nat_in_pool(&sb.pool());
@@ -265,26 +137,10 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     );
     let host = st["host_ip"].as_str().unwrap();
     Get::new(&sb.ca()).wait_for(&format!("{host}:{tls_port}"), HELLO);
-    assert!(
-        exec_out.contains("creds"),
-        "credentials mounted: {exec_out}"
-    );
 
     // Pod deletion as the kubelet does it leaves nothing behind.
-    rt.block_on(async {
-        let mut c = client().await;
-        c.stop_container(StopContainerRequest {
-            container_id: cid.clone(),
-            timeout: 2,
-        })
-        .await
-        .unwrap();
-        c.remove_container(RemoveContainerRequest {
-            container_id: cid.clone(),
-        })
-        .await
-        .unwrap();
-    });
+    k.stop_container(&cid, 2);
+    k.remove_container(&cid);
     drop(pod_guard);
     assert!(
         sb.inspect_ns(&pod, "k8s.io").is_none(),
@@ -294,7 +150,7 @@ fn kubelet_style_pod_gets_its_proxy_credentials_and_memory() {
     assert_eq!(
         common::footprint::nat_in_pool(&sb.pool()),
         [],
-        "NAT left after RemoveContainer"
+        "NAT left after RemovePodSandbox"
     );
 }
 
