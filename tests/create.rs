@@ -379,3 +379,68 @@ fn failed_runc_create_releases_everything() {
         sb.leftovers()
     );
 }
+
+/// A `state_dir` whose parents do not exist: the first proxied create makes them
+/// traversable (0711), so the container gets its proxy at once; and `status` runs
+/// whatever is wrong with the configuration, listing every container it can read.
+#[test]
+fn a_state_dir_with_missing_parents_works_at_once_and_status_always_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run("a_state_dir_with_missing_parents_works_at_once_and_status_always_runs") {
+        return;
+    }
+    let sb = Sandbox::new("parents", "", "");
+    let deep = sb.dir.join("not/yet/state");
+    sb.set_config_line("state_dir", &format!("state_dir = {deep:?}"));
+    let net = sb.slot.netns(0);
+    let id = "es-parents";
+    let (c, _st, addr) = sb.start_served(id, &net);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&sb.dir.join("not")), 0o711);
+    assert_eq!(mode(&sb.dir.join("not/yet")), 0o711);
+    let row = wait_until("status ready", std::time::Duration::from_secs(20), || {
+        let r = status_row(&sb.config, NAMESPACE, id).ok_or("no row")?;
+        if r["status"] == "ready" {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    });
+    assert!(row["last_error"].is_null(), "{row}");
+    openssl_wait_for(&addr, &sb.ca(), id, HELLO);
+
+    // A configuration that fails validation, then one that is not TOML: status still
+    // lists the container (from the state_dir line), says what is wrong, exits 0.
+    let good = std::fs::read_to_string(&sb.config).unwrap();
+    for (what, text_of) in [
+        (
+            "invalid",
+            good.replace(
+                "[proxy]\n",
+                "[proxy]\nadditional_memory_allocation_mb = -3\n",
+            ),
+        ),
+        ("not TOML", format!("{good}\nthis is = = not toml\n")),
+    ] {
+        assert_ne!(text_of, good, "{what}");
+        std::fs::write(&sb.config, &text_of).unwrap();
+        let o = cli(&sb.config).arg("status").output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        assert!(
+            out.contains("config error") && out.contains(id),
+            "{what}: {out}"
+        );
+        let o = cli(&sb.config).args(["status", "--json"]).output().unwrap();
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        let rows: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{what}: {e}: {}", text(&o)));
+        assert_eq!(rows[0]["id"], id, "{what}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("config error"),
+            "{what}"
+        );
+    }
+    std::fs::write(&sb.config, good).unwrap();
+    drop(c);
+}

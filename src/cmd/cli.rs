@@ -340,6 +340,49 @@ pub fn main(argv: Vec<String>) -> i32 {
     }
 }
 
+/// The configuration `status` lists with, and what is wrong with it: the file as
+/// parsed if only validation fails, else its `runtime.state_dir` (or the default) read
+/// on its own.
+fn status_config(path: Option<&std::path::Path>) -> (Config, Option<String>) {
+    match Config::load(path) {
+        Ok(cfg) => {
+            let problem = load(path).err().map(|e| {
+                format!(
+                    "config error (listing {} anyway): {e:#}",
+                    cfg.runtime.state_dir.display()
+                )
+            });
+            (cfg, problem)
+        }
+        Err(e) => {
+            let mut cfg = Config::default();
+            let file = path
+                .map(std::path::Path::to_path_buf)
+                .or_else(|| std::env::var_os(crate::config::CONFIG_ENV).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH));
+            // The file may not even be TOML: its state_dir line, read on its own.
+            let dir = std::fs::read_to_string(&file).ok().and_then(|t| {
+                t.lines().find_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    (k.trim() == "state_dir")
+                        .then(|| v.trim().trim_matches('"').trim_matches('\''))
+                        .filter(|v| v.starts_with('/'))
+                        .map(PathBuf::from)
+                })
+            });
+            if let Some(d) = dir {
+                cfg.runtime.state_dir = d;
+            }
+            let msg = format!(
+                "config error (listing {} anyway): {}",
+                cfg.runtime.state_dir.display(),
+                crate::error::render(&e)
+            );
+            (cfg, Some(msg))
+        }
+    }
+}
+
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let self_exe: Vec<PathBuf> = std::env::current_exe()
         .ok()
@@ -403,13 +446,28 @@ fn run(args: Args) -> anyhow::Result<()> {
             if let Some(ns) = &namespace {
                 store::check_namespace(ns)?;
             }
-            let cfg = load(args.config.as_deref())?;
+            // Never refuses: a configuration that does not load is reported above the
+            // table, and every container its state_dir holds is still listed.
+            let (cfg, problem) = status_config(args.config.as_deref());
             let st = Store::of(&cfg);
-            let rows =
-                crate::ops::status::rows(&st, namespace.as_deref(), &crate::sys::process::Procfs)?;
+            let runc = crate::runc::query::RuncBinary {
+                path: cfg.runtime.runc.clone(),
+            };
+            let rows = crate::ops::status::rows(
+                &st,
+                namespace.as_deref(),
+                &crate::sys::process::Procfs,
+                Some(&runc),
+            )?;
             if json {
+                if let Some(p) = &problem {
+                    eprintln!("envoy-sidecar: {p}");
+                }
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
+                if let Some(p) = &problem {
+                    println!("{p}\n");
+                }
                 print!("{}", crate::ops::status::table(&rows));
             }
         }

@@ -26,7 +26,7 @@ use crate::sys::cgroup::SidecarCgroup;
 use crate::sys::process::ProcId;
 
 /// runc's own default `--root`.
-const RUNC_DEFAULT_ROOT: &str = "/run/runc";
+pub const RUNC_DEFAULT_ROOT: &str = "/run/runc";
 /// How long a stray process gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 

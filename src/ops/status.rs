@@ -71,12 +71,30 @@ pub struct PodRow {
 /// What the row says, from the state, the supervisor's record and a look at the
 /// processes. Pure but for `procs` and the read of Envoy's cgroup OOM counter.
 pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> Row {
+    row_known(s, rec, procs, None)
+}
+
+/// [`row`], told whether runc still knows the container (`None`: not asked).
+pub fn row_known(
+    s: &ContainerState,
+    rec: Option<&Record>,
+    procs: &dyn Processes,
+    runc_knows: Option<bool>,
+) -> Row {
     let empty = Record::default();
     let r = rec.unwrap_or(&empty);
     let init_running = s.init_pid.is_some_and(|p| procs.exists(p));
     let supervised = r.supervisor.is_some_and(|p| procs.alive(&p));
     let recorded = r.status.clone();
-    let (status, reason, since) = if s.started_at.is_none() {
+    let (status, reason, since) = if runc_knows == Some(false) && !init_running {
+        // A create that failed after our part (the engine removed the container), or
+        // a delete we did not see: nothing will start or release it but gc.
+        (
+            State::Gone,
+            Some("gc will remove it: the engine no longer has this container".into()),
+            None,
+        )
+    } else if s.started_at.is_none() {
         (
             State::Starting,
             Some("created, not started yet".to_string()),
@@ -148,12 +166,24 @@ pub fn row(s: &ContainerState, rec: Option<&Record>, procs: &dyn Processes) -> R
     }
 }
 
-/// Every proxied container under `store` (in `namespace`, if given), sorted.
+/// How long after its create a record is left alone by the "gone" look: the
+/// wrapper records a container before runc has created it.
+pub const GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Every proxied container under `store` (in `namespace`, if given), sorted. With
+/// `runc`, records older than [`GONE_GRACE`] whose container runc no longer knows
+/// (one `runc list` per root) say `gone`.
 pub fn rows(
     store: &Store,
     namespace: Option<&str>,
     procs: &dyn Processes,
+    runc: Option<&dyn crate::runc::query::RuncQuery>,
 ) -> crate::Result<Vec<Row>> {
+    let mut listed: std::collections::BTreeMap<
+        std::path::PathBuf,
+        Option<std::collections::BTreeSet<String>>,
+    > = Default::default();
+    let now = std::time::SystemTime::now();
     let mut out: Vec<Row> = store
         .list()?
         .into_iter()
@@ -163,7 +193,21 @@ pub fn rows(
                 .read_record()
                 .ok()
                 .flatten();
-            row(&s, rec.as_ref(), procs)
+            let old = humantime::parse_rfc3339(&s.created_at)
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_none_or(|age| age >= GONE_GRACE);
+            let knows = runc.filter(|_| old).map(|q| {
+                let root = s
+                    .runc_root
+                    .clone()
+                    .unwrap_or_else(|| crate::ops::gc::RUNC_DEFAULT_ROOT.into());
+                match listed.entry(root.clone()).or_insert_with(|| q.list(&root)) {
+                    Some(ids) => ids.contains(&s.id),
+                    None => q.knows(&root, &s.id),
+                }
+            });
+            row_known(&s, rec.as_ref(), procs, knows)
         })
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.id).cmp(&(&b.namespace, &b.id)));
@@ -322,6 +366,28 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("203.0.113.7") && t.contains("ready"), "{t}");
+    }
+
+    #[test]
+    fn a_record_runc_forgot_is_gone_not_starting() {
+        let p = FakeProcesses::default();
+        let mut s = started(std::path::Path::new("/r"));
+        s.started_at = None; // a create whose runc create then failed
+        let r = row_known(&s, None, &p, Some(false));
+        assert_eq!(r.status, State::Gone);
+        assert!(r.reason.unwrap().contains("gc will remove it"));
+        // Known to runc (or not asked): what it was.
+        assert_eq!(row_known(&s, None, &p, Some(true)).status, State::Starting);
+        assert_eq!(row_known(&s, None, &p, None).status, State::Starting);
+        // The real store, through `rows`: old enough and unknown to runc.
+        let root = crate::state::store::tests::tempdir("status-gone");
+        let store = Store::with_leases(root.join("state"), root.join("leases"));
+        let st = crate::state::store::tests::sample("ns", "c1", store.root(), (61010, None));
+        crate::state::store::tests::record(&store, &st);
+        let none = crate::runc::query::FakeRunc::default();
+        let rows = rows(&store, None, &p, Some(&none)).unwrap();
+        assert_eq!(rows[0].status, State::Gone);
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

@@ -75,15 +75,19 @@ pub enum State {
     /// Something is wrong; `reason` says what.
     Degraded,
     Stopping,
+    /// The engine no longer has the container (runc does not know it) but its record
+    /// is still here: `gc` removes it. Said by `status` only, never recorded.
+    Gone,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::WaitingForNetwork,
         State::Starting,
         State::Ready,
         State::Degraded,
         State::Stopping,
+        State::Gone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +97,7 @@ impl State {
             State::Ready => "ready",
             State::Degraded => "degraded",
             State::Stopping => "stopping",
+            State::Gone => "gone",
         }
     }
 }

@@ -157,12 +157,7 @@ pub fn now_rfc3339() -> String {
 /// Create `dir` (0700, with parents) and take an exclusive `flock` on `dir/name`
 /// (0600), waiting for it; released when the file is dropped. The host-wide locks.
 pub fn lock_in(dir: &Path, name: &str) -> Result<fs::File> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .at(dir)?;
+    create_dir_traversable(dir, 0o700)?;
     let path = dir.join(name);
     let f = OpenOptions::new()
         .create(true)
@@ -175,10 +170,53 @@ pub fn lock_in(dir: &Path, name: &str) -> Result<fs::File> {
     Ok(f)
 }
 
+/// Create `dir` (mode `mode`) and any missing parent with mode 0711: searchable by
+/// others, so that Envoy's unprivileged uid can reach its files below (a missing
+/// parent made 0700 would lock it out), but not listable. Existing directories are
+/// left as they are. Modes are set explicitly (the umask does not apply).
+pub fn create_dir_traversable(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for (i, d) in missing.iter().rev().enumerate() {
+        let m = if i + 1 == missing.len() { mode } else { 0o711 };
+        match fs::DirBuilder::new().mode(m).create(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(m)).at(d)?,
+            // Made meanwhile by another create: theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(crate::error::Error::Io {
+                    path: d.to_path_buf(),
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn missing_parents_are_made_traversable_and_existing_ones_kept() {
+        let d = tempdir("traversable");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).unwrap();
+        let leaf = d.join("x/y/state");
+        create_dir_traversable(&leaf, 0o700).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&d.join("x")), 0o711);
+        assert_eq!(mode(&d.join("x/y")), 0o711);
+        assert_eq!(mode(&leaf), 0o700);
+        assert_eq!(
+            mode(&d),
+            0o750,
+            "an existing parent is not the product's to change"
+        );
+        create_dir_traversable(&leaf, 0o700).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("es-fs-{tag}-{}", std::process::id()));
