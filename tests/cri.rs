@@ -550,9 +550,17 @@ fn a_pod_runs_one_envoy_for_all_its_containers() {
             let (mut served, mut refused, mut errors) = (0, 0, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 let out = Get::new(&ca).fetch(&addr);
+                // Refused: connect refused, or reset before the handshake read a byte —
+                // a connection the kernel had queued when Envoy closed the listener
+                // (no request was sent: as safe to retry as a refusal).
+                let reset_unanswered = out.contains("SSL handshake has read 0 bytes")
+                    && (out.contains("errno=104") || out.contains("Connection reset"));
                 if out.contains(HELLO) {
                     served += 1;
-                } else if out.contains("Connection refused") || out.contains("errno=111") {
+                } else if out.contains("Connection refused")
+                    || out.contains("errno=111")
+                    || reset_unanswered
+                {
                     refused += 1;
                 } else {
                     errors.push(out.chars().take(400).collect::<String>());
