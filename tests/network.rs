@@ -332,16 +332,25 @@ fn garden_order_address_change_moves_nat_and_the_ip_san() {
 
     // The address goes: the mappings are withdrawn, the status waits again.
     g.netns.del_address(&host_a, &ip_a);
-    let row = wait_until("NAT withdrawn", Duration::from_secs(5), || {
-        let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
-        let nat = pool_nat(&g.sb);
-        if nat.is_empty() && row["nat_applied"] == false && row["container_ip"].is_null() {
-            Ok(row)
-        } else {
-            Err(format!("{nat:?} {row}"))
-        }
-    });
-    assert_eq!(row["status"], "waiting-for-network", "{row}");
+    // The record's address and NAT fields and its status are separate writes of the
+    // supervisor: wait for all of them (the status follows within one wake).
+    wait_until(
+        "NAT withdrawn, waiting again",
+        Duration::from_secs(5),
+        || {
+            let row = status_row(&g.sb.config, "default", &g.id).ok_or("no row")?;
+            let nat = pool_nat(&g.sb);
+            if nat.is_empty()
+                && row["nat_applied"] == false
+                && row["container_ip"].is_null()
+                && row["status"] == "waiting-for-network"
+            {
+                Ok(row)
+            } else {
+                Err(format!("{nat:?} {row}"))
+            }
+        },
+    );
 
     // Another one comes: NAT moves to it, a new certificate names it (and not the old).
     let t0 = Instant::now();
