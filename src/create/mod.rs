@@ -119,7 +119,8 @@ pub enum Prepared {
     /// A container of a CRI pod: it got the pod's environment and credentials, and is
     /// listed in the pod's record. `adopted`: the pod had no proxy yet (no annotation
     /// on the pod) and this container's annotation set one up; its sandbox already
-    /// runs, so the caller starts the pod's sidecar now (see [`adopt`]).
+    /// runs, so the caller starts the pod's sidecar now
+    /// ([`crate::sidecar::control::start_for_running`]).
     Member { pod: ContainerState, adopted: bool },
 }
 
@@ -437,19 +438,18 @@ fn member(
                 .map(|d| d.join(sandbox_id))
                 .filter(|b| b.join("config.json").is_file())
                 .unwrap_or_else(|| t.bundle.to_path_buf());
-            let user = JsonFile::load(&sandbox_bundle.join("config.json"))
-                .and_then(|s| s.user())
-                .or_else(|_| spec.user())?;
-            let pod_name = pod::Role::of(
-                &JsonFile::load(&sandbox_bundle.join("config.json"))
-                    .and_then(|s| s.annotations())
-                    .unwrap_or_default(),
-            )
-            .ok()
-            .and_then(|r| match r {
-                pod::Role::Sandbox { pod_name } => pod_name,
-                _ => None,
-            });
+            // The pod's user and name are the sandbox's, when its spec can be read.
+            let sandbox_spec = JsonFile::load(&sandbox_bundle.join("config.json")).ok();
+            let user = match sandbox_spec.as_ref().map(JsonFile::user) {
+                Some(Ok(u)) => u,
+                _ => spec.user()?,
+            };
+            let pod_name = sandbox_spec
+                .and_then(|s| s.annotations().ok())
+                .and_then(|a| match pod::Role::of(&a) {
+                    Ok(pod::Role::Sandbox { pod_name }) => pod_name,
+                    _ => None,
+                });
             let st = Target {
                 namespace: t.namespace,
                 id: sandbox_id,

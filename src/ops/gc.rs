@@ -277,53 +277,31 @@ fn age(created_at: &str, now: SystemTime) -> Duration {
         .unwrap_or(Duration::MAX)
 }
 
-fn rfc3339_age(t: &str, now: SystemTime) -> Duration {
-    age(t, now)
-}
-
 /// Read everything gc decides from. runc is asked only about containers older than
 /// `grace` (one `runc state` each); nothing is changed.
 pub fn observe(store: &Store, host: &Host, grace: Duration) -> Result<Observed> {
     let now = host.clock.wall();
     let mut o = Observed::default();
     // One `runc list` per runc root, not one `runc state` per container.
-    let mut known: std::collections::BTreeMap<PathBuf, Option<BTreeSet<String>>> =
-        Default::default();
+    let mut known = crate::runc::query::Listing::new(host.runc.as_ref());
     for s in store.list()? {
         let paths = Paths::new(store, &s.namespace, &s.id);
         let record = paths.read_record().ok().flatten().unwrap_or_default();
-        let age = age(&s.created_at, now);
         let root = s
             .runc_root
             .clone()
             .unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_ROOT));
-        let mut gone_members = Vec::new();
-        for m in s.pod.iter().flat_map(|p| &p.members) {
-            if rfc3339_age(&m.joined_at, now) < grace {
-                continue;
-            }
-            let listed = known
-                .entry(root.clone())
-                .or_insert_with(|| host.runc.list(&root));
-            let knows = match listed {
-                Some(ids) => ids.contains(&m.id),
-                None => host.runc.knows(&root, &m.id),
-            };
-            if !knows {
-                gone_members.push(m.id.clone());
-            }
-        }
+        let gone_members = s
+            .pod
+            .iter()
+            .flat_map(|p| &p.members)
+            .filter(|m| age(&m.joined_at, now) >= grace && !known.knows(&root, &m.id))
+            .map(|m| m.id.clone())
+            .collect();
+        let age = age(&s.created_at, now);
         o.containers.push(SeenContainer {
             gone_members,
-            runc_knows: (age >= grace).then(|| {
-                let listed = known
-                    .entry(root.clone())
-                    .or_insert_with(|| host.runc.list(&root));
-                match listed {
-                    Some(ids) => ids.contains(&s.id),
-                    None => host.runc.knows(&root, &s.id),
-                }
-            }),
+            runc_knows: (age >= grace).then(|| known.knows(&root, &s.id)),
             started: s.started_at.is_some(),
             init_running: s.init_pid.is_some_and(|p| host.procs.exists(p)),
             host_ports: s.host_ports().collect(),

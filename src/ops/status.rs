@@ -179,10 +179,7 @@ pub fn rows(
     procs: &dyn Processes,
     runc: Option<&dyn crate::runc::query::RuncQuery>,
 ) -> crate::Result<Vec<Row>> {
-    let mut listed: std::collections::BTreeMap<
-        std::path::PathBuf,
-        Option<std::collections::BTreeSet<String>>,
-    > = Default::default();
+    let mut known = runc.map(crate::runc::query::Listing::new);
     let now = std::time::SystemTime::now();
     let mut out: Vec<Row> = store
         .list()?
@@ -197,15 +194,12 @@ pub fn rows(
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
                 .is_none_or(|age| age >= GONE_GRACE);
-            let knows = runc.filter(|_| old).map(|q| {
+            let knows = known.as_mut().filter(|_| old).map(|k| {
                 let root = s
                     .runc_root
                     .clone()
                     .unwrap_or_else(|| crate::ops::gc::RUNC_DEFAULT_ROOT.into());
-                match listed.entry(root.clone()).or_insert_with(|| q.list(&root)) {
-                    Some(ids) => ids.contains(&s.id),
-                    None => q.knows(&root, &s.id),
-                }
+                k.knows(&root, &s.id)
             });
             row_known(&s, rec.as_ref(), procs, knows)
         })

@@ -49,6 +49,34 @@ pub trait RuncQuery {
     fn list(&self, root: &Path) -> Option<BTreeSet<String>>;
 }
 
+/// What runc knows, asked once per root (`runc list`), falling back to `knows` when a
+/// root cannot be listed: for callers that ask about many containers (gc, status).
+pub struct Listing<'a> {
+    runc: &'a dyn RuncQuery,
+    roots: std::collections::BTreeMap<PathBuf, Option<BTreeSet<String>>>,
+}
+
+impl<'a> Listing<'a> {
+    pub fn new(runc: &'a dyn RuncQuery) -> Listing<'a> {
+        Listing {
+            runc,
+            roots: Default::default(),
+        }
+    }
+
+    pub fn knows(&mut self, root: &Path, id: &str) -> bool {
+        let runc = self.runc;
+        match self
+            .roots
+            .entry(root.to_path_buf())
+            .or_insert_with(|| runc.list(root))
+        {
+            Some(ids) => ids.contains(id),
+            None => runc.knows(root, id),
+        }
+    }
+}
+
 /// The real runc binary.
 #[derive(Debug, Clone)]
 pub struct RuncBinary {

@@ -250,14 +250,11 @@ impl Store {
 
     /// Take `id` out of its pod's members (its `delete`); whether it was one.
     pub fn leave_pod(&self, ns: &str, id: &str) -> Result<bool> {
-        let _lock = self.lock()?;
-        let Some(mut pod) = self.pod_of_member(ns, id)? else {
+        let lock = self.lock()?;
+        let Some(pod) = self.pod_of_member(ns, id)? else {
             return Ok(false);
         };
-        if let Some(p) = pod.pod.as_mut() {
-            p.members.retain(|m| m.id != id);
-        }
-        self.write(&pod)?;
+        self.prune_members_locked(&lock, ns, &pod.id, &[id.to_string()])?;
         Ok(true)
     }
 
