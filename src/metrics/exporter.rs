@@ -104,6 +104,10 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
         "envoy_sidecar_envoy_oom_kills",
         "Times the kernel OOM-killed the container's Envoy (its own cgroup; absent when not readable).",
     );
+    let mut container_ooms = g(
+        "envoy_sidecar_oom_kills",
+        "Times the kernel OOM-killed a process in the container, Envoy included (cgroup v2 memory.events; v1 memory.oom_control of the container and Envoy's cgroup).",
+    );
     let mut repairs = g(
         "envoy_sidecar_ingress_repairs",
         "Times the container's ingress filter was found removed or changed and put back.",
@@ -154,6 +158,9 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
             if let Some(n) = row.envoy_oom_kills {
                 ooms.samples.push((l.clone(), n));
             }
+            if let Some(n) = row.oom_kills {
+                container_ooms.samples.push((l.clone(), n));
+            }
             for st in State::ALL {
                 status.samples.push((
                     format!("{l},status=\"{}\"", st.as_str()),
@@ -187,7 +194,19 @@ pub fn render(store: &Store, address: &Path, mode: Mode) -> String {
     }
     let mut out = String::new();
     for gauge in [
-        quota, usage, raw, envoy, restarts, ooms, repairs, expiry, up, ready, nat, status,
+        quota,
+        usage,
+        raw,
+        envoy,
+        restarts,
+        ooms,
+        container_ooms,
+        repairs,
+        expiry,
+        up,
+        ready,
+        nat,
+        status,
     ] {
         let _ = writeln!(out, "# HELP {} {}", gauge.name, gauge.help);
         let _ = writeln!(out, "# TYPE {} gauge", gauge.name);

@@ -197,7 +197,7 @@ pub fn run(cfg: Result<Config, String>, containerd: &Containerd) -> Vec<Check> {
     out.push(check("cgroup memory", {
         match crate::sys::cgroup::memory_controller_v1() {
             Some(true) => Ok("cgroup v1 memory controller (Envoy's memory readable on its own)".into()),
-            Some(false) => Ok("cgroup v2 memory controller (Envoy charged to the container; exact metrics fall back to linear)".into()),
+            Some(false) => Ok("cgroup v2 memory controller: Envoy in a child cgroup without controllers, charged to the container's memory.max; OOM KILLS counts the whole container (memory.events), not Envoy alone; [metrics] mode = \"exact\" falls back to linear (v1 only); swap: memory.swap.max is the user's own swap allowance, the proxy adds memory only".into()),
             None => Err("no memory controller found under /sys/fs/cgroup".into()),
         }
     }));

@@ -46,6 +46,10 @@ pub struct Row {
     /// `None` when not readable (cgroup v2 child without a memory controller, no
     /// Envoy cgroup yet).
     pub envoy_oom_kills: Option<u64>,
+    /// OOM kills anywhere in the container, Envoy included (cgroup v2: the
+    /// container's `memory.events`; v1: its `memory.oom_control` plus Envoy's child);
+    /// the `OOM KILLS` column. `None` when not readable.
+    pub oom_kills: Option<u64>,
     /// Times the ingress filter was found removed or changed and put back.
     pub ingress_repairs: u32,
     /// How Envoy is confined (`Landlock ABI 7 enforced (10 rules)`, `NOT enforced:
@@ -150,6 +154,7 @@ pub fn row_known(
         ready_since: r.ready_at.clone(),
         restarts: r.envoy_restarts,
         envoy_oom_kills: r.cgroup.oom_kills(),
+        oom_kills: r.cgroup.oom_kills_in_container(),
         ingress_repairs: r.ingress_repairs,
         sandbox: r.sandbox.clone(),
         cert_not_after: r.cert_not_after,
@@ -213,6 +218,17 @@ fn expiry(secs: Option<u64>) -> String {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
             .to_string()
     })
+}
+
+/// `OOM KILLS`: the container's count, with Envoy's share where it is known on its
+/// own (cgroup v1) and not zero: `3 (envoy 1)`.
+fn oom_cell(container: Option<u64>, envoy: Option<u64>) -> String {
+    match (container, envoy) {
+        (None, None) => "-".into(),
+        (Some(c), Some(e)) if e > 0 => format!("{c} (envoy {e})"),
+        (Some(c), _) => c.to_string(),
+        (None, Some(e)) => format!("? (envoy {e})"),
+    }
 }
 
 /// The table: fixed columns, one line per container, reasons and errors last.
@@ -279,7 +295,7 @@ pub fn table(rows: &[Row]) -> String {
             r.envoy_pid.map_or("-".into(), |p| p.to_string()),
             r.ready_since.clone().unwrap_or_else(|| "-".into()),
             r.restarts.to_string(),
-            r.envoy_oom_kills.map_or("-".into(), |n| n.to_string()),
+            oom_cell(r.oom_kills, r.envoy_oom_kills),
             expiry(r.cert_not_after),
             r.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
@@ -412,34 +428,57 @@ mod tests {
     }
 
     #[test]
-    fn envoy_oom_kills_come_from_its_cgroup() {
+    fn oom_kills_of_the_container_and_of_envoy_come_from_the_cgroups() {
         let p = FakeProcesses::default();
         p.add(10, &["init"]);
         let sup = p.add(11, &["envoy-sidecar", "supervise"]);
         let s = started(std::path::Path::new("/r"));
         let dir = std::env::temp_dir().join(format!("es-status-oom-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let child = dir.join("c1/envoy-sidecar");
+        std::fs::create_dir_all(&child).unwrap();
+        // cgroup v1: the container's own kills plus Envoy's child's.
         std::fs::write(
-            dir.join("memory.oom_control"),
+            dir.join("c1/memory.oom_control"),
+            "under_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        std::fs::write(
+            child.join("memory.oom_control"),
             "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
         )
         .unwrap();
         let mut rc = rec(sup, State::Ready, None);
         rc.cgroup = crate::sys::cgroup::SidecarCgroup {
-            dirs: vec![dir.clone()],
+            dirs: vec![child.clone()],
         };
         let r = row(&s, Some(&rc), &p);
-        assert_eq!(r.envoy_oom_kills, Some(2));
-        let t = table(std::slice::from_ref(&r));
-        let (head, line) = (t.lines().next().unwrap(), t.lines().nth(1).unwrap());
-        let col = head.find("OOM KILLS").expect("OOM KILLS column");
-        assert_eq!(line[col..].split_whitespace().next(), Some("2"), "{t}");
-        assert_eq!(serde_json::to_value(&r).unwrap()["envoy_oom_kills"], 2);
+        assert_eq!((r.oom_kills, r.envoy_oom_kills), (Some(5), Some(2)));
+        let cell = |r: &Row| {
+            let t = table(std::slice::from_ref(r));
+            let (head, line) = (t.lines().next().unwrap(), t.lines().nth(1).unwrap());
+            let col = head.find("OOM KILLS").expect("OOM KILLS column");
+            line[col..].split("  ").next().unwrap().trim().to_string()
+        };
+        assert_eq!(cell(&r), "5 (envoy 2)");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (v["oom_kills"].as_u64(), v["envoy_oom_kills"].as_u64()),
+            (Some(5), Some(2))
+        );
+        // cgroup v2: Envoy's child has no memory files; the container's memory.events
+        // counts every kill in it.
+        std::fs::remove_file(child.join("memory.oom_control")).unwrap();
+        std::fs::remove_file(dir.join("c1/memory.oom_control")).unwrap();
+        std::fs::write(dir.join("c1/memory.events"), "oom 1\noom_kill 1\n").unwrap();
+        let r = row(&s, Some(&rc), &p);
+        assert_eq!((r.oom_kills, r.envoy_oom_kills), (Some(1), None));
+        assert_eq!(cell(&r), "1");
         std::fs::remove_dir_all(&dir).unwrap();
         // Unknown (no cgroup recorded): "-", null.
         let r = row(&s, Some(&rec(sup, State::Ready, None)), &p);
-        assert_eq!(r.envoy_oom_kills, None);
-        assert!(serde_json::to_value(&r).unwrap()["envoy_oom_kills"].is_null());
+        assert_eq!((r.oom_kills, r.envoy_oom_kills), (None, None));
+        assert_eq!(cell(&r), "-");
+        assert!(serde_json::to_value(&r).unwrap()["oom_kills"].is_null());
     }
 
     #[test]

@@ -126,6 +126,23 @@ impl SidecarCgroup {
             .and_then(|text| oom_kill_field(&text))
     }
 
+    /// OOM kills anywhere in the container, Envoy included: what an operator needs to
+    /// see on both hierarchies. cgroup v2: the container's `memory.events` `oom_kill`,
+    /// hierarchical by default and in any case covering Envoy's child, which has no
+    /// memory controller of its own and is accounted to the container. cgroup v1:
+    /// the container's `memory.oom_control` `oom_kill` (its own processes) plus
+    /// Envoy's child's. `None` when the container's files cannot be read.
+    pub fn oom_kills_in_container(&self) -> Option<u64> {
+        let child = self.dirs.first()?;
+        let container = child.parent()?;
+        if let Ok(text) = std::fs::read_to_string(container.join("memory.oom_control")) {
+            let own = oom_kill_field(&text)?;
+            return Some(own.saturating_add(self.oom_kills().unwrap_or(0)));
+        }
+        let text = std::fs::read_to_string(container.join("memory.events")).ok()?;
+        oom_kill_field(&text)
+    }
+
     /// Working set of the child (usage minus inactive file cache; cgroup v1 only).
     pub fn working_set(&self) -> Option<u64> {
         let d = self.dirs.first()?;
@@ -219,21 +236,41 @@ impl CgroupFs {
         self.root.join("cgroup.controllers").is_file()
     }
 
-    /// `<base>/<ns>/<id>/envoy-sidecar` for every ns/id directory under `base`.
+    /// Every `<parent>/<container>/envoy-sidecar` under `base`, as (parent path
+    /// relative to `base`, container directory name, child path): containerd's
+    /// `/<namespace>/<id>` layout, systemd scopes (`system.slice/<prefix>-<id>.scope`)
+    /// and kubelet's deeper pod slices alike. Bounded depth; never descends into an
+    /// Envoy child.
     fn children_under(base: &Path) -> Vec<(String, String, PathBuf)> {
+        const MAX_DEPTH: usize = 8;
         let mut out = Vec::new();
-        for ns in std::fs::read_dir(base).into_iter().flatten().flatten() {
-            for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                let child = c.path().join(CHILD);
-                if child.is_dir() {
+        let mut stack = vec![(base.to_path_buf(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let path = e.path();
+                if e.file_name() == CHILD {
+                    let parent = path.parent().unwrap_or(base);
+                    let (Some(id), Some(grand)) = (parent.file_name(), parent.parent()) else {
+                        continue;
+                    };
+                    if parent == base {
+                        continue;
+                    }
+                    let ns = grand.strip_prefix(base).unwrap_or(grand);
                     out.push((
-                        ns.file_name().to_string_lossy().into_owned(),
-                        c.file_name().to_string_lossy().into_owned(),
-                        child,
+                        ns.to_string_lossy().into_owned(),
+                        id.to_string_lossy().into_owned(),
+                        path,
                     ));
+                } else if depth + 1 < MAX_DEPTH {
+                    stack.push((path, depth + 1));
                 }
             }
         }
+        out.sort();
         out
     }
 }
@@ -254,13 +291,12 @@ impl Cgroups for CgroupFs {
         Self::children_under(&self.root.join("memory"))
             .into_iter()
             .map(|(namespace, id, d)| {
-                let mut dirs = vec![d];
+                let memory = self.root.join("memory");
                 let pids = self
                     .root
                     .join("pids")
-                    .join(&namespace)
-                    .join(&id)
-                    .join(CHILD);
+                    .join(d.strip_prefix(&memory).unwrap_or(&d));
+                let mut dirs = vec![d];
                 if pids.is_dir() {
                     dirs.push(pids);
                 }
@@ -386,6 +422,83 @@ mod tests {
         for d in [v1, v2, none] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    #[test]
+    fn oom_kills_in_the_whole_container() {
+        // v2: the container's memory.events covers Envoy's controller-less child.
+        let v2 = tempdir("oomc2");
+        std::fs::create_dir_all(v2.join("c1/envoy-sidecar")).unwrap();
+        std::fs::write(v2.join("c1/memory.events"), "oom 3\noom_kill 2\n").unwrap();
+        let cg = SidecarCgroup {
+            dirs: vec![v2.join("c1/envoy-sidecar")],
+        };
+        assert_eq!(
+            (cg.oom_kills(), cg.oom_kills_in_container()),
+            (None, Some(2))
+        );
+        // v1: the container's own kills plus Envoy's child's.
+        let v1 = tempdir("oomc1");
+        std::fs::create_dir_all(v1.join("c1/envoy-sidecar")).unwrap();
+        std::fs::write(
+            v1.join("c1/memory.oom_control"),
+            "under_oom 0\noom_kill 4\n",
+        )
+        .unwrap();
+        std::fs::write(
+            v1.join("c1/envoy-sidecar/memory.oom_control"),
+            "under_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        let cg = SidecarCgroup {
+            dirs: vec![v1.join("c1/envoy-sidecar")],
+        };
+        assert_eq!(
+            (cg.oom_kills(), cg.oom_kills_in_container()),
+            (Some(1), Some(5))
+        );
+        // Gone: unknown, not zero.
+        let gone = SidecarCgroup {
+            dirs: vec![v1.join("c9/envoy-sidecar")],
+        };
+        assert_eq!(gone.oom_kills_in_container(), None);
+        assert_eq!(SidecarCgroup::default().oom_kills_in_container(), None);
+        for d in [v1, v2] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn scan_v2_finds_systemd_scopes_and_pod_slices_but_not_inside_a_child() {
+        let root = tempdir("v2sd");
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let scope = "system.slice/envoy-sidecar-test-c1.scope";
+        let pod = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-c2.scope";
+        for d in [scope, pod] {
+            std::fs::create_dir_all(root.join(d).join("envoy-sidecar")).unwrap();
+        }
+        // An Envoy child's own subdirectory is not another container.
+        std::fs::create_dir_all(root.join(scope).join("envoy-sidecar/envoy-sidecar")).unwrap();
+        let found = CgroupFs { root: root.clone() }.envoy_children();
+        let got: Vec<(&str, &str)> = found
+            .iter()
+            .map(|f| (f.namespace.as_str(), f.id.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice",
+                    "cri-containerd-c2.scope"
+                ),
+                ("system.slice", "envoy-sidecar-test-c1.scope"),
+            ]
+        );
+        assert_eq!(
+            found[1].cgroup.dirs,
+            [root.join(scope).join("envoy-sidecar")]
+        );
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The cgroup v2 suite: the integration tests that touch cgroups, run inside the guest
+# of tests/env/vm.sh against the guest's own containerd 1.6 and runc 1.1 (bookworm's),
+# the same way tests/env/stack.sh runs them on the host. The guest is 6-18x slower
+# than the host, so it runs only these; everything else runs on the host.
+#
+# Usage: tests/env/vm-suite.sh targets     the cargo test targets the suite needs
+#        tests/env/vm-suite.sh run         inside the guest (vm.sh test does this), with
+#                                          ES_VM_BINS="target=/path/to/binary ..."
+#
+# Every test named below must run and pass: a filter that matches fewer tests than it
+# names (a renamed test) fails the suite, and nothing may be ignored or skipped.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# target  tests (exact names; "ALL" = every test of the target, #[ignore]d ones too)
+SUITE="
+cgroups ALL
+create memory_limit_raised_and_credentials_mounted
+sidecar tls_proxy_serves_the_app_with_its_identity sigterm_drains_new_connections_but_finishes_open_ones
+ingress unproxied_off_with_mutual_tls_only_envoy_reaches_the_app_ports an_ingress_filter_removed_or_loosened_inside_the_container_is_put_back
+nat gc_cleans_a_crash_and_spares_the_living
+faults wrapper_sigkill_mid_create_then_gc_cleans
+metrics rescaled_and_exact_figures_for_a_known_allocation
+"
+
+log() { echo "vm-suite.sh: $*" >&2; }
+
+case "${1:-}" in
+    targets)
+        echo "$SUITE" | awk 'NF { print $1 }'
+        exit 0 ;;
+    run) ;;
+    *) echo "usage: $0 targets|run" >&2; exit 2 ;;
+esac
+
+[ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ] \
+    || { log "error: /sys/fs/cgroup is $(stat -fc %T /sys/fs/cgroup), not cgroup v2"; exit 1; }
+declare -A BIN
+for kv in ${ES_VM_BINS:-}; do BIN[${kv%%=*}]=${kv#*=}; done
+
+"$HERE/containerd.sh" up
+eval "$("$HERE/containerd.sh" env)"
+export CI=true ES_EXPECT_CGROUP=v2
+rc=0
+failed=""
+start=$SECONDS
+while read -r target tests; do
+    [ -n "$target" ] || continue
+    bin=${BIN[$target]:-}
+    [ -x "$bin" ] || { log "error: no test binary for '$target' (ES_VM_BINS)"; rc=1; failed+=" $target"; continue; }
+    if [ "$tests" = ALL ]; then
+        args=(--include-ignored)
+        want=$("$bin" --list --include-ignored 2>/dev/null | grep -c ': test$')
+    else
+        # shellcheck disable=SC2206
+        names=($tests)
+        args=(--exact "${names[@]}")
+        want=${#names[@]}
+    fi
+    t0=$SECONDS
+    out=$("$bin" "${args[@]}" --test-threads=1 2>&1) && ok=1 || ok=0
+    line=$(echo "$out" | grep '^test result:' | tail -1)
+    passed=$(echo "$line" | sed -n 's/.* \([0-9]\+\) passed.*/\1/p')
+    ignored=$(echo "$line" | sed -n 's/.* \([0-9]\+\) ignored.*/\1/p')
+    skipped=$(echo "$out" | grep -c 'SKIP' || true)
+    if [ "$ok" = 1 ] && [ "${passed:-0}" = "$want" ] && [ "${ignored:-0}" = 0 ] && [ "$skipped" = 0 ]; then
+        log "ok: $target: $passed test(s) in $((SECONDS - t0)) s"
+    else
+        echo "$out"
+        log "FAILED: $target: want $want passed, got '${line:-no result}' ($skipped skip line(s))"
+        rc=1
+        failed+=" $target"
+    fi
+done <<< "$SUITE"
+"$HERE/containerd.sh" down || true
+if [ $rc -eq 0 ]; then
+    log "cgroup v2 suite green in $((SECONDS - start)) s"
+else
+    log "cgroup v2 suite FAILED:$failed"
+fi
+exit $rc
