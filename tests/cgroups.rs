@@ -54,6 +54,27 @@ fn usage(dir: &Path) -> u64 {
     }
 }
 
+/// Anonymous memory charged to a memory cgroup, descendants included (v2 `memory.stat`
+/// `anon`, v1 `total_rss`).
+fn anon(dir: &Path) -> u64 {
+    if unified() {
+        read_u64(&dir.join("memory.stat"), Some("anon"))
+    } else {
+        read_u64(&dir.join("memory.stat"), Some("total_rss"))
+    }
+}
+
+/// A process's resident anonymous memory, bytes (`RssAnon` of /proc/<pid>/status).
+fn rss_anon(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no RssAnon for {pid}: {status}"));
+    kb * 1024
+}
+
 /// The container's row of `envoy-sidecar status --json`.
 fn status_row(sb: &Sandbox, id: &str) -> Value {
     let o = cli(&sb.config)
@@ -117,6 +138,14 @@ fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
     // buffers and TLS state are charged to the container.
     let n = 300;
     let before = usage(&container);
+    let (anon_before, envoy_before) = (anon(&container), rss_anon(envoy));
+    // Slack for the kernel's batched counters (memcg statistics are flushed every
+    // ~2 s, a task's RSS counters per 64 pages); Envoy's own is 10+ MiB.
+    let slack = 2 * MIB;
+    assert!(
+        anon_before + slack >= envoy_before,
+        "idle: the container's anon {anon_before} does not cover Envoy's {envoy_before}"
+    );
     let ready = sb.dir.join("flood.ready");
     let mut load = ChildGuard(
         Command::new("python3")
@@ -155,18 +184,30 @@ fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
     );
     assert_eq!(opened["opened"], n, "{opened}");
     let held = usage(&container);
+    let (anon_held, envoy_held) = (anon(&container), rss_anon(envoy));
     let envoy_part = (!unified()).then(|| usage(&container.join("envoy-sidecar")));
     eprintln!(
         "container usage {before} -> {held} bytes with {n} TLS connections held (+{} KiB, \
-         {} B per connection); Envoy's own cgroup (v1): {envoy_part:?}",
+         {} B per connection; the app's httpd forks one process per proxied connection); \
+         container anon {anon_before} -> {anon_held}, Envoy's RssAnon {envoy_before} -> \
+         {envoy_held}; Envoy's own cgroup (v1): {envoy_part:?}",
         held.saturating_sub(before) / 1024,
         held.saturating_sub(before) / n
     );
-    // Envoy's per-connection TLS state and buffers are several KiB each; 2 MiB for
-    // 300 is a floor an uncharged Envoy cannot reach (the app is idle).
     assert!(
         held >= before + 2 * MIB,
         "the container's usage rose only {before} -> {held} with {n} connections held"
+    );
+    // Envoy's own anonymous memory grew with the connections, and the container's
+    // anonymous memory holds all of it: were Envoy charged elsewhere, the container's
+    // figure (the app is a few idle busybox processes) could not cover Envoy's alone.
+    assert!(
+        envoy_held >= envoy_before + MIB,
+        "Envoy's RssAnon {envoy_before} -> {envoy_held} with {n} connections"
+    );
+    assert!(
+        anon_held + slack >= envoy_held,
+        "the container's anon {anon_held} does not cover Envoy's {envoy_held}"
     );
     drop(load);
     drop(c);

@@ -104,11 +104,14 @@ fn tls_proxy_serves_the_app_with_its_identity() {
     assert_eq!(ns(envoy), ns(i32::try_from(c.pid()).unwrap()));
     // (cgroup v1 or v2: the memory hierarchy's path, or the unified one.)
     let mem = memory_cgroup_dir(u32::try_from(envoy).unwrap());
-    assert!(
-        mem.ends_with(format!("{NAMESPACE}/es-tls/envoy-sidecar")),
-        "{}",
-        mem.display()
-    );
+    assert_eq!(mem, memory_cgroup_dir(c.pid()).join("envoy-sidecar"));
+    // containerd's /<namespace>/<id>, or the systemd driver's scope.
+    let layout = if systemd_cgroup() {
+        "system.slice/es-es-tls.scope/envoy-sidecar".to_string()
+    } else {
+        format!("{NAMESPACE}/es-tls/envoy-sidecar")
+    };
+    assert!(mem.ends_with(&layout), "{}", mem.display());
     let status = std::fs::read_to_string(format!("/proc/{envoy}/status")).unwrap();
     let field = |k: &str| {
         status

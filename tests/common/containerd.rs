@@ -94,6 +94,13 @@ pub fn ctr_at(address: &str, namespace: &str, secs: u32, args: &[&str]) -> Outpu
 
 /// `run [--rm|-d] --runc-binary RUNTIME [--annotation K=V]... OPTS IMAGE ID CMD...`:
 /// the arguments of `ctr run`.
+/// `ES_SYSTEMD_CGROUP=1` (the cgroup v2 guest's second pass, tests/env/vm-suite.sh):
+/// every `ctr run` of [`run_args`] uses runc's systemd cgroup driver, the container's
+/// cgroup a scope `system.slice/es-<id>.scope`.
+pub fn systemd_cgroup() -> bool {
+    std::env::var("ES_SYSTEMD_CGROUP").is_ok_and(|v| v == "1")
+}
+
 pub fn run_args(
     mode: &str,
     runtime: &Path,
@@ -113,6 +120,13 @@ pub fn run_args(
         a.push(format!("{k}={v}"));
     }
     a.extend(opts.iter().cloned());
+    if systemd_cgroup() && !opts.iter().any(|o| o == "--runc-systemd-cgroup") {
+        a.extend([
+            "--runc-systemd-cgroup".into(),
+            "--cgroup".into(),
+            format!("system.slice:es:{id}"),
+        ]);
+    }
     a.push(IMAGE.into());
     a.push(id.into());
     a.extend(cmd.iter().cloned());

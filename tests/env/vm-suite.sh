@@ -46,6 +46,13 @@ export CI=true ES_EXPECT_CGROUP=v2
 rc=0
 failed=""
 start=$SECONDS
+# Twice: with containerd's default cgroupfs layout (/<namespace>/<id>), then with
+# runc's systemd cgroup driver for every ctr run (ES_SYSTEMD_CGROUP=1, tests/common:
+# the container a scope system.slice/es-<id>.scope), as Kubernetes and nerdctl use it
+# on systemd hosts.
+for driver in cgroupfs systemd; do
+if [ "$driver" = systemd ]; then export ES_SYSTEMD_CGROUP=1; else unset ES_SYSTEMD_CGROUP; fi
+log "pass: cgroup driver $driver"
 while read -r target tests; do
     [ -n "$target" ] || continue
     bin=${BIN[$target]:-}
@@ -66,14 +73,15 @@ while read -r target tests; do
     ignored=$(echo "$line" | sed -n 's/.* \([0-9]\+\) ignored.*/\1/p')
     skipped=$(echo "$out" | grep -c 'SKIP' || true)
     if [ "$ok" = 1 ] && [ "${passed:-0}" = "$want" ] && [ "${ignored:-0}" = 0 ] && [ "$skipped" = 0 ]; then
-        log "ok: $target: $passed test(s) in $((SECONDS - t0)) s"
+        log "ok: $driver: $target: $passed test(s) in $((SECONDS - t0)) s"
     else
         echo "$out"
-        log "FAILED: $target: want $want passed, got '${line:-no result}' ($skipped skip line(s))"
+        log "FAILED: $driver: $target: want $want passed, got '${line:-no result}' ($skipped skip line(s))"
         rc=1
-        failed+=" $target"
+        failed+=" $driver:$target"
     fi
 done <<< "$SUITE"
+done
 "$HERE/containerd.sh" down || true
 if [ $rc -eq 0 ]; then
     log "cgroup v2 suite green in $((SECONDS - start)) s"
