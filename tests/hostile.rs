@@ -23,6 +23,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::TempDir;
+
+/// The annotation models know no nerdctl state directory: no file is ever there.
+fn no_file(_: &Path) -> std::io::Result<Option<String>> {
+    Ok(None)
+}
 use envoy_sidecar::Error;
 use envoy_sidecar::cmd::hook::read_state;
 use envoy_sidecar::config::Config;
@@ -1015,7 +1020,7 @@ fn agrees<T: PartialEq + std::fmt::Debug>(
 #[test]
 fn annotations_request_matches_the_model() {
     check("annotations_request", annotation_map(), |a| {
-        agrees(model_request(&a), Request::from_annotations(&a))
+        agrees(model_request(&a), Request::from_annotations(&a, &no_file))
     });
 }
 
@@ -1961,7 +1966,12 @@ fn exact_errors_ports() {
         );
         assert_eq!(parse_ports(value).unwrap_err().to_string(), want);
         let a = ann(&[(annotations::PORTS, value)]);
-        assert_eq!(Request::from_annotations(&a).unwrap_err().to_string(), want);
+        assert_eq!(
+            Request::from_annotations(&a, &no_file)
+                .unwrap_err()
+                .to_string(),
+            want
+        );
     }
     let many: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
     let many = many.join(",");
@@ -1976,7 +1986,7 @@ fn exact_errors_ports() {
     for blank in [" ", "", "\t \n"] {
         assert_eq!(parse_ports(blank).unwrap(), Vec::<u16>::new());
         let a = ann(&[(annotations::PORTS, blank)]);
-        assert_eq!(Request::from_annotations(&a).unwrap(), None);
+        assert_eq!(Request::from_annotations(&a, &no_file).unwrap(), None);
     }
 }
 
@@ -1984,12 +1994,16 @@ fn exact_errors_ports() {
 fn exact_errors_enabled_alpn_guids() {
     let a = ann(&[(annotations::PORTS, "8080"), (annotations::ENABLED, "yes")]);
     assert_eq!(
-        Request::from_annotations(&a).unwrap_err().to_string(),
+        Request::from_annotations(&a, &no_file)
+            .unwrap_err()
+            .to_string(),
         "annotation envoy-sidecar/enabled=\"yes\": valid: \"true\" or \"false\""
     );
     let a = ann(&[(annotations::PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]);
     assert_eq!(
-        Request::from_annotations(&a).unwrap_err().to_string(),
+        Request::from_annotations(&a, &no_file)
+            .unwrap_err()
+            .to_string(),
         format!("annotation envoy-sidecar/alpn=\"h3\": {ALPN_VALID}")
     );
     assert_eq!(
@@ -2011,7 +2025,9 @@ fn exact_errors_enabled_alpn_guids() {
             let a = ann(&[(annotations::PORTS, "8080"), (key, value)]);
             let shown: String = value.chars().take(80).collect();
             assert_eq!(
-                Request::from_annotations(&a).unwrap_err().to_string(),
+                Request::from_annotations(&a, &no_file)
+                    .unwrap_err()
+                    .to_string(),
                 format!("annotation {key}={shown:?}: {GUID_VALID}"),
                 "{key}={value:?}"
             );
@@ -2019,9 +2035,9 @@ fn exact_errors_enabled_alpn_guids() {
         // At the limit and just past it.
         let ok = "g".repeat(128);
         let a = ann(&[(annotations::PORTS, "8080"), (key, &ok)]);
-        Request::from_annotations(&a).unwrap().unwrap();
+        Request::from_annotations(&a, &no_file).unwrap().unwrap();
         let a = ann(&[(annotations::PORTS, "8080"), (key, &"g".repeat(129))]);
-        assert!(Request::from_annotations(&a).is_err());
+        assert!(Request::from_annotations(&a, &no_file).is_err());
     }
 }
 
@@ -2054,7 +2070,7 @@ fn exact_errors_nerdctl_ports() {
     // The wrapper only falls back to nerdctl's ports when ours are absent.
     let a = ann(&[(annotations::NERDCTL_PORTS, "{}")]);
     assert!(
-        Request::from_annotations(&a)
+        Request::from_annotations(&a, &no_file)
             .unwrap_err()
             .to_string()
             .starts_with("annotation nerdctl/ports=")
@@ -2165,8 +2181,8 @@ fn injection_annotations_refused_naming_the_annotation() {
                 a.clear();
             }
             a.insert(key.to_string(), value.clone());
-            let e =
-                Request::from_annotations(&a).expect_err(&format!("{key}={:.80?} accepted", value));
+            let e = Request::from_annotations(&a, &no_file)
+                .expect_err(&format!("{key}={:.80?} accepted", value));
             let text = e.to_string();
             assert!(
                 text.starts_with(&format!("annotation {key}=\"")),
@@ -2233,7 +2249,9 @@ fn injection_through_config_json() {
             fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
             let a = JsonFile::load(&path).unwrap().annotations().unwrap();
             assert_eq!(a[*key], value);
-            let e = Request::from_annotations(&a).unwrap_err().to_string();
+            let e = Request::from_annotations(&a, &no_file)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(&format!("annotation {key}=\"")), "{e:.200}");
         }
     }
@@ -2263,7 +2281,9 @@ fn injection_through_config_json() {
     .unwrap();
     let a = JsonFile::load(&path).unwrap().annotations().unwrap();
     assert_eq!(
-        Request::from_annotations(&a).unwrap_err().to_string(),
+        Request::from_annotations(&a, &no_file)
+            .unwrap_err()
+            .to_string(),
         format!("annotation envoy-sidecar/org-guid=\"a\\0b\": {GUID_VALID}")
     );
     // Too large to be a spec: refused before parsing.

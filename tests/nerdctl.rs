@@ -226,6 +226,68 @@ fn ports_come_from_nerdctl_ports_when_ours_are_absent() {
     );
 }
 
+/// nerdctl >= 2.1.3 (PR #4290) writes no `nerdctl/ports` label: its `-p` mappings are
+/// in `<nerdctl/state-dir>/network-config.json`, written before the task is created
+/// (nerdctl v2.3 `pkg/netutil/networkstore`, `pkg/cmd/container/create.go`). A spec as
+/// that nerdctl writes it, with the file on disk.
+fn fake_with_network_config(name: &str, file: &str) -> (Fake, TempDir, std::path::PathBuf) {
+    let data = TempDir::new(&format!("es-nerdctl-data-{name}"));
+    let state_dir = data.path().join("containers/default").join(ID);
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let conf = state_dir.join("network-config.json");
+    std::fs::write(&conf, file).unwrap();
+    let sd = state_dir.display().to_string();
+    let f = Fake::new(name, move |s| {
+        let a = s["annotations"].as_object_mut().unwrap();
+        a.remove("nerdctl/ports");
+        a.insert("nerdctl/state-dir".into(), json!(sd));
+    });
+    (f, data, conf)
+}
+
+#[test]
+fn ports_come_from_network_config_json_when_nerdctl_writes_no_label() {
+    let (f, _data, _) = fake_with_network_config(
+        "netconf",
+        r#"{"portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":""},{"HostPort":5353,"ContainerPort":53,"Protocol":"udp","HostIP":""}]}"#,
+    );
+    f.create();
+    let ports: Value =
+        serde_json::from_str(&env_var(&f.spec(), "CF_INSTANCE_PORTS").unwrap()).unwrap();
+    let ports = ports.as_array().unwrap();
+    assert_eq!(ports.len(), 1, "only the TCP mapping: {ports:?}");
+    assert_eq!(ports[0]["internal"], 80);
+    assert_eq!(ports[0]["internal_tls_proxy"], 61001);
+    assert_eq!(
+        f.state().expect("state recorded")["ports"][0]["internal"],
+        80
+    );
+}
+
+#[test]
+fn a_malformed_network_config_json_fails_create_naming_the_file_and_holds_nothing() {
+    let (f, _data, conf) = fake_with_network_config("badconf", r#"{"portMappings":"#);
+    let before = std::fs::read(f.bundle.join("config.json")).unwrap();
+    let pid = f.dir.join("init.pid").display().to_string();
+    let out = f.stack.create(&["--pid-file", &pid], ID);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let log = std::fs::read_to_string(&f.runc_log).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let msg = last["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&conf.display().to_string())
+            && msg.contains("not JSON")
+            && msg.contains("valid:"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(f.bundle.join("config.json")).unwrap(),
+        before,
+        "spec untouched"
+    );
+    assert!(f.state().is_none(), "state recorded");
+}
+
 #[test]
 fn envoy_sidecar_ports_win_over_nerdctl_ports() {
     let f = Fake::new("ours", |s| {

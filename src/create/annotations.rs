@@ -5,6 +5,7 @@
 //! an error naming the annotation.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use crate::envoy::bootstrap::Alpn;
 use crate::error::{Error, Result};
@@ -16,6 +17,13 @@ pub const APP_GUID: &str = "envoy-sidecar/app-guid";
 pub const SPACE_GUID: &str = "envoy-sidecar/space-guid";
 pub const ORG_GUID: &str = "envoy-sidecar/org-guid";
 pub const NERDCTL_PORTS: &str = "nerdctl/ports";
+/// nerdctl's per-container directory `<data root>/containers/<namespace>/<id>`; since
+/// nerdctl 2.1.3 its `-p` mappings are in [`NERDCTL_NETWORK_CONFIG`] there, not in
+/// [`NERDCTL_PORTS`] (nerdctl `pkg/netutil/networkstore`, written before the task).
+pub const NERDCTL_STATE_DIR: &str = "nerdctl/state-dir";
+pub const NERDCTL_NETWORK_CONFIG: &str = "network-config.json";
+/// Larger than any real `network-config.json` by far; a bigger file is refused.
+const MAX_NETWORK_CONFIG: u64 = 1 << 20;
 /// The per-container ALPN override (the host default comes from `proxy.enable_http2`).
 pub const ALPN: &str = "envoy-sidecar/alpn";
 
@@ -42,9 +50,37 @@ pub struct Request {
     pub alpn: Option<Alpn>,
 }
 
+/// Reads a small file for [`Request::from_annotations`]: `Ok(None)` when it does not
+/// exist. The seam that keeps the decision testable without files.
+pub type ReadFile<'a> = &'a dyn Fn(&Path) -> std::io::Result<Option<String>>;
+
+/// The real [`ReadFile`]: at most [`MAX_NETWORK_CONFIG`] bytes (more is an error).
+pub fn read_small_file(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = String::new();
+    f.take(MAX_NETWORK_CONFIG + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_NETWORK_CONFIG {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_NETWORK_CONFIG} bytes"
+        )));
+    }
+    Ok(Some(text))
+}
+
 impl Request {
     /// `Ok(None)` when the container gets no proxy: opted out, or no ports declared.
-    pub fn from_annotations(a: &BTreeMap<String, String>) -> Result<Option<Request>> {
+    /// Ports: `envoy-sidecar/ports`, else nerdctl's `nerdctl/ports` label (nerdctl up
+    /// to 2.1.2), else nerdctl's `network-config.json` in `nerdctl/state-dir` (2.1.3
+    /// and later), read through `read`.
+    pub fn from_annotations(
+        a: &BTreeMap<String, String>,
+        read: ReadFile<'_>,
+    ) -> Result<Option<Request>> {
         if let Some(v) = a.get(ENABLED) {
             match v.as_str() {
                 "true" => {}
@@ -52,10 +88,11 @@ impl Request {
                 _ => return Err(bad(ENABLED, v, "valid: \"true\" or \"false\"")),
             }
         }
-        let ports = match (a.get(PORTS), a.get(NERDCTL_PORTS)) {
-            (Some(v), _) => parse_ports(v)?,
-            (None, Some(v)) => parse_nerdctl_ports(v)?,
-            (None, None) => return Ok(None),
+        let ports = match (a.get(PORTS), a.get(NERDCTL_PORTS), a.get(NERDCTL_STATE_DIR)) {
+            (Some(v), _, _) => parse_ports(v)?,
+            (None, Some(v), _) => parse_nerdctl_ports(v)?,
+            (None, None, Some(dir)) => nerdctl_network_config_ports(dir, read)?,
+            (None, None, None) => return Ok(None),
         };
         if ports.is_empty() {
             return Ok(None);
@@ -155,8 +192,70 @@ pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
             ),
         )
     })?;
+    tcp_container_ports(&items).map_err(|m| bad(NERDCTL_PORTS, value, m))
+}
+
+/// The TCP ports of `<dir>/network-config.json`, `{"portMappings":[PortMapping...]}`
+/// (nerdctl >= 2.1.3; `{}` without `-p`). No file: no ports (an older nerdctl, which
+/// writes the label instead). A file that cannot be read or parsed is an error naming
+/// it: never a silent container without its proxy.
+fn nerdctl_network_config_ports(dir: &str, read: ReadFile<'_>) -> Result<Vec<u16>> {
+    let d = Path::new(dir);
+    if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(bad(
+            NERDCTL_STATE_DIR,
+            dir,
+            "not an absolute path without '..'; valid: nerdctl's \
+             <data root>/containers/<namespace>/<id>",
+        ));
+    }
+    let file = d.join(NERDCTL_NETWORK_CONFIG);
+    let text = match read(&file) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(bad(
+                NERDCTL_STATE_DIR,
+                dir,
+                format!(
+                    "{}: cannot read nerdctl's port mappings: {e}",
+                    file.display()
+                ),
+            ));
+        }
+    };
+    let malformed = |why: String| {
+        bad(
+            NERDCTL_STATE_DIR,
+            dir,
+            format!(
+                "{}: {why}; valid: {{\"portMappings\":[{{\"HostPort\":8080,\
+                 \"ContainerPort\":80,\"Protocol\":\"tcp\",\"HostIP\":\"\"}}]}}",
+                file.display()
+            ),
+        )
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        malformed(format!(
+            "not JSON (error at line {} column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let Some(obj) = v.as_object() else {
+        return Err(malformed("not a JSON object".into()));
+    };
+    match obj.get("portMappings") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => tcp_container_ports(items).map_err(malformed),
+        Some(_) => Err(malformed("\"portMappings\" is not an array".into())),
+    }
+}
+
+/// The TCP `ContainerPort`s of go-cni `PortMapping`s, first-seen order, no duplicates.
+fn tcp_container_ports(items: &[serde_json::Value]) -> std::result::Result<Vec<u16>, String> {
     let mut ports = Vec::new();
-    for item in &items {
+    for item in items {
         let proto = item
             .get("Protocol")
             .and_then(|p| p.as_str())
@@ -168,19 +267,14 @@ pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
             .get("ContainerPort")
             .and_then(|p| p.as_u64())
             .filter(|p| (1..=65535).contains(p))
-            .ok_or_else(|| {
-                bad(
-                    NERDCTL_PORTS,
-                    value,
-                    "each entry needs \"ContainerPort\" between 1 and 65535",
-                )
-            })?;
-        push_unique(
-            &mut ports,
-            u16::try_from(p).expect("checked 1-65535 above"),
-            NERDCTL_PORTS,
-            value,
-        )?;
+            .ok_or("each entry needs \"ContainerPort\" between 1 and 65535")?;
+        let p = u16::try_from(p).expect("checked 1-65535 above");
+        if !ports.contains(&p) {
+            if ports.len() == MAX_PORTS {
+                return Err(format!("at most {MAX_PORTS} ports can be proxied"));
+            }
+            ports.push(p);
+        }
     }
     Ok(ports)
 }
@@ -214,6 +308,11 @@ pub fn check_guid(v: &str) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A [`ReadFile`] for specs that name no nerdctl state directory.
+    fn no_file(p: &Path) -> std::io::Result<Option<String>> {
+        panic!("unexpected read of {}", p.display())
+    }
 
     #[test]
     fn parse_alpn_table() {
@@ -289,56 +388,175 @@ mod tests {
         assert!(e.contains("at most 64"), "{e}");
     }
 
+    /// A [`ReadFile`] that serves one file's text (or an error), nothing else.
+    fn one_file(
+        path: &'static str,
+        text: std::result::Result<&'static str, std::io::ErrorKind>,
+    ) -> impl Fn(&Path) -> std::io::Result<Option<String>> {
+        move |p| {
+            if p != Path::new(path) {
+                return Ok(None);
+            }
+            text.map(|t| Some(t.to_string()))
+                .map_err(std::io::Error::from)
+        }
+    }
+
+    #[test]
+    fn nerdctl_network_config_json_gives_the_ports_of_nerdctl_2_1_3_and_later() {
+        const DIR: &str = "/var/lib/nerdctl/1935db59/containers/default/c1";
+        const FILE: &str = "/var/lib/nerdctl/1935db59/containers/default/c1/network-config.json";
+        let state = [(NERDCTL_STATE_DIR, DIR)];
+        // -p 8080:80 -p 5353:53/udp -p 127.0.0.1:9090:80 (nerdctl v2.3 writes these).
+        let f = one_file(
+            FILE,
+            Ok(
+                r#"{"portMappings":[{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":""},{"HostPort":5353,"ContainerPort":53,"Protocol":"udp","HostIP":""},{"HostPort":9090,"ContainerPort":80,"Protocol":"tcp","HostIP":"127.0.0.1"}]}"#,
+            ),
+        );
+        let r = Request::from_annotations(&ann(&state), &f)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.ports, [80]);
+        // The label (nerdctl <= 2.1.2) and ours win; the file is not even read.
+        let r = Request::from_annotations(
+            &ann(&[
+                (NERDCTL_STATE_DIR, DIR),
+                (NERDCTL_PORTS, r#"[{"ContainerPort":81}]"#),
+            ]),
+            &no_file,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.ports, [81]);
+        let r =
+            Request::from_annotations(&ann(&[(NERDCTL_STATE_DIR, DIR), (PORTS, "9000")]), &no_file)
+                .unwrap()
+                .unwrap();
+        assert_eq!(r.ports, [9000]);
+        // No -p ({}), no file (older nerdctl without -p), only UDP: no proxy.
+        for text in [
+            r#"{}"#,
+            r#"{"portMappings":null}"#,
+            r#"{"portMappings":[{"ContainerPort":53,"Protocol":"udp"}]}"#,
+        ] {
+            let f = move |_: &Path| Ok(Some(text.to_string()));
+            assert_eq!(
+                Request::from_annotations(&ann(&state), &f).unwrap(),
+                None,
+                "{text}"
+            );
+        }
+        let none = |_: &Path| Ok(None);
+        assert_eq!(
+            Request::from_annotations(&ann(&state), &none).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_bad_nerdctl_network_config_is_an_error_naming_the_file() {
+        const DIR: &str = "/n/containers/default/c1";
+        const FILE: &str = "/n/containers/default/c1/network-config.json";
+        let state = [(NERDCTL_STATE_DIR, DIR)];
+        for (text, says) in [
+            (Ok("{"), "not JSON (error at line 1 column 1)"),
+            (Ok("[]"), "not a JSON object"),
+            (
+                Ok(r#"{"portMappings":{}}"#),
+                "\"portMappings\" is not an array",
+            ),
+            (
+                Ok(r#"{"portMappings":[{"ContainerPort":0}]}"#),
+                "between 1 and 65535",
+            ),
+            (
+                Err(std::io::ErrorKind::PermissionDenied),
+                "cannot read nerdctl's port mappings",
+            ),
+        ] {
+            let f = one_file(FILE, text);
+            let e = Request::from_annotations(&ann(&state), &f)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(FILE) && e.contains(says) && e.contains("nerdctl/state-dir"),
+                "{e}"
+            );
+            if text.is_ok() {
+                assert!(e.contains("valid: {\"portMappings\""), "{e}");
+            }
+        }
+        for dir in ["relative/c1", "/n/../etc", ""] {
+            let e = Request::from_annotations(&ann(&[(NERDCTL_STATE_DIR, dir)]), &no_file)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not an absolute path"), "{e}");
+        }
+    }
+
     #[test]
     fn nerdctl_ports_used_when_ours_absent() {
         let n = r#"[{"HostPort":8080,"ContainerPort":80,"Protocol":"tcp","HostIP":"0.0.0.0"},
                     {"HostPort":53,"ContainerPort":53,"Protocol":"udp","HostIP":""},
                     {"HostPort":8443,"ContainerPort":443,"Protocol":"tcp","HostIP":""}]"#;
-        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n)]))
+        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n)]), &no_file)
             .unwrap()
             .unwrap();
         assert_eq!(r.ports, vec![80, 443]);
-        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n), (PORTS, "9000")]))
+        let r = Request::from_annotations(&ann(&[(NERDCTL_PORTS, n), (PORTS, "9000")]), &no_file)
             .unwrap()
             .unwrap();
         assert_eq!(r.ports, vec![9000]);
-        let e = Request::from_annotations(&ann(&[(NERDCTL_PORTS, "{")])).unwrap_err();
+        let e = Request::from_annotations(&ann(&[(NERDCTL_PORTS, "{")]), &no_file).unwrap_err();
         assert!(e.to_string().contains("nerdctl/ports"), "{e}");
     }
 
     #[test]
     fn opt_out_and_absent() {
-        assert_eq!(Request::from_annotations(&ann(&[])).unwrap(), None);
         assert_eq!(
-            Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "false")])).unwrap(),
+            Request::from_annotations(&ann(&[]), &no_file).unwrap(),
             None
         );
-        let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "no")])).unwrap_err();
+        assert_eq!(
+            Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "false")]), &no_file)
+                .unwrap(),
+            None
+        );
+        let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (ENABLED, "no")]), &no_file)
+            .unwrap_err();
         assert!(e.to_string().contains("envoy-sidecar/enabled"), "{e}");
     }
 
     #[test]
     fn guids_are_checked() {
-        let r = Request::from_annotations(&ann(&[(PORTS, "8080"), (APP_GUID, "a-1_b.c")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.app_guid.as_deref(), Some("a-1_b.c"));
         let r =
-            Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "http/1.1")]))
+            Request::from_annotations(&ann(&[(PORTS, "8080"), (APP_GUID, "a-1_b.c")]), &no_file)
                 .unwrap()
                 .unwrap();
+        assert_eq!(r.app_guid.as_deref(), Some("a-1_b.c"));
+        let r = Request::from_annotations(
+            &ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "http/1.1")]),
+            &no_file,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.alpn, Some(Alpn::Http11));
-        let e = Request::from_annotations(&ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]))
-            .unwrap_err()
-            .to_string();
+        let e = Request::from_annotations(
+            &ann(&[(PORTS, "8080"), ("envoy-sidecar/alpn", "h3")]),
+            &no_file,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("envoy-sidecar/alpn") && e.contains("valid:"),
             "{e}"
         );
         for v in ["../etc", "a\nb", "", "a b", "x\"y", &"a".repeat(129)] {
-            let e = Request::from_annotations(&ann(&[(PORTS, "8080"), (INSTANCE_GUID, v)]))
-                .unwrap_err()
-                .to_string();
+            let e =
+                Request::from_annotations(&ann(&[(PORTS, "8080"), (INSTANCE_GUID, v)]), &no_file)
+                    .unwrap_err()
+                    .to_string();
             assert!(e.contains(INSTANCE_GUID), "{v:?}: {e}");
         }
     }

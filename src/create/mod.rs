@@ -102,7 +102,7 @@ pub fn asks(bundle: &Path) -> Asks {
     };
     match spec.annotations() {
         Err(_) => Asks::Unreadable,
-        Ok(ann) => match Request::from_annotations(&ann) {
+        Ok(ann) => match Request::from_annotations(&ann, &annotations::read_small_file) {
             Ok(None) => Asks::Nothing,
             Ok(Some(_)) | Err(_) => Asks::Proxy,
         },
@@ -150,7 +150,7 @@ pub fn prepare(
         Err(e) => return Err(e),
     };
     let ann = spec.annotations()?;
-    let req = Request::from_annotations(&ann)?;
+    let req = Request::from_annotations(&ann, &annotations::read_small_file)?;
     let role = match pod::Role::of(&ann) {
         Ok(r) => r,
         // Malformed CRI markers on a container that asks for nothing: not ours to judge.
