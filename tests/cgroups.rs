@@ -10,12 +10,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::footprint::gc;
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// cgroup v2 unified at /sys/fs/cgroup (else v1 or hybrid: memory on v1).
 fn unified() -> bool {
@@ -29,20 +29,6 @@ fn unified() -> bool {
         );
     }
     v2
-}
-
-fn read_u64(path: &Path, field: Option<&str>) -> u64 {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let v = match field {
-        None => text.trim(),
-        Some(f) => text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{f} ")))
-            .unwrap_or_else(|| panic!("{}: no {f}: {text}", path.display()))
-            .trim(),
-    };
-    v.parse()
-        .unwrap_or_else(|e| panic!("{}: {v:?}: {e}", path.display()))
 }
 
 /// Memory charged to a memory cgroup, its descendants included.
@@ -73,19 +59,6 @@ fn rss_anon(pid: i32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no RssAnon for {pid}: {status}"));
     kb * 1024
-}
-
-/// The container's row of `envoy-sidecar status --json`.
-fn status_row(sb: &Sandbox, id: &str) -> Value {
-    let o = cli(&sb.config)
-        .args(["status", "--json", "--namespace", NAMESPACE])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
-    rows.into_iter()
-        .find(|r| r["id"] == id)
-        .unwrap_or_else(|| panic!("no status row for {id}"))
 }
 
 /// Envoy's cgroup is the child `envoy-sidecar` of the container's memory cgroup; on
@@ -147,41 +120,16 @@ fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
         "idle: the container's anon {anon_before} does not cover Envoy's {envoy_before}"
     );
     let ready = sb.dir.join("flood.ready");
-    let mut load = ChildGuard(
-        Command::new("python3")
-            .arg(repo().join("scripts/tls-load.py"))
-            .args(["hold", "--host", &net.ip, "--port", &port.to_string()])
-            .arg("--ca")
-            .arg(sb.ca())
-            .args(["--server-name", id, "--n", &n.to_string()])
-            .arg("--ready-file")
-            .arg(&ready)
-            .args([
-                "--parallel",
-                "32",
-                "--open-timeout",
-                "90",
-                "--hold-max",
-                "60",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let opened: Value = wait_until_every(
-        "the connections opened",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || {
-            if let Some(st) = load.0.try_wait().unwrap() {
-                panic!("tls-load exited early: {st}");
-            }
-            std::fs::read(&ready)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        },
-    );
+    let extra = [
+        "--parallel",
+        "32",
+        "--open-timeout",
+        "90",
+        "--hold-max",
+        "60",
+    ];
+    let mut load = TlsHold::start(&net.ip, port, &sb.ca(), id, n, &ready, &extra);
+    let opened = load.wait_opened("the connections opened", Duration::from_secs(120));
     assert_eq!(opened["opened"], n, "{opened}");
     let held = usage(&container);
     let (anon_held, envoy_held) = (anon(&container), rss_anon(envoy));
@@ -192,7 +140,7 @@ fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
          container anon {anon_before} -> {anon_held}, Envoy's RssAnon {envoy_before} -> \
          {envoy_held}; Envoy's own cgroup (v1): {envoy_part:?}",
         held.saturating_sub(before) / 1024,
-        held.saturating_sub(before) / n
+        held.saturating_sub(before) / n as u64
     );
     assert!(
         held >= before + 2 * MIB,
@@ -231,7 +179,7 @@ fn an_oom_kill_in_the_container_is_counted_in_status_and_metrics() {
     let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
     let get = || Get::new(&sb.ca()).sni(id).wait_for(&addr, HELLO);
     get();
-    let row = status_row(&sb, id);
+    let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
     assert_eq!(row["oom_kills"], 0, "{row}");
     let envoy = pid_of(&sb.record(id), "envoy").expect("envoy pid");
 
@@ -243,7 +191,7 @@ fn an_oom_kill_in_the_container_is_counted_in_status_and_metrics() {
     );
     assert!(!hog.status.success(), "the hog survived: {}", text(&hog));
     let row = wait_until("the OOM kill in status", Duration::from_secs(15), || {
-        let row = status_row(&sb, id);
+        let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
         if row["oom_kills"].as_u64() >= Some(1) {
             Ok(row)
         } else {
@@ -403,7 +351,7 @@ fn systemd_cgroup_driver_places_envoy_in_the_scope_and_gc_cleans_a_killed_contai
         "memory.limit_in_bytes"
     };
     assert_eq!(read_u64(&container.join(limit_file), None), 160 * MIB);
-    let row = status_row(&sb, id);
+    let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
     assert_eq!(row["status"], "ready", "{row}");
     assert_eq!(row["oom_kills"], 0, "{row}");
 

@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,33 +21,6 @@ use common::*;
 use serde_json::Value;
 
 const FLOOD: usize = 4000;
-
-fn read_u64(path: &Path, field: Option<&str>) -> u64 {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    match field {
-        None => text.trim().parse().unwrap(),
-        Some(f) => text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{f} ")))
-            .unwrap_or_else(|| panic!("{}: no {f}: {text}", path.display()))
-            .trim()
-            .parse()
-            .unwrap(),
-    }
-}
-
-/// The container's row of `envoy-sidecar status --json`.
-fn status_row(sb: &Sandbox, id: &str) -> Value {
-    let o = cli(&sb.config)
-        .args(["status", "--json", "--namespace", NAMESPACE])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
-    rows.into_iter()
-        .find(|r| r["id"] == id)
-        .unwrap_or_else(|| panic!("no status row for {id}"))
-}
 
 /// `serve-metrics`' text for the sandbox (what `GET /metrics` answers).
 fn metrics_text(sb: &Sandbox) -> String {
@@ -174,45 +147,24 @@ fn flood(name: &str, extra: &str, mtls: bool) -> Flood {
     );
 
     let ready = sb.dir.join("flood.ready");
-    let mut cmd = Command::new("python3");
-    cmd.arg(repo().join("scripts/tls-load.py"))
-        .args(["hold", "--host", &net.ip, "--port", &port.to_string()])
-        .arg("--ca")
-        .arg(sb.ca())
-        .args(["--server-name", id, "--n", &FLOOD.to_string()])
-        .arg("--ready-file")
-        .arg(&ready)
-        .args([
-            "--parallel",
-            "64",
-            "--open-timeout",
-            "40",
-            "--hold-max",
-            "40",
-        ])
-        .args(["--keep-partial", "--finish"]);
+    let mut extra = vec![
+        "--parallel",
+        "64",
+        "--open-timeout",
+        "40",
+        "--hold-max",
+        "40",
+        "--keep-partial",
+        "--finish",
+    ];
+    let (cert, key);
     if let Some((c, k)) = client {
-        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+        (cert, key) = (c.display().to_string(), k.display().to_string());
+        extra.extend(["--cert", &cert, "--key", &key]);
     }
-    let mut load = ChildGuard(
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let opened: Value = wait_until_every(
-        "the flood opened",
-        Duration::from_secs(45),
-        Duration::from_millis(100),
-        || {
-            if let Some(st) = load.0.try_wait().unwrap() {
-                panic!("tls-load exited early: {st}");
-            }
-            std::fs::read(&ready)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        },
-    );
+    let mut hold = TlsHold::start(&net.ip, port, &sb.ca(), id, FLOOD, &ready, &extra);
+    let opened = hold.wait_opened("the flood opened", Duration::from_secs(45));
+    let load = &mut hold.load;
     let (n_open, n_failed) = (
         opened["opened"].as_u64().unwrap(),
         opened["failed"].as_u64().unwrap(),
@@ -232,7 +184,7 @@ fn flood(name: &str, extra: &str, mtls: bool) -> Flood {
     } else {
         read_u64(&cg.join("memory.peak"), None)
     };
-    let row = status_row(&sb, id);
+    let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
     assert_eq!(row["envoy_oom_kills"], 0, "{row}");
     assert_eq!(row["restarts"], 0, "{row}");
     let m = metrics_text(&sb);
