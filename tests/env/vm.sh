@@ -32,6 +32,9 @@ RUN=/run/envoy-sidecar-vm
 MIRROR="${ES_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PORT="${ES_VM_SSH_PORT:-2222}"
 KEY=$BASE/id_ed25519
+# tests/env/stack.sh's engine stacks, shared read-only at the same path: the guest runs
+# the suite with Debian unstable's containerd 2.x / runc 1.3 too.
+STACKS=/var/lib/envoy-sidecar-stacks
 SSH_TIMEOUT=300
 
 # The guest's packages: the engines (bookworm's containerd 1.6 and runc 1.1) and what
@@ -134,6 +137,7 @@ cmd_up() {
     fi
     cmd_build
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found (scripts/install-deps.sh)"
+    mkdir -p "$STACKS"
     if ss -ltnH "sport = :$PORT" | grep -q .; then
         die "127.0.0.1:$PORT is taken; set ES_VM_SSH_PORT"
     fi
@@ -147,6 +151,7 @@ cmd_up() {
         -drive "file=$RUN/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe" \
         -virtfs "local,path=$REPO,mount_tag=repo,security_model=none,id=repo" \
         -virtfs "local,path=/usr/local/bin,mount_tag=hostbin,security_model=none,readonly=on,id=hostbin" \
+        -virtfs "local,path=$STACKS,mount_tag=stacks,security_model=none,readonly=on,id=stacks" \
         -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$PORT-:22" -device virtio-net-pci,netdev=n0 \
         -display none -serial "file:$RUN/console.log" -monitor none \
         -daemonize -pidfile "$RUN/qemu.pid" \
@@ -159,7 +164,8 @@ cmd_up() {
         sleep 2
     done
     ssh_ "set -e
-        mkdir -p '$REPO' /mnt/hostbin
+        mkdir -p '$REPO' /mnt/hostbin '$STACKS'
+        mountpoint -q '$STACKS' || mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose,ro stacks '$STACKS'
         mountpoint -q '$REPO' || mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose repo '$REPO'
         mountpoint -q /mnt/hostbin || mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,ro hostbin /mnt/hostbin
         install -m 0755 /mnt/hostbin/envoy /usr/local/bin/envoy" \
@@ -198,6 +204,10 @@ case "$CMD" in
         ssh_ "$DROP_CACHES; cd '$REPO' && $(printf '%q ' "$@")" ;;
     test)
         [ "$(id -u)" = 0 ] || { echo "vm.sh: SKIP: not root (uid $(id -u)); the cgroup v2 guest needs root"; exit 0; }
+        # The newer stacks the guest runs, fetched on the host (idempotent).
+        for st in $("$HERE/vm-suite.sh" stacks); do
+            [ "$st" = bookworm ] || "$HERE/stack.sh" "$st" fetch
+        done
         # The suite's test binaries, as cargo built them on the host (same glibc).
         targets=$("$HERE/vm-suite.sh" targets | sed 's/^/--test /' | tr '\n' ' ')
         # shellcheck disable=SC2086
@@ -206,7 +216,7 @@ case "$CMD" in
             | tr '\n' ' ') || die "cargo test --no-run failed"
         cmd_up
         rc=0
-        ssh_ "$DROP_CACHES; cd '$REPO' && ES_VM_BINS='$bins' tests/env/vm-suite.sh run" || rc=$?
+        ssh_ "$DROP_CACHES; cd '$REPO' && ES_VM_STACKS='${ES_VM_STACKS:-}' ES_VM_BINS='$bins' tests/env/vm-suite.sh run" || rc=$?
         cmd_down
         exit $rc ;;
     *) usage ;;
