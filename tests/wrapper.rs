@@ -584,3 +584,38 @@ fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
         }
     }
 }
+
+/// A host port some host process listens on is never handed out: NAT would take that
+/// process's outside traffic (nerdctl >= 2.1.6 binds its `-p` ports; any service may
+/// sit in the pool). The pool here: the listener's port and the three above it.
+#[test]
+fn a_host_port_a_host_process_listens_on_is_skipped() {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let busy = l.local_addr().unwrap().port();
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    let f = FakeStack::new(
+        "es-wr-listener",
+        "ns1",
+        &format!("[ports]\npool_start = {busy}\npool_end = {}\n", busy + 3),
+        &json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
+            "annotations": {"envoy-sidecar/ports": "8080"}
+        }),
+    );
+    let out = f.create(&[], "c1");
+    assert!(out.status.success(), "create: {}", text(&out));
+    let st = f.state_of("c1").expect("state");
+    let host = st["ports"][0]["external_tls_proxy"].as_u64().unwrap();
+    assert_ne!(
+        host,
+        u64::from(busy),
+        "the listener's port was handed out: {st}"
+    );
+    assert!(
+        (u64::from(busy) + 1..=u64::from(busy) + 3).contains(&host),
+        "{st}"
+    );
+    drop(l);
+}

@@ -311,8 +311,11 @@ fn record(
 
     let unproxied = cfg.proxy.enable_unproxied_port_mappings;
     let n = req.ports.len();
+    // Not a port the product holds, nor one a host process listens on (nerdctl >=
+    // 2.1.6 binds its -p ports, and any service may sit in the pool).
+    let listening = crate::sys::listeners::host_tcp_listeners();
     let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
-        index.port_taken(p)
+        index.port_taken(p) || listening.contains(&p)
     })?;
     // Externals first, then TLS proxies, as in the reference's example.
     let (ext, tls) = if unproxied {

@@ -47,7 +47,8 @@ pub fn allocate_host_ports(
     if got.len() < n {
         return Err(Error::Ports(format!(
             "host port pool {start}-{end} ([ports] pool_start/pool_end) is exhausted: \
-             this container needs {n}, {} free; remove containers or widen the pool",
+             this container needs {n}, {} free (held by no container, no host process \
+             listening); remove containers or widen the pool",
             got.len()
         )));
     }

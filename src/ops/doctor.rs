@@ -50,29 +50,10 @@ fn check(name: &'static str, r: Result<String, String>) -> Check {
 
 /// Host TCP listeners (v4 and v6) on ports inside `pool`.
 fn listeners_in(pool: std::ops::RangeInclusive<u16>) -> Vec<u16> {
-    let mut found = Vec::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(t) = std::fs::read_to_string(f) else {
-            continue;
-        };
-        for line in t.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // st 0A = LISTEN; local address is HEXIP:HEXPORT.
-            if cols.get(3) != Some(&"0A") {
-                continue;
-            }
-            let port = cols
-                .get(1)
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if let Some(p) = port.filter(|p| pool.contains(p)) {
-                found.push(p);
-            }
-        }
-    }
-    found.sort();
-    found.dedup();
-    found
+    crate::sys::listeners::host_tcp_listeners()
+        .into_iter()
+        .filter(|p| pool.contains(p))
+        .collect()
 }
 
 /// The containerd whose CRI registration is checked.
@@ -252,7 +233,7 @@ pub fn run(cfg: Result<Config, String>, containerd: &Containerd) -> Vec<Check> {
             Ok(format!("{}-{} free of host listeners", pool.start(), pool.end()))
         } else {
             Err(format!(
-                "host processes listen on {busy:?} inside [ports] {}-{}: those host ports would be unreachable through NAT",
+                "host processes listen on {busy:?} inside [ports] {}-{}: create skips those host ports (NAT would take their outside traffic)",
                 pool.start(),
                 pool.end()
             ))

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod fault;
 pub mod fs;
 pub mod landlock;
+pub mod listeners;
 pub mod netns;
 pub mod nfnetlink;
 pub mod pagecache;
