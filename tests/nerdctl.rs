@@ -494,3 +494,22 @@ fn nerdctl_hooks_run_around_ours_under_real_runc() {
     assert!(c.inspect().is_none());
     assert_eq!(c.status(), None);
 }
+
+/// A FIFO where nerdctl's `network-config.json` belongs would block a plain read for
+/// ever: create refuses it at once, naming the file.
+#[test]
+fn a_fifo_as_network_config_json_fails_create_at_once() {
+    let (f, _data, conf) = fake_with_network_config("fifo", "{}");
+    std::fs::remove_file(&conf).unwrap();
+    nix::unistd::mkfifo(&conf, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let pid = f.dir.join("init.pid").display().to_string();
+    let out = f.stack.create(&["--pid-file", &pid], ID);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let log = std::fs::read_to_string(&f.runc_log).unwrap();
+    let msg = log.lines().last().unwrap();
+    assert!(
+        msg.contains(&conf.display().to_string()) && msg.contains("not a regular file"),
+        "{msg}"
+    );
+    assert!(f.state().is_none(), "state recorded");
+}

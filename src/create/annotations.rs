@@ -54,22 +54,16 @@ pub struct Request {
 /// exist. The seam that keeps the decision testable without files.
 pub type ReadFile<'a> = &'a dyn Fn(&Path) -> std::io::Result<Option<String>>;
 
-/// The real [`ReadFile`]: at most [`MAX_NETWORK_CONFIG`] bytes (more is an error).
+/// The real [`ReadFile`]: a regular file of at most [`MAX_NETWORK_CONFIG`] bytes (a
+/// FIFO there would block create; more is an error), UTF-8.
 pub fn read_small_file(path: &Path) -> std::io::Result<Option<String>> {
-    use std::io::Read;
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut text = String::new();
-    f.take(MAX_NETWORK_CONFIG + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > MAX_NETWORK_CONFIG {
-        return Err(std::io::Error::other(format!(
-            "larger than {MAX_NETWORK_CONFIG} bytes"
-        )));
+    match crate::sys::fs::read_bounded(path, MAX_NETWORK_CONFIG, true) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(text))
 }
 
 impl Request {
