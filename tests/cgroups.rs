@@ -79,6 +79,38 @@ fn assert_envoy_placed(init: u32, envoy: i32) -> PathBuf {
     container
 }
 
+/// The test app as `id` in `net` with `--memory-limit` `limit` (and `opts`), once its
+/// proxy serves over TLS: the container and the proxy's port at `net.ip`.
+fn served_limited(
+    sb: &Sandbox,
+    net: &Netns,
+    id: &str,
+    limit: u64,
+    opts: &[&str],
+) -> (Container, u16) {
+    let limit = limit.to_string();
+    let mut all = vec![net.ctr_opt(), "--memory-limit".into(), limit];
+    all.extend(opts.iter().map(|o| o.to_string()));
+    let c = sb.start_cmd(id, &[(PORTS, "8080")], &strs(&all), &httpd());
+    let st = sb.inspect(id).unwrap();
+    let port = port_of(&st, 0, "internal_tls_proxy");
+    Get::new(&sb.ca())
+        .sni(id)
+        .wait_for(&format!("{}:{port}", net.ip), HELLO);
+    (c, port)
+}
+
+/// The memory limit the kernel enforces on a cgroup (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`).
+fn limit_of(dir: &Path) -> u64 {
+    let file = if unified() {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    read_u64(&dir.join(file), None)
+}
+
 #[test]
 fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
     if !can_run("envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage") {
@@ -87,25 +119,11 @@ fn envoy_is_charged_to_the_container_and_a_connection_flood_raises_its_usage() {
     let sb = Sandbox::new("cg-flood", "", "");
     let net = sb.slot.netns(0);
     let id = "es-cg-flood";
-    let c = sb.start_cmd(
-        id,
-        &[(PORTS, "8080")],
-        &[&net.ctr_opt(), "--memory-limit", &(128 * MIB).to_string()],
-        &httpd(),
-    );
-    let st = sb.inspect(id).unwrap();
-    let port = port_of(&st, 0, "internal_tls_proxy");
-    let addr = format!("{}:{port}", net.ip);
-    Get::new(&sb.ca()).sni(id).wait_for(&addr, HELLO);
+    let (c, port) = served_limited(&sb, &net, id, 128 * MIB, &[]);
     let envoy = pid_of(&sb.record(id), "envoy").expect("envoy pid");
     let container = assert_envoy_placed(c.pid(), envoy);
     // The limit the kernel enforces: 128 MiB asked + the 32 MiB allocation.
-    let limit_file = if unified() {
-        "memory.max"
-    } else {
-        "memory.limit_in_bytes"
-    };
-    assert_eq!(read_u64(&container.join(limit_file), None), 160 * MIB);
+    assert_eq!(limit_of(&container), 160 * MIB);
 
     // 300 TLS connections held open (under the derived connection cap): Envoy's
     // buffers and TLS state are charged to the container.
@@ -169,16 +187,9 @@ fn an_oom_kill_in_the_container_is_counted_in_status_and_metrics() {
     let sb = Sandbox::new("cg-oom", "", "");
     let net = sb.slot.netns(0);
     let id = "es-cg-oom";
-    let c = sb.start_cmd(
-        id,
-        &[(PORTS, "8080")],
-        &[&net.ctr_opt(), "--memory-limit", &(64 * MIB).to_string()],
-        &httpd(),
-    );
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
+    let (c, port) = served_limited(&sb, &net, id, 64 * MIB, &[]);
+    let addr = format!("{}:{port}", net.ip);
     let get = || Get::new(&sb.ca()).sni(id).wait_for(&addr, HELLO);
-    get();
     let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
     assert_eq!(row["oom_kills"], 0, "{row}");
     let envoy = pid_of(&sb.record(id), "envoy").expect("envoy pid");
@@ -302,19 +313,14 @@ fn systemd_cgroup_driver_places_envoy_in_the_scope_and_gc_cleans_a_killed_contai
     let sb = Sandbox::new("cg-systemd", "", "");
     let net = sb.slot.netns(0);
     let id = "es-cg-sd";
-    let c = sb.start_cmd(
+    // slice:prefix:name, which runc makes the scope <prefix>-<name>.scope.
+    let slice = format!("system.slice:{NAMESPACE}:{id}");
+    let (c, _) = served_limited(
+        &sb,
+        &net,
         id,
-        &[(PORTS, "8080")],
-        &[
-            &net.ctr_opt(),
-            "--runc-systemd-cgroup",
-            // slice:prefix:name, which runc makes the scope <prefix>-<name>.scope.
-            "--cgroup",
-            &format!("system.slice:{NAMESPACE}:{id}"),
-            "--memory-limit",
-            &(128 * MIB).to_string(),
-        ],
-        &httpd(),
+        128 * MIB,
+        &["--runc-systemd-cgroup", "--cgroup", &slice],
     );
     let init = c.pid();
     let cg = std::fs::read_to_string(format!("/proc/{init}/cgroup")).unwrap();
@@ -338,19 +344,11 @@ fn systemd_cgroup_driver_places_envoy_in_the_scope_and_gc_cleans_a_killed_contai
         "{unit}: {}",
         text(&o)
     );
-    let st = sb.inspect(id).unwrap();
-    let addr = format!("{}:{}", net.ip, port_of(&st, 0, "internal_tls_proxy"));
-    Get::new(&sb.ca()).sni(id).wait_for(&addr, HELLO);
     let rec = sb.record(id);
     let envoy = pid_of(&rec, "envoy").expect("envoy pid");
     let supervisor = pid_of(&rec, "supervisor").expect("supervisor pid");
     assert_envoy_placed(init, envoy);
-    let limit_file = if unified() {
-        "memory.max"
-    } else {
-        "memory.limit_in_bytes"
-    };
-    assert_eq!(read_u64(&container.join(limit_file), None), 160 * MIB);
+    assert_eq!(limit_of(&container), 160 * MIB);
     let row = status_row(&sb.config, NAMESPACE, id).expect("a status row");
     assert_eq!(row["status"], "ready", "{row}");
     assert_eq!(row["oom_kills"], 0, "{row}");
