@@ -495,6 +495,12 @@ fn no_network_waits_then_degrades_visibly_and_the_container_keeps_running() {
         waiting.is_some_and(|w| w + 1 < order.len()),
         "waiting-for-network before degraded: {order:?}"
     );
+    // Nothing said `degraded` while the hooks were still starting it.
+    assert_eq!(
+        order.iter().filter(|s| **s == "degraded").count(),
+        1,
+        "{seen:?}"
+    );
     let degraded_at = seen.last().unwrap().1;
     assert!(
         degraded_at >= Duration::from_secs(8),

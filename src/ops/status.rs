@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -110,6 +111,14 @@ pub fn row_known(
             Some("the container's init has exited".to_string()),
             None,
         )
+    } else if r.supervisor.is_none() && launching(s.started_at.as_deref(), SystemTime::now()) {
+        // The poststart hook records `started_at`, maps NAT, then launches the
+        // supervisor: a look in between is no fault.
+        (
+            State::Starting,
+            Some("started; the poststart hook is launching the supervisor".to_string()),
+            None,
+        )
     } else if !supervised {
         (
             State::Degraded,
@@ -169,6 +178,20 @@ pub fn row_known(
             container_ids: p.members.iter().map(|m| m.id.clone()).collect(),
         }),
     }
+}
+
+/// How long after `started_at` a container with no supervisor yet is `starting`, not
+/// `degraded`: the poststart hook may still be mapping NAT before it launches one.
+pub const LAUNCH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether `started_at` (RFC 3339) is less than [`LAUNCH_GRACE`] before `now`. An
+/// unreadable stamp is not recent: a fault is never hidden by a bad record.
+fn launching(started_at: Option<&str>, now: SystemTime) -> bool {
+    started_at
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        // A stamp in the future (clock stepped back) counts as just now.
+        .map(|t| now.duration_since(t).unwrap_or_default() < LAUNCH_GRACE)
+        .unwrap_or(false)
 }
 
 /// How long after its create a record is left alone by the "gone" look: the
@@ -498,6 +521,32 @@ mod tests {
                 .contains("supervisor pid 12 is not running")
         );
         assert_eq!(r.supervisor_pid, None);
+    }
+
+    #[test]
+    fn no_supervisor_yet_is_starting_for_the_launch_grace_then_degraded() {
+        let p = FakeProcesses::default();
+        p.add(10, &["init"]);
+        let mut s = started(std::path::Path::new("/r"));
+        s.started_at = Some(crate::sys::fs::now_rfc3339());
+        let r = row(&s, None, &p);
+        assert_eq!(r.status, State::Starting, "{r:?}");
+        assert!(r.reason.unwrap().contains("launching the supervisor"));
+        s.started_at = Some("2026-01-01T00:00:00Z".into());
+        let r = row(&s, None, &p);
+        assert_eq!(r.status, State::Degraded);
+        assert!(r.reason.unwrap().contains("no supervisor ever started"));
+
+        let t0 = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let at = |secs| t0 + std::time::Duration::from_secs(secs);
+        assert!(launching(Some("2026-01-01T00:00:00Z"), at(9)));
+        assert!(!launching(Some("2026-01-01T00:00:00Z"), at(10)));
+        assert!(
+            launching(Some("2026-01-01T00:00:05Z"), at(0)),
+            "future stamp"
+        );
+        assert!(!launching(Some("garbage"), at(0)));
+        assert!(!launching(None, at(0)));
     }
 
     #[test]

@@ -386,6 +386,8 @@ cmd_down() {
     for d in /sys/fs/cgroup/*/"$NS" /sys/fs/cgroup/"$NS"; do
         [ -d "$d" ] && rmdir "$d" 2>/dev/null || true
     done
+    # The CRI pod network's bridge (the bridge plugin never deletes it on DEL).
+    ip link del es-br14 2>/dev/null || true
     log "containerd stopped (pid $pid)"
 }
 
