@@ -801,9 +801,11 @@ fn model_ports(v: &str) -> Result<Vec<u16>, ()> {
     Ok(out)
 }
 
-fn model_nerdctl(v: &str) -> Result<Vec<u16>, ()> {
+/// `(container ports, host ports)` of a `nerdctl/ports` label.
+fn model_nerdctl(v: &str) -> Result<(Vec<u16>, Vec<u16>), ()> {
     let items: Vec<Value> = serde_json::from_str(v).map_err(|_| ())?;
     let mut out = Vec::new();
+    let mut hosts = Vec::new();
     for item in &items {
         let proto = item
             .get("Protocol")
@@ -816,8 +818,18 @@ fn model_nerdctl(v: &str) -> Result<Vec<u16>, ()> {
             Some(p @ 1..=65535) => push_unique(&mut out, u16::try_from(p).map_err(|_| ())?)?,
             _ => return Err(()),
         }
+        match item.get("HostPort") {
+            None | Some(Value::Null) => {}
+            Some(h) => match h.as_u64() {
+                Some(0) => {}
+                Some(h @ 1..=65535) => hosts.push(u16::try_from(h).map_err(|_| ())?),
+                _ => return Err(()),
+            },
+        }
     }
-    Ok(out)
+    hosts.sort_unstable();
+    hosts.dedup();
+    Ok((out, hosts))
 }
 
 fn model_alpn(v: &str) -> Option<Alpn> {
@@ -838,11 +850,17 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
             _ => return Err(annotations::ENABLED),
         }
     }
-    let ports = match (a.get(annotations::PORTS), a.get(annotations::NERDCTL_PORTS)) {
+    // nerdctl's label is read (for its host ports) even when ours names the ports.
+    let nerdctl = a
+        .get(annotations::NERDCTL_PORTS)
+        .map(|v| model_nerdctl(v).map_err(|_| annotations::NERDCTL_PORTS))
+        .transpose()?;
+    let ports = match (a.get(annotations::PORTS), &nerdctl) {
         (Some(v), _) => model_ports(v).map_err(|_| annotations::PORTS)?,
-        (None, Some(v)) => model_nerdctl(v).map_err(|_| annotations::NERDCTL_PORTS)?,
+        (None, Some((ports, _))) => ports.clone(),
         (None, None) => return Ok(None),
     };
+    let published = nerdctl.map(|(_, h)| h).unwrap_or_default();
     if ports.is_empty() {
         return Ok(None);
     }
@@ -866,6 +884,7 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
         space_guid,
         org_guid,
         alpn,
+        published,
     }))
 }
 
@@ -1038,7 +1057,9 @@ fn annotations_parse_ports_matches_the_model() {
 fn annotations_parse_nerdctl_ports_matches_the_model() {
     check("parse_nerdctl_ports", nerdctl_value(), |v| {
         agrees(
-            model_nerdctl(&v).map_err(|()| annotations::NERDCTL_PORTS),
+            model_nerdctl(&v)
+                .map(|(ports, _)| ports)
+                .map_err(|()| annotations::NERDCTL_PORTS),
             parse_nerdctl_ports(&v),
         )
     });

@@ -513,3 +513,137 @@ fn a_fifo_as_network_config_json_fails_create_at_once() {
     );
     assert!(f.state().is_none(), "state recorded");
 }
+
+// ---- Host ports nerdctl's -p publishes (issue 21, part 3) ---------------------------
+
+const ID2: &str = "4a2d6c3b0e9f8a71b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071829";
+
+/// A [`Fake`] whose host port pool is `pool` (the slot's, so a host DNAT rule a test
+/// adds there touches nothing else).
+fn fake_in_pool(name: &str, pool: &std::ops::RangeInclusive<u16>) -> Fake {
+    let f = Fake::new(name, |_| {});
+    let mut conf = std::fs::read_to_string(&f.config).unwrap();
+    conf.push_str(&pool_toml(pool));
+    std::fs::write(&f.config, conf).unwrap();
+    f
+}
+
+fn label(host_port: u16) -> String {
+    format!(r#"[{{"HostPort":{host_port},"ContainerPort":80,"Protocol":"tcp","HostIP":""}}]"#)
+}
+
+fn host_ports_of(st: &Value) -> Vec<u16> {
+    st["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| [&p["external"], &p["external_tls_proxy"]])
+        .filter_map(|v| v.as_u64().and_then(|v| u16::try_from(v).ok()))
+        .collect()
+}
+
+/// The product's port first: a later container whose `-p` names it is refused at
+/// create, naming the port, and holds nothing. And a container's own `-p` host port in
+/// the pool is never handed to it (its portmap rule comes only later, with nerdctl's
+/// createRuntime hook).
+#[test]
+fn a_p_host_port_the_product_holds_is_refused_and_its_own_is_skipped() {
+    let slot = slots::next();
+    let pool = slot.pool(16);
+    let f = fake_in_pool("p-held", &pool);
+    f.set_spec_annotation("nerdctl/ports", &label(*pool.start()));
+    f.create();
+    let first = f.state().expect("first recorded");
+    let held = host_ports_of(&first);
+    assert_eq!(held.len(), 2, "external and TLS: {first}");
+    assert!(
+        !held.contains(pool.start()),
+        "its own -p host port {} handed out: {held:?}",
+        pool.start()
+    );
+
+    for p in [held[0], held[1]] {
+        f.set_spec_annotation("nerdctl/ports", &label(p));
+        let pid = f.dir.join("init2.pid").display().to_string();
+        let out = f.stack.create(&["--pid-file", &pid], ID2);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let log = std::fs::read_to_string(&f.runc_log).unwrap();
+        let msg = log.lines().last().unwrap();
+        assert!(
+            msg.contains(&format!("host port {p} of this container's -p (nerdctl)"))
+                && msg.contains("already mapped by envoy-sidecar")
+                && msg.contains("valid:"),
+            "{msg}"
+        );
+        assert!(f.state_of(ID2).is_none(), "refused create recorded");
+        assert!(
+            !f.calls().iter().any(|c| c.contains(ID2)),
+            "runc was called for the refused create: {:?}",
+            f.calls()
+        );
+    }
+    assert_eq!(
+        f.state().unwrap()["ports"],
+        first["ports"],
+        "first untouched"
+    );
+}
+
+/// nerdctl's `-p` first: a DNAT rule already on the host (CNI portmap's, in iptables
+/// as iptables-nft writes it, or native nftables) for a port of the pool: the product
+/// hands out the ports around it.
+#[test]
+fn host_ports_other_dnat_rules_forward_are_never_handed_out() {
+    if !can_run_without_containerd("host_ports_other_dnat_rules_forward_are_never_handed_out") {
+        return;
+    }
+    let slot = slots::next();
+    let pool = slot.pool(16);
+    let p0 = *pool.start();
+    let unrouted = slots::UNROUTED;
+    let chain = format!("ES-{}-DN", slot.name().to_uppercase());
+    let table = format!("es_{}_dnat", slot.name().replace('-', "_"));
+    let cleanup = format!(
+        "iptables -t nat -F {chain} 2>/dev/null; iptables -t nat -X {chain} 2>/dev/null; \
+         nft delete table ip {table} 2>/dev/null; true"
+    );
+    sh(&cleanup);
+    struct Undo(String);
+    impl Drop for Undo {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("sh")
+                .args(["-c", &self.0])
+                .status();
+        }
+    }
+    let _undo = Undo(cleanup);
+    // portmap's per-container chain: `-p tcp --dport H -j DNAT` (iptables-nft).
+    sh(&format!(
+        "iptables -t nat -N {chain} && \
+         iptables -t nat -A {chain} -p tcp -m tcp --dport {p0} -j DNAT --to-destination {unrouted}:80"
+    ));
+    // portmap's nftables backend, or an operator's rule: a set and a range.
+    sh(&format!(
+        "nft add table ip {table} && \
+         nft add chain ip {table} pre '{{ type nat hook prerouting priority -100; }}' && \
+         nft add rule ip {table} pre tcp dport '{{ {a}, {b} }}' dnat to {unrouted}:80 && \
+         nft add rule ip {table} pre tcp dport {c}-{d} dnat to {unrouted}:80",
+        a = p0 + 2,
+        b = p0 + 3,
+        c = p0 + 5,
+        d = p0 + 6,
+    ));
+    let f = fake_in_pool("p-dnat", &pool);
+    f.set_spec_annotation("nerdctl/ports", &label(p0 + 1));
+    f.set_spec_annotation("envoy-sidecar/ports", "80,81,82");
+    f.create();
+    let st = f.state().expect("recorded");
+    let mut got = host_ports_of(&st);
+    got.sort_unstable();
+    // p0 (iptables), p0+1 (its own -p), p0+2/3 (set), p0+5/6 (range) are skipped.
+    assert_eq!(
+        got,
+        [p0 + 4, p0 + 7, p0 + 8, p0 + 9, p0 + 10, p0 + 11],
+        "{st}"
+    );
+}

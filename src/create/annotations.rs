@@ -48,6 +48,18 @@ pub struct Request {
     pub org_guid: Option<String>,
     /// `envoy-sidecar/alpn`; `None`: the host default.
     pub alpn: Option<Alpn>,
+    /// Host ports nerdctl's `-p` publishes for this container (TCP; its own portmap
+    /// DNAT, set up by its createRuntime hook): never handed out by the product, and
+    /// a create whose `-p` names a port the product holds is refused.
+    pub published: Vec<u16>,
+}
+
+/// One TCP mapping of nerdctl's `-p` (a go-cni `PortMapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NerdctlMapping {
+    pub container_port: u16,
+    /// 0 or absent: none (nerdctl itself picks one before it writes the mapping).
+    pub host_port: Option<u16>,
 }
 
 /// Reads a small file for [`Request::from_annotations`]: `Ok(None)` when it does not
@@ -82,17 +94,31 @@ impl Request {
                 _ => return Err(bad(ENABLED, v, "valid: \"true\" or \"false\"")),
             }
         }
-        let ports = match (a.get(PORTS), a.get(NERDCTL_PORTS), a.get(NERDCTL_STATE_DIR)) {
-            (Some(v), _, _) => parse_ports(v)?,
-            (None, Some(v), _) => parse_nerdctl_ports(v)?,
-            (None, None, Some(dir)) => nerdctl_network_config_ports(dir, read)?,
-            (None, None, None) => return Ok(None),
+        // nerdctl's -p is read whenever nerdctl made the spec, even when ours names the
+        // ports: its host ports must not collide with the ones the product hands out.
+        let nerdctl = match (a.get(NERDCTL_PORTS), a.get(NERDCTL_STATE_DIR)) {
+            (Some(v), _) => Some(parse_nerdctl_mappings(v)?),
+            (None, Some(dir)) => Some(nerdctl_network_config(dir, read)?),
+            (None, None) => None,
+        };
+        let ports = match (a.get(PORTS), &nerdctl) {
+            (Some(v), _) => parse_ports(v)?,
+            (None, Some(m)) => container_ports(m),
+            (None, None) => return Ok(None),
         };
         if ports.is_empty() {
             return Ok(None);
         }
+        let mut published: Vec<u16> = nerdctl
+            .iter()
+            .flatten()
+            .filter_map(|m| m.host_port)
+            .collect();
+        published.sort_unstable();
+        published.dedup();
         Ok(Some(Request {
             ports,
+            published,
             instance_guid: guid(a, INSTANCE_GUID)?,
             app_guid: guid(a, APP_GUID)?,
             space_guid: guid(a, SPACE_GUID)?,
@@ -173,6 +199,22 @@ pub fn parse_ports(value: &str) -> Result<Vec<u16>> {
 /// nerdctl's `nerdctl/ports`: a JSON array of go-cni `PortMapping`s. Only TCP container
 /// ports are proxied; UDP/SCTP mappings are left to nerdctl.
 pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
+    parse_nerdctl_mappings(value).map(|m| container_ports(&m))
+}
+
+/// The TCP container ports of `m`, first-seen order, no duplicates.
+fn container_ports(m: &[NerdctlMapping]) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    for p in m.iter().map(|m| m.container_port) {
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    ports
+}
+
+/// [`parse_nerdctl_ports`] with the host ports.
+pub fn parse_nerdctl_mappings(value: &str) -> Result<Vec<NerdctlMapping>> {
     let items: Vec<serde_json::Value> = serde_json::from_str(value).map_err(|e| {
         bad(
             NERDCTL_PORTS,
@@ -186,14 +228,14 @@ pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
             ),
         )
     })?;
-    tcp_container_ports(&items).map_err(|m| bad(NERDCTL_PORTS, value, m))
+    tcp_mappings(&items).map_err(|m| bad(NERDCTL_PORTS, value, m))
 }
 
 /// The TCP ports of `<dir>/network-config.json`, `{"portMappings":[PortMapping...]}`
 /// (nerdctl >= 2.1.3; `{}` without `-p`). No file: no ports (an older nerdctl, which
 /// writes the label instead). A file that cannot be read or parsed is an error naming
 /// it: never a silent container without its proxy.
-fn nerdctl_network_config_ports(dir: &str, read: ReadFile<'_>) -> Result<Vec<u16>> {
+fn nerdctl_network_config(dir: &str, read: ReadFile<'_>) -> Result<Vec<NerdctlMapping>> {
     let d = Path::new(dir);
     if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
         return Err(bad(
@@ -241,14 +283,16 @@ fn nerdctl_network_config_ports(dir: &str, read: ReadFile<'_>) -> Result<Vec<u16
     };
     match obj.get("portMappings") {
         None | Some(serde_json::Value::Null) => Ok(Vec::new()),
-        Some(serde_json::Value::Array(items)) => tcp_container_ports(items).map_err(malformed),
+        Some(serde_json::Value::Array(items)) => tcp_mappings(items).map_err(malformed),
         Some(_) => Err(malformed("\"portMappings\" is not an array".into())),
     }
 }
 
-/// The TCP `ContainerPort`s of go-cni `PortMapping`s, first-seen order, no duplicates.
-fn tcp_container_ports(items: &[serde_json::Value]) -> std::result::Result<Vec<u16>, String> {
+/// The TCP mappings of go-cni `PortMapping`s, in order (at most [`MAX_PORTS`] distinct
+/// container ports).
+fn tcp_mappings(items: &[serde_json::Value]) -> std::result::Result<Vec<NerdctlMapping>, String> {
     let mut ports = Vec::new();
+    let mut out = Vec::new();
     for item in items {
         let proto = item
             .get("Protocol")
@@ -269,8 +313,20 @@ fn tcp_container_ports(items: &[serde_json::Value]) -> std::result::Result<Vec<u
             }
             ports.push(p);
         }
+        let host_port = match item.get("HostPort") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(h) => match h.as_u64().filter(|h| *h <= 65535) {
+                Some(0) => None,
+                Some(h) => Some(u16::try_from(h).expect("checked <= 65535 above")),
+                None => return Err("\"HostPort\" must be a number 0-65535".into()),
+            },
+        };
+        out.push(NerdctlMapping {
+            container_port: p,
+            host_port,
+        });
     }
-    Ok(ports)
+    Ok(out)
 }
 
 fn guid(a: &BTreeMap<String, String>, key: &str) -> Result<Option<String>> {
@@ -412,22 +468,27 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.ports, [80]);
-        // The label (nerdctl <= 2.1.2) and ours win; the file is not even read.
+        assert_eq!(r.published, [8080, 9090], "TCP host ports only");
+        // The label (nerdctl <= 2.1.2) wins over the file, which is not even read.
         let r = Request::from_annotations(
             &ann(&[
                 (NERDCTL_STATE_DIR, DIR),
-                (NERDCTL_PORTS, r#"[{"ContainerPort":81}]"#),
+                (NERDCTL_PORTS, r#"[{"ContainerPort":81,"HostPort":8081}]"#),
             ]),
             &no_file,
         )
         .unwrap()
         .unwrap();
-        assert_eq!(r.ports, [81]);
-        let r =
-            Request::from_annotations(&ann(&[(NERDCTL_STATE_DIR, DIR), (PORTS, "9000")]), &no_file)
-                .unwrap()
-                .unwrap();
-        assert_eq!(r.ports, [9000]);
+        assert_eq!((r.ports, r.published), (vec![81], vec![8081]));
+        // Ours names the ports; nerdctl's -p host ports are still known.
+        let r = Request::from_annotations(&ann(&[(NERDCTL_STATE_DIR, DIR), (PORTS, "9000")]), &f)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.ports, r.published), (vec![9000], vec![8080, 9090]));
+        let r = Request::from_annotations(&ann(&[(PORTS, "9000")]), &no_file)
+            .unwrap()
+            .unwrap();
+        assert!(r.published.is_empty());
         // No -p ({}), no file (older nerdctl without -p), only UDP: no proxy.
         for text in [
             r#"{}"#,
@@ -463,6 +524,14 @@ mod tests {
             (
                 Ok(r#"{"portMappings":[{"ContainerPort":0}]}"#),
                 "between 1 and 65535",
+            ),
+            (
+                Ok(r#"{"portMappings":[{"ContainerPort":80,"HostPort":70000}]}"#),
+                "\"HostPort\" must be a number 0-65535",
+            ),
+            (
+                Ok(r#"{"portMappings":[{"ContainerPort":80,"HostPort":"80"}]}"#),
+                "\"HostPort\" must be a number 0-65535",
             ),
             (
                 Err(std::io::ErrorKind::PermissionDenied),

@@ -311,11 +311,28 @@ fn record(
 
     let unproxied = cfg.proxy.enable_unproxied_port_mappings;
     let n = req.ports.len();
+    // nerdctl's -p on a host port the product already forwards: two DNAT rules for one
+    // port, and which wins is undefined. Refused before anything is held.
+    if let Some(p) = req.published.iter().find(|p| index.port_taken(**p)) {
+        return Err(Error::Ports(format!(
+            "host port {p} of this container's -p (nerdctl) is already mapped by \
+             envoy-sidecar to another proxied container (`envoy-sidecar status` lists it); \
+             valid: a -p host port outside ports.pool_start/pool_end ({}-{}) or one no \
+             container holds",
+            cfg.ports.pool_start, cfg.ports.pool_end
+        )));
+    }
     // Not a port the product holds, nor one a host process listens on (nerdctl >=
-    // 2.1.6 binds its -p ports, and any service may sit in the pool).
+    // 2.1.6 binds its -p ports, and any service may sit in the pool), nor one another
+    // DNAT rule on the host forwards (CNI portmap's for an earlier nerdctl -p), nor
+    // this container's own -p (its portmap rule comes only with its createRuntime hook).
     let listening = crate::sys::listeners::host_tcp_listeners();
+    let forwarded = crate::nat::foreign::host_dnat_ports(&crate::nat::Nat::default().nft);
     let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
-        index.port_taken(p) || listening.contains(&p)
+        index.port_taken(p)
+            || listening.contains(&p)
+            || forwarded.contains(&p)
+            || req.published.contains(&p)
     })?;
     // Externals first, then TLS proxies, as in the reference's example.
     let (ext, tls) = if unproxied {

@@ -12,6 +12,7 @@
 //! create/delete path. Rules are fixed and created once (`nft -f`, once per host); the
 //! slow paths (listing after a refusal, gc) use `nft -j`.
 
+pub mod foreign;
 pub mod ingress;
 
 use std::io::Write;
@@ -213,7 +214,7 @@ impl Default for Nat {
 
 /// Hooks may run with an empty environment (podman runs OCI hooks without PATH):
 /// look in the usual places rather than rely on PATH.
-fn find_tool(name: &str) -> PathBuf {
+pub(crate) fn find_tool(name: &str) -> PathBuf {
     ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|d| Path::new(d).join(name))
