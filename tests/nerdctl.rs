@@ -11,6 +11,8 @@
 //! fixture with nerdctl's hooks replaced by a stand-in at the same positions.
 
 mod common;
+#[path = "nerdctl/standin.rs"]
+mod standin;
 
 use std::time::Duration;
 
@@ -646,4 +648,361 @@ fn host_ports_other_dnat_rules_forward_are_never_handed_out() {
         [p0 + 4, p0 + 7, p0 + 8, p0 + 9, p0 + 10, p0 + 11],
         "{st}"
     );
+}
+
+// ---- The nerdctl stand-in with its real network (issue 21, parts 2 and 4) ----------
+
+use standin::{Nerdctl, NerdctlContainer, PortsVia};
+
+/// A nerdctl-style 64-hex id whose first 8 digits (the stand-in's interface and chain
+/// names) are unique to the slot and `k`.
+fn nid(slot: &Slot, k: u32) -> String {
+    format!("{:02x}{:06x}{}", slot.index(), k, &ID[8..])
+}
+
+/// The status row of `id` once `pred` holds for it (namespace `default`).
+fn row_when(sb: &Sandbox, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_until(what, Duration::from_secs(30), || {
+        let r = status_row(&sb.config, "default", id);
+        match r {
+            Some(r) if pred(&r) => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    })
+}
+
+fn ready(sb: &Sandbox, id: &str) -> Value {
+    row_when(sb, id, "ready", |r| r["status"] == "ready")
+}
+
+/// A plain client on the stand-in's bridge ("another container"), `k`-th address.
+struct Peer {
+    ns: String,
+}
+
+impl Peer {
+    fn new(slot: &Slot, n: &Nerdctl, k: u32) -> Peer {
+        let ns = format!("{}px", slot.name());
+        let host_if = format!("{}pv", slot.name());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &host_if])
+            .output();
+        sh(&format!(
+            "ip netns add {ns} && ip link add {host_if} type veth peer name eth0 netns {ns} && \
+             ip link set {host_if} master {br} up && ip -n {ns} addr add {ip}/28 dev eth0 && \
+             ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+            br = n.bridge,
+            ip = n.address(k)
+        ));
+        Peer { ns }
+    }
+
+    /// `Ok(reply)` or `Err(why)`, as [`Router::tcp`].
+    fn tcp(&self, host: &str, port: u16) -> Result<String, String> {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh", "-c"])
+            .arg(format!(
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 3 {host} {port}"
+            ))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        if out.is_empty() {
+            Err(text(&o))
+        } else {
+            Ok(out)
+        }
+    }
+
+    fn https(&self, ca: &std::path::Path, name: &str, host: &str, port: u16) -> String {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh", "-c"])
+            .arg(format!(
+                "curl -sS --http1.1 --max-time 5 --cacert {} --resolve {name}:{port}:{host} https://{name}:{port}/",
+                ca.display()
+            ))
+            .output()
+            .unwrap();
+        text(&o)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
+/// Nothing of the product's or the stand-in's is left for `c`.
+fn nothing_left(sb: &Sandbox, n: &Nerdctl, c: &NerdctlContainer) {
+    assert!(c.inspect().is_none(), "state left");
+    assert!(
+        sb.state_entries("default").is_empty(),
+        "{:?}",
+        sb.state_entries("default")
+    );
+    let nat = settled(|| common::footprint::nat_in_pool(&sb.pool()));
+    assert!(nat.is_empty(), "NAT left: {nat:?}");
+    let procs = settled(|| common::footprint::our_processes(sb));
+    assert!(procs.is_empty(), "processes left: {procs:?}");
+    assert!(
+        n.dnat_rules().is_empty(),
+        "portmap rules left: {:?}",
+        n.dnat_rules()
+    );
+    assert!(n.veths().is_empty(), "veths left: {:?}", n.veths());
+}
+
+/// With unproxied mappings off, nerdctl's own `-p` (portmap DNAT to the app port)
+/// reaches the app from nowhere — not from a routed client through the host, not from
+/// another container on the bridge — while TLS through Envoy does. Ports come from
+/// `network-config.json` (nerdctl >= 2.1.3: no label), and the hooks run in nerdctl
+/// v2.3.5's order with its arguments.
+#[test]
+fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() {
+    if !can_run_without_containerd(
+        "nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("nerd-tls", "enable_unproxied_port_mappings = false", "");
+    let n = Nerdctl::new(&sb.slot);
+    let router = sb.slot.router(0);
+    let p = sb.slot.tcp_port();
+    let id = nid(&sb.slot, 1);
+    let c = n.container(&sb, &id, 1, &[(p, 80)], PortsVia::File, "bridge");
+    c.create_and_start();
+    let row = ready(&sb, &id);
+    let ip = n.address(1);
+    assert_eq!(row["container_ip"], ip.as_str(), "{row}");
+    assert_eq!(row["nat_applied"], true, "{row}");
+    let st = c.inspect().expect("recorded");
+    assert_eq!(
+        st["ports"][0]["internal"], 80,
+        "from network-config.json: {st}"
+    );
+    assert!(st["ports"][0]["external"].is_null(), "{st}");
+
+    // nerdctl's hooks ran with its arguments, ours around them.
+    let calls = n.calls();
+    assert_eq!(
+        calls,
+        [format!(
+            "createRuntime {} --namespace=default --data-root=/var/lib/nerdctl internal oci-hook createRuntime",
+            n.hook.display()
+        )],
+    );
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(c.run.bundle.join("config.json")).unwrap()).unwrap();
+    let cr = spec["hooks"]["createRuntime"].as_array().unwrap();
+    assert_eq!(
+        cr[0], c.spec["hooks"]["createRuntime"][0],
+        "nerdctl's first, untouched"
+    );
+    assert_eq!(cr.len(), 2, "ours (the ingress filter) after it: {cr:#?}");
+    assert_eq!(
+        spec["linux"]["sysctl"]["net.ipv4.ip_unprivileged_port_start"],
+        "0"
+    );
+
+    // The portmap rule is there, for the app port.
+    let rules = n.dnat_rules();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains(&format!("--dport {p}")) && r.contains(&format!("{ip}:80"))),
+        "{rules:?}"
+    );
+    // TLS through the product's host port, from the router: served.
+    let tls = port_of(&st, 0, "external_tls_proxy");
+    let got = router.https(&sb.ca(), &id, tls);
+    assert!(got.contains(HELLO), "TLS via the host: {got}");
+    // nerdctl's -p from the router: DNATed to the app port and reset there.
+    let plain = router.tcp(
+        &format!("{}:{p}", router.host_ip()),
+        "GET / HTTP/1.0\\r\\n\\r\\n",
+    );
+    let why = plain.expect_err("-p reached the app in cleartext");
+    assert!(
+        why.contains("refused"),
+        "reset by the ingress filter, not lost: {why}"
+    );
+    // Another container on the bridge: the app port reset, TLS served.
+    let peer = Peer::new(&sb.slot, &n, 10);
+    let direct = peer.tcp(&ip, 80);
+    assert!(
+        direct.as_ref().is_err_and(|e| e.contains("refused")),
+        "app port from the bridge: {direct:?}"
+    );
+    let got = peer.https(&sb.ca(), &id, &ip, port_of(&st, 0, "internal_tls_proxy"));
+    assert!(got.contains(HELLO), "TLS from the bridge: {got}");
+
+    // nerdctl rm -f: SIGKILL, then delete; our poststop before nerdctl's.
+    c.kill(9);
+    c.wait_stopped();
+    c.delete(false);
+    assert_eq!(n.calls().len(), 2, "{:?}", n.calls());
+    assert!(n.calls()[1].starts_with("postStop "), "{:?}", n.calls());
+    nothing_left(&sb, &n, &c);
+}
+
+/// `nerdctl stop` (the image's stop signal as a number, then SIGKILL; the task is not
+/// deleted), `nerdctl start` (the old task deleted, a new one created from the same
+/// spec), and `nerdctl rm -f`; unproxied mappings on, ports from the legacy label.
+#[test]
+fn nerdctl_stop_start_and_rm_f_bring_the_sidecar_back_and_leave_nothing() {
+    if !can_run_without_containerd(
+        "nerdctl_stop_start_and_rm_f_bring_the_sidecar_back_and_leave_nothing",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("nerd-life", "", "");
+    let n = Nerdctl::new(&sb.slot);
+    let router = sb.slot.router(0);
+    let p = sb.slot.tcp_port();
+    let id = nid(&sb.slot, 2);
+    let c = n.container(&sb, &id, 2, &[(p, 80)], PortsVia::Label, "bridge");
+    c.create_and_start();
+    ready(&sb, &id);
+    let st = c.inspect().unwrap();
+    let tls = port_of(&st, 0, "external_tls_proxy");
+    assert!(router.https(&sb.ca(), &id, tls).contains(HELLO));
+    // Unproxied mappings on: nerdctl's -p serves the app in cleartext, as asked.
+    let plain = router.tcp(
+        &format!("{}:{p}", router.host_ip()),
+        "GET / HTTP/1.0\\r\\n\\r\\n",
+    );
+    assert!(plain.as_ref().is_ok_and(|r| r.contains(HELLO)), "{plain:?}");
+
+    // stop: SIGQUIT (nginx's STOPSIGNAL, 3), which busybox httpd as pid 1 ignores, then
+    // SIGKILL after the timeout.
+    let pid = c.pid();
+    c.kill(3);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.status().as_deref(), Some("running"));
+    c.kill(9);
+    c.wait_stopped();
+    assert!(!alive(pid));
+    // The task is not deleted: our record stays, the proxy is no longer served.
+    let row = row_when(&sb, &id, "stopping", |r| r["status"] == "stopping");
+    assert!(c.inspect().is_some(), "record kept until delete: {row}");
+    let envoy = st["ports"].clone();
+    wait_until("Envoy gone after stop", Duration::from_secs(15), || {
+        let procs = common::footprint::our_processes(&sb);
+        let envoys: Vec<_> = procs.iter().filter(|(_, c)| c.contains("envoy ")).collect();
+        envoys.is_empty().then_some(()).ok_or(format!("{envoys:?}"))
+    });
+
+    // start: the old task deleted (both poststop hooks), a new task from the same spec.
+    c.delete(false);
+    assert!(c.inspect().is_none(), "released by the delete");
+    assert!(
+        n.dnat_rules().is_empty(),
+        "nerdctl's postStop tore its network down"
+    );
+    c.create_and_start();
+    let row = ready(&sb, &id);
+    assert_eq!(row["container_ip"], n.address(2).as_str(), "{row}");
+    let st2 = c.inspect().unwrap();
+    let tls2 = port_of(&st2, 0, "external_tls_proxy");
+    assert!(
+        router.https(&sb.ca(), &id, tls2).contains(HELLO),
+        "served again"
+    );
+    assert_eq!(sb.state_entries("default").len(), 1, "one record");
+    assert_eq!(n.veths().len(), 1, "{:?}", n.veths());
+    assert_eq!(
+        common::footprint::nat_in_pool(&sb.pool()).len(),
+        2,
+        "TLS and plain mapping of the new task only (was {envoy})"
+    );
+
+    // rm -f.
+    c.kill(9);
+    c.wait_stopped();
+    c.delete(false);
+    nothing_left(&sb, &n, &c);
+    let events: Vec<String> = n
+        .calls()
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        events,
+        ["createRuntime", "postStop", "createRuntime", "postStop"]
+    );
+}
+
+/// `nerdctl kill` tears the CNI network down before it signals: the container's
+/// address goes while the task runs, and the product withdraws its NAT at once (the
+/// address may be handed to the next container).
+#[test]
+fn nerdctl_kill_network_first_then_signal_withdraws_nat_and_leaves_nothing() {
+    if !can_run_without_containerd(
+        "nerdctl_kill_network_first_then_signal_withdraws_nat_and_leaves_nothing",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("nerd-kill", "", "");
+    let n = Nerdctl::new(&sb.slot);
+    let id = nid(&sb.slot, 3);
+    let c = n.container(
+        &sb,
+        &id,
+        3,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "bridge",
+    );
+    c.create_and_start();
+    ready(&sb, &id);
+    assert_eq!(common::footprint::nat_in_pool(&sb.pool()).len(), 2);
+    c.tear_down_network(&n.hook);
+    wait_until("NAT withdrawn", Duration::from_secs(5), || {
+        let nat = common::footprint::nat_in_pool(&sb.pool());
+        nat.is_empty().then_some(()).ok_or(format!("{nat:?}"))
+    });
+    let row = status_row(&sb.config, "default", &id).unwrap();
+    assert_eq!(row["nat_applied"], false, "{row}");
+    c.kill(9);
+    c.wait_stopped();
+    c.delete(false);
+    nothing_left(&sb, &n, &c);
+}
+
+/// nerdctl's createRuntime hook fails (CNI could not set the network up): runc fails
+/// the create and the shim deletes what is left; nothing of ours remains.
+#[test]
+fn a_failing_nerdctl_create_runtime_hook_leaves_nothing_of_ours() {
+    if !can_run_without_containerd("a_failing_nerdctl_create_runtime_hook_leaves_nothing_of_ours") {
+        return;
+    }
+    let sb = Sandbox::new("nerd-fail", "enable_unproxied_port_mappings = false", "");
+    let n = Nerdctl::new(&sb.slot);
+    let id = nid(&sb.slot, 4);
+    let c = n.container(
+        &sb,
+        &id,
+        4,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "bridge",
+    );
+    std::fs::write(c.state_dir.join("standin-fail"), "").unwrap();
+    let out = c.create();
+    assert!(!out.status.success(), "create succeeded: {}", text(&out));
+    assert!(
+        text(&out).contains("failed to set up CNI"),
+        "nerdctl's error reaches the user: {}",
+        text(&out)
+    );
+    // The shim deletes a task whose create failed.
+    let _ = c.shim(&["delete", "--force", c.id()]);
+    assert_eq!(c.status(), None);
+    nothing_left(&sb, &n, &c);
 }
