@@ -1616,6 +1616,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
         init_pid: None,
         started_at: None,
         pod: None,
+        ingress_table: None,
     }
 }
 

@@ -1006,3 +1006,192 @@ fn a_failing_nerdctl_create_runtime_hook_leaves_nothing_of_ours() {
     assert_eq!(c.status(), None);
     nothing_left(&sb, &n, &c);
 }
+
+/// HTTPS GET / inside the network namespace of `pid`, to `127.0.0.1:port` as `name`.
+fn https_in(pid: u32, ca: &std::path::Path, name: &str, port: u16) -> String {
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["curl", "-sS", "--http1.1", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg(format!("https://{name}:{port}/"))
+        .output()
+        .unwrap();
+    text(&o)
+}
+
+/// `nerdctl run --network container:<A>`: B joins A's namespace with a proxy of its own
+/// — its own Envoy on proxy and admin ports A does not use (not 61001 again), its own
+/// ingress filter table beside A's (neither replaces the other: no repair war) — and
+/// both apps are reached only through TLS; B going leaves A serving.
+#[test]
+fn nerdctl_network_container_gives_the_joiner_its_own_envoy_on_ports_of_its_own() {
+    if !can_run_without_containerd(
+        "nerdctl_network_container_gives_the_joiner_its_own_envoy_on_ports_of_its_own",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("nerd-join", "enable_unproxied_port_mappings = false", "");
+    let n = Nerdctl::new(&sb.slot);
+    let (ida, idb) = (nid(&sb.slot, 5), nid(&sb.slot, 6));
+    let a = n.container(
+        &sb,
+        &ida,
+        5,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "bridge",
+    );
+    a.create_and_start();
+    ready(&sb, &ida);
+    let st_a = a.inspect().unwrap();
+    assert!(
+        st_a.get("ingress_table").is_none(),
+        "the first keeps the usual table: {st_a}"
+    );
+
+    // nerdctl refuses -p with a container network: B names its port itself.
+    let mut b = n.container(
+        &sb,
+        &idb,
+        6,
+        &[],
+        PortsVia::File,
+        &format!("container:{}", a.pid()),
+    );
+    b.spec["annotations"]["envoy-sidecar/ports"] = json!("8081");
+    b.spec["process"]["args"] = json!(["/bin/httpd", "-f", "-p", "8081", "-h", "/www"]);
+    b.create_and_start();
+    let row_b = ready(&sb, &idb);
+    let st_b = b.inspect().unwrap();
+    let (pa, pb) = (
+        port_of(&st_a, 0, "internal_tls_proxy"),
+        port_of(&st_b, 0, "internal_tls_proxy"),
+    );
+    let (admin_a, admin_b) = (
+        st_a["admin_port"].as_u64().unwrap(),
+        st_b["admin_port"].as_u64().unwrap(),
+    );
+    assert_eq!((pa, admin_a), (61001, 61002), "{st_a}");
+    assert_eq!((pb, admin_b), (61003, 61004), "B skips A's ports: {st_b}");
+    let table_b = st_b["ingress_table"]
+        .as_str()
+        .expect("B's own table")
+        .to_string();
+    assert_eq!(row_b["container_ip"], n.address(5).as_str(), "{row_b}");
+
+    let ip = n.address(5);
+    let peer = Peer::new(&sb.slot, &n, 10);
+    for (id, port) in [(&ida, pa), (&idb, pb)] {
+        let got = peer.https(&sb.ca(), id, &ip, port);
+        assert!(got.contains(HELLO), "TLS to {id} on {port}: {got}");
+    }
+    for app in [80, 8081] {
+        let got = peer.tcp(&ip, app);
+        assert!(
+            got.as_ref().is_err_and(|e| e.contains("refused")),
+            "app port {app}: {got:?}"
+        );
+    }
+    let tables = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", a.pid()))
+        .args(["nft", "list", "tables"])
+        .output()
+        .unwrap();
+    let tables = text(&tables);
+    assert!(
+        tables.contains("table inet envoy_sidecar_ingress\n")
+            && tables.contains(&format!("table inet {table_b}")),
+        "{tables}"
+    );
+    // No guard repaired the other's table: each watches its own.
+    std::thread::sleep(Duration::from_secs(1));
+    for id in [&ida, &idb] {
+        let r = status_row(&sb.config, "default", id).unwrap();
+        assert_eq!(r["ingress_repairs"], 0, "{r}");
+        assert_eq!(r["status"], "ready", "{r}");
+    }
+
+    // B goes (rm -f): A still serves and is still filtered.
+    b.kill(9);
+    b.wait_stopped();
+    b.delete(false);
+    assert!(b.inspect().is_none());
+    assert!(peer.https(&sb.ca(), &ida, &ip, pa).contains(HELLO));
+    assert!(peer.tcp(&ip, 80).is_err_and(|e| e.contains("refused")));
+    a.kill(9);
+    a.wait_stopped();
+    a.delete(false);
+    nothing_left(&sb, &n, &a);
+}
+
+/// `--network host`: no namespace of its own, so two proxied containers share the
+/// host's: the second's Envoy takes proxy ports the first's (and every host
+/// listener) leave free; both serve TLS on the host. `--network none`: only
+/// loopback; the status says it waits for a network, and Envoy serves inside.
+#[test]
+fn nerdctl_network_host_twice_and_none() {
+    if !can_run_without_containerd("nerdctl_network_host_twice_and_none") {
+        return;
+    }
+    let sb = Sandbox::new("nerd-host", "", "");
+    let n = Nerdctl::new(&sb.slot);
+    let mut hosts = Vec::new();
+    for k in [7, 8] {
+        let app = sb.slot.tcp_port();
+        let mut c = n.container(&sb, &nid(&sb.slot, k), k, &[], PortsVia::File, "host");
+        c.spec["annotations"]["envoy-sidecar/ports"] = json!(app.to_string());
+        c.spec["process"]["args"] =
+            json!(["/bin/httpd", "-f", "-p", app.to_string(), "-h", "/www"]);
+        c.create_and_start();
+        let row = ready(&sb, c.id());
+        assert_eq!(row["network"], "host", "{row}");
+        hosts.push(c);
+    }
+    let p: Vec<u16> = hosts
+        .iter()
+        .map(|c| port_of(&c.inspect().unwrap(), 0, "internal_tls_proxy"))
+        .collect();
+    assert_ne!(p[0], p[1], "one host, two Envoys: {p:?}");
+    for (c, port) in hosts.iter().zip(&p) {
+        let got = https_in(std::process::id(), &sb.ca(), c.id(), *port);
+        assert!(got.contains(HELLO), "{}: {got}", c.id());
+    }
+
+    let none = n.container(
+        &sb,
+        &nid(&sb.slot, 9),
+        9,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "none",
+    );
+    none.create_and_start();
+    let row = row_when(&sb, none.id(), "waiting-for-network", |r| {
+        r["status"] == "waiting-for-network"
+    });
+    assert!(row["container_ip"].is_null(), "{row}");
+    let st = none.inspect().unwrap();
+    let port = port_of(&st, 0, "internal_tls_proxy");
+    wait_until(
+        "Envoy serving inside, over lo",
+        Duration::from_secs(10),
+        || {
+            let got = https_in(none.pid(), &sb.ca(), none.id(), port);
+            if got.contains(HELLO) {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        },
+    );
+    assert!(n.veths().is_empty(), "{:?}", n.veths());
+
+    for c in hosts.iter().chain([&none]) {
+        c.kill(9);
+        c.wait_stopped();
+        c.delete(false);
+    }
+    nothing_left(&sb, &n, &none);
+}

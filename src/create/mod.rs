@@ -7,6 +7,7 @@ pub mod env;
 pub mod memory;
 pub mod pod;
 pub mod ports;
+pub mod shared_netns;
 pub mod spec;
 
 pub use env::{CREDENTIALS_MOUNT, env_vars};
@@ -189,6 +190,7 @@ pub fn prepare(
         raise_memory(limit, swap, additional)
     };
     let user = spec.user()?;
+    let target = spec.network_namespace()?;
 
     let store = Store::of(cfg);
     let lock = store.lock()?;
@@ -216,7 +218,7 @@ pub fn prepare(
         }),
         _ => None,
     };
-    let state = record(cfg, t, &store, &lock, &req, memory, user, pod)?;
+    let state = record(cfg, t, (&store, &lock), &req, &target, (memory, user), pod)?;
 
     // From here on the state claims ports and memory: undo it on any failure.
     let applied = (|| {
@@ -260,18 +262,23 @@ fn managed_env(ann: &std::collections::BTreeMap<String, String>) -> Vec<String> 
 
 /// Claim memory, host ports and an Envoy uid for `t` and write its record, under
 /// `lock`. Nothing is left claimed on failure.
-#[allow(clippy::too_many_arguments)]
 fn record(
     cfg: &Config,
     t: &Target,
-    store: &Store,
-    lock: &store::Lock,
+    (store, lock): (&Store, &store::Lock),
     req: &Request,
-    memory: Memory,
-    user: User,
+    target: &spec::NetTarget,
+    (memory, user): (Memory, User),
     pod: Option<Pod>,
 ) -> Result<ContainerState> {
-    let proxy = ports::select_proxy_ports(&req.ports)?;
+    let listening = crate::sys::listeners::host_tcp_listeners();
+    // Another proxied container (or any listener) in the namespace this one joins:
+    // an Envoy of its own on ports of its own, and a filter table of its own.
+    let near = shared_netns::look(target, store, &listening);
+    near.check_app_ports(&req.ports)?;
+    let proxy = ports::select_proxy_ports_avoiding(&req.ports, |p| near.taken(p))?;
+    let ingress_table = (!near.proxied.is_empty())
+        .then(|| crate::nat::ingress::table_for_joiner(t.namespace, t.id));
     let uid_pool = cfg.envoy_uid_pool();
     let mut index = store.index(lock, &uid_pool)?;
 
@@ -326,7 +333,6 @@ fn record(
     // 2.1.6 binds its -p ports, and any service may sit in the pool), nor one another
     // DNAT rule on the host forwards (CNI portmap's for an earlier nerdctl -p), nor
     // this container's own -p (its portmap rule comes only with its createRuntime hook).
-    let listening = crate::sys::listeners::host_tcp_listeners();
     let forwarded = crate::nat::foreign::host_dnat_ports(&crate::nat::Nat::default().nft);
     let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
         index.port_taken(p)
@@ -405,6 +411,7 @@ fn record(
         init_pid: None,
         started_at: None,
         pod,
+        ingress_table,
     };
     if let Err(e) = store.create(lock, &mut index, &state) {
         let _ = store.remove_locked(lock, t.namespace, t.id);
@@ -488,7 +495,16 @@ fn member(
                 members: Vec::new(),
             };
             (
-                record(cfg, &st, &store, &lock, req, memory, user, Some(pod))?,
+                record(
+                    cfg,
+                    &st,
+                    (&store, &lock),
+                    req,
+                    // The pod's namespace: its listeners are avoided too.
+                    &spec.network_namespace()?,
+                    (memory, user),
+                    Some(pod),
+                )?,
                 true,
             )
         }

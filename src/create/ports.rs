@@ -20,7 +20,17 @@ pub struct ProxyPorts {
 /// From 61001 upward, one port per app port in declaration order, skipping any port the
 /// app itself declared; then the admin port, the next free port after them.
 pub fn select_proxy_ports(app_ports: &[u16]) -> Result<ProxyPorts> {
-    let mut candidates = (PROXY_PORT_START..=u16::MAX).filter(|p| !app_ports.contains(p));
+    select_proxy_ports_avoiding(app_ports, |_| false)
+}
+
+/// [`select_proxy_ports`], also skipping the ports `taken` says are in use in the
+/// network namespace (another proxied container's there, a listener).
+pub fn select_proxy_ports_avoiding(
+    app_ports: &[u16],
+    taken: impl Fn(u16) -> bool,
+) -> Result<ProxyPorts> {
+    let mut candidates =
+        (PROXY_PORT_START..=u16::MAX).filter(|p| !app_ports.contains(p) && !taken(*p));
     let mut proxy = Vec::with_capacity(app_ports.len());
     for _ in app_ports {
         proxy.push(candidates.next().ok_or_else(|| exhausted(app_ports))?);

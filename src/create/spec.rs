@@ -16,6 +16,18 @@ use crate::sys::fs as fsutil;
 /// Upper bound on a spec file we are willing to parse (runc's are a few KiB).
 const MAX_SPEC_BYTES: u64 = 16 << 20;
 
+/// Where a spec puts the container's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetTarget {
+    /// A namespace runc makes for it (no `path`): nothing else can be in it yet.
+    Fresh,
+    /// No network namespace entry: the host's (`nerdctl --network host`).
+    Host,
+    /// An existing namespace: a bind mount (`ctr --cni`, CNI, CRI) or another
+    /// container's `/proc/<pid>/ns/net` (`nerdctl --network container:<id>`).
+    Path(PathBuf),
+}
+
 pub struct JsonFile {
     pub path: PathBuf,
     pub value: Value,
@@ -88,6 +100,28 @@ impl JsonFile {
             Some(_) => return Err(self.err("\"annotations\" is not an object")),
         }
         Ok(out)
+    }
+
+    /// The network namespace the spec puts the container in (`linux.namespaces`).
+    pub fn network_namespace(&self) -> Result<NetTarget> {
+        let ns = self.value.pointer("/linux/namespaces");
+        let list = match ns {
+            None | Some(Value::Null) => return Ok(NetTarget::Host),
+            Some(Value::Array(l)) => l,
+            Some(_) => return Err(self.err("\"linux.namespaces\" is not an array")),
+        };
+        let Some(net) = list
+            .iter()
+            .find(|n| n.get("type") == Some(&json!("network")))
+        else {
+            return Ok(NetTarget::Host);
+        };
+        match net.get("path") {
+            None | Some(Value::Null) => Ok(NetTarget::Fresh),
+            Some(Value::String(p)) if p.is_empty() => Ok(NetTarget::Fresh),
+            Some(Value::String(p)) => Ok(NetTarget::Path(PathBuf::from(p))),
+            Some(_) => Err(self.err("the network namespace's \"path\" is not a string")),
+        }
     }
 
     pub fn set_annotation(&mut self, key: &str, value: &str) -> Result<()> {

@@ -15,9 +15,29 @@ use crate::error::{Error, Result};
 
 pub const TABLE: &str = "envoy_sidecar_ingress";
 
-/// The filter for `app_ports`, as one nft transaction that replaces any earlier one
-/// (add, delete, add: idempotent whether or not the table exists).
-pub fn script(app_ports: &[u16]) -> String {
+/// The table of a container that joined a network namespace where another proxied
+/// container already filters its own ports (`nerdctl --network container:<id>`): one
+/// table each, so neither replaces the other's (an input chain that accepts lets the
+/// packet on to the next table's; a reset in any one ends it).
+pub fn table_for_joiner(namespace: &str, id: &str) -> String {
+    // FNV-1a: short, stable, and nft's name alphabet; recorded in the state, so
+    // nothing needs to compute it again.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in namespace.bytes().chain([b'/']).chain(id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{TABLE}_{h:016x}")
+}
+
+/// The table `state` is filtered by.
+pub fn table_of(state: &crate::state::store::ContainerState) -> &str {
+    state.ingress_table.as_deref().unwrap_or(TABLE)
+}
+
+/// The filter for `app_ports` in `table`, as one nft transaction that replaces any
+/// earlier one (add, delete, add: idempotent whether or not the table exists).
+pub fn script(table: &str, app_ports: &[u16]) -> String {
     let mut ports: Vec<u16> = app_ports.to_vec();
     ports.sort_unstable();
     ports.dedup();
@@ -27,9 +47,9 @@ pub fn script(app_ports: &[u16]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "add table inet {TABLE}\n\
-         delete table inet {TABLE}\n\
-         table inet {TABLE} {{\n\
+        "add table inet {table}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiif \"lo\" accept\n\
@@ -48,9 +68,9 @@ pub fn wanted(state: &crate::state::store::ContainerState) -> bool {
 
 /// The filter as `nft list table` prints it in the calling thread's network
 /// namespace; `None` when it is not there.
-pub fn listing(nft: &Path) -> Option<String> {
+pub fn listing(nft: &Path, table: &str) -> Option<String> {
     let o = std::process::Command::new(nft)
-        .args(["list", "table", "inet", TABLE])
+        .args(["list", "table", "inet", table])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
@@ -60,17 +80,17 @@ pub fn listing(nft: &Path) -> Option<String> {
 }
 
 /// Install (or replace) the filter in the calling thread's network namespace.
-pub fn install_here(nft: &Path, app_ports: &[u16]) -> Result<()> {
-    super::run_nft(nft, &script(app_ports))
+pub fn install_here(nft: &Path, table: &str, app_ports: &[u16]) -> Result<()> {
+    super::run_nft(nft, &script(table, app_ports))
 }
 
 /// Install the filter in the network namespace of `pid` (nft runs on a thread that
 /// entered it: a child inherits the thread's namespace).
-pub fn install(nft: &Path, pid: i32, app_ports: &[u16]) -> Result<()> {
+pub fn install(nft: &Path, pid: i32, table: &str, app_ports: &[u16]) -> Result<()> {
     let path = format!("/proc/{pid}/ns/net");
     let ns = std::fs::File::open(&path).map_err(|e| Error::Nat(format!("{path}: {e}")))?;
     let nft = nft.to_path_buf();
-    let script = script(app_ports);
+    let script = script(table, app_ports);
     crate::sys::netns::run_in(&ns, move || super::run_nft(&nft, &script))
         .map_err(|e| Error::Nat(format!("entering {path}: {e}")))?
 }
@@ -81,7 +101,7 @@ mod tests {
 
     #[test]
     fn filters_each_app_port_once_and_lets_loopback_in() {
-        let s = script(&[9999, 8080, 9999]);
+        let s = script(TABLE, &[9999, 8080, 9999]);
         assert!(
             s.starts_with("add table inet envoy_sidecar_ingress\ndelete table"),
             "{s}"
@@ -93,6 +113,18 @@ mod tests {
         );
         // Loopback is accepted before the app ports are refused.
         assert!(s.find("iif").unwrap() < s.find("reject").unwrap());
+    }
+
+    #[test]
+    fn a_joiner_gets_a_table_of_its_own() {
+        let a = table_for_joiner("default", "c1");
+        assert!(a.starts_with("envoy_sidecar_ingress_") && a.len() == TABLE.len() + 17);
+        assert_eq!(a, table_for_joiner("default", "c1"));
+        assert_ne!(a, table_for_joiner("default", "c2"));
+        assert_ne!(a, table_for_joiner("other", "c1"));
+        let s = script(&a, &[80]);
+        assert!(s.contains(&format!("table inet {a} {{")), "{s}");
+        assert!(!s.contains("table inet envoy_sidecar_ingress {"), "{s}");
     }
 
     #[test]

@@ -298,7 +298,7 @@ pub fn ingress_filter(s: &ContainerState) -> Result<()> {
         return Ok(());
     }
     let ports: Vec<u16> = s.ports.iter().map(|p| p.internal).collect();
-    ingress::install(&nat::Nat::default().nft, pid, &ports)
+    ingress::install(&nat::Nat::default().nft, pid, ingress::table_of(s), &ports)
 }
 
 /// The sidecar of a pod whose sandbox (init `pid`) already runs — its proxy set up by

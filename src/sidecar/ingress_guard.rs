@@ -43,6 +43,7 @@ pub enum Outcome {
 pub struct IngressGuard {
     watch: RulesetWatch,
     nft: PathBuf,
+    table: String,
     ports: Vec<u16>,
     baseline: String,
 }
@@ -53,18 +54,18 @@ impl IngressGuard {
     /// is what we install even when this supervisor replaces one that died while the
     /// table was tampered with; the second value says what was there before, if it
     /// was not that (`None`: the same).
-    pub fn start(nft: PathBuf, ports: Vec<u16>) -> Result<(IngressGuard, Option<&'static str>)> {
+    pub fn start(
+        nft: PathBuf,
+        table: String,
+        ports: Vec<u16>,
+    ) -> Result<(IngressGuard, Option<&'static str>)> {
         // Subscribe before the first look: a change in between still wakes us.
         let watch = RulesetWatch::open()
             .map_err(|e| Error::Nat(format!("subscribing to nf_tables changes: {e}")))?;
-        let before = ingress::listing(&nft);
-        ingress::install_here(&nft, &ports)?;
-        let baseline = ingress::listing(&nft).ok_or_else(|| {
-            Error::Nat(format!(
-                "table inet {} not listed after install",
-                ingress::TABLE
-            ))
-        })?;
+        let before = ingress::listing(&nft, &table);
+        ingress::install_here(&nft, &table, &ports)?;
+        let baseline = ingress::listing(&nft, &table)
+            .ok_or_else(|| Error::Nat(format!("table inet {table} not listed after install")))?;
         let found = match judge(&baseline, before.as_deref()) {
             Verdict::Intact => None,
             Verdict::Restore(what) => Some(what),
@@ -73,6 +74,7 @@ impl IngressGuard {
             IngressGuard {
                 watch,
                 nft,
+                table,
                 ports,
                 baseline,
             },
@@ -91,12 +93,17 @@ impl IngressGuard {
         if !self.watch.drain() {
             return Outcome::Intact;
         }
-        match judge(&self.baseline, ingress::listing(&self.nft).as_deref()) {
+        match judge(
+            &self.baseline,
+            ingress::listing(&self.nft, &self.table).as_deref(),
+        ) {
             Verdict::Intact => Outcome::Intact,
-            Verdict::Restore(what) => match ingress::install_here(&self.nft, &self.ports) {
-                Ok(()) => Outcome::Restored(what),
-                Err(e) => Outcome::Failed(crate::error::render(&e)),
-            },
+            Verdict::Restore(what) => {
+                match ingress::install_here(&self.nft, &self.table, &self.ports) {
+                    Ok(()) => Outcome::Restored(what),
+                    Err(e) => Outcome::Failed(crate::error::render(&e)),
+                }
+            }
         }
     }
 }

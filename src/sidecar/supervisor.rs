@@ -786,7 +786,8 @@ impl Supervisor<'_> {
             return;
         }
         let ports: Vec<u16> = self.state.ports.iter().map(|p| p.internal).collect();
-        match IngressGuard::start(Nat::default().nft, ports) {
+        let table = ingress::table_of(&self.state).to_string();
+        match IngressGuard::start(Nat::default().nft, table, ports) {
             Ok((guard, found)) => {
                 if let Some(what) = found {
                     // Missing: an engine that ran no createRuntime hook. Changed: while

@@ -97,6 +97,10 @@ pub struct ContainerState {
     /// A Kubernetes pod's proxy (this record is the pod sandbox's): its containers.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub pod: Option<Pod>,
+    /// The ingress filter's nft table when it is not [`crate::nat::ingress::TABLE`]:
+    /// a container that joined a network namespace another proxied container filters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_table: Option<String>,
 }
 
 /// The proxy of a CRI pod: one per pod network namespace, keyed by the sandbox id.
@@ -517,6 +521,7 @@ pub(crate) mod tests {
             init_pid: None,
             started_at: None,
             pod: None,
+            ingress_table: None,
         }
     }
 

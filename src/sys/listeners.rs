@@ -32,6 +32,20 @@ pub fn host_tcp_listeners() -> BTreeSet<u16> {
         .collect()
 }
 
+/// Every TCP port something listens on in the network namespace at `path` (a bind
+/// mount or `/proc/<pid>/ns/net`), read on a thread that entered it
+/// (`/proc/thread-self/net` is the thread's namespace's).
+pub fn tcp_listeners_in(path: &std::path::Path) -> std::io::Result<BTreeSet<u16>> {
+    let ns = std::fs::File::open(path)?;
+    super::netns::run_in(&ns, || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| parse(&t))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -296,10 +296,13 @@ esac
         }
         spec["hostname"] = json!(&id[..12]);
         let linux = spec["linux"].as_object_mut().unwrap();
-        linux.insert(
-            "sysctl".into(),
-            json!({"net.ipv4.ip_unprivileged_port_start": "0"}),
-        );
+        // create.go: withDefaultUnprivilegedPortSysctl, unless the network is the host's.
+        if network != "host" {
+            linux.insert(
+                "sysctl".into(),
+                json!({"net.ipv4.ip_unprivileged_port_start": "0"}),
+            );
+        }
         // Under this suite's cgroup parent (tests/env/containerd.sh removes it).
         linux.insert("cgroupsPath".into(), json!(format!("/{NAMESPACE}/{id}")));
         spec["process"]["args"] = json!(["/bin/httpd", "-f", "-p", "80", "-h", "/www"]);
