@@ -776,8 +776,12 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
     let p = sb.slot.tcp_port();
     let id = nid(&sb.slot, 1);
     let c = n.container(&sb, &id, 1, &[(p, 80)], PortsVia::File, "bridge");
+    let ip6 = n.dual_stack(&c, 1);
+    let host6 = router.enable_ipv6();
     c.create_and_start();
-    let row = ready(&sb, &id);
+    let row = row_when(&sb, &id, "ready over both families", |r| {
+        r["status"] == "ready" && r["container_ipv6"] == ip6.as_str()
+    });
     let ip = n.address(1);
     assert_eq!(row["container_ip"], ip.as_str(), "{row}");
     assert_eq!(row["nat_applied"], true, "{row}");
@@ -822,7 +826,9 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
     let tls = port_of(&st, 0, "external_tls_proxy");
     let got = router.https(&sb.ca(), &id, tls);
     assert!(got.contains(HELLO), "TLS via the host: {got}");
-    // nerdctl's -p from the router: DNATed to the app port and reset there.
+    // nerdctl's -p from the router: DNATed to the app port (the rule's counter says
+    // so: not the host's own reset) and reset there.
+    let hits = n.dnat_hits("iptables", p);
     let plain = router.tcp(
         &format!("{}:{p}", router.host_ip()),
         "GET / HTTP/1.0\\r\\n\\r\\n",
@@ -832,6 +838,26 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
         why.contains("refused"),
         "reset by the ingress filter, not lost: {why}"
     );
+    assert!(
+        n.dnat_hits("iptables", p) > hits,
+        "portmap's DNAT was not taken"
+    );
+    // The same over IPv6: portmap's ip6tables DNAT reset, the product's TLS served.
+    let rules = n.dnat_rules();
+    assert!(
+        rules.iter().any(|r| r.contains(&format!("[{ip6}]:80"))),
+        "{rules:?}"
+    );
+    let hits6 = n.dnat_hits("ip6tables", p);
+    let plain6 = router.tcp(&format!("[{host6}]:{p}"), "GET / HTTP/1.0\\r\\n\\r\\n");
+    let why = plain6.expect_err("-p reached the app in cleartext over IPv6");
+    assert!(why.contains("refused"), "IPv6: {why}");
+    assert!(
+        n.dnat_hits("ip6tables", p) > hits6,
+        "portmap's IPv6 DNAT was not taken"
+    );
+    let got = router.https_via(&sb.ca(), &id, tls, &host6);
+    assert!(got.contains(HELLO), "TLS via the host over IPv6: {got}");
     // Another container on the bridge: the app port reset, TLS served.
     let peer = Peer::new(&sb.slot, &n, 10);
     let direct = peer.tcp(&ip, 80);

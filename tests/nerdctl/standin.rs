@@ -51,6 +51,7 @@ pub struct Nerdctl {
     pub gateway: String,
     slot_name: String,
     subnet_base: u32,
+    bridge6: String,
 }
 
 impl Nerdctl {
@@ -71,6 +72,7 @@ impl Nerdctl {
             dir,
             slot_name,
             subnet_base: base,
+            bridge6: slot.bridge6(),
         };
         n.scrub();
         write_script(&n.hook, &n.script());
@@ -83,6 +85,23 @@ impl Nerdctl {
         format!("203.0.113.{}", self.subnet_base + 1 + k)
     }
 
+    /// The bridge's IPv6 address (the slot's bridge /64, `::1`).
+    pub fn gateway6(&self) -> String {
+        self.bridge6.replace("::/64", "::1")
+    }
+
+    /// The `k`-th container's IPv6 address on the bridge.
+    pub fn address6(&self, k: u32) -> String {
+        self.bridge6.replace("::/64", &format!("::{:x}", 0x10 + k))
+    }
+
+    /// Give the container IPv6 too (before `create`), as a dual-stack CNI network does.
+    pub fn dual_stack(&self, c: &NerdctlContainer, k: u32) -> String {
+        let ip6 = self.address6(k);
+        std::fs::write(c.state_dir.join("standin-ip6"), &ip6).unwrap();
+        ip6
+    }
+
     fn chain_prefix(&self) -> String {
         self.slot_name.to_uppercase()
     }
@@ -91,12 +110,14 @@ impl Nerdctl {
     fn scrub(&self) {
         let p = self.chain_prefix();
         sh(&format!(
-            "for t in PREROUTING OUTPUT; do \
-               iptables -t nat -S $t 2>/dev/null | grep -- '-j {p}-' | sed 's/^-A/-D/' | \
-                 while read -r r; do eval iptables -t nat $r; done; \
+            "for x in iptables ip6tables; do \
+             for t in PREROUTING OUTPUT; do \
+               $x -t nat -S $t 2>/dev/null | grep -- '-j {p}-' | sed 's/^-A/-D/' | \
+                 while read -r r; do eval $x -t nat $r; done; \
              done; \
-             iptables -t nat -S 2>/dev/null | grep '^-N {p}-' | cut -d' ' -f2 | \
-               while read -r c; do iptables -t nat -F $c; iptables -t nat -X $c; done; \
+             $x -t nat -S 2>/dev/null | grep '^-N {p}-' | cut -d' ' -f2 | \
+               while read -r c; do $x -t nat -F $c; $x -t nat -X $c; done; \
+             done; \
              ip link del {b} 2>/dev/null; true",
             b = self.bridge
         ));
@@ -119,10 +140,12 @@ hostif={slot}c$short
 chain={chain}-$short
 teardown() {{
     [ -e "$dir/standin-net" ] || return 0
-    for t in PREROUTING OUTPUT; do
-        iptables -t nat -D $t -m addrtype --dst-type LOCAL -j $chain 2>/dev/null
+    for x in iptables ip6tables; do
+        for t in PREROUTING OUTPUT; do
+            $x -t nat -D $t -m addrtype --dst-type LOCAL -j $chain 2>/dev/null
+        done
+        $x -t nat -F $chain 2>/dev/null; $x -t nat -X $chain 2>/dev/null
     done
-    iptables -t nat -F $chain 2>/dev/null; iptables -t nat -X $chain 2>/dev/null
     ip link del $hostif 2>/dev/null
     rm -f "$dir/standin-net"
 }}
@@ -140,15 +163,28 @@ createRuntime)
     ip link set $hostif master {br} up
     nsenter --net=/proc/$pid/ns/net sh -c "ip link set t$short name eth0 && ip addr add $ip/28 dev eth0 && ip link set eth0 up && ip link set lo up && ip route add default via {gw}"
     echo "$hostif $chain" > "$dir/standin-net"
+    ip6=""
+    if [ -e "$dir/standin-ip6" ]; then
+        # The bridge plugin's IPv6: forwarding on, an address on the bridge (no DAD).
+        ip6=$(cat "$dir/standin-ip6")
+        sysctl -qw net.ipv6.conf.all.forwarding=1
+        ip -6 addr show dev {br} | grep -q '{gw6}/' || ip -6 addr add {gw6}/64 dev {br} nodad
+        nsenter --net=/proc/$pid/ns/net sh -c "ip -6 addr add $ip6/64 dev eth0 nodad && ip -6 route add default via {gw6}"
+        ip6tables -t nat -N $chain
+    fi
     iptables -t nat -N $chain
     if [ -n "$label" ]; then maps=$(printf '%s' "$label" | jq -c 'fromjson'); else maps=$(jq -c '.portMappings // []' "$dir/network-config.json"); fi
     printf '%s' "$maps" | jq -r '.[] | select((.Protocol // "tcp") | ascii_downcase == "tcp") | "\(.HostPort) \(.ContainerPort) \(.HostIP // "")"' |
     while read -r h c hip; do
         d=""; if [ -n "$hip" ] && [ "$hip" != 0.0.0.0 ]; then d="-d $hip"; fi
         iptables -t nat -A $chain -p tcp $d -m tcp --dport $h -j DNAT --to-destination $ip:$c
+        if [ -n "$ip6" ]; then
+            ip6tables -t nat -A $chain -p tcp -m tcp --dport $h -j DNAT --to-destination "[$ip6]:$c"
+        fi
     done
     for t in PREROUTING OUTPUT; do
         iptables -t nat -A $t -m addrtype --dst-type LOCAL -j $chain
+        if [ -n "$ip6" ]; then ip6tables -t nat -A $t -m addrtype --dst-type LOCAL -j $chain; fi
     done
     ;;
 postStop)
@@ -161,6 +197,7 @@ esac
             chain = self.chain_prefix(),
             br = self.bridge,
             gw = self.gateway,
+            gw6 = self.gateway6(),
         )
     }
 
@@ -175,16 +212,39 @@ esac
 
     /// The DNAT rules of this stand-in's chains (`iptables -S` lines).
     pub fn dnat_rules(&self) -> Vec<String> {
-        let o = Command::new("iptables")
-            .args(["-t", "nat", "-S"])
+        let p = format!("-A {}-", self.chain_prefix());
+        ["iptables", "ip6tables"]
+            .iter()
+            .flat_map(|x| {
+                let o = Command::new(x).args(["-t", "nat", "-S"]).output().unwrap();
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with(&p))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Packets the stand-in's `iptables` (or `ip6tables`) DNAT rules for host port
+    /// `port` have matched: proof that a connection went through portmap's DNAT (the
+    /// first packet of each connection; later ones follow conntrack).
+    pub fn dnat_hits(&self, tool: &str, port: u16) -> u64 {
+        let o = Command::new(tool)
+            .args(["-t", "nat", "-S", "-v"])
             .output()
             .unwrap();
         let p = format!("-A {}-", self.chain_prefix());
+        let dport = format!("--dport {port} ");
         String::from_utf8_lossy(&o.stdout)
             .lines()
-            .filter(|l| l.starts_with(&p))
-            .map(str::to_string)
-            .collect()
+            .filter(|l| l.starts_with(&p) && l.contains(&dport) && l.contains("-j DNAT"))
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "-c")?;
+                w.get(i + 1)?.parse::<u64>().ok()
+            })
+            .sum()
     }
 
     /// This stand-in's veths on the host.
