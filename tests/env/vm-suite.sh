@@ -27,6 +27,7 @@ nat gc_cleans_a_crash_and_spares_the_living
 faults wrapper_sigkill_mid_create_then_gc_cleans
 metrics rescaled_and_exact_figures_for_a_known_allocation
 engines@sid crun_under_ctr_cni
+nerdctl nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off nerdctl_stop_start_and_rm_f_bring_the_sidecar_back_and_leave_nothing nerdctl_network_container_gives_the_joiner_its_own_envoy_on_ports_of_its_own
 "
 
 log() { echo "vm-suite.sh: $*" >&2; }

@@ -363,8 +363,15 @@ esac
                 json!({"net.ipv4.ip_unprivileged_port_start": "0"}),
             );
         }
-        // Under this suite's cgroup parent (tests/env/containerd.sh removes it).
-        linux.insert("cgroupsPath".into(), json!(format!("/{NAMESPACE}/{id}")));
+        // With systemd as cgroup manager (cgroup v2 hosts) nerdctl's path is a scope,
+        // and the shim passes --systemd-cgroup; else under this suite's cgroup parent
+        // (tests/env/containerd.sh removes it).
+        let cgroups_path = if systemd_cgroup() {
+            format!("system.slice:nerdctl:{id}")
+        } else {
+            format!("/{NAMESPACE}/{id}")
+        };
+        linux.insert("cgroupsPath".into(), json!(cgroups_path));
         spec["process"]["args"] = json!(["/bin/httpd", "-f", "-p", "80", "-h", "/www"]);
         spec["process"]["env"]
             .as_array_mut()
@@ -442,6 +449,7 @@ impl NerdctlContainer {
                 "--log-format",
                 "json",
             ])
+            .args(systemd_cgroup().then_some("--systemd-cgroup"))
             .args(args)
             .env("ENVOY_SIDECAR_CONFIG", &self.run.config)
             .stdin(Stdio::null())
