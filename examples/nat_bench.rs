@@ -113,6 +113,7 @@ fn container(base: u16, ip: Ipv4Addr) -> Vec<Mapping> {
             host_port: base + off,
             container_ip: std::net::IpAddr::V4(ip),
             container_port: p,
+            host_ip: None,
         });
     }
     maps

@@ -826,10 +826,57 @@ fn model_nerdctl(v: &str) -> Result<(Vec<u16>, Vec<u16>), ()> {
                 _ => return Err(()),
             },
         }
+        match item.get("HostIP") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a.is_empty() || a.parse::<std::net::IpAddr>().is_ok() => {}
+            _ => return Err(()),
+        }
     }
     hosts.sort_unstable();
     hosts.dedup();
     Ok((out, hosts))
+}
+
+/// The container ports all of whose TCP mappings name a (specified) host address.
+fn model_bound(v: &str) -> BTreeMap<u16, Vec<std::net::IpAddr>> {
+    let items: Vec<Value> = serde_json::from_str(v).unwrap_or_default();
+    let mut per: BTreeMap<u16, Option<Vec<std::net::IpAddr>>> = BTreeMap::new();
+    for item in &items {
+        let tcp = item
+            .get("Protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("tcp")
+            .eq_ignore_ascii_case("tcp");
+        let Some(p) = item
+            .get("ContainerPort")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        if !tcp {
+            continue;
+        }
+        let ip = item
+            .get("HostIP")
+            .and_then(Value::as_str)
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            .filter(|a| !a.is_unspecified());
+        let e = per.entry(p).or_insert_with(|| Some(Vec::new()));
+        match (e.as_mut(), ip) {
+            (Some(list), Some(ip)) => list.push(ip),
+            _ => *e = None,
+        }
+    }
+    per.into_iter()
+        .filter_map(|(p, a)| {
+            a.map(|mut a| {
+                a.sort_unstable();
+                a.dedup();
+                (p, a)
+            })
+        })
+        .collect()
 }
 
 fn model_alpn(v: &str) -> Option<Alpn> {
@@ -861,6 +908,10 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
         (None, None) => return Ok(None),
     };
     let published = nerdctl.map(|(_, h)| h).unwrap_or_default();
+    let host_ips = a
+        .get(annotations::NERDCTL_PORTS)
+        .map(|v| model_bound(v))
+        .unwrap_or_default();
     if ports.is_empty() {
         return Ok(None);
     }
@@ -885,6 +936,7 @@ fn model_request(a: &BTreeMap<String, String>) -> Result<Option<Request>, &'stat
         org_guid,
         alpn,
         published,
+        host_ips,
     }))
 }
 
@@ -1617,6 +1669,7 @@ fn valid_state(ns: &str, id: &str, root: &Path) -> ContainerState {
         started_at: None,
         pod: None,
         ingress_table: None,
+        host_ips: Default::default(),
     }
 }
 

@@ -154,6 +154,7 @@ fn m(host_port: u16, last: u8, container_port: u16) -> Mapping {
         host_port,
         container_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 2, last)),
         container_port,
+        host_ip: None,
     }
 }
 
@@ -339,6 +340,7 @@ fn dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed() {
             host_port: 61001,
             container_ip: IpAddr::V6(v6),
             container_port: 8080,
+            host_ip: None,
         },
     ];
     // The product's own table, in h: the first IPv6 mapping creates the ip6 table.
@@ -403,4 +405,88 @@ fn dual_stack_mappings_go_in_one_transaction_forward_ipv6_and_are_flushed() {
         "the IPv6 entry replied from {SERVER6} is flushed"
     );
     let _ = c;
+}
+
+/// nerdctl's `-p ADDR:H:C`: a mapping bound to one host address forwards connections
+/// to that address only (real TCP from the client namespace); a table made before
+/// address-bound mappings existed gets their map and rules on the first one.
+#[test]
+fn an_address_bound_mapping_forwards_that_address_only_and_old_tables_are_upgraded() {
+    if !can_run_without_containerd(
+        "an_address_bound_mapping_forwards_that_address_only_and_old_tables_are_upgraded",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new("at");
+    let h = lab.ns("h");
+    // A second address of h's on the client's side.
+    sh(&format!("ip -n {h} addr add 10.77.9.1/32 dev hc"));
+    // The product's table as an earlier version made it: no `ports_at`.
+    let old = nat::skeleton().replace(&nat::skeleton_at(nat::Family::V4), "");
+    assert!(!old.contains("ports_at"), "{old}");
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &h, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin.take().unwrap().write_all(old.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success(), "old skeleton");
+
+    let bound = Mapping {
+        host_ip: Some(H_CLIENT_SIDE.parse().unwrap()),
+        ..m(61002, 2, 8080)
+    };
+    let add = vec![bound];
+    lab.run_in("h", move || nat::Nat::default().add(&add))
+        .unwrap();
+    assert_eq!(
+        lab.run_in("h", || nat::Nat::default().list()).unwrap(),
+        vec![bound]
+    );
+    let o = lab.nft(&["list", "map", "ip", nat::TABLE, nat::MAP_AT]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains(&format!("{H_CLIENT_SIDE} . tcp . 61002 : {SERVER} . 8080")),
+        "{}",
+        text(&o)
+    );
+
+    lab.spawn("s", &["sh", "-c", "echo served | busybox nc -l -p 8080"]);
+    wait_until("server listening", Duration::from_secs(10), || {
+        let o = lab.exec("s", &["busybox", "netstat", "-ltn"]);
+        String::from_utf8_lossy(&o.stdout).contains(":8080")
+    });
+    let connect = |to: &str| {
+        let o = lab.exec(
+            "c",
+            &[
+                "sh",
+                "-c",
+                &format!("echo hi | timeout 5 busybox nc -w 2 {to} 61002"),
+            ],
+        );
+        text(&o)
+    };
+    // The other address of h's: not forwarded (h itself refuses).
+    let other = connect("10.77.9.1");
+    assert!(
+        !other.contains("served") && other.contains("refused"),
+        "{other}"
+    );
+    let got = connect(H_CLIENT_SIDE);
+    assert!(got.contains("served"), "the bound address: {got}");
+
+    let rm = vec![bound];
+    lab.run_in("h", move || {
+        let r = nat::Nat::default().remove(&rm);
+        nat::settle();
+        r
+    })
+    .unwrap();
+    assert!(
+        lab.run_in("h", || nat::Nat::default().list())
+            .unwrap()
+            .is_empty()
+    );
 }

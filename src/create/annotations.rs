@@ -52,6 +52,9 @@ pub struct Request {
     /// DNAT, set up by its createRuntime hook): never handed out by the product, and
     /// a create whose `-p` names a port the product holds is refused.
     pub published: Vec<u16>,
+    /// Container ports every `-p` of which names a host address: their host ports
+    /// (TLS and plain) are published on those addresses only.
+    pub host_ips: BTreeMap<u16, Vec<std::net::IpAddr>>,
 }
 
 /// One TCP mapping of nerdctl's `-p` (a go-cni `PortMapping`).
@@ -60,6 +63,8 @@ pub struct NerdctlMapping {
     pub container_port: u16,
     /// 0 or absent: none (nerdctl itself picks one before it writes the mapping).
     pub host_port: Option<u16>,
+    /// `-p ADDR:H:C`; `None`: every host address (`""`, `0.0.0.0`, `::`).
+    pub host_ip: Option<std::net::IpAddr>,
 }
 
 /// Reads a small file for [`Request::from_annotations`]: `Ok(None)` when it does not
@@ -116,9 +121,11 @@ impl Request {
             .collect();
         published.sort_unstable();
         published.dedup();
+        let host_ips = bound_addresses(nerdctl.as_deref().unwrap_or_default());
         Ok(Some(Request {
             ports,
             published,
+            host_ips,
             instance_guid: guid(a, INSTANCE_GUID)?,
             app_guid: guid(a, APP_GUID)?,
             space_guid: guid(a, SPACE_GUID)?,
@@ -200,6 +207,21 @@ pub fn parse_ports(value: &str) -> Result<Vec<u16>> {
 /// ports are proxied; UDP/SCTP mappings are left to nerdctl.
 pub fn parse_nerdctl_ports(value: &str) -> Result<Vec<u16>> {
     parse_nerdctl_mappings(value).map(|m| container_ports(&m))
+}
+
+/// For each container port all of whose mappings name a host address, those
+/// addresses (sorted, once each); a port with any unbound mapping is on every address.
+fn bound_addresses(m: &[NerdctlMapping]) -> BTreeMap<u16, Vec<std::net::IpAddr>> {
+    let mut out: BTreeMap<u16, Vec<std::net::IpAddr>> = BTreeMap::new();
+    for p in container_ports(m) {
+        let of_p = m.iter().filter(|x| x.container_port == p);
+        if let Some(mut addrs) = of_p.map(|x| x.host_ip).collect::<Option<Vec<_>>>() {
+            addrs.sort_unstable();
+            addrs.dedup();
+            out.insert(p, addrs);
+        }
+    }
+    out
 }
 
 /// The TCP container ports of `m`, first-seen order, no duplicates.
@@ -288,6 +310,8 @@ fn nerdctl_network_config(dir: &str, read: ReadFile<'_>) -> Result<Vec<NerdctlMa
     }
 }
 
+const HOST_IP_VALID: &str = "\"HostIP\" must be \"\", 0.0.0.0, :: or one IP address of the host";
+
 /// The TCP mappings of go-cni `PortMapping`s, in order (at most [`MAX_PORTS`] distinct
 /// container ports).
 fn tcp_mappings(items: &[serde_json::Value]) -> std::result::Result<Vec<NerdctlMapping>, String> {
@@ -321,9 +345,20 @@ fn tcp_mappings(items: &[serde_json::Value]) -> std::result::Result<Vec<NerdctlM
                 None => return Err("\"HostPort\" must be a number 0-65535".into()),
             },
         };
+        let host_ip = match item.get("HostIP") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(a)) if a.is_empty() => None,
+            Some(serde_json::Value::String(a)) => match a.parse::<std::net::IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => None,
+                Ok(ip) => Some(ip),
+                Err(_) => return Err(HOST_IP_VALID.into()),
+            },
+            Some(_) => return Err(HOST_IP_VALID.into()),
+        };
         out.push(NerdctlMapping {
             container_port: p,
             host_port,
+            host_ip,
         });
     }
     Ok(out)
@@ -469,6 +504,27 @@ mod tests {
             .unwrap();
         assert_eq!(r.ports, [80]);
         assert_eq!(r.published, [8080, 9090], "TCP host ports only");
+        // 80 is also published on every address (-p 8080:80): not bound.
+        assert!(r.host_ips.is_empty(), "{:?}", r.host_ips);
+        let f2 = one_file(
+            FILE,
+            Ok(
+                r#"{"portMappings":[{"HostPort":9090,"ContainerPort":80,"Protocol":"tcp","HostIP":"127.0.0.1"},{"HostPort":9091,"ContainerPort":80,"Protocol":"tcp","HostIP":"192.0.2.7"},{"HostPort":9092,"ContainerPort":81,"Protocol":"tcp","HostIP":"0.0.0.0"},{"HostPort":9093,"ContainerPort":82,"Protocol":"tcp","HostIP":"::"},{"HostPort":9094,"ContainerPort":83,"Protocol":"tcp","HostIP":"2001:db8::7"}]}"#,
+            ),
+        );
+        let r = Request::from_annotations(&ann(&state), &f2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.ports, [80, 81, 82, 83]);
+        let want: BTreeMap<u16, Vec<std::net::IpAddr>> = [
+            (
+                80,
+                vec!["127.0.0.1".parse().unwrap(), "192.0.2.7".parse().unwrap()],
+            ),
+            (83, vec!["2001:db8::7".parse().unwrap()]),
+        ]
+        .into();
+        assert_eq!(r.host_ips, want);
         // The label (nerdctl <= 2.1.2) wins over the file, which is not even read.
         let r = Request::from_annotations(
             &ann(&[
@@ -532,6 +588,14 @@ mod tests {
             (
                 Ok(r#"{"portMappings":[{"ContainerPort":80,"HostPort":"80"}]}"#),
                 "\"HostPort\" must be a number 0-65535",
+            ),
+            (
+                Ok(r#"{"portMappings":[{"ContainerPort":80,"HostIP":"localhost"}]}"#),
+                "\"HostIP\" must be \"\", 0.0.0.0, :: or one IP address of the host",
+            ),
+            (
+                Ok(r#"{"portMappings":[{"ContainerPort":80,"HostIP":7}]}"#),
+                "\"HostIP\" must be",
             ),
             (
                 Err(std::io::ErrorKind::PermissionDenied),

@@ -412,6 +412,13 @@ fn record(
         started_at: None,
         pod,
         ingress_table,
+        // Only ports this container proxies (ours may name fewer than -p).
+        host_ips: req
+            .host_ips
+            .iter()
+            .filter(|(p, _)| req.ports.contains(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect(),
     };
     if let Err(e) = store.create(lock, &mut index, &state) {
         let _ = store.remove_locked(lock, t.namespace, t.id);

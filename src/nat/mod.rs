@@ -27,17 +27,29 @@ use crate::sys::nfnetlink::{self, ElemOp, Element, Netfilter};
 
 pub const TABLE: &str = "envoy_sidecar";
 pub const MAP: &str = "ports";
+/// Host ports published on one host address only (nerdctl's `-p ADDR:H:C`): keyed by
+/// that address too. A host port is in one of the two maps, never both.
+pub const MAP_AT: &str = "ports_at";
 
 /// One host port forwarded to one container port (TCP), over IPv4 or IPv6 (the
-/// container address's family; the host address is any of the host's own of it).
+/// container address's family; the host address is any of the host's own of it, or
+/// `host_ip` only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mapping {
     pub host_port: u16,
     pub container_ip: IpAddr,
     pub container_port: u16,
+    /// Published on this host address only (of the container address's family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
 }
 
 impl Mapping {
+    /// The map it is an element of.
+    pub fn map(&self) -> &'static str {
+        if self.host_ip.is_some() { MAP_AT } else { MAP }
+    }
+
     pub fn family(&self) -> Family {
         match self.container_ip {
             IpAddr::V4(_) => Family::V4,
@@ -77,17 +89,34 @@ impl Family {
 /// itself to any of its addresses (loopback excluded: DNAT from 127.0.0.1 or ::1 to a
 /// container is a martian).
 pub fn skeleton_of(f: Family) -> String {
-    let (fam, addr, loopback) = match f {
-        Family::V4 => ("ip", "ipv4_addr", "ip daddr != 127.0.0.0/8"),
-        Family::V6 => ("ip6", "ipv6_addr", "ip6 daddr != ::1"),
-    };
+    let (fam, addr, loopback) = family_words(f);
     format!(
         "add table {fam} {TABLE}\n\
          add map {fam} {TABLE} {MAP} {{ type inet_proto . inet_service : {addr} . inet_service; }}\n\
          add chain {fam} {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
          add chain {fam} {TABLE} output {{ type nat hook output priority -100; policy accept; }}\n\
          add rule {fam} {TABLE} prerouting fib daddr type local dnat {fam} to meta l4proto . th dport map @{MAP}\n\
-         add rule {fam} {TABLE} output {loopback} fib daddr type local dnat {fam} to meta l4proto . th dport map @{MAP}\n"
+         add rule {fam} {TABLE} output {loopback} fib daddr type local dnat {fam} to meta l4proto . th dport map @{MAP}\n{}",
+        skeleton_at(f)
+    )
+}
+
+fn family_words(f: Family) -> (&'static str, &'static str, &'static str) {
+    match f {
+        Family::V4 => ("ip", "ipv4_addr", "ip daddr != 127.0.0.0/8"),
+        Family::V6 => ("ip6", "ipv6_addr", "ip6 daddr != ::1"),
+    }
+}
+
+/// The address-bound map and its two rules: part of the skeleton, and added on its
+/// own to a table an earlier version made without them. A lookup that finds nothing
+/// ends its rule, so the two maps' rules never stand in each other's way.
+pub fn skeleton_at(f: Family) -> String {
+    let (fam, addr, loopback) = family_words(f);
+    format!(
+        "add map {fam} {TABLE} {MAP_AT} {{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}\n\
+         add rule {fam} {TABLE} prerouting fib daddr type local dnat {fam} to {fam} daddr . meta l4proto . th dport map @{MAP_AT}\n\
+         add rule {fam} {TABLE} output {loopback} fib daddr type local dnat {fam} to {fam} daddr . meta l4proto . th dport map @{MAP_AT}\n"
     )
 }
 
@@ -108,8 +137,9 @@ fn families(maps: &[Mapping]) -> Vec<Family> {
 fn elements(maps: &[Mapping]) -> String {
     maps.iter()
         .map(|m| {
+            let at = m.host_ip.map(|a| format!("{a} . ")).unwrap_or_default();
             format!(
-                "tcp . {} : {} . {}",
+                "{at}tcp . {} : {} . {}",
                 m.host_port, m.container_ip, m.container_port
             )
         })
@@ -124,18 +154,35 @@ const IPPROTO_TCP: u8 = 6;
 /// value `ipv4_addr . inet_service` (or `ipv6_addr . ...`), each component padded to
 /// 4 bytes (checked against `nft -j list map` in tests/nfnetlink.rs).
 pub fn netlink_elements(maps: &[Mapping]) -> Vec<Element> {
+    let octets = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
     maps.iter()
         .map(|m| {
-            let addr = match m.container_ip {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
+            let port = m.host_port.to_be_bytes();
+            let key = match m.host_ip {
+                // `ports_at`: the host address first.
+                Some(a) => nfnetlink::concat(&[&octets(a), &[IPPROTO_TCP], &port]),
+                None => nfnetlink::concat(&[&[IPPROTO_TCP], &port]),
             };
             Element {
-                key: nfnetlink::concat(&[&[IPPROTO_TCP], &m.host_port.to_be_bytes()]),
-                data: Some(nfnetlink::concat(&[&addr, &m.container_port.to_be_bytes()])),
+                key,
+                data: Some(nfnetlink::concat(&[
+                    &octets(m.container_ip),
+                    &m.container_port.to_be_bytes(),
+                ])),
             }
         })
         .collect()
+}
+
+/// The (family, map) groups of `maps`, each once, in order.
+fn groups(maps: &[Mapping]) -> Vec<(Family, &'static str)> {
+    let mut g: Vec<(Family, &'static str)> = maps.iter().map(|m| (m.family(), m.map())).collect();
+    g.sort_unstable();
+    g.dedup();
+    g
 }
 
 /// `maps` of family `f` only.
@@ -144,13 +191,17 @@ fn of_family(maps: &[Mapping], f: Family) -> Vec<Mapping> {
 }
 
 fn script(verb: &str, maps: &[Mapping]) -> String {
-    families(maps)
+    groups(maps)
         .into_iter()
-        .map(|f| {
+        .map(|(f, map)| {
+            let these: Vec<Mapping> = of_family(maps, f)
+                .into_iter()
+                .filter(|m| m.map() == map)
+                .collect();
             format!(
-                "{verb} element {} {TABLE} {MAP} {{ {} }}\n",
+                "{verb} element {} {TABLE} {map} {{ {} }}\n",
                 f.nft(),
-                elements(&of_family(maps, f))
+                elements(&these)
             )
         })
         .collect()
@@ -180,14 +231,22 @@ pub fn parse_listing(json: &str) -> Result<Vec<Mapping>> {
             let (Some(k), Some(v)) = (key, val) else {
                 continue;
             };
+            // `ports`: tcp . port; `ports_at`: address . tcp . port.
+            let at = k.as_array().is_some_and(|k| k.len() == 3);
+            let (proto, port) = if at { (1, 2) } else { (0, 1) };
             let m = (|| {
                 Some(Mapping {
-                    host_port: u16::try_from(k.get(1)?.as_u64()?).ok()?,
+                    host_port: u16::try_from(k.get(port)?.as_u64()?).ok()?,
                     container_ip: v.get(0)?.as_str()?.parse().ok()?,
                     container_port: u16::try_from(v.get(1)?.as_u64()?).ok()?,
+                    host_ip: if at {
+                        Some(k.get(0)?.as_str()?.parse().ok()?)
+                    } else {
+                        None
+                    },
                 })
             })();
-            if k.get(0).and_then(|p| p.as_str()) == Some("tcp")
+            if k.get(proto).and_then(|p| p.as_str()) == Some("tcp")
                 && let Some(m) = m
             {
                 out.push(m);
@@ -232,18 +291,24 @@ impl Nat {
         op: ElemOp,
         maps: &[Mapping],
     ) -> std::result::Result<(), (Refusal, Error)> {
-        let fams = families(maps);
-        let elems: Vec<Vec<Element>> = fams
+        let groups = groups(maps);
+        let elems: Vec<Vec<Element>> = groups
             .iter()
-            .map(|&f| netlink_elements(&of_family(maps, f)))
+            .map(|&(f, map)| {
+                let these: Vec<Mapping> = of_family(maps, f)
+                    .into_iter()
+                    .filter(|m| m.map() == map)
+                    .collect();
+                netlink_elements(&these)
+            })
             .collect();
-        let changes: Vec<nfnetlink::SetChange<'_>> = fams
+        let changes: Vec<nfnetlink::SetChange<'_>> = groups
             .iter()
             .zip(&elems)
-            .map(|(f, e)| nfnetlink::SetChange {
+            .map(|((f, map), e)| nfnetlink::SetChange {
                 family: f.nfproto(),
                 table: TABLE,
-                set: MAP,
+                set: map,
                 elems: e,
             })
             .collect();
@@ -286,9 +351,21 @@ impl Nat {
         for &f in fams {
             if !self.table_exists(f) {
                 run_nft(&self.nft, &skeleton_of(f))?;
+            } else if !self.map_exists(f, MAP_AT) {
+                // A table from before address-bound mappings: add their map and rules.
+                run_nft(&self.nft, &skeleton_at(f))?;
             }
         }
         Ok(())
+    }
+
+    fn map_exists(&self, f: Family, map: &str) -> bool {
+        Command::new(&self.nft)
+            .args(["-t", "list", "map", f.nft(), TABLE, map])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// Every mapping in the tables (none from a table that does not exist).
@@ -298,18 +375,23 @@ impl Nat {
             if !self.table_exists(f) {
                 continue;
             }
-            let out = Command::new(&self.nft)
-                .args(["-j", "list", "map", f.nft(), TABLE, MAP])
-                .output()
-                .map_err(|e| Error::Nat(format!("running nft: {e}")))?;
-            if !out.status.success() {
-                return Err(Error::Nat(format!(
-                    "nft list map {} {TABLE} {MAP}: {}",
-                    f.nft(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+            for map in [MAP, MAP_AT] {
+                if map == MAP_AT && !self.map_exists(f, map) {
+                    continue; // a table from before address-bound mappings
+                }
+                let out = Command::new(&self.nft)
+                    .args(["-j", "list", "map", f.nft(), TABLE, map])
+                    .output()
+                    .map_err(|e| Error::Nat(format!("running nft: {e}")))?;
+                if !out.status.success() {
+                    return Err(Error::Nat(format!(
+                        "nft list map {} {TABLE} {map}: {}",
+                        f.nft(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                all.extend(parse_listing(&String::from_utf8_lossy(&out.stdout))?);
             }
-            all.extend(parse_listing(&String::from_utf8_lossy(&out.stdout))?);
         }
         all.sort();
         Ok(all)
@@ -510,7 +592,12 @@ pub fn to_add(present: &[Mapping], maps: &[Mapping]) -> Result<Vec<Mapping>> {
     if let Some((m, other)) = maps.iter().find_map(|m| {
         present
             .iter()
-            .find(|p| p.host_port == m.host_port && p.family() == m.family() && *p != m)
+            .find(|p| {
+                p.host_port == m.host_port
+                    && p.family() == m.family()
+                    && p.host_ip == m.host_ip
+                    && *p != m
+            })
             .map(|p| (m, p))
     }) {
         return Err(Error::Nat(format!(
@@ -621,6 +708,7 @@ mod tests {
             host_port: p,
             container_ip: IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, last)),
             container_port: 61001,
+            host_ip: None,
         };
         let nat = FakeNat::default();
         nat.add(&[m(61010, 1), m(61011, 1)]).unwrap();
@@ -644,7 +732,61 @@ mod tests {
             host_port: h,
             container_ip: ip.parse().unwrap(),
             container_port: c,
+            host_ip: None,
         }
+    }
+
+    fn at(h: u16, host: &str, ip: &str, c: u16) -> Mapping {
+        Mapping {
+            host_ip: Some(host.parse().unwrap()),
+            ..m(h, ip, c)
+        }
+    }
+
+    #[test]
+    fn address_bound_mappings_are_keyed_by_the_host_address_in_their_own_map() {
+        let e = netlink_elements(&[at(61008, "192.0.2.7", "203.0.113.5", 61001)]);
+        assert_eq!(e[0].key, [192, 0, 2, 7, 6, 0, 0, 0, 0xee, 0x50, 0, 0]);
+        assert_eq!(
+            e[0].data.as_deref(),
+            Some(&[203, 0, 113, 5, 0xee, 0x49, 0, 0][..])
+        );
+        let maps = [
+            m(61010, "203.0.113.5", 61001),
+            at(61011, "192.0.2.7", "203.0.113.5", 61002),
+        ];
+        assert_eq!(
+            add_script(&maps),
+            "add element ip envoy_sidecar ports { tcp . 61010 : 203.0.113.5 . 61001 }\n\
+             add element ip envoy_sidecar ports_at { 192.0.2.7 . tcp . 61011 : 203.0.113.5 . 61002 }\n"
+        );
+        let sk = skeleton();
+        assert!(
+            sk.contains("add map ip envoy_sidecar ports_at { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }"),
+            "{sk}"
+        );
+        assert!(
+            sk.contains("output ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @ports_at"),
+            "{sk}"
+        );
+        assert!(
+            skeleton_of(Family::V6).contains("ip6 daddr . meta l4proto . th dport map @ports_at")
+        );
+        let j = r#"{"nftables": [{"map": {"family": "ip", "name": "ports_at", "elem": [[{"concat": ["192.0.2.7", "tcp", 61011]}, {"concat": ["203.0.113.5", 61002]}]]}}]}"#;
+        assert_eq!(parse_listing(j).unwrap(), vec![maps[1]]);
+        // The kernel's rule per map and key: another address is another key.
+        let nat = FakeNat::default();
+        nat.add(&[maps[1]]).unwrap();
+        nat.add(&[at(61011, "192.0.2.8", "203.0.113.6", 61002)])
+            .unwrap();
+        let e = nat
+            .add(&[at(61011, "192.0.2.7", "203.0.113.6", 61002)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host port 61011 is already mapped to 203.0.113.5:61002"),
+            "{e}"
+        );
     }
 
     #[test]

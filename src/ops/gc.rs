@@ -786,6 +786,7 @@ mod tests {
             host_port,
             container_ip: std::net::IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)),
             container_port,
+            host_ip: None,
         }
     }
 

@@ -21,6 +21,10 @@ pub struct PortRow {
     pub host_tls: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_plain: Option<u16>,
+    /// Published on these host addresses only (nerdctl `-p ADDR:H:C`; loopback ones
+    /// are not published at all); absent: on every address.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub host_ips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -152,6 +156,7 @@ pub fn row_known(
                 proxy: p.internal_tls_proxy,
                 host_tls: p.external_tls_proxy,
                 host_plain: p.external,
+                host_ips: s.host_ips.get(&p.internal).cloned().unwrap_or_default(),
             })
             .collect(),
         network: r.network,
@@ -273,9 +278,16 @@ pub fn table(rows: &[Row]) -> String {
         let ports = r
             .ports
             .iter()
-            .map(|p| match p.host_plain {
-                Some(h) => format!("{}<-{}<-{},{h}", p.app, p.proxy, p.host_tls),
-                None => format!("{}<-{}<-{}", p.app, p.proxy, p.host_tls),
+            .map(|p| {
+                let on = p
+                    .host_ips
+                    .iter()
+                    .map(|a| format!("@{a}"))
+                    .collect::<String>();
+                match p.host_plain {
+                    Some(h) => format!("{}<-{}<-{},{h}{on}", p.app, p.proxy, p.host_tls),
+                    None => format!("{}<-{}<-{}{on}", p.app, p.proxy, p.host_tls),
+                }
             })
             .collect::<Vec<_>>()
             .join(" ");
@@ -389,7 +401,8 @@ mod tests {
                 app: 8080,
                 proxy: 61001,
                 host_tls: 61010,
-                host_plain: Some(61011)
+                host_plain: Some(61011),
+                host_ips: vec![],
             }]
         );
         let t = table(&[r]);
@@ -574,5 +587,26 @@ mod tests {
         let json = serde_json::to_value(row(&s, Some(&rc), &p)).unwrap();
         assert_eq!(json["status"], "degraded");
         assert_eq!(json["network"], "host");
+    }
+
+    #[test]
+    fn ports_bound_to_host_addresses_say_where() {
+        let p = FakeProcesses::default();
+        let mut s = started(std::path::Path::new("/r"));
+        let r = row(&s, None, &p);
+        assert!(
+            serde_json::to_value(&r).unwrap()["ports"][0]
+                .get("host_ips")
+                .is_none()
+        );
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        s.host_ips.insert(8080, vec![a]);
+        let r = row(&s, None, &p);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["ports"][0]["host_ips"],
+            serde_json::json!(["192.0.2.7"])
+        );
+        let t = table(&[r]);
+        assert!(t.contains("8080<-61001<-61010,61011@192.0.2.7"), "{t}");
     }
 }

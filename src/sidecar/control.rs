@@ -176,18 +176,33 @@ pub fn mappings(state: &ContainerState, addrs: &Addresses) -> Vec<Mapping> {
 fn mappings_to(state: &ContainerState, ip: IpAddr) -> Vec<Mapping> {
     let mut maps = Vec::new();
     for p in &state.ports {
-        if let Some(ext) = p.external {
+        // Every host address, or only those the user bound (nerdctl `-p ADDR:H:C`) of
+        // this address's family. Loopback ones cannot be DNATed to a container (a
+        // martian) and get nothing: `status` shows where each port is published.
+        let at: Vec<Option<IpAddr>> = match state.host_ips.get(&p.internal) {
+            None => vec![None],
+            Some(addrs) => addrs
+                .iter()
+                .filter(|a| a.is_ipv4() == ip.is_ipv4() && !a.is_loopback())
+                .map(|a| Some(*a))
+                .collect(),
+        };
+        for host_ip in at {
+            if let Some(ext) = p.external {
+                maps.push(Mapping {
+                    host_port: ext,
+                    container_ip: ip,
+                    container_port: p.internal,
+                    host_ip,
+                });
+            }
             maps.push(Mapping {
-                host_port: ext,
+                host_port: p.external_tls_proxy,
                 container_ip: ip,
-                container_port: p.internal,
+                container_port: p.internal_tls_proxy,
+                host_ip,
             });
         }
-        maps.push(Mapping {
-            host_port: p.external_tls_proxy,
-            container_ip: ip,
-            container_port: p.internal_tls_proxy,
-        });
     }
     maps
 }
@@ -381,6 +396,7 @@ mod tests {
             host_port: 61010,
             container_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)),
             container_port: 61001,
+            host_ip: None,
         };
         nat.add(&[other]).unwrap();
         let e = map_to(&store, &nat, &s, &IP).unwrap_err().to_string();
@@ -478,6 +494,7 @@ mod tests {
             host_port: 61010,
             container_ip: "2001:db8:e5::9".parse().unwrap(),
             container_port: 61001,
+            host_ip: None,
         };
         nat.add(&[leftover]).unwrap();
         let both = Addresses {

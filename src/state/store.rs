@@ -101,6 +101,10 @@ pub struct ContainerState {
     /// a container that joined a network namespace another proxied container filters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_table: Option<String>,
+    /// App ports whose host ports are published on these host addresses only
+    /// (nerdctl's `-p ADDR:H:C`); absent: on every address.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub host_ips: std::collections::BTreeMap<u16, Vec<IpAddr>>,
 }
 
 /// The proxy of a CRI pod: one per pod network namespace, keyed by the sandbox id.
@@ -522,6 +526,7 @@ pub(crate) mod tests {
             started_at: None,
             pod: None,
             ingress_table: None,
+            host_ips: Default::default(),
         }
     }
 
