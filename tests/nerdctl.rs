@@ -1221,3 +1221,98 @@ fn nerdctl_network_host_twice_and_none() {
     }
     nothing_left(&sb, &n, &none);
 }
+
+/// `nerdctl run -p ADDR:H:C`: the product's host ports for that app port (TLS and,
+/// with unproxied mappings on, plain) are published on that host address only; a
+/// loopback address cannot be DNATed to a container, so such a port is published
+/// nowhere — and `status` says where each port is.
+#[test]
+fn nerdctl_p_with_a_host_address_publishes_the_tls_port_there_only() {
+    if !can_run_without_containerd(
+        "nerdctl_p_with_a_host_address_publishes_the_tls_port_there_only",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("nerd-hostip", "", "");
+    let n = Nerdctl::new(&sb.slot);
+    let (r0, r1) = (sb.slot.router(0), sb.slot.router(1));
+    let id = nid(&sb.slot, 11);
+    let c = n.container(
+        &sb,
+        &id,
+        11,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "bridge",
+    );
+    c.bind_host_ip(r0.host_ip());
+    c.create_and_start();
+    let row = ready(&sb, &id);
+    assert_eq!(row["ports"][0]["host_ips"], json!([r0.host_ip()]), "{row}");
+    let line = status_line(&sb.config, "default", &id).unwrap();
+    assert!(line.contains(&format!("@{}", r0.host_ip())), "{line}");
+    let st = c.inspect().unwrap();
+    let (tls, plain) = (
+        port_of(&st, 0, "external_tls_proxy"),
+        port_of(&st, 0, "external"),
+    );
+    let nat = common::footprint::nat_in_pool(&sb.pool());
+    assert_eq!(nat.len(), 2, "{nat:?}");
+    assert!(
+        nat.iter()
+            .all(|(_, to)| to.ends_with(&format!("@{}", r0.host_ip()))),
+        "{nat:?}"
+    );
+    assert!(
+        r0.https(&sb.ca(), &id, tls).contains(HELLO),
+        "on the bound address"
+    );
+    let other = r1.https(&sb.ca(), &id, tls);
+    assert!(
+        !other.contains(HELLO),
+        "TLS on another host address: {other}"
+    );
+    let plain0 = r0.tcp(
+        &format!("{}:{plain}", r0.host_ip()),
+        "GET / HTTP/1.0\\r\\n\\r\\n",
+    );
+    assert!(plain0.is_ok_and(|r| r.contains(HELLO)));
+    let plain1 = r1.tcp(
+        &format!("{}:{plain}", r1.host_ip()),
+        "GET / HTTP/1.0\\r\\n\\r\\n",
+    );
+    assert!(
+        plain1.is_err(),
+        "cleartext on another host address: {plain1:?}"
+    );
+
+    // -p 127.0.0.1:H:80: published nowhere, and said so.
+    let id2 = nid(&sb.slot, 12);
+    let c2 = n.container(
+        &sb,
+        &id2,
+        12,
+        &[(sb.slot.tcp_port(), 80)],
+        PortsVia::File,
+        "bridge",
+    );
+    c2.bind_host_ip("127.0.0.1");
+    c2.create_and_start();
+    let row2 = ready(&sb, &id2);
+    assert_eq!(row2["ports"][0]["host_ips"], json!(["127.0.0.1"]), "{row2}");
+    let st2 = c2.inspect().unwrap();
+    let tls2 = port_of(&st2, 0, "external_tls_proxy");
+    let nat = common::footprint::nat_in_pool(&sb.pool());
+    assert!(
+        !nat.iter().any(|(p, _)| *p == tls2),
+        "a loopback-bound port has no NAT: {nat:?}"
+    );
+    assert!(!r0.https(&sb.ca(), &id2, tls2).contains(HELLO));
+
+    for c in [&c, &c2] {
+        c.kill(9);
+        c.wait_stopped();
+        c.delete(false);
+    }
+    nothing_left(&sb, &n, &c2);
+}

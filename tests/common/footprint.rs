@@ -20,34 +20,54 @@ pub fn nat_in_pool(pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
     v
 }
 
-/// [`nat_in_pool`] of one family's table (`ip` or `ip6`).
+/// [`nat_in_pool`] of one family's table (`ip` or `ip6`): the `ports` map's elements
+/// as `(host port, "ip . port")`, the address-bound `ports_at` map's as
+/// `(host port, "ip . port @host-address")`.
 pub fn nat_in_pool_of(family: &str, pool: &RangeInclusive<u16>) -> Vec<(u16, String)> {
-    let o = Command::new("nft")
-        .args(["list", "map", family, "envoy_sidecar", "ports"])
-        .output()
-        .unwrap();
-    let t = String::from_utf8_lossy(&o.stdout);
-    t.split([',', '{', '}', '\n'])
-        .filter_map(|e| {
-            // "tcp . 50000 : 203.0.113.82 . 61001"
+    let mut out = Vec::new();
+    for map in ["ports", "ports_at"] {
+        let o = Command::new("nft")
+            .args(["list", "map", family, "envoy_sidecar", map])
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&o.stdout);
+        out.extend(t.split([',', '{', '}', '\n']).filter_map(|e| {
+            // "tcp . 50000 : 203.0.113.82 . 61001", or with "192.0.2.7 . " in front.
             let f: Vec<&str> = e.split_whitespace().collect();
-            if f.len() != 7 || f[1] != "." || f[3] != ":" {
+            let (at, f) = match f.len() {
+                9 if f[1] == "." => (Some(f[0]), &f[2..]),
+                7 => (None, &f[..]),
+                _ => return None,
+            };
+            if f[1] != "." || f[3] != ":" || f[0] != "tcp" {
                 return None;
             }
             let port: u16 = f[2].parse().ok()?;
-            pool.contains(&port)
-                .then(|| (port, format!("{} . {}", f[4], f[6])))
-        })
-        .collect()
+            let to = match at {
+                Some(a) => format!("{} . {} @{a}", f[4], f[6]),
+                None => format!("{} . {}", f[4], f[6]),
+            };
+            pool.contains(&port).then_some((port, to))
+        }));
+    }
+    out
 }
 
 /// Delete NAT elements in `pool` (clean-up after a failed test only).
 pub fn nat_flush_pool(pool: &RangeInclusive<u16>) {
     for (port, to) in nat_in_pool(pool) {
+        let (to, at) = match to.split_once(" @") {
+            Some((to, a)) => (to.to_string(), Some(a.to_string())),
+            None => (to, None),
+        };
         let family = if to.contains(':') { "ip6" } else { "ip" };
+        let (map, key) = match at {
+            Some(a) => ("ports_at", format!("{a} . tcp . {port}")),
+            None => ("ports", format!("tcp . {port}")),
+        };
         let _ = Command::new("nft")
             .arg(format!(
-                "delete element {family} envoy_sidecar ports {{ tcp . {port} : {to} }}"
+                "delete element {family} envoy_sidecar {map} {{ {key} : {to} }}"
             ))
             .output();
     }

@@ -490,6 +490,16 @@ impl NerdctlContainer {
         assert!(out.status.success(), "start: {}", text(&out));
     }
 
+    /// `-p ADDR:H:C` for every mapping of `network-config.json` (before `create`).
+    pub fn bind_host_ip(&self, addr: &str) {
+        let f = self.state_dir.join("network-config.json");
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        for m in v["portMappings"].as_array_mut().unwrap() {
+            m["HostIP"] = json!(addr);
+        }
+        std::fs::write(&f, v.to_string()).unwrap();
+    }
+
     /// `kill <id> <signal>` as the shim sends it (a number).
     pub fn kill(&self, signal: u32) {
         let out = self.shim(&["kill", self.id(), &signal.to_string()]);
