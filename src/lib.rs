@@ -21,4 +21,14 @@ pub use error::{Error, Result};
 
 /// File names of the two executables (the wrapper finds the CLI beside itself).
 pub const WRAPPER_NAME: &str = "envoy-sidecar-runc";
+
+/// `<crate version> (<git commit>)`, as both binaries' `--version` print it after
+/// their name (the commit from `build.rs`: `unknown` outside a git checkout).
+pub fn version() -> String {
+    format!(
+        "{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("ENVOY_SIDECAR_COMMIT")
+    )
+}
 pub const CLI_NAME: &str = "envoy-sidecar";

@@ -619,3 +619,166 @@ fn a_host_port_a_host_process_listens_on_is_skipped() {
     );
     drop(l);
 }
+
+/// The one deliberate difference from plain runc: `--version` (and `-v`) prints
+/// `envoy-sidecar-runc <version> (<commit>)` first, then the real runc's own output,
+/// byte for byte, with its exit code — also with a configuration that does not load.
+/// `--help` stays runc's alone.
+#[test]
+fn version_names_the_wrapper_then_gives_runcs_own() {
+    let runc_bin = common::real_runc();
+    let f = fake("version");
+    let cfg = std::fs::read_to_string(&f.config).unwrap();
+    let fake = f.runc.path.display().to_string();
+    std::fs::write(&f.config, cfg.replace(&fake, runc_bin.to_str().unwrap())).unwrap();
+    let runc = Command::new(&runc_bin).arg("--version").output().unwrap();
+    assert!(runc.status.success(), "{}", text(&runc));
+    let cli = Command::new(cli_bin()).arg("--version").output().unwrap();
+    let cli_line = String::from_utf8_lossy(&cli.stdout).trim().to_string();
+    let (name, version) = cli_line.split_once(' ').unwrap();
+    assert_eq!(name, "envoy-sidecar", "{cli_line}");
+    assert!(
+        version.starts_with(env!("CARGO_PKG_VERSION")) && version.ends_with(')'),
+        "{cli_line}"
+    );
+    for flag in ["--version", "-v"] {
+        let ours = Command::new(wrapper_bin())
+            .arg(flag)
+            .env("ENVOY_SIDECAR_CONFIG", &f.config)
+            .output()
+            .unwrap();
+        assert_eq!(ours.status.code(), Some(0), "{}", text(&ours));
+        let want = [
+            format!("envoy-sidecar-runc {version}\n").into_bytes(),
+            runc.stdout.clone(),
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&ours.stdout),
+            String::from_utf8_lossy(&want),
+            "{flag}"
+        );
+    }
+    // A configuration that does not even parse: still both, runc being the default.
+    std::fs::write(&f.config, "not toml [").unwrap();
+    let ours = Command::new(wrapper_bin())
+        .arg("--version")
+        .env("ENVOY_SIDECAR_CONFIG", &f.config)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ours.stdout).starts_with("envoy-sidecar-runc "),
+        "{}",
+        text(&ours)
+    );
+    let help = Command::new(wrapper_bin())
+        .arg("--help")
+        .env("ENVOY_SIDECAR_CONFIG", &f.config)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("envoy-sidecar-runc 0"));
+}
+
+/// Every subcommand of the operator command answers `--help` and `-h` with exit 0;
+/// `--version` names the commit; a typo gets a suggestion and exit 2.
+#[test]
+fn the_operator_command_has_help_version_and_suggestions() {
+    let run = |args: &[&str]| Command::new(cli_bin()).args(args).output().unwrap();
+    let top = run(&["--help"]);
+    assert!(top.status.success());
+    let top = String::from_utf8_lossy(&top.stdout).to_string();
+    let subs: Vec<&str> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|s| *s != "help")
+        .collect();
+    assert!(subs.len() >= 15, "{top}");
+    for s in &subs {
+        for h in ["--help", "-h"] {
+            let o = run(&[s, h]);
+            assert!(o.status.success(), "{s} {h}: {}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains(&format!("Usage: envoy-sidecar {s}")),
+                "{s} {h}: {}",
+                text(&o)
+            );
+        }
+    }
+    let o = run(&["stauts"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("'status'"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["completions", "bash"]);
+    assert!(
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains("complete -F _envoy__sidecar")
+    );
+}
+
+/// `install` writes shell completions (bash, zsh, fish) and a man page per command
+/// beside everything else, `uninstall` removes them with the rest; `doctor` shows
+/// both binaries' versions.
+#[test]
+fn install_writes_completions_and_man_pages_and_doctor_shows_versions() {
+    let tmp = common::TempDir::new("es-install-docs");
+    let root = tmp.path().join("root");
+    let run = |args: &[&str]| {
+        Command::new(cli_bin())
+            .args(args)
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["install", "--containerd", "/nonexistent/containerd"]);
+    assert!(out.status.success(), "install: {}", text(&out));
+    for f in [
+        "usr/share/bash-completion/completions/envoy-sidecar",
+        "usr/share/zsh/vendor-completions/_envoy-sidecar",
+        "usr/share/fish/vendor_completions.d/envoy-sidecar.fish",
+        "usr/share/man/man1/envoy-sidecar.1",
+        "usr/share/man/man1/envoy-sidecar-status.1",
+        "usr/share/man/man1/envoy-sidecar-doctor.1",
+    ] {
+        let body = std::fs::read_to_string(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(body.contains("envoy"), "{f}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(f),
+            "{f} not reported"
+        );
+    }
+    let man =
+        std::fs::read_to_string(root.join("usr/share/man/man1/envoy-sidecar-status.1")).unwrap();
+    assert!(man.contains(".TH") && man.contains("\\-\\-json"), "{man}");
+    let out = run(&["uninstall"]);
+    assert!(out.status.success(), "uninstall: {}", text(&out));
+    assert!(!root.join("usr/share/man/man1/envoy-sidecar.1").exists());
+    assert!(
+        !root
+            .join("usr/share/bash-completion/completions/envoy-sidecar")
+            .exists()
+    );
+
+    let doctor = Command::new(cli_bin())
+        .args(["--config", "/nonexistent/envoy-sidecar.toml", "doctor"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&doctor.stdout)
+        .lines()
+        .find(|l| l.contains("versions"))
+        .unwrap_or_else(|| panic!("no versions line: {}", text(&doctor)))
+        .to_string();
+    let v = envoy_sidecar::version();
+    assert!(
+        line.starts_with("ok")
+            && line.contains(&format!("envoy-sidecar {v}"))
+            && line.contains(&format!("envoy-sidecar-runc {v}")),
+        "{line}"
+    );
+}

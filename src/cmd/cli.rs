@@ -8,56 +8,245 @@ use crate::cmd::hook::{self, Stage};
 use crate::config::Config;
 use crate::state::store::{self, Store};
 
-pub const USAGE: &str = "\
-usage: envoy-sidecar [--config PATH] COMMAND
-
-commands:
-  check-config                    validate the configuration; non-zero exit on error
-  status [--namespace NS] [--json]
-                                  one row per proxied container: status (waiting-for-
-                                  network, starting, ready, degraded + why, stopping),
-                                  ports, IP, NAT, Envoy, restarts, cert expiry, error
-  inspect ID [--namespace NS]     print a container's decided state and status as JSON
-                                  (NS: default)
-  rotate [ID...|--all] [--namespace NS]
-                                  re-issue instance identity now (re-reading the CA)
-  hook STAGE [--namespace NS]     run an OCI hook stage (createRuntime, poststart,
-                                  poststop) with the OCI state JSON on stdin
-  metrics [ID...] [--namespace NS] [--json] [--address SOCK]
-                                  memory of proxied containers, rescaled to the quota
-                                  the user asked for (containerd task metrics; SOCK:
-                                  /run/containerd/containerd.sock)
-  serve-metrics --listen ADDR:PORT [--address SOCK]
-                                  the same for every proxied container, plus Envoy
-                                  restarts and credential expiry, as Prometheus text
-  recommend-memory --connections N [--mtls] [--runtime-class]
-                                  additional_memory_allocation_mb for N concurrent
-                                  connections, from Envoy's measured cost; with
-                                  --runtime-class, the Kubernetes RuntimeClass whose
-                                  overhead.podFixed.memory pays for it
-  doctor [--containerd BIN] [--containerd-config PATH] [--root DIR]
-                                  check this host before enabling the product (BIN:
-                                  containerd in PATH; PATH: /etc/containerd/config.toml;
-                                  DIR: where install put the drop-in, default /)
-  install [--dry-run] [--root DIR] [--containerd BIN] [--containerd-config-version 2|3]
-          [--binary-name PATH]
-                                  binaries (from beside this one), default config (kept
-                                  if present), containerd drop-in (in the config version
-                                  of BIN's containerd; BinaryName PATH, default
-                                  /usr/local/bin/envoy-sidecar-runc), gc timer; DIR: /
-  uninstall [--dry-run] [--root DIR]
-                                  remove exactly what install added
-  gc [--dry-run] [--grace SECS]   remove state, NAT mappings, processes and cgroups of
-                                  containers that no longer exist (print what; SECS:
-                                  leave containers younger than this, default 60)
-  supervise ID [--namespace NS]   run a container's sidecar supervisor (started by the
-                                  poststart hook; runs until the container's init exits)
-  generate-ca --out DIR [--cn NAME]
-                                  write a self-signed CA (ca.crt, ca.key) for trials
-  help                            this text
-
-The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else
+/// What `--config` falls back to (shown at the end of `--help`).
+const CONFIG_HELP: &str = "The configuration is --config PATH, else $ENVOY_SIDECAR_CONFIG, else \
 /etc/envoy-sidecar/config.toml (absent: built-in defaults, proxy disabled).";
+
+/// `<version> (<commit>)` for `--version` (a `&'static str`, as clap wants it).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("ENVOY_SIDECAR_COMMIT"),
+    ")"
+);
+
+/// The operator command line, as clap parses it; [`parse`] turns it into [`Args`].
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "envoy-sidecar",
+    version = VERSION,
+    about = "A TLS-terminating Envoy in front of every container: the operator command and the target of runc's hooks",
+    after_help = CONFIG_HELP,
+    disable_help_subcommand = false,
+    infer_subcommands = false
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(short = 'c', long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Ns {
+    /// The containerd namespace.
+    #[arg(short = 'n', long, value_name = "NS", default_value = "default")]
+    namespace: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Sub {
+    /// Validate the configuration; non-zero exit on error.
+    CheckConfig,
+    /// One row per proxied container, with its status and faults.
+    ///
+    /// Status (waiting-for-network, starting, ready, degraded + why, stopping, gone),
+    /// ports, IP, NAT, Envoy, restarts, OOM kills, certificate expiry, last error.
+    /// Never refuses to run: a configuration error is printed above the table.
+    Status {
+        /// Only this containerd namespace.
+        #[arg(short = 'n', long, value_name = "NS")]
+        namespace: Option<String>,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a container's decided state and status as JSON.
+    Inspect {
+        #[arg(value_name = "ID")]
+        id: String,
+        #[command(flatten)]
+        ns: Ns,
+    },
+    /// Re-issue instance identity now (re-reading the CA).
+    Rotate {
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
+        /// Every proxied container.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        ns: Ns,
+    },
+    /// Run an OCI hook stage, the OCI state JSON on stdin.
+    ///
+    /// STAGE: createRuntime, poststart or poststop (runc runs these, as the wrapper or
+    /// the hooks.d files registered them).
+    Hook {
+        #[arg(value_name = "STAGE")]
+        stage: String,
+        #[command(flatten)]
+        ns: Ns,
+    },
+    /// Memory of proxied containers, rescaled to the quota the user asked for.
+    ///
+    /// From containerd's task metrics.
+    Metrics {
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        ns: Ns,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// containerd's socket.
+        #[arg(short = 'a', long, value_name = "SOCK", default_value = crate::metrics::DEFAULT_ADDRESS)]
+        address: PathBuf,
+    },
+    /// Serve the metrics of every proxied container as Prometheus text.
+    ///
+    /// Memory rescaled to the requested quota, Envoy restarts, OOM kills, credential
+    /// expiry, status.
+    ServeMetrics {
+        /// Where to serve, e.g. 127.0.0.1:9535.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// containerd's socket.
+        #[arg(short = 'a', long, value_name = "SOCK", default_value = crate::metrics::DEFAULT_ADDRESS)]
+        address: PathBuf,
+    },
+    /// additional_memory_allocation_mb for N concurrent connections.
+    ///
+    /// From Envoy's measured cost (docs/BENCHMARKS.md).
+    RecommendMemory {
+        /// Concurrent connections.
+        #[arg(long, value_name = "N", value_parser = parse_connections)]
+        connections: u64,
+        /// Mutual TLS.
+        #[arg(long)]
+        mtls: bool,
+        /// Print the Kubernetes RuntimeClass whose overhead.podFixed.memory pays for it.
+        #[arg(long)]
+        runtime_class: bool,
+    },
+    /// Check this host before enabling the product.
+    Doctor {
+        /// containerd (a path, or a name in PATH).
+        #[arg(long, value_name = "BIN", default_value = "containerd")]
+        containerd: PathBuf,
+        /// containerd's config.toml.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/etc/containerd/config.toml"
+        )]
+        containerd_config: PathBuf,
+        /// Where install put the drop-in.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
+    /// Install the product on this host.
+    ///
+    /// Binaries (from beside this one), default config (kept if present), containerd
+    /// drop-in, gc timer, OCI hooks.d files, shell completions and man pages.
+    Install {
+        /// Print what would be done; do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Install below this directory.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// The containerd whose config version the drop-in is written in.
+        #[arg(long, value_name = "BIN", default_value = "containerd")]
+        containerd: PathBuf,
+        /// The drop-in's config version: 2 (containerd 1.6/1.7) or 3 (containerd 2.x).
+        #[arg(long = "containerd-config-version", value_name = "2|3", value_parser = parse_config_version)]
+        config_version: Option<u32>,
+        /// The runc shim's BinaryName (default /usr/local/bin/envoy-sidecar-runc).
+        #[arg(long, value_name = "PATH", value_parser = parse_binary_name)]
+        binary_name: Option<String>,
+    },
+    /// Remove exactly what install added.
+    Uninstall {
+        /// Print what would be done; do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Installed below this directory.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
+    /// Remove what containers that no longer exist left.
+    ///
+    /// Their state, NAT mappings, processes and cgroups.
+    Gc {
+        /// Print what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave containers younger than this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_grace)]
+        grace: u64,
+    },
+    /// Run a container's sidecar supervisor.
+    ///
+    /// Started by the poststart hook; runs until the container's init exits.
+    Supervise {
+        #[arg(value_name = "ID")]
+        id: String,
+        #[command(flatten)]
+        ns: Ns,
+    },
+    /// Write a self-signed CA (ca.crt, ca.key) for trials.
+    GenerateCa {
+        /// The directory to write to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(
+            long,
+            value_name = "NAME",
+            default_value = "envoy-sidecar instance identity CA"
+        )]
+        cn: String,
+    },
+    /// Shell completions, on stdout (install writes them too).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn parse_connections(v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= 10_000_000)
+        .ok_or_else(|| format!("--connections {v:?}: valid: a whole number from 0 to 10000000"))
+}
+
+fn parse_grace(v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .map_err(|_| format!("--grace {v:?}: valid: a whole number of seconds"))
+}
+
+fn parse_config_version(v: &str) -> Result<u32, String> {
+    match v {
+        "2" => Ok(2),
+        "3" => Ok(3),
+        _ => Err(format!(
+            "--containerd-config-version {v:?}: valid: 2 (containerd 1.6/1.7) or 3 (containerd 2.x)"
+        )),
+    }
+}
+
+fn parse_binary_name(v: &str) -> Result<String, String> {
+    if v.starts_with('/') {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "--binary-name {v:?}: valid: an absolute path to envoy-sidecar-runc"
+        ))
+    }
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
@@ -122,6 +311,9 @@ pub enum Cmd {
         listen: String,
         address: PathBuf,
     },
+    Completions {
+        shell: clap_complete::Shell,
+    },
     Help,
 }
 
@@ -131,191 +323,178 @@ pub struct Args {
     pub cmd: Cmd,
 }
 
-/// `args` excludes argv[0].
+/// The clap command (for help, completions and man pages).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
+/// What `--help` or `--version` printed (exit 0), or the parsed command line.
+pub enum Parsed {
+    Shown(String),
+    Run(Args),
+}
+
+/// `args` excludes argv[0]. `Err`: a usage error, the message as clap renders it
+/// (with what is valid, and a suggestion for a near-miss).
 pub fn parse(args: &[String]) -> anyhow::Result<Args> {
-    let mut config = None;
-    let mut namespace = None;
-    let mut out = None;
-    let mut cn = None;
-    let mut dry_run = false;
-    let mut grace = None;
-    let mut json = false;
-    let mut address = None;
-    let mut listen = None;
-    let mut root = None;
-    let mut connections = None;
-    let mut mtls = false;
-    let mut runtime_class = false;
-    let mut all = false;
-    let mut containerd = None;
-    let mut containerd_config = None;
-    let mut config_version = None;
-    let mut binary_name = None;
-    let mut positional = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (a.as_str(), None),
-        };
-        let mut value = |flag: &str| -> anyhow::Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it
-                    .next()
-                    .cloned()
-                    .with_context(|| format!("{flag} needs a value")),
-            }
-        };
-        match name {
-            "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
-            "--namespace" | "-n" => namespace = Some(value("--namespace")?),
-            "--out" => out = Some(PathBuf::from(value("--out")?)),
-            "--cn" => cn = Some(value("--cn")?),
-            "--dry-run" => dry_run = true,
-            "--json" => json = true,
-            "--address" | "-a" => address = Some(PathBuf::from(value("--address")?)),
-            "--listen" => listen = Some(value("--listen")?),
-            "--root" => root = Some(PathBuf::from(value("--root")?)),
-            "--mtls" => mtls = true,
-            "--runtime-class" => runtime_class = true,
-            "--containerd" => containerd = Some(PathBuf::from(value("--containerd")?)),
-            "--containerd-config" => {
-                containerd_config = Some(PathBuf::from(value("--containerd-config")?))
-            }
-            "--containerd-config-version" => {
-                let v = value("--containerd-config-version")?;
-                config_version = Some(match v.as_str() {
-                    "2" => 2,
-                    "3" => 3,
-                    _ => bail!(
-                        "--containerd-config-version {v:?}: valid: 2 (containerd 1.6/1.7) or 3 (containerd 2.x)"
-                    ),
-                });
-            }
-            "--binary-name" => {
-                let v = value("--binary-name")?;
-                if !v.starts_with('/') {
-                    bail!("--binary-name {v:?}: valid: an absolute path to envoy-sidecar-runc");
-                }
-                binary_name = Some(v);
-            }
-            "--all" => all = true,
-            "--connections" => {
-                let v = value("--connections")?;
-                connections = Some(
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|n| *n <= 10_000_000)
-                        .with_context(|| {
-                            format!("--connections {v:?}: valid: a whole number from 0 to 10000000")
-                        })?,
-                );
-            }
-            "--grace" => {
-                let v = value("--grace")?;
-                grace =
-                    Some(v.parse::<u64>().ok().with_context(|| {
-                        format!("--grace {v:?}: valid: a whole number of seconds")
-                    })?);
-            }
-            "--help" | "-h" => positional.push("help".to_string()),
-            f if f.starts_with('-') && f.len() > 1 => {
-                bail!(
-                    "unknown flag {f:?}; valid: --config PATH, --namespace NS, --out DIR, --cn NAME, --dry-run, --grace SECS, --json, --address SOCK, --listen ADDR, --root DIR, --connections N, --mtls, --runtime-class, --all, --containerd BIN, --containerd-config PATH, --containerd-config-version 2|3, --binary-name PATH, --help\n\n{USAGE}"
-                )
-            }
-            _ => positional.push(a.clone()),
-        }
+    match parse_or_show(args)? {
+        Parsed::Run(a) => Ok(a),
+        Parsed::Shown(_) => Ok(Args {
+            config: None,
+            cmd: Cmd::Help,
+        }),
     }
-    let namespace_given = namespace.clone();
-    let namespace = namespace.unwrap_or_else(|| "default".into());
-    let mut pos = positional.into_iter();
-    let cmd = match pos.next().as_deref() {
-        None | Some("help") => Cmd::Help,
-        Some("check-config") => Cmd::CheckConfig,
-        Some("status") => Cmd::Status {
-            namespace: namespace_given,
-            json,
+}
+
+pub fn parse_or_show(args: &[String]) -> anyhow::Result<Parsed> {
+    use clap::Parser as _;
+    let argv = std::iter::once("envoy-sidecar".to_string()).chain(args.iter().cloned());
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    Ok(Parsed::Shown(e.render().to_string()))
+                }
+                _ => bail!("{}", e.render().to_string().trim_end()),
+            };
+        }
+    };
+    let cmd = match cli.cmd {
+        None => Cmd::Help,
+        Some(Sub::CheckConfig) => Cmd::CheckConfig,
+        Some(Sub::Status { namespace, json }) => Cmd::Status { namespace, json },
+        Some(Sub::Inspect { id, ns }) => Cmd::Inspect {
+            id,
+            namespace: ns.namespace,
         },
-        Some("rotate") => {
-            let ids: Vec<String> = pos.by_ref().collect();
+        Some(Sub::Rotate { ids, all, ns }) => {
             if all != ids.is_empty() {
-                bail!("rotate needs container IDs or --all (not both)\n\n{USAGE}");
+                bail!(
+                    "rotate needs container IDs or --all (not both); see `envoy-sidecar rotate --help`"
+                );
             }
             Cmd::Rotate {
                 ids,
                 all,
-                namespace,
+                namespace: ns.namespace,
             }
         }
-        Some("inspect") => Cmd::Inspect {
-            id: pos.next().context("inspect needs a container ID")?,
-            namespace,
+        Some(Sub::Hook { stage, ns }) => Cmd::Hook {
+            stage,
+            namespace: ns.namespace,
         },
-        Some("hook") => Cmd::Hook {
-            stage: pos
-                .next()
-                .context("hook needs a STAGE (createRuntime, poststart, poststop)")?,
-            namespace,
+        Some(Sub::Metrics {
+            ids,
+            ns,
+            json,
+            address,
+        }) => Cmd::Metrics {
+            ids,
+            namespace: ns.namespace,
+            json,
+            address,
         },
-        Some("doctor") => Cmd::Doctor {
-            containerd: containerd.clone().unwrap_or_else(|| "containerd".into()),
-            containerd_config: containerd_config
-                .clone()
-                .unwrap_or_else(|| "/etc/containerd/config.toml".into()),
-            root: root.clone().unwrap_or_else(|| "/".into()),
-        },
-        Some("recommend-memory") => Cmd::RecommendMemory {
-            connections: connections.context("recommend-memory needs --connections N")?,
+        Some(Sub::ServeMetrics { listen, address }) => Cmd::ServeMetrics { listen, address },
+        Some(Sub::RecommendMemory {
+            connections,
+            mtls,
+            runtime_class,
+        }) => Cmd::RecommendMemory {
+            connections,
             mtls,
             runtime_class,
         },
-        Some("install") => Cmd::Install {
+        Some(Sub::Doctor {
+            containerd,
+            containerd_config,
+            root,
+        }) => Cmd::Doctor {
+            containerd,
+            containerd_config,
+            root,
+        },
+        Some(Sub::Install {
             dry_run,
-            root: root.clone().unwrap_or_else(|| "/".into()),
-            containerd: containerd.clone().unwrap_or_else(|| "containerd".into()),
+            root,
+            containerd,
             config_version,
-            binary_name: binary_name.clone(),
-        },
-        Some("uninstall") => Cmd::Uninstall {
+            binary_name,
+        }) => Cmd::Install {
             dry_run,
-            root: root.clone().unwrap_or_else(|| "/".into()),
+            root,
+            containerd,
+            config_version,
+            binary_name,
         },
-        Some("metrics") => Cmd::Metrics {
-            ids: pos.by_ref().collect(),
-            namespace,
-            json,
-            address: address.unwrap_or_else(|| crate::metrics::DEFAULT_ADDRESS.into()),
-        },
-        Some("serve-metrics") => Cmd::ServeMetrics {
-            listen: listen
-                .context("serve-metrics needs --listen ADDR:PORT (e.g. 127.0.0.1:9535)")?,
-            address: address.unwrap_or_else(|| crate::metrics::DEFAULT_ADDRESS.into()),
-        },
-        Some("gc") => Cmd::Gc {
+        Some(Sub::Uninstall { dry_run, root }) => Cmd::Uninstall { dry_run, root },
+        Some(Sub::Gc { dry_run, grace }) => Cmd::Gc {
             dry_run,
-            grace_secs: grace.unwrap_or(60),
+            grace_secs: grace,
         },
-        Some("supervise") => Cmd::Supervise {
-            id: pos.next().context("supervise needs a container ID")?,
-            namespace,
+        Some(Sub::Supervise { id, ns }) => Cmd::Supervise {
+            id,
+            namespace: ns.namespace,
         },
-        Some("generate-ca") => Cmd::GenerateCa {
-            out: out.context("generate-ca needs --out DIR")?,
-            cn: cn.unwrap_or_else(|| "envoy-sidecar instance identity CA".into()),
-        },
-        Some(other) => bail!("unknown command {other:?}\n\n{USAGE}"),
+        Some(Sub::GenerateCa { out, cn }) => Cmd::GenerateCa { out, cn },
+        Some(Sub::Completions { shell }) => Cmd::Completions { shell },
     };
-    if let Some(extra) = pos.next() {
-        bail!("unexpected argument {extra:?}\n\n{USAGE}");
+    Ok(Parsed::Run(Args {
+        config: cli.config,
+        cmd,
+    }))
+}
+
+/// Shell completions for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command(), crate::CLI_NAME, &mut out);
+    out
+}
+
+/// What install writes besides the binaries: completions for bash, zsh and fish, and
+/// a man page for the command and each subcommand (`envoy-sidecar-status.1`, ...).
+pub fn docs() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use clap_complete::Shell;
+    let mut out = vec![
+        (
+            "usr/share/bash-completion/completions/envoy-sidecar".to_string(),
+            completions(Shell::Bash),
+        ),
+        (
+            "usr/share/zsh/vendor-completions/_envoy-sidecar".to_string(),
+            completions(Shell::Zsh),
+        ),
+        (
+            "usr/share/fish/vendor_completions.d/envoy-sidecar.fish".to_string(),
+            completions(Shell::Fish),
+        ),
+    ];
+    let root = command();
+    let mut page = |cmd: clap::Command, name: String| -> anyhow::Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.name(name.clone())).render(&mut buf)?;
+        out.push((format!("usr/share/man/man1/{name}.1"), buf));
+        Ok(())
+    };
+    page(root.clone(), crate::CLI_NAME.to_string())?;
+    for sub in root.get_subcommands() {
+        let name = format!("{}-{}", crate::CLI_NAME, sub.get_name());
+        page(sub.clone(), name)?;
     }
-    Ok(Args { config, cmd })
+    Ok(out)
 }
 
 pub fn main(argv: Vec<String>) -> i32 {
-    let args = match parse(&argv[1.min(argv.len())..]) {
-        Ok(a) => a,
+    let args = match parse_or_show(&argv[1.min(argv.len())..]) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Shown(text)) => {
+            // Not print!: a closed pipe (`| head`) is no reason to panic.
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            return 0;
+        }
         Err(e) => {
             eprintln!("envoy-sidecar: {e:#}");
             return 2;
@@ -401,7 +580,14 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 
 fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Help => println!("{USAGE}"),
+        Cmd::Help => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout(), "{}", command().render_help());
+        }
+        Cmd::Completions { shell } => {
+            use std::io::Write as _;
+            std::io::stdout().write_all(&completions(shell))?;
+        }
         Cmd::GenerateCa { out, cn } => {
             crate::identity::ca::generate(&out, &cn)?;
             println!("wrote {0}/ca.crt and {0}/ca.key", out.display());
@@ -570,7 +756,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             let bins = exe.parent().context("no directory for this executable")?;
             let drop_in =
                 crate::ops::install::drop_in_for(&containerd, config_version, binary_name);
-            for a in crate::ops::install::install(&root, bins, &drop_in, dry_run)? {
+            let docs = docs()?;
+            for a in crate::ops::install::install(&root, bins, &drop_in, &docs, dry_run)? {
                 println!("{}{a}", if dry_run { "[dry-run] " } else { "" });
             }
         }
@@ -741,20 +928,137 @@ mod tests {
         }
     }
 
+    fn shown(s: &str) -> String {
+        let v: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+        match parse_or_show(&v).unwrap() {
+            Parsed::Shown(t) => t,
+            Parsed::Run(a) => panic!("{s}: parsed as {a:?}"),
+        }
+    }
+
+    #[test]
+    fn help_version_and_suggestions() {
+        for sub in [
+            "check-config",
+            "status",
+            "inspect",
+            "rotate",
+            "hook",
+            "metrics",
+            "serve-metrics",
+            "recommend-memory",
+            "doctor",
+            "install",
+            "uninstall",
+            "gc",
+            "supervise",
+            "generate-ca",
+            "completions",
+        ] {
+            for h in ["--help", "-h"] {
+                let t = shown(&format!("{sub} {h}"));
+                assert!(
+                    t.contains(&format!("Usage: envoy-sidecar {sub}")),
+                    "{sub} {h}: {t}"
+                );
+            }
+        }
+        let t = shown("inspect -h");
+        assert!(
+            t.contains("--namespace <NS>") && t.contains("[default: default]"),
+            "{t}"
+        );
+        assert!(shown("--help").contains("Commands:"));
+        assert!(shown("help status").contains("Usage: envoy-sidecar status"));
+        let v = shown("--version");
+        assert_eq!(v.trim(), format!("envoy-sidecar {}", crate::version()));
+        assert_eq!(shown("-V"), v);
+        let e = p("stauts").unwrap_err().to_string();
+        assert!(e.contains("'status'"), "a suggestion: {e}");
+        let e = p("status --jsno").unwrap_err().to_string();
+        assert!(e.contains("--json"), "a suggestion: {e}");
+    }
+
+    #[test]
+    fn values_are_checked_with_what_is_valid() {
+        for (args, says) in [
+            (
+                "recommend-memory --connections x",
+                "--connections \"x\": valid: a whole number from 0 to 10000000",
+            ),
+            (
+                "recommend-memory --connections 10000001",
+                "valid: a whole number from 0 to 10000000",
+            ),
+            (
+                "gc --grace soon",
+                "--grace \"soon\": valid: a whole number of seconds",
+            ),
+            (
+                "install --containerd-config-version 4",
+                "valid: 2 (containerd 1.6/1.7) or 3 (containerd 2.x)",
+            ),
+            (
+                "install --binary-name envoy-sidecar-runc",
+                "valid: an absolute path to envoy-sidecar-runc",
+            ),
+            ("completions tcsh", "tcsh"),
+        ] {
+            let e = p(args).unwrap_err().to_string();
+            assert!(e.contains(says), "{args}: {e}");
+        }
+        assert_eq!(
+            p("recommend-memory --connections 1000 --mtls").unwrap().cmd,
+            Cmd::RecommendMemory {
+                connections: 1000,
+                mtls: true,
+                runtime_class: false
+            }
+        );
+        assert_eq!(
+            p("gc --dry-run").unwrap().cmd,
+            Cmd::Gc {
+                dry_run: true,
+                grace_secs: 60
+            }
+        );
+        assert!(matches!(
+            p("install --containerd-config-version 3 --binary-name /opt/w").unwrap().cmd,
+            Cmd::Install { config_version: Some(3), binary_name: Some(ref b), .. } if b == "/opt/w"
+        ));
+    }
+
+    #[test]
+    fn completions_and_man_pages_are_generated() {
+        let d = docs().unwrap();
+        let names: Vec<&str> = d.iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "usr/share/bash-completion/completions/envoy-sidecar",
+            "usr/share/zsh/vendor-completions/_envoy-sidecar",
+            "usr/share/fish/vendor_completions.d/envoy-sidecar.fish",
+            "usr/share/man/man1/envoy-sidecar.1",
+            "usr/share/man/man1/envoy-sidecar-status.1",
+            "usr/share/man/man1/envoy-sidecar-install.1",
+        ] {
+            assert!(names.contains(&want), "{want}: {names:?}");
+        }
+        let bash = String::from_utf8(d[0].1.clone()).unwrap();
+        assert!(
+            bash.contains("check-config") && bash.contains("--namespace"),
+            "{bash:.300}"
+        );
+        let man = d
+            .iter()
+            .find(|(n, _)| n.ends_with("envoy-sidecar-status.1"))
+            .unwrap();
+        let man = String::from_utf8_lossy(&man.1);
+        assert!(man.contains(".TH") && man.contains("json"), "{man:.300}");
+    }
+
     #[test]
     fn argv_errors() {
-        assert!(
-            p("inspect")
-                .unwrap_err()
-                .to_string()
-                .contains("container ID")
-        );
-        assert!(
-            p("frob")
-                .unwrap_err()
-                .to_string()
-                .contains("unknown command")
-        );
+        assert!(p("inspect").unwrap_err().to_string().contains("<ID>"));
+        assert!(p("frob").unwrap_err().to_string().contains("'frob'"));
         assert!(
             p("--bogus check-config")
                 .unwrap_err()
@@ -771,7 +1075,7 @@ mod tests {
             p("--config")
                 .unwrap_err()
                 .to_string()
-                .contains("needs a value")
+                .contains("a value is required for '--config <PATH>'")
         );
     }
 }

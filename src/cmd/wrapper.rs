@@ -88,6 +88,14 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Ok(inv) => inv,
         Err(e) => return unparsed(argv, &args, &e, default_runc),
     };
+    if inv.asks_version() {
+        // The one deliberate difference from plain runc: which wrapper this is, then
+        // runc's own lines (callers that parse them look for "runc version").
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{} {}", crate::WRAPPER_NAME, crate::version());
+        let _ = out.flush();
+    }
     let self_exe: Vec<PathBuf> = std::env::current_exe().into_iter().collect();
     // Only create/run use the CA files (spec decisions need a valid proxy config);
     // everything else only needs runtime.runc.

@@ -48,6 +48,44 @@ fn check(name: &'static str, r: Result<String, String>) -> Check {
     }
 }
 
+/// This binary's version and the wrapper's beside it (its `--version` first line: the
+/// one an operator sees from containerd's `BinaryName`).
+fn versions() -> Check {
+    let mine = format!("{} {}", crate::CLI_NAME, crate::version());
+    let wrapper = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(crate::WRAPPER_NAME)));
+    match wrapper.as_deref().map(|w| (w, version_of(w, "--version"))) {
+        Some((w, Ok(line))) if line.starts_with(crate::WRAPPER_NAME) => Check {
+            name: "versions",
+            ok: true,
+            warn: line != format!("{} {}", crate::WRAPPER_NAME, crate::version()),
+            detail: format!("{mine}; {}: {line}", w.display()),
+        },
+        Some((w, Ok(line))) => Check {
+            name: "versions",
+            ok: false,
+            warn: false,
+            detail: format!(
+                "{mine}; {} --version says {line:?}: not the wrapper",
+                w.display()
+            ),
+        },
+        Some((w, Err(e))) => Check {
+            name: "versions",
+            ok: true,
+            warn: true,
+            detail: format!("{mine}; no wrapper beside it ({}: {e})", w.display()),
+        },
+        None => Check {
+            name: "versions",
+            ok: true,
+            warn: true,
+            detail: mine,
+        },
+    }
+}
+
 /// Host TCP listeners (v4 and v6) on ports inside `pool`.
 fn listeners_in(pool: std::ops::RangeInclusive<u16>) -> Vec<u16> {
     crate::sys::listeners::host_tcp_listeners()
@@ -161,6 +199,7 @@ pub fn run(cfg: Result<Config, String>, containerd: &Containerd) -> Vec<Check> {
             Config::default()
         }
     };
+    out.push(versions());
     out.push(check("runc", version_of(&cfg.runtime.runc, "--version")));
     out.push(check(
         "envoy",

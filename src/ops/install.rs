@@ -22,6 +22,7 @@ enum Source {
     File(PathBuf),
     Text(&'static str),
     Owned(String),
+    Bytes(Vec<u8>),
 }
 
 /// What the containerd drop-in says: the config version it is written in (the host's
@@ -45,7 +46,7 @@ impl Default for DropIn {
 }
 
 struct Item {
-    to: &'static str,
+    to: String,
     source: Source,
     mode: u32,
     /// Leave an existing file alone (the operator's configuration).
@@ -97,55 +98,55 @@ pub fn drop_in_for(
 fn items(bin_dir: &Path, drop_in: &DropIn) -> Vec<Item> {
     vec![
         Item {
-            to: "usr/local/bin/envoy-sidecar",
+            to: "usr/local/bin/envoy-sidecar".into(),
             source: Source::File(bin_dir.join(crate::CLI_NAME)),
             mode: 0o755,
             keep_existing: false,
         },
         Item {
-            to: "usr/local/bin/envoy-sidecar-runc",
+            to: "usr/local/bin/envoy-sidecar-runc".into(),
             source: Source::File(bin_dir.join(crate::WRAPPER_NAME)),
             mode: 0o755,
             keep_existing: false,
         },
         Item {
-            to: "etc/envoy-sidecar/config.toml",
+            to: "etc/envoy-sidecar/config.toml".into(),
             source: Source::Text(CONFIG),
             mode: 0o644,
             keep_existing: true,
         },
         Item {
-            to: DROP_IN,
+            to: DROP_IN.into(),
             source: Source::Owned(registration::drop_in(drop_in.version, &drop_in.binary)),
             mode: 0o644,
             keep_existing: false,
         },
         Item {
-            to: "etc/systemd/system/envoy-sidecar-gc.service",
+            to: "etc/systemd/system/envoy-sidecar-gc.service".into(),
             source: Source::Text(GC_SERVICE),
             mode: 0o644,
             keep_existing: false,
         },
         Item {
-            to: "etc/systemd/system/envoy-sidecar-gc.timer",
+            to: "etc/systemd/system/envoy-sidecar-gc.timer".into(),
             source: Source::Text(GC_TIMER),
             mode: 0o644,
             keep_existing: false,
         },
         Item {
-            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-createRuntime.json",
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-createRuntime.json".into(),
             source: Source::Text(HOOK_CREATE),
             mode: 0o644,
             keep_existing: false,
         },
         Item {
-            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststart.json",
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststart.json".into(),
             source: Source::Text(HOOK_POSTSTART),
             mode: 0o644,
             keep_existing: false,
         },
         Item {
-            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststop.json",
+            to: "usr/share/containers/oci/hooks.d/envoy-sidecar-poststop.json".into(),
             source: Source::Text(HOOK_POSTSTOP),
             mode: 0o644,
             keep_existing: false,
@@ -155,16 +156,24 @@ fn items(bin_dir: &Path, drop_in: &DropIn) -> Vec<Item> {
 
 /// Install below `root` (`/` normally; a staging directory for packaging and tests)
 /// the binaries found in `bin_dir`. Returns one line per action.
+/// `docs`: generated files (completions, man pages), as (path below `root`, bytes).
 pub fn install(
     root: &Path,
     bin_dir: &Path,
     drop_in: &DropIn,
+    docs: &[(String, Vec<u8>)],
     dry_run: bool,
 ) -> Result<Vec<String>> {
     let mut actions = Vec::new();
     let mut written = read_manifest(root)?;
-    for it in items(bin_dir, drop_in) {
-        let to = root.join(it.to);
+    let generated = docs.iter().map(|(to, bytes)| Item {
+        to: to.clone(),
+        source: Source::Bytes(bytes.clone()),
+        mode: 0o644,
+        keep_existing: false,
+    });
+    for it in items(bin_dir, drop_in).into_iter().chain(generated) {
+        let to = root.join(&it.to);
         if it.keep_existing && to.exists() && !written.contains(&to) {
             actions.push(format!("keep {} (exists; not overwritten)", to.display()));
             continue;
@@ -191,6 +200,7 @@ pub fn install(
             Source::File(p) => std::fs::read(p).at(p)?,
             Source::Text(t) => t.as_bytes().to_vec(),
             Source::Owned(t) => t.clone().into_bytes(),
+            Source::Bytes(b) => b.clone(),
         };
         // Atomic, so a running container never sees a half-written binary.
         crate::sys::fs::write_atomic(&to, &bytes, it.mode)?;
@@ -280,7 +290,7 @@ mod tests {
         std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
         std::fs::write(&cfg, "[proxy]\nenabled = true\n").unwrap();
 
-        let dry = install(&root, &bins, &DropIn::default(), true).unwrap();
+        let dry = install(&root, &bins, &DropIn::default(), &[], true).unwrap();
         assert!(
             dry.iter()
                 .any(|a| a.contains("keep") && a.contains("config.toml")),
@@ -291,7 +301,7 @@ mod tests {
             "dry run writes nothing"
         );
 
-        install(&root, &bins, &DropIn::default(), false).unwrap();
+        install(&root, &bins, &DropIn::default(), &[], false).unwrap();
         assert_eq!(
             std::fs::read(root.join("usr/local/bin/envoy-sidecar-runc")).unwrap(),
             b"wrapper"
@@ -302,7 +312,7 @@ mod tests {
             "[proxy]\nenabled = true\n"
         );
         // Installing again (an upgrade) is fine and still keeps the configuration.
-        install(&root, &bins, &DropIn::default(), false).unwrap();
+        install(&root, &bins, &DropIn::default(), &[], false).unwrap();
 
         uninstall(&root, false).unwrap();
         assert!(!root.join("usr/local/bin/envoy-sidecar").exists());
@@ -357,7 +367,7 @@ mod tests {
             binary: "/opt/es/envoy-sidecar-runc".into(),
             why: "containerd 2.1.9".into(),
         };
-        let actions = install(&root, &bins, &d, false).unwrap();
+        let actions = install(&root, &bins, &d, &[], false).unwrap();
         assert!(
             actions
                 .iter()
@@ -381,7 +391,7 @@ mod tests {
         std::fs::create_dir_all(&bins).unwrap();
         std::fs::write(bins.join("envoy-sidecar"), b"cli").unwrap();
         std::fs::write(bins.join("envoy-sidecar-runc"), b"wrapper").unwrap();
-        install(&root, &bins, &DropIn::default(), false).unwrap();
+        install(&root, &bins, &DropIn::default(), &[], false).unwrap();
         let cfg = root.join("etc/envoy-sidecar/config.toml");
         assert_eq!(std::fs::read_to_string(&cfg).unwrap(), CONFIG);
         uninstall(&root, false).unwrap();

@@ -222,6 +222,12 @@ impl Invocation {
         std::env::current_dir().ok()
     }
 
+    /// `--version`/`-v` without `--help`: runc prints its version (and the wrapper its
+    /// own line first).
+    pub fn asks_version(&self) -> bool {
+        self.command == Command::None && self.bool_global("version") && !self.bool_global("help")
+    }
+
     fn bool_global(&self, name: &str) -> bool {
         self.global.get(name).is_some_and(|v| v == "true")
     }
@@ -391,6 +397,10 @@ mod tests {
             Command::Other
         );
         assert_eq!(p("--version").unwrap().command, Command::None);
+        assert!(p("--version").unwrap().asks_version());
+        assert!(p("--root /r -v").unwrap().asks_version());
+        assert!(!p("--version --help").unwrap().asks_version());
+        assert!(!p("state x").unwrap().asks_version());
         assert_eq!(p("").unwrap().command, Command::None);
         assert_eq!(p("create --help").unwrap().command, Command::None);
         let i = p("delete --force c1").unwrap();
