@@ -69,6 +69,21 @@ enum Sub {
         #[command(flatten)]
         ns: Ns,
     },
+    /// A container's supervisor log, or with --envoy Envoy's output.
+    ///
+    /// The rotated copy (`.1`) first, then the current file ([log] max_file_kb each).
+    Logs {
+        #[arg(value_name = "ID")]
+        id: String,
+        #[command(flatten)]
+        ns: Ns,
+        /// Envoy's stdout and stderr instead of the supervisor's log.
+        #[arg(long)]
+        envoy: bool,
+        /// Keep printing new lines (across rotations) until the container is removed.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Re-issue instance identity now (re-reading the CA).
     Rotate {
         #[arg(value_name = "ID")]
@@ -314,6 +329,12 @@ pub enum Cmd {
     Completions {
         shell: clap_complete::Shell,
     },
+    Logs {
+        id: String,
+        namespace: String,
+        envoy: bool,
+        follow: bool,
+    },
     Help,
 }
 
@@ -368,6 +389,17 @@ pub fn parse_or_show(args: &[String]) -> anyhow::Result<Parsed> {
         Some(Sub::Inspect { id, ns }) => Cmd::Inspect {
             id,
             namespace: ns.namespace,
+        },
+        Some(Sub::Logs {
+            id,
+            ns,
+            envoy,
+            follow,
+        }) => Cmd::Logs {
+            id,
+            namespace: ns.namespace,
+            envoy,
+            follow,
         },
         Some(Sub::Rotate { ids, all, ns }) => {
             if all != ids.is_empty() {
@@ -583,6 +615,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Help => {
             use std::io::Write as _;
             let _ = writeln!(std::io::stdout(), "{}", command().render_help());
+        }
+        Cmd::Logs {
+            id,
+            namespace,
+            envoy,
+            follow,
+        } => {
+            store::check_id(&id)?;
+            store::check_namespace(&namespace)?;
+            // Like status: the files are read even with a configuration that does not
+            // validate (its state_dir is still known).
+            let (cfg, problem) = status_config(args.config.as_deref());
+            if let Some(p) = problem {
+                eprintln!("envoy-sidecar: {p}");
+            }
+            let st = Store::of(&cfg);
+            let paths = crate::state::layout::Paths::new(&st, &namespace, &id);
+            let file = if envoy {
+                paths.envoy_log()
+            } else {
+                paths.supervisor_log()
+            };
+            crate::ops::logs::show(&paths.dir, &file, follow, &mut std::io::stdout().lock())?;
         }
         Cmd::Completions { shell } => {
             use std::io::Write as _;

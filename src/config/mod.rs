@@ -43,6 +43,7 @@ pub struct Config {
     pub ports: Ports,
     pub host: Host,
     pub metrics: Metrics,
+    pub log: Log,
     /// Where the configuration was read from; `None` when built-in defaults are in use.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -203,6 +204,25 @@ impl Default for Metrics {
         }
     }
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Cap of each per-container log file (`supervisor.log`, `envoy.log`) in KiB; at
+    /// the cap the file becomes `<name>.1` (replacing the one before) and a new one is
+    /// started, so a container's logs never take more than twice this each.
+    pub max_file_kb: i64,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { max_file_kb: 1024 }
+    }
+}
+
+/// `[log] max_file_kb` bounds: a few lines at least; no more than 1 GiB of RAM (the
+/// state dir is usually a tmpfs).
+const LOG_KB: std::ops::RangeInclusive<i64> = 4..=1024 * 1024;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -405,6 +425,17 @@ impl Config {
         self.admin_listener()?;
         self.metrics_mode()?;
         self.key_type()?;
+        if !LOG_KB.contains(&self.log.max_file_kb) {
+            return Err(self.err(
+                "log.max_file_kb",
+                format!(
+                    "{} is out of range; valid: {} to {} (KiB per file)",
+                    self.log.max_file_kb,
+                    LOG_KB.start(),
+                    LOG_KB.end()
+                ),
+            ));
+        }
 
         let pool = (self.ports.pool_start, self.ports.pool_end);
         if !(1024..=65535).contains(&pool.0) || !(1024..=65535).contains(&pool.1) || pool.0 > pool.1
@@ -459,6 +490,13 @@ impl Config {
             return Err(self.err("runtime.cli", "must be an absolute path"));
         }
         Ok(())
+    }
+
+    /// `[log] max_file_kb` in bytes (validated).
+    pub fn log_cap_bytes(&self) -> u64 {
+        u64::try_from(self.log.max_file_kb.clamp(*LOG_KB.start(), *LOG_KB.end()))
+            .expect("clamped to a positive range")
+            * 1024
     }
 
     pub fn metrics_mode(&self) -> Result<MetricsMode> {

@@ -3,5 +3,6 @@
 pub mod doctor;
 pub mod gc;
 pub mod install;
+pub mod logs;
 pub mod registration;
 pub mod status;

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod ingress_guard;
+pub mod logfile;
 pub mod policy;
 pub mod sandbox;
 pub mod status;

@@ -17,7 +17,7 @@
 //! `CA_CHECK`), and SIGHUP (`envoy-sidecar rotate`) re-issues at once. What all this
 //! amounts to is recorded as one status (`sidecar::status`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -33,6 +33,7 @@ use crate::identity::{self, Ca, Identity, Issued};
 use crate::nat::{Nat, ingress};
 use crate::sidecar::control::{self, Paths, Record};
 use crate::sidecar::ingress_guard::{IngressGuard, Outcome};
+use crate::sidecar::logfile::BoundedLog;
 use crate::sidecar::policy::{Action, Event, Phase, Policy};
 use crate::sidecar::{sandbox, status};
 use crate::state::record::{Network, State, Status};
@@ -56,8 +57,45 @@ const CA_CHECK: Duration = Duration::from_secs(10);
 /// The wait before retrying host NAT that failed.
 const NAT_RETRY: Duration = Duration::from_secs(5);
 
+/// The supervisor's own log, bounded (set up by [`run`]; before that, stderr).
+static LOG: std::sync::Mutex<Option<BoundedLog>> = std::sync::Mutex::new(None);
+
 fn log(msg: impl AsRef<str>) {
-    eprintln!("{} supervisor: {}", now_rfc3339(), msg.as_ref());
+    let line = format!("{} supervisor: {}\n", now_rfc3339(), msg.as_ref());
+    let mut l = LOG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match l.as_mut() {
+        Some(f) => {
+            let _ = f.write(line.as_bytes());
+        }
+        None => eprint!("{line}"),
+    }
+}
+
+/// Envoy's stdout and stderr: the pipe's read end and the bounded file it is drained
+/// into.
+struct EnvoyOutput {
+    pipe: Option<OwnedFd>,
+    file: BoundedLog,
+}
+
+impl EnvoyOutput {
+    /// What Envoy wrote since the last look, into the file (all of it: a pipe holds
+    /// at most 64 KiB, and it is drained at every wake-up).
+    fn drain(&mut self) {
+        while let Some(fd) = &self.pipe {
+            match process::read_available(fd, 64 * 1024) {
+                Ok(Some(b)) if b.is_empty() => break,
+                Ok(Some(b)) => {
+                    let _ = self.file.write(&b);
+                }
+                // End of file (Envoy and every copy of the write end are gone), or
+                // an error: nothing more will come.
+                Ok(None) | Err(_) => self.pipe = None,
+            }
+        }
+    }
 }
 
 /// The supervisor's error for container `ns/id`.
@@ -111,6 +149,8 @@ struct Supervisor<'a> {
     ingress: Option<IngressGuard>,
     /// The ingress filter could not be put back.
     ingress_error: Option<String>,
+    /// Envoy's output, drained into `envoy.log`.
+    envoy_out: Option<EnvoyOutput>,
 }
 
 /// What identifies a file's content cheaply: device, inode, size, modification time
@@ -157,6 +197,17 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         return Err(failure(ns, id, format!("init pid {pid} is gone")));
     }
     let paths = Paths::new(&store, ns, id);
+    // From here on the supervisor's log is bounded ([log] max_file_kb).
+    match BoundedLog::open(&paths.supervisor_log(), cfg.log_cap_bytes(), true) {
+        Ok(l) => {
+            *LOG.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(l)
+        }
+        Err(e) => log(format!(
+            "{}: {e}: logging to stderr, unbounded",
+            paths.supervisor_log().display()
+        )),
+    }
     let mut record = paths.read_record()?.unwrap_or_default();
     if let Some(other) = record
         .supervisor
@@ -244,6 +295,7 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
         sandbox_logged: None,
         ingress: None,
         ingress_error: None,
+        envoy_out: None,
     };
     s.guard_ingress();
     let result = s.main_loop();
@@ -601,11 +653,17 @@ impl Supervisor<'_> {
         let p = &self.cfg.proxy;
         pagecache::preload(&p.envoy_path);
         let log_path = self.paths.envoy_log();
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .at(&log_path)?;
+        // What the last Envoy wrote is in the file before this one writes anything.
+        if let Some(o) = self.envoy_out.as_mut() {
+            o.drain();
+        }
+        if self.envoy_out.is_none() {
+            let file =
+                BoundedLog::open(&log_path, self.cfg.log_cap_bytes(), false).at(&log_path)?;
+            self.envoy_out = Some(EnvoyOutput { pipe: None, file });
+        }
+        let (pipe_r, pipe_w) = process::output_pipe().at("Envoy's output pipe")?;
+        let pipe_w2 = pipe_w.try_clone().at("Envoy's output pipe")?;
         let procs = self.record.cgroup.procs_files();
         let (uid, gid) = (self.state.envoy_uid, self.state.envoy_uid);
         let mut cmd = Command::new(&p.envoy_path);
@@ -615,8 +673,8 @@ impl Supervisor<'_> {
             DRAIN_TIME,
         ))
         .stdin(Stdio::null())
-        .stdout(log_file.try_clone().at(&log_path)?)
-        .stderr(log_file);
+        .stdout(Stdio::from(pipe_w))
+        .stderr(Stdio::from(pipe_w2));
         // Built here, before the fork: the child only applies it (`exec::confine`).
         let sandbox = sandbox::prepare(
             p,
@@ -647,6 +705,8 @@ impl Supervisor<'_> {
             sandbox.ruleset.as_ref().map(landlock::Ruleset::raw_fd),
         );
         let spawned = cmd.spawn();
+        // Our copies of the write end go with `cmd`: end of file comes when Envoy's do.
+        drop(cmd);
         drop(sandbox);
         let child = spawned.map_err(|e| {
             Error::process(
@@ -660,6 +720,9 @@ impl Supervisor<'_> {
         self.record.sandbox = self.sandbox_logged.as_ref().map(ToString::to_string);
         self.save();
         log(format!("started Envoy pid {pid}"));
+        if let Some(o) = self.envoy_out.as_mut() {
+            o.pipe = Some(pipe_r);
+        }
         self.envoy = Some((child, fd));
         self.pending = self.ports();
         self.probe_err.clear();
@@ -745,10 +808,23 @@ impl Supervisor<'_> {
             fds.push(g.fd());
             fds.len() - 1
         });
+        let output_at = self
+            .envoy_out
+            .as_ref()
+            .and_then(|o| o.pipe.as_ref())
+            .map(|p| {
+                fds.push(p);
+                fds.len() - 1
+            });
         // poll counts whole milliseconds, rounding down; round up instead so a wake-up
         // is never early (one would find nothing due yet and poll again at once).
         let timeout = timeout.saturating_add(Duration::from_nanos(999_999));
         let ready = process::poll_readable(&fds, timeout).at("poll")?;
+        if output_at.is_some_and(|i| ready.contains(&i))
+            && let Some(o) = self.envoy_out.as_mut()
+        {
+            o.drain();
+        }
         if let Some(i) = watch_at
             && ready.contains(&i)
             && let Some(w) = &self.watch
@@ -1068,6 +1144,9 @@ impl Supervisor<'_> {
     fn reap_envoy(&mut self) {
         if let Some((mut c, _)) = self.envoy.take() {
             let st = c.wait();
+            if let Some(o) = self.envoy_out.as_mut() {
+                o.drain();
+            }
             // Say why: Envoy's own last words (bad config, unreadable files, ...).
             let why = tail(&self.paths.envoy_log(), 2);
             log(format!(
@@ -1092,6 +1171,9 @@ impl Supervisor<'_> {
         if let Some((mut c, _)) = self.envoy.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(o) = self.envoy_out.as_mut() {
+            o.drain();
         }
         self.record.envoy = None;
         self.record.ready_at = None;

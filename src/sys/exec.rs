@@ -28,6 +28,7 @@ pub fn confine(
             process::join_cgroup_raw(f)?;
         }
         process::unblock_all_signals();
+        process::ignore_sigpipe();
         process::drop_privileges(uid, gid)?;
         // Last: the domain would deny the cgroup write above.
         if let Some(fd) = sandbox {
@@ -38,7 +39,8 @@ pub fn confine(
     // SAFETY: the closure runs in the forked child, where only async-signal-safe
     // work is sound. It allocates nothing and takes no lock: the paths were built
     // before the fork and are only borrowed; join_cgroup_raw is open/write/close on
-    // them, unblock_all_signals is sigemptyset + pthread_sigmask, drop_privileges is
+    // them, unblock_all_signals is sigemptyset + pthread_sigmask, ignore_sigpipe is
+    // one signal(2) with SIG_IGN, drop_privileges is
     // setgroups/setresgid/setresuid/prctl (the child has a single thread, so glibc's
     // cross-thread set*id broadcast has no one to signal), and their errors are
     // errno values (`io::Error::last_os_error`, no allocation). The Landlock ruleset

@@ -194,6 +194,11 @@ pub fn create_dir_traversable(dir: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Make this process's stderr (fd 2) the file `f` (the supervisor's bounded log).
+pub fn redirect_stderr(f: &fs::File) -> std::io::Result<()> {
+    nix::unistd::dup2_stderr(f).map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

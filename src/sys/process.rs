@@ -200,6 +200,46 @@ pub fn unblock_all_signals() {
     let _ = SigSet::empty().thread_set_mask();
 }
 
+/// A pipe for a child's output: `(read end, write end)`, both close-on-exec (the
+/// child gets the write end as its stdout/stderr, which clears that) and non-blocking
+/// — the child never stalls on a full pipe when its reader is busy or gone: the write
+/// fails (EAGAIN, or EPIPE with SIGPIPE ignored, see [`ignore_sigpipe`]) and the line
+/// is lost, not the service.
+pub fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    // pipe2's O_NONBLOCK is on both descriptions already; said again for the write
+    // end, the one the child shares.
+    fcntl(&w, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((r, w))
+}
+
+/// Read what is in the (non-blocking) pipe `fd` now, at most `max` bytes; `Ok(None)`
+/// at end of file (every writer closed it).
+pub fn read_available(fd: &OwnedFd, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; max];
+    match nix::unistd::read(fd, &mut buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(nix::errno::Errno::EAGAIN) => Ok(Some(Vec::new())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// In a forked child before exec: ignore SIGPIPE (std resets it to the default in
+/// children), so a child writing to a pipe whose reader died gets EPIPE instead of
+/// dying: Envoy must outlive a killed supervisor.
+pub fn ignore_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context;
+    // signal(2) is async-signal-safe and allocates nothing (called between fork and
+    // exec).
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+}
+
 /// In a forked child before exec: become `uid:gid` with no supplementary groups and no
 /// capabilities (a root -> non-root setuid clears them all), and forbid regaining any.
 pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
