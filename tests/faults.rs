@@ -977,3 +977,97 @@ fn containerd_restart_keeps_sidecars_serving() {
     assert!(strays.is_empty(), "{strays:?}");
     assert_gc_finds_nothing(&sb, &pool, &ids);
 }
+
+/// A crash-looping Envoy (here a stand-in that writes 256 KiB of long lines, as a
+/// chatty failing start would, and exits): its output and the supervisor's log stay
+/// within `[log] max_file_kb` per file with one rotated copy each, however many
+/// restarts; `envoy-sidecar logs` shows them, the rotated copy first.
+#[test]
+fn a_crash_looping_envoy_leaves_logs_within_their_cap() {
+    if !can_run("a_crash_looping_envoy_leaves_logs_within_their_cap") {
+        return;
+    }
+    let slot = slots::next();
+    let sb = Sandbox::in_slot(
+        &slot,
+        "flt-logcap",
+        "sandbox = false",
+        "[log]\nmax_file_kb = 4\n",
+        POOL,
+    );
+    let pool = sb.pool();
+    let _scrub = Scrub::new(&sb);
+    // Where the Envoy uid may execute it (not under the sandbox's private directory).
+    let bin = TempDir::under(Path::new("/tmp"), "es-fake-envoy");
+    std::fs::set_permissions(
+        bin.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let fake = bin.join("envoy");
+    write_script(
+        &fake,
+        "#!/bin/sh\n\
+         i=0; while [ $i -lt 256 ]; do \
+           printf '[critical] main: cannot bind 0.0.0.0:61001 (attempt %s): Address already in use %01000d\\n' $i 0 >&2; \
+           i=$((i+1)); done\nexit 1\n",
+    );
+    sb.set_config_line(
+        "envoy_path",
+        &format!("envoy_path = {:?}", fake.display().to_string()),
+    );
+    let id = "es-flt-logcap";
+    let c = start(&sb, id, &[], &["/bin/sleep", "3600"]);
+    // Each start writes 256 KiB (64 times the cap) and logs its exit: wait for five.
+    let waits = wait_until("five restarts", Duration::from_secs(40), || {
+        let r = status_row(&sb.config, NAMESPACE, id).ok_or("no row".to_string())?;
+        let n = r["restarts"].as_u64().unwrap_or(0);
+        if n >= 5 { Ok(n) } else { Err(r.to_string()) }
+    });
+    let dir = sb.container_dir(NAMESPACE, id);
+    let cap = 4 * 1024;
+    let mut sizes = Vec::new();
+    for f in [
+        "envoy.log",
+        "envoy.log.1",
+        "supervisor.log",
+        "supervisor.log.1",
+    ] {
+        let len = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        sizes.push((f, len));
+        assert!(len <= cap, "{f}: {len} bytes over the {cap}-byte cap");
+    }
+    eprintln!("after {waits} restarts: {sizes:?}");
+    assert!(
+        sizes[1].1 > 0 && sizes[3].1 > 0,
+        "both logs rotated (each restart writes more than the cap): {sizes:?}"
+    );
+    let total: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(total <= 4 * cap, "{total} bytes of logs");
+
+    let o = cli(&sb.config)
+        .args(["logs", id, "--namespace", NAMESPACE, "--envoy"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("cannot bind 0.0.0.0:61001"), "{shown:.300}");
+    assert!(o.stdout.len() as u64 <= 2 * cap);
+    let o = cli(&sb.config)
+        .args(["logs", id, "-n", NAMESPACE])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("restart #"),
+        "{}",
+        text(&o)
+    );
+
+    c.remove().unwrap();
+    assert_only(&sb, NAMESPACE, &pool, &[], &[id]);
+}
