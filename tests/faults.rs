@@ -1019,11 +1019,23 @@ fn a_crash_looping_envoy_leaves_logs_within_their_cap() {
     let id = "es-flt-logcap";
     let c = start(&sb, id, &[], &["/bin/sleep", "3600"]);
     // Each start writes 256 KiB (64 times the cap) and logs its exit: wait for five.
-    let waits = wait_until("five restarts", Duration::from_secs(40), || {
-        let r = status_row(&sb.config, NAMESPACE, id).ok_or("no row".to_string())?;
-        let n = r["restarts"].as_u64().unwrap_or(0);
-        if n >= 5 { Ok(n) } else { Err(r.to_string()) }
-    });
+    // Each restart adds a few hundred bytes to the supervisor's log (and its exit
+    // message quotes Envoy's last lines): wait until that one has rotated too.
+    let rotated = sb.container_dir(NAMESPACE, id).join("supervisor.log.1");
+    let waits = wait_until(
+        "five restarts and a rotated supervisor log",
+        Duration::from_secs(60),
+        || {
+            let r = status_row(&sb.config, NAMESPACE, id).ok_or("no row".to_string())?;
+            let n = r["restarts"].as_u64().unwrap_or(0);
+            let rot = std::fs::metadata(&rotated).map(|m| m.len()).unwrap_or(0);
+            if n >= 5 && rot > 0 {
+                Ok(n)
+            } else {
+                Err(format!("{n} restarts, .1 {rot} bytes: {r}"))
+            }
+        },
+    );
     let dir = sb.container_dir(NAMESPACE, id);
     let cap = 4 * 1024;
     let mut sizes = Vec::new();
