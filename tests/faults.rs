@@ -1083,3 +1083,75 @@ fn a_crash_looping_envoy_leaves_logs_within_their_cap() {
     c.remove().unwrap();
     assert_only(&sb, NAMESPACE, &pool, &[], &[id]);
 }
+
+/// 100,000 failed TLS handshakes (plain text to the TLS port, from the host through
+/// the container's address): Envoy (at `--log-level warn`) and the supervisor log
+/// nothing per connection, and the container's log files stay within the cap; the
+/// sidecar still serves.
+#[test]
+fn a_flood_of_failed_handshakes_leaves_logs_within_their_cap() {
+    if !can_run("a_flood_of_failed_handshakes_leaves_logs_within_their_cap") {
+        return;
+    }
+    let slot = slots::next();
+    let sb = Sandbox::in_slot(&slot, "flt-logflood", "", "[log]\nmax_file_kb = 4\n", POOL);
+    let _scrub = Scrub::new(&sb);
+    let net = slot.netns(0);
+    let id = "es-flt-logflood";
+    let (c, _st, addr) = sb.start_served(id, &net);
+    let dir = sb.container_dir(NAMESPACE, id);
+    let logs = |dir: &Path| -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".log"))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = logs(&dir);
+    let started = Instant::now();
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, failed) = (addr.clone(), failed.clone());
+            std::thread::spawn(move || {
+                use std::io::Write as _;
+                for _ in 0..25_000 {
+                    match std::net::TcpStream::connect(&addr) {
+                        Ok(mut s) => {
+                            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let _ = s.read(&mut [0u8; 512]);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let after = logs(&dir);
+    eprintln!(
+        "100000 failed handshakes in {:?} ({} connects refused): logs {before:?} -> {after:?}",
+        started.elapsed(),
+        failed.load(Ordering::Relaxed)
+    );
+    for (f, len) in &after {
+        assert!(*len <= 4096, "{f}: {len} bytes over the cap");
+    }
+    // Still serving, the same Envoy.
+    let out = openssl_wait_for(&addr, &sb.ca(), id, HELLO);
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    c.remove();
+}
