@@ -282,8 +282,7 @@ generated configuration does not set it and this bench did not try it.)""")
 {e['B_ENVOY_SIZE_MIB']} MiB Envoy binary that Envoy maps; it does not grow with
 connections. They are page cache, one copy shared by every sidecar on the host, and the
 cgroup v1 memory controller charges a page-cache page to the cgroup that first read it.
-The supervisor pre-reads the binary outside the container's cgroup (README, "The sidecar
-at run time"), so Envoy's cgroup was charged {span(cache)} MiB of `cache` here and its
+The supervisor pre-reads the binary outside the container's cgroup (docs/RUNTIME.md), so Envoy's cgroup was charged {span(cache)} MiB of `cache` here and its
 `memory.usage_in_bytes` is `RssAnon` plus the kernel part. The additional memory
 allocation therefore has to cover private memory and the kernel's socket structures,
 not the ~50 MiB of binary pages. (Were those pages evicted under memory pressure and

@@ -407,7 +407,7 @@ fn check_config_error(e: &Error) -> TestCaseResult {
     Ok(())
 }
 
-/// What a configuration that passed `validate` must satisfy (README's table).
+/// What a configuration that passed `validate` must satisfy (docs/CONFIGURATION.md's table).
 fn check_valid_config(c: &Config) -> TestCaseResult {
     let p = &c.proxy;
     prop_assert!((0..=65536).contains(&p.additional_memory_allocation_mb));

@@ -15,7 +15,7 @@
 //! is its private memory (`RssAnon`) plus the kernel memory of its sockets. The ~50 MiB
 //! of Envoy binary pages it maps (`RssFile`) are page cache that the supervisor pre-reads
 //! outside the container's cgroup, shared by all sidecars and not charged to the
-//! container (README, "The sidecar at run time"), so they are not in this model.
+//! container (docs/RUNTIME.md), so they are not in this model.
 //! Envoy does not return its private memory after connections close (tcmalloc keeps
 //! and reuses the pages): `connections` is the peak, not the average.
 //!
@@ -284,7 +284,7 @@ mod tests {
                 assert!(recommend_mb(n + 1, mtls) > mb, "mb {mb} mTLS {mtls}: N {n}");
             }
         }
-        // The default allocation: README's "about 386 TLS or 316 mTLS connections".
+        // The default allocation: docs/METRICS.md's "386 TLS (316 mTLS) connections".
         assert_eq!(connections_for_mb(32, false), 386);
         assert_eq!(connections_for_mb(32, true), 316);
         assert_eq!(connections_for_mb(0, false), 0);
