@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TEST_ENV := tests/env/containerd.sh
 
-.PHONY: all build release deps test test-v2 unit integration lint demo bench install uninstall test-env-up test-env-down clean
+.PHONY: all build release deb deps test test-v2 unit integration lint demo bench install uninstall test-env-up test-env-down clean
 
 all: build
 
@@ -11,6 +11,11 @@ build:
 
 release:
 	$(CARGO) build --release
+
+# A Debian package of the release build: target/envoy-sidecar_<version>_amd64.deb
+# (lintian, when installed, must find no errors).
+deb: release
+	scripts/build-deb.sh
 
 deps:
 	scripts/install-deps.sh
@@ -33,7 +38,7 @@ STACK_ENV := tests/env/stack.sh
 CGROUP_V2 ?= 1
 VM_ENV := tests/env/vm.sh
 
-test: lint
+test: lint deb
 	$(CARGO) build --all-targets
 	$(CARGO) test --lib --bins
 	fwd=$$(cat $(IPV6_FWD) 2>/dev/null || true); rc=0; failed=""; \

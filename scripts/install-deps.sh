@@ -15,6 +15,7 @@ have ip || need_apt+=(iproute2)
 have jq || need_apt+=(jq)
 have conntrack || need_apt+=(conntrack)
 have hyperfine || need_apt+=(hyperfine)
+have lintian || need_apt+=(lintian)    # make deb: the package must have no lintian errors
 have openssl || need_apt+=(openssl)
 have curl || need_apt+=(curl)
 # containerd-client generates its gRPC code at build time.
