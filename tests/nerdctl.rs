@@ -869,9 +869,7 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
     assert!(got.contains(HELLO), "TLS from the bridge: {got}");
 
     // nerdctl rm -f: SIGKILL, then delete; our poststop before nerdctl's.
-    c.kill(9);
-    c.wait_stopped();
-    c.delete(false);
+    c.rm_f();
     assert_eq!(n.calls().len(), 2, "{:?}", n.calls());
     assert!(n.calls()[1].starts_with("postStop "), "{:?}", n.calls());
     nothing_left(&sb, &n, &c);
@@ -949,9 +947,7 @@ fn nerdctl_stop_start_and_rm_f_bring_the_sidecar_back_and_leave_nothing() {
     );
 
     // rm -f.
-    c.kill(9);
-    c.wait_stopped();
-    c.delete(false);
+    c.rm_f();
     nothing_left(&sb, &n, &c);
     let events: Vec<String> = n
         .calls()
@@ -995,9 +991,7 @@ fn nerdctl_kill_network_first_then_signal_withdraws_nat_and_leaves_nothing() {
     });
     let row = status_row(&sb.config, "default", &id).unwrap();
     assert_eq!(row["nat_applied"], false, "{row}");
-    c.kill(9);
-    c.wait_stopped();
-    c.delete(false);
+    c.rm_f();
     nothing_left(&sb, &n, &c);
 }
 
@@ -1140,15 +1134,11 @@ fn nerdctl_network_container_gives_the_joiner_its_own_envoy_on_ports_of_its_own(
     }
 
     // B goes (rm -f): A still serves and is still filtered.
-    b.kill(9);
-    b.wait_stopped();
-    b.delete(false);
+    b.rm_f();
     assert!(b.inspect().is_none());
     assert!(peer.https(&sb.ca(), &ida, &ip, pa).contains(HELLO));
     assert!(peer.tcp(&ip, 80).is_err_and(|e| e.contains("refused")));
-    a.kill(9);
-    a.wait_stopped();
-    a.delete(false);
+    a.rm_f();
     nothing_left(&sb, &n, &a);
 }
 
@@ -1215,9 +1205,7 @@ fn nerdctl_network_host_twice_and_none() {
     assert!(n.veths().is_empty(), "{:?}", n.veths());
 
     for c in hosts.iter().chain([&none]) {
-        c.kill(9);
-        c.wait_stopped();
-        c.delete(false);
+        c.rm_f();
     }
     nothing_left(&sb, &n, &none);
 }
@@ -1310,9 +1298,7 @@ fn nerdctl_p_with_a_host_address_publishes_the_tls_port_there_only() {
     assert!(!r0.https(&sb.ca(), &id2, tls2).contains(HELLO));
 
     for c in [&c, &c2] {
-        c.kill(9);
-        c.wait_stopped();
-        c.delete(false);
+        c.rm_f();
     }
     nothing_left(&sb, &n, &c2);
 }

@@ -515,6 +515,13 @@ impl NerdctlContainer {
         assert!(out.status.success(), "delete: {}", text(&out));
     }
 
+    /// `nerdctl rm -f`: SIGKILL, wait for the exit, delete the task.
+    pub fn rm_f(&self) {
+        self.kill(9);
+        self.wait_stopped();
+        self.delete(false);
+    }
+
     pub fn status(&self) -> Option<String> {
         self.run.status()
     }
