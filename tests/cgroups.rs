@@ -246,9 +246,20 @@ fn an_oom_kill_in_the_container_is_counted_in_status_and_metrics() {
         row["oom_kills"]
     );
     assert!(m.contains(&want), "{want} not in:\n{m}");
-    // The proxy still serves, with the same Envoy.
+    // The proxy still serves. On cgroup v2 Envoy shares the container's memory.max, so
+    // a second OOM kill while the hog's memory is still being reclaimed may take Envoy
+    // (seen once in the guest, `oom_kills` 2): then the supervisor has restarted it,
+    // and the count says so. On v1 Envoy's own counter proved it was spared, above.
     get();
-    assert_eq!(pid_of(&sb.record(id), "envoy"), Some(envoy));
+    let now = pid_of(&sb.record(id), "envoy");
+    if now != Some(envoy) {
+        let later = status_row(&sb.config, NAMESPACE, id).expect("a status row");
+        assert!(
+            unified() && later["oom_kills"].as_u64() >= Some(2),
+            "Envoy {envoy} replaced by {now:?} without a second OOM kill: {later}"
+        );
+        eprintln!("v2: Envoy was a second OOM victim and was restarted: {later}");
+    }
     drop(c);
 }
 
