@@ -81,10 +81,14 @@ struct EnvoyOutput {
 }
 
 impl EnvoyOutput {
-    /// What Envoy wrote since the last look, into the file (all of it: a pipe holds
-    /// at most 64 KiB, and it is drained at every wake-up).
+    /// What Envoy wrote since the last look, into the file: at most 1 MiB per call,
+    /// so an Envoy that writes without pause cannot keep the supervisor here (what is
+    /// left keeps the pipe readable: the next poll returns at once and drains more).
     fn drain(&mut self) {
-        while let Some(fd) = &self.pipe {
+        for _ in 0..16 {
+            let Some(fd) = &self.pipe else {
+                return;
+            };
             match process::read_available(fd, 64 * 1024) {
                 Ok(Some(b)) if b.is_empty() => break,
                 Ok(Some(b)) => {
