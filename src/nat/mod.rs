@@ -337,8 +337,13 @@ impl Nat {
     /// Whether family `f`'s table and its rules are there. Lists one chain (two
     /// rules), not the table: that would print every element of the map.
     pub fn table_exists(&self, f: Family) -> bool {
+        self.nft_succeeds(&["list", "chain", f.nft(), TABLE, "output"])
+    }
+
+    /// Whether `nft ARGS` exits 0 (its output discarded).
+    fn nft_succeeds(&self, args: &[&str]) -> bool {
         Command::new(&self.nft)
-            .args(["list", "chain", f.nft(), TABLE, "output"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -360,12 +365,7 @@ impl Nat {
     }
 
     fn map_exists(&self, f: Family, map: &str) -> bool {
-        Command::new(&self.nft)
-            .args(["-t", "list", "map", f.nft(), TABLE, map])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        self.nft_succeeds(&["-t", "list", "map", f.nft(), TABLE, map])
     }
 
     /// Every mapping in the tables (none from a table that does not exist).
