@@ -940,12 +940,21 @@ fn unproxied_disabled_no_host_address_reaches_the_app() {
         .map(|a| format!("{a}:{tls}").parse().unwrap())
         .collect();
     for (a, r) in probe_from(&router.ns.path, &tls_targets) {
-        let reply = r.unwrap_or_else(|e| panic!("TLS port through {a}: {e}"));
+        let host = a.ip().to_string();
+        let reply = match r {
+            Ok(reply) => reply,
+            // Another test's veth address that went away during the probe (seen in CI:
+            // a timeout to a slot's address torn down meanwhile) proves nothing either way.
+            Err(e) if !host_addresses().contains(&host) => {
+                eprintln!("{a}: {e}, but the address is gone: skipped");
+                continue;
+            }
+            Err(e) => panic!("TLS port through {a}: {e}"),
+        };
         assert!(
             !reply.contains(HELLO),
             "plain HTTP through the TLS port {a}: {reply}"
         );
-        let host = a.ip().to_string();
         let o = router.https_via(&ca, id, tls, &host);
         if still.contains(&host) && host_addresses().contains(&host) {
             assert!(o.contains(HELLO), "HTTPS through {host}:{tls}: {o}");
