@@ -9,6 +9,7 @@ pub mod envoy; // one Envoy: bootstrap and SDS, admin API, TLS readiness probe, 
 pub mod error; // the crate's one error enum
 pub mod host; // the host handle: every side effect behind one bundle of traits (faked in tests)
 pub mod identity; // the operator CA and per-container instance identity credentials
+pub mod logging; // the product's own log lines (tracing): text or JSON, file, stderr, journal
 pub mod metrics; // memory metrics rescaled to the requested quota; Prometheus exporter
 pub mod nat; // host port NAT in one nftables verdict map
 pub mod ops; // host operations: gc, doctor, install

@@ -560,3 +560,60 @@ fn run_rm_leaves_no_sidecar_behind() {
         .collect();
     assert!(ours.is_empty(), "processes left: {ours:?}");
 }
+
+#[test]
+fn json_logs_carry_the_container_level_and_fields() {
+    if !can_run("json_logs_carry_the_container_level_and_fields") {
+        return;
+    }
+    let sb = Sandbox::new(
+        "jsonlog",
+        "",
+        "[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+    );
+    let net = sb.slot.netns(0);
+    let id = "es-jsonlog";
+    let (_c, _st, _addr) = sb.start_served(id, &net);
+    let envoy = envoy_pid(&sb, id);
+    // `ready` is logged right after the first handshake the supervisor makes itself.
+    let log = wait_until("status ready logged", Duration::from_secs(20), || {
+        let l = sb.supervisor_log(id);
+        if l.contains("\"status\":\"ready\"") {
+            Ok(l)
+        } else {
+            Err(l)
+        }
+    });
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 4, "{log}");
+    for v in &lines {
+        assert_eq!(v["namespace"], NAMESPACE, "{v}");
+        assert_eq!(v["id"], id, "{v}");
+        assert_eq!(v["component"], "supervisor", "{v}");
+        assert!(
+            ["error", "warn", "info", "debug", "trace"]
+                .contains(&v["level"].as_str().unwrap_or("")),
+            "{v}"
+        );
+        assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    let started = lines
+        .iter()
+        .find(|v| v["msg"].as_str().unwrap().starts_with("started Envoy pid"))
+        .expect(&log);
+    assert_eq!(started["envoy_pid"], envoy, "{started}");
+    assert_eq!(started["level"], "info", "{started}");
+    // The operator's view of the same lines.
+    let o = cli(&sb.config)
+        .args(["logs", id, "--namespace", NAMESPACE])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains(&format!("\"envoy_pid\":{envoy}")), "{shown}");
+}

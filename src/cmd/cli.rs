@@ -859,6 +859,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::ServeMetrics { listen, address } => {
             let cfg = load(args.config.as_deref())?;
+            crate::logging::init(
+                crate::logging::Component::Metrics,
+                cfg.log.settings(),
+                crate::logging::Container::default(),
+                crate::logging::Sink::Stderr,
+            );
             crate::metrics::exporter::serve(&cfg, &listen, &address)?;
         }
         Cmd::Gc {
@@ -897,6 +903,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             store::check_id(&id)?;
             store::check_namespace(&namespace)?;
             let cfg = load(args.config.as_deref())?;
+            crate::logging::init(
+                crate::logging::Component::Supervisor,
+                cfg.log.settings(),
+                crate::logging::Container {
+                    namespace: namespace.clone(),
+                    id: id.clone(),
+                },
+                crate::logging::Sink::File,
+            );
             crate::sidecar::supervisor::run(&cfg, &namespace, &id)
                 .with_context(|| format!("supervisor for {namespace}/{id}"))?;
         }
@@ -907,6 +922,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             // (poststop still has to release); only the state directory is needed.
             let cfg = Config::load(args.config.as_deref())
                 .with_context(|| format!("hook {stage:?} for {}", state.id))?;
+            crate::logging::init(
+                crate::logging::Component::Hook,
+                cfg.log.settings(),
+                crate::logging::Container {
+                    namespace: namespace.clone(),
+                    id: state.id.clone(),
+                },
+                crate::logging::Sink::Stderr,
+            );
             hook::run(&cfg, stage, &namespace, &state)
                 .with_context(|| format!("hook {stage:?} for {}/{}", namespace, state.id))?;
         }

@@ -114,8 +114,8 @@ pub fn run(cfg: &Config, stage: Stage, namespace: &str, st: &OciState) -> Result
                 && let Err(e) =
                     crate::sidecar::control::map_if_addressed(store, host.nat.as_ref(), &s, pid)
             {
-                eprintln!(
-                    "envoy-sidecar: poststart: NAT for {namespace}/{}: {} (the supervisor retries)",
+                tracing::warn!(
+                    "poststart: NAT for {namespace}/{}: {} (the supervisor retries)",
                     st.id,
                     crate::error::render(&e)
                 );

@@ -28,8 +28,14 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Say `msg` on stderr (as a `tracing` event, `[log]` format) and, for containerd,
+    /// in runc's `--log` file in runc's own shape (its shim reads the last error there).
     fn log(&self, level: &str, msg: &str) {
-        eprintln!("envoy-sidecar-runc: {level}: {msg}");
+        if level == "error" {
+            tracing::error!("{msg}");
+        } else {
+            tracing::warn!("{msg}");
+        }
         if let Some(log) = self.inv.global("log") {
             let json = self.inv.global("log-format") == Some("json");
             log::append(
@@ -101,6 +107,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     // everything else only needs runtime.runc.
     let full = matches!(inv.command, Command::Create | Command::Run);
     let loaded = Config::load(None).and_then(|c| c.validate_for(&self_exe, full).map(|()| c));
+    init_logging(&inv, loaded.as_ref().ok());
     let mut ctx = Ctx {
         argv,
         inv,
@@ -161,6 +168,7 @@ fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathB
         runc: default_runc,
     };
     let cfg = Config::load(None).ok();
+    init_logging(&ctx.inv, cfg.as_ref());
     let proxying = cfg.as_ref().is_some_and(|c| c.proxy.enabled);
     if proxying && may_create(args) {
         let asks = Invocation::bundle_of_unparsed(args).map(|b| create::asks(&b));
@@ -180,6 +188,20 @@ fn unparsed(argv: Vec<OsString>, args: &[String], e: &Error, default_runc: PathB
         ctx.runc = c.runtime.runc;
     }
     ctx.exec()
+}
+
+/// The wrapper's lines: the configured `[log]` (defaults when the config is broken),
+/// with the container the command names.
+fn init_logging(inv: &Invocation, cfg: Option<&Config>) {
+    crate::logging::init(
+        crate::logging::Component::Wrapper,
+        cfg.map(|c| c.log.settings()).unwrap_or_default(),
+        crate::logging::Container {
+            namespace: inv.namespace(),
+            id: inv.id().unwrap_or_default().to_string(),
+        },
+        crate::logging::Sink::Stderr,
+    );
 }
 
 /// Whether an argv that did not parse could be `create` or `run`: any argument spelled

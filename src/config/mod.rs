@@ -212,11 +212,32 @@ pub struct Log {
     /// the cap the file becomes `<name>.1` (replacing the one before) and a new one is
     /// started, so a container's logs never take more than twice this each.
     pub max_file_kb: i64,
+    /// `text` (default: one line, `key=value` fields) or `json` (one object per line).
+    pub format: crate::logging::Format,
+    /// The least severe level written: `error`, `warn`, `info` (default), `debug`, `trace`.
+    pub level: crate::logging::Threshold,
+    /// Also send the lines to the systemd journal (`CONTAINER_ID=`, `CONTAINER_NAMESPACE=`).
+    pub journal: bool,
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Log { max_file_kb: 1024 }
+        Log {
+            max_file_kb: 1024,
+            format: crate::logging::Format::default(),
+            level: crate::logging::Threshold::default(),
+            journal: false,
+        }
+    }
+}
+
+impl Log {
+    pub fn settings(&self) -> crate::logging::Settings {
+        crate::logging::Settings {
+            format: self.format,
+            level: self.level,
+            journal: self.journal,
+        }
     }
 }
 
@@ -1115,6 +1136,34 @@ mod tests {
         assert_eq!(c.runtime.runc, PathBuf::from("/usr/sbin/runc"));
         assert_eq!(c.pool(), 61001..=65534);
         c.validate(&[]).unwrap();
+    }
+
+    #[test]
+    fn log_format_level_and_journal() {
+        let c = parse("[log]\nformat = \"json\"\nlevel = \"debug\"\njournal = true\n").unwrap();
+        let s = c.log.settings();
+        assert_eq!(s.format, crate::logging::Format::Json);
+        assert_eq!(s.level, crate::logging::Threshold::Debug);
+        assert!(s.journal);
+        let d = parse("").unwrap().log.settings();
+        assert_eq!(
+            (d.format, d.level, d.journal),
+            (
+                crate::logging::Format::Text,
+                crate::logging::Threshold::Info,
+                false
+            )
+        );
+        // A wrong value names the key and what is valid.
+        let e = parse("[log]\nformat = \"xml\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("format") && e.contains("xml") && e.contains("`json`"),
+            "{e}"
+        );
+        let e = parse("[log]\nlevel = \"verbose\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("level") && e.contains("`trace`"), "{e}");
     }
 
     #[test]

@@ -20,13 +20,13 @@ use crate::state::store::{ContainerState, Store};
 pub fn serve(cfg: &Config, listen: &str, address: &Path) -> Result<()> {
     let listener =
         TcpListener::bind(listen).map_err(|e| Error::Metrics(format!("--listen {listen}: {e}")))?;
-    eprintln!("envoy-sidecar: serving metrics on http://{listen}/metrics");
+    tracing::info!("serving metrics on http://{listen}/metrics");
     let store = Store::of(cfg);
     let mode = cfg.metrics_mode()?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         if let Err(e) = answer(conn, &store, address, mode) {
-            eprintln!("envoy-sidecar: metrics request: {e}");
+            tracing::warn!("metrics request: {e}");
         }
     }
     Ok(())

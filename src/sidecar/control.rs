@@ -306,9 +306,10 @@ pub fn ingress_filter(s: &ContainerState) -> Result<()> {
         return Ok(());
     };
     if crate::sys::netns::same(process::self_pid(), pid) {
-        eprintln!(
-            "envoy-sidecar: warning: {}/{} shares the host's network namespace: its app ports are not filtered",
-            s.namespace, s.id
+        tracing::warn!(
+            "{}/{} shares the host's network namespace: its app ports are not filtered",
+            s.namespace,
+            s.id
         );
         return Ok(());
     }
@@ -332,8 +333,8 @@ pub fn start_for_running(
     store.write(&s)?;
     ingress_filter(&s)?;
     if let Err(e) = map_if_addressed(store, host.nat.as_ref(), &s, pid) {
-        eprintln!(
-            "envoy-sidecar: NAT for {}/{}: {} (the supervisor retries)",
+        tracing::warn!(
+            "NAT for {}/{}: {} (the supervisor retries)",
             s.namespace,
             s.id,
             crate::error::render(&e)

@@ -57,22 +57,6 @@ const CA_CHECK: Duration = Duration::from_secs(10);
 /// The wait before retrying host NAT that failed.
 const NAT_RETRY: Duration = Duration::from_secs(5);
 
-/// The supervisor's own log, bounded (set up by [`run`]; before that, stderr).
-static LOG: std::sync::Mutex<Option<BoundedLog>> = std::sync::Mutex::new(None);
-
-fn log(msg: impl AsRef<str>) {
-    let line = format!("{} supervisor: {}\n", now_rfc3339(), msg.as_ref());
-    let mut l = LOG
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match l.as_mut() {
-        Some(f) => {
-            let _ = f.write(line.as_bytes());
-        }
-        None => eprint!("{line}"),
-    }
-}
-
 /// Envoy's stdout and stderr: the pipe's read end and the bounded file it is drained
 /// into.
 struct EnvoyOutput {
@@ -203,33 +187,31 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     let paths = Paths::new(&store, ns, id);
     // From here on the supervisor's log is bounded ([log] max_file_kb).
     match BoundedLog::open(&paths.supervisor_log(), cfg.log_cap_bytes(), true) {
-        Ok(l) => {
-            *LOG.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(l)
-        }
-        Err(e) => log(format!(
+        Ok(l) => crate::logging::to_file(l),
+        Err(e) => tracing::warn!(
             "{}: {e}: logging to stderr, unbounded",
             paths.supervisor_log().display()
-        )),
+        ),
     }
     let mut record = paths.read_record()?.unwrap_or_default();
     if let Some(other) = record
         .supervisor
         .filter(|s| s.alive() && s.pid != process::self_pid())
     {
-        log(format!(
+        tracing::warn!(
             "another supervisor (pid {}) already runs for {ns}/{id}; leaving",
             other.pid
-        ));
+        );
         return Ok(());
     }
     // Taking over from a supervisor that died (gc restarts supervision): its Envoy
     // still holds the ports; stop it so ours can bind and be supervised again.
     if let Some(orphan) = record.envoy.filter(|e| e.alive()) {
-        log(format!(
+        tracing::warn!(
+            envoy_pid = orphan.pid,
             "{ns}/{id}: taking over; stopping the unsupervised Envoy pid {}",
             orphan.pid
-        ));
+        );
         orphan.terminate(Duration::from_secs(2));
         record.envoy = None;
     }
@@ -260,10 +242,11 @@ pub fn run(cfg: &Config, ns: &str, id: &str) -> Result<()> {
     record.cgroup = SidecarCgroup::for_container(pid)?;
     record.cgroup.create()?;
     paths.write_record(&record)?;
-    log(format!(
+    tracing::info!(
         "{ns}/{id}: init {pid}, network {:?}, cgroup {:?}",
-        record.network, record.cgroup.dirs
-    ));
+        record.network,
+        record.cgroup.dirs
+    );
 
     let ii = &cfg.instance_identity;
     let (cert_path, key_path) = (ii.ca_cert.as_ref().unwrap(), ii.ca_key.as_ref().unwrap());
@@ -389,7 +372,7 @@ impl Supervisor<'_> {
                 }
             }),
             Action::RetryStart { backoff } => {
-                log(format!("{}; retrying in {backoff:?}", self.last_error()));
+                tracing::warn!("{}; retrying in {backoff:?}", self.last_error());
                 self.save();
                 None
             }
@@ -400,18 +383,18 @@ impl Supervisor<'_> {
                 self.envoy_error = None;
                 self.record.ready_at = Some(now_rfc3339());
                 self.save();
-                log(format!(
+                tracing::info!(
                     "ready after {after:?} (TLS handshake on {:?})",
                     self.ports()
-                ));
+                );
                 self.trim = true;
                 None
             }
             Action::Kill { not_ready_after } => {
-                log(format!(
+                tracing::warn!(
                     "not ready after {not_ready_after:?}: {}; restarting Envoy",
                     self.probe_err
-                ));
+                );
                 self.record.last_error = Some(format!("not ready: {}", self.probe_err));
                 self.envoy_error = Some(self.probe_err.clone());
                 // Its exit wakes the loop like any other (the pidfd), and it restarts.
@@ -427,10 +410,11 @@ impl Supervisor<'_> {
                 self.record.envoy_restarts += 1;
                 self.record.ready_at = None;
                 self.save();
-                log(format!(
+                tracing::warn!(
+                    restarts = self.record.envoy_restarts,
                     "Envoy exited after {ran:?}; restart #{} in {backoff:?}",
                     self.record.envoy_restarts
-                ));
+                );
                 None
             }
             Action::Check => Some(Event::Checked {
@@ -441,7 +425,7 @@ impl Supervisor<'_> {
                     "no TLS handshake in {failures} liveness checks in a row ({}); restarting Envoy",
                     self.probe_err
                 );
-                log(format!("unresponsive: {why}"));
+                tracing::warn!("unresponsive: {why}");
                 let reason = format!("unresponsive: {}", self.probe_err);
                 self.record.last_error = Some(reason.clone());
                 self.envoy_error = Some(reason.clone());
@@ -462,10 +446,10 @@ impl Supervisor<'_> {
                 Some(self.issue_event())
             }
             Action::RetryRotation { after } => {
-                log(format!(
+                tracing::error!(
                     "rotation failed, retrying in {after:?}: {}",
                     self.last_error()
-                ));
+                );
                 None
             }
         }
@@ -489,7 +473,7 @@ impl Supervisor<'_> {
 
     fn save(&self) {
         if let Err(e) = self.paths.write_record(&self.record) {
-            log(format!("writing {}: {e}", self.paths.record().display()));
+            tracing::error!("writing {}: {e}", self.paths.record().display());
         }
     }
 
@@ -573,13 +557,14 @@ impl Supervisor<'_> {
             .map(|d| d.as_secs());
         self.rotation_error = None;
         self.save();
-        log(format!(
+        tracing::info!(
+            serial = issued.serial_hex.as_str(),
             "issued certificate serial {} (rotation due in {:?})",
             issued.serial_hex,
             rotate_at
                 .duration_since(self.clock.wall())
                 .unwrap_or_default()
-        ));
+        );
         Ok(rotate_at)
     }
 
@@ -690,13 +675,13 @@ impl Supervisor<'_> {
         )
         .map_err(|e| self.fail(e.to_string()))?;
         if self.sandbox_logged.as_ref() != Some(&sandbox.level) {
-            log(format!("Envoy sandbox: {}", sandbox.level));
+            tracing::info!("Envoy sandbox: {}", sandbox.level);
             for g in &sandbox.granted {
-                log(format!(
+                tracing::debug!(
                     "Envoy sandbox: allow {} {}",
                     landlock::describe(g.access),
                     g.path.display()
-                ));
+                );
             }
             self.sandbox_logged = Some(sandbox.level.clone());
         }
@@ -723,7 +708,7 @@ impl Supervisor<'_> {
         self.record.envoy = ProcId::of(pid);
         self.record.sandbox = self.sandbox_logged.as_ref().map(ToString::to_string);
         self.save();
-        log(format!("started Envoy pid {pid}"));
+        tracing::info!(envoy_pid = pid, "started Envoy pid {pid}");
         if let Some(o) = self.envoy_out.as_mut() {
             o.pipe = Some(pipe_r);
         }
@@ -764,12 +749,12 @@ impl Supervisor<'_> {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             if let Err(e) = probe.handshake(addr, LIVENESS_TIMEOUT) {
                 if let Some(why) = self.refusing_at_limit(probe, addr) {
-                    log(format!(
+                    tracing::info!(
                         "liveness check on {port}: handshake refused ({e}), {why}: alive"
-                    ));
+                    );
                     continue;
                 }
-                log(format!("liveness check failed on {port}: {e}"));
+                tracing::warn!("liveness check failed on {port}: {e}");
                 self.probe_err = format!("port {port}: {e}");
                 return false;
             }
@@ -872,15 +857,13 @@ impl Supervisor<'_> {
                 if let Some(what) = found {
                     // Missing: an engine that ran no createRuntime hook. Changed: while
                     // no supervisor watched.
-                    log(format!(
-                        "ingress filter {what} at the supervisor's start: installed"
-                    ));
+                    tracing::info!("ingress filter {what} at the supervisor's start: installed");
                 }
                 self.ingress = Some(guard);
             }
             Err(e) => {
                 let e = crate::error::render(&e);
-                log(format!("ingress filter cannot be watched: {e}"));
+                tracing::error!("ingress filter cannot be watched: {e}");
                 self.record.last_error = Some(format!("ingress filter: {e}"));
                 self.ingress_error = Some(format!("not watched: {e}"));
             }
@@ -901,16 +884,14 @@ impl Supervisor<'_> {
             Outcome::Restored(what) => {
                 self.record.ingress_repairs += 1;
                 self.ingress_error = None;
-                log(format!(
+                tracing::warn!(
                     "ingress filter {what} inside the container: restored (repair {})",
                     self.record.ingress_repairs
-                ));
+                );
                 self.save();
             }
             Outcome::Failed(e) => {
-                log(format!(
-                    "ingress filter removed or changed, restoring failed: {e}"
-                ));
+                tracing::error!("ingress filter removed or changed, restoring failed: {e}");
                 self.record.last_error = Some(format!("ingress filter: {e}"));
                 self.ingress_error = Some(e);
                 self.save();
@@ -968,7 +949,7 @@ impl Supervisor<'_> {
         let now = self.clock.now();
         let old = self.record.addresses();
         if addrs != old {
-            log(format!("container addresses {old} -> {addrs}"));
+            tracing::info!("container addresses {old} -> {addrs}");
             self.record.set_addresses(addrs);
             self.no_ip_since = if addrs.is_empty() { Some(now) } else { None };
             self.nat_retry_at = None;
@@ -997,10 +978,10 @@ impl Supervisor<'_> {
         if let Action::RetryRotation { after } =
             policy.on(event, self.clock.now(), self.clock.wall())
         {
-            log(format!(
+            tracing::error!(
                 "rotation failed, retrying in {after:?}: {}",
                 self.last_error()
-            ));
+            );
         }
     }
 
@@ -1014,18 +995,17 @@ impl Supervisor<'_> {
         });
         match r.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(maps) => {
-                log(format!(
+                tracing::info!(
+                    container_ip = %ip,
                     "NAT applied: {} host port mappings to {ip}",
                     maps.len()
-                ));
+                );
                 self.record.nat_applied = true;
                 self.nat_error = None;
                 self.nat_retry_at = None;
             }
             Err(e) => {
-                log(format!(
-                    "NAT for {ip} failed, retrying in {NAT_RETRY:?}: {e}"
-                ));
+                tracing::warn!("NAT for {ip} failed, retrying in {NAT_RETRY:?}: {e}");
                 self.record.nat_applied = false;
                 self.record.last_error = Some(format!("NAT: {e}"));
                 self.nat_error = Some(e);
@@ -1042,8 +1022,8 @@ impl Supervisor<'_> {
                 .map_err(|e| crate::error::render(&e))
         });
         match r.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(()) => log("NAT withdrawn: the container has no address"),
-            Err(e) => log(format!("withdrawing NAT: {e}")),
+            Ok(()) => tracing::info!("NAT withdrawn: the container has no address"),
+            Err(e) => tracing::warn!("withdrawing NAT: {e}"),
         }
         self.record.nat_applied = false;
         self.nat_error = None;
@@ -1065,14 +1045,12 @@ impl Supervisor<'_> {
             return;
         }
         if changed {
-            log("CA files changed: reloading");
+            tracing::info!("CA files changed: reloading");
             // The first two are the operator CA pair; the rest trusted client CAs.
             let trusted_changed = stamps.get(2..) != self.ca_stamp.get(2..);
             if let Err(e) = self.reload_ca(trusted_changed) {
                 let e = crate::error::render(&e);
-                log(format!(
-                    "reloading the CA failed (keeping the old one): {e}"
-                ));
+                tracing::error!("reloading the CA failed (keeping the old one): {e}");
                 self.record.last_error = Some(e.clone());
                 self.rotation_error = Some(e);
                 self.save();
@@ -1081,7 +1059,7 @@ impl Supervisor<'_> {
             self.ca_stamp = stamps;
             self.probe_stale = true;
         } else {
-            log("rotation requested (SIGHUP)");
+            tracing::info!("rotation requested (SIGHUP)");
         }
         let ev = self.issue_event();
         self.tell(policy, ev);
@@ -1095,7 +1073,7 @@ impl Supervisor<'_> {
         if trusted_changed {
             // Trusted client CAs are in Envoy's validation SDS file: rewritten by
             // rename, Envoy picks them up without a restart (open connections stay).
-            log("trusted client CAs changed: new validation context for Envoy");
+            tracing::info!("trusted client CAs changed: new validation context for Envoy");
             self.write_bootstrap()?;
         }
         self.ca = ca;
@@ -1129,9 +1107,15 @@ impl Supervisor<'_> {
         if same {
             return;
         }
-        match &reason {
-            Some(r) => log(format!("status: {} ({r})", state.as_str())),
-            None => log(format!("status: {}", state.as_str())),
+        let status = state.as_str();
+        match (&reason, state == State::Degraded) {
+            (Some(r), true) => {
+                tracing::warn!(status, reason = r.as_str(), "status: {status} ({r})")
+            }
+            (Some(r), false) => {
+                tracing::info!(status, reason = r.as_str(), "status: {status} ({r})")
+            }
+            (None, _) => tracing::info!(status, "status: {status}"),
         }
         if state == State::Degraded {
             self.record.last_error = reason.clone();
@@ -1153,10 +1137,11 @@ impl Supervisor<'_> {
             }
             // Say why: Envoy's own last words (bad config, unreadable files, ...).
             let why = tail(&self.paths.envoy_log(), 2);
-            log(format!(
+            tracing::warn!(
+                envoy_pid = c.id(),
                 "Envoy pid {} exited: {st:?}; envoy.log: {why}",
                 c.id()
-            ));
+            );
             self.record.last_error = Some(match self.kill_reason.take() {
                 // Our own kill: its reason, not the signal, says what happened.
                 Some(r) => format!("{r}; restarted"),
@@ -1182,9 +1167,9 @@ impl Supervisor<'_> {
         self.record.envoy = None;
         self.record.ready_at = None;
         if let Err(e) = self.record.cgroup.kill_and_remove() {
-            log(format!("removing Envoy cgroups: {e}"));
+            tracing::warn!("removing Envoy cgroups: {e}");
         }
         self.save();
-        log("stopped");
+        tracing::info!("stopped");
     }
 }
