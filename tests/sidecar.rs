@@ -617,3 +617,163 @@ fn json_logs_carry_the_container_level_and_fields() {
     let shown = String::from_utf8_lossy(&o.stdout);
     assert!(shown.contains(&format!("\"envoy_pid\":{envoy}")), "{shown}");
 }
+
+/// The systemd journal's native socket (`/run/systemd/journal/socket`).
+const JOURNAL: &str = "/run/systemd/journal/socket";
+
+/// The entries a journal received: each a map of its fields (the native protocol:
+/// `KEY=value` lines, or `KEY\n<u64 LE length><bytes>\n` for values with newlines).
+fn journal_entries(datagrams: &[Vec<u8>]) -> Vec<std::collections::BTreeMap<String, String>> {
+    datagrams
+        .iter()
+        .map(|d| {
+            let mut m = std::collections::BTreeMap::new();
+            let mut rest = &d[..];
+            while !rest.is_empty() {
+                let nl = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+                let line = &rest[..nl];
+                if let Some(eq) = line.iter().position(|b| *b == b'=') {
+                    m.insert(
+                        String::from_utf8_lossy(&line[..eq]).into_owned(),
+                        String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+                    );
+                    rest = &rest[(nl + 1).min(rest.len())..];
+                } else {
+                    let key = String::from_utf8_lossy(line).into_owned();
+                    let body = &rest[nl + 1..];
+                    let len =
+                        usize::try_from(u64::from_le_bytes(body[..8].try_into().unwrap())).unwrap();
+                    m.insert(key, String::from_utf8_lossy(&body[8..8 + len]).into_owned());
+                    rest = &body[(8 + len + 1).min(body.len())..];
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+/// Entries of the host's own journald for `CONTAINER_ID=id` (`journalctl -o json`).
+fn journalctl_entries(id: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let o = Command::new("journalctl")
+        .args(["-o", "json", "--no-pager", &format!("CONTAINER_ID={id}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Stands in for journald where the host has none (this lab's machines): a datagram
+/// socket at the journal's path, removed (with the directory it made) on drop.
+struct FakeJournal {
+    sock: std::os::unix::net::UnixDatagram,
+    made: Vec<PathBuf>,
+}
+
+impl FakeJournal {
+    fn bind() -> FakeJournal {
+        // The directories this makes, deepest first (removed on drop).
+        let made: Vec<PathBuf> = Path::new(JOURNAL)
+            .ancestors()
+            .skip(1)
+            .take_while(|d| !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        if let Some(d) = made.first() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let sock = std::os::unix::net::UnixDatagram::bind(JOURNAL).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        FakeJournal { sock, made }
+    }
+
+    fn received(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+}
+
+impl Drop for FakeJournal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(JOURNAL);
+        for d in &self.made {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Whether a journal entry is container `id`'s "started Envoy pid `envoy`" line.
+fn started_this(m: &std::collections::BTreeMap<String, String>, id: &str, envoy: i32) -> bool {
+    m.get("CONTAINER_ID").map(String::as_str) == Some(id)
+        && m.get("MESSAGE")
+            .is_some_and(|s| s.starts_with("started Envoy pid"))
+        && m.get("ENVOY_PID") == Some(&envoy.to_string())
+}
+
+#[test]
+fn journal_gets_the_supervisors_lines_with_the_container_id() {
+    if !can_run("journal_gets_the_supervisors_lines_with_the_container_id") {
+        return;
+    }
+    // The real journald where there is one (the cgroup v2 guest); else our receiver.
+    let real = Path::new(JOURNAL).exists();
+    let fake = (!real).then(FakeJournal::bind);
+    let sb = Sandbox::new("journal", "", "[log]\njournal = true\n");
+    let net = sb.slot.netns(0);
+    let id = "es-journal";
+    let (c, _st, _addr) = sb.start_served(id, &net);
+    let envoy = envoy_pid(&sb, id);
+    let mut got = Vec::new();
+    let entries = wait_until(
+        "the journal has `started Envoy`",
+        Duration::from_secs(20),
+        || {
+            let e = match &fake {
+                Some(f) => {
+                    got.extend(f.received());
+                    journal_entries(&got)
+                }
+                None => journalctl_entries(id),
+            };
+            if e.iter().any(|m| started_this(m, id, envoy)) {
+                Ok(e)
+            } else {
+                Err(format!("{e:?}"))
+            }
+        },
+    );
+    // (A real journal may hold an earlier run's entries too: this Envoy's line.)
+    let started = entries
+        .iter()
+        .find(|m| started_this(m, id, envoy))
+        .unwrap_or_else(|| panic!("{entries:?}"));
+    assert_eq!(started["CONTAINER_NAMESPACE"], NAMESPACE, "{started:?}");
+    assert_eq!(started["COMPONENT"], "supervisor", "{started:?}");
+    assert_eq!(started["SYSLOG_IDENTIFIER"], "envoy-sidecar", "{started:?}");
+    assert_eq!(started["ENVOY_PID"], envoy.to_string(), "{started:?}");
+    // journald's PRIORITY for info (tracing-journald maps INFO to 5, notice).
+    assert_eq!(started["PRIORITY"], "5", "{started:?}");
+    // The file keeps its lines too.
+    assert!(sb.supervisor_log(id).contains("started Envoy pid"));
+    c.remove();
+}

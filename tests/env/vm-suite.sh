@@ -21,7 +21,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SUITE="
 cgroups ALL
 create memory_limit_raised_and_credentials_mounted
-sidecar tls_proxy_serves_the_app_with_its_identity sigterm_drains_new_connections_but_finishes_open_ones
+sidecar tls_proxy_serves_the_app_with_its_identity sigterm_drains_new_connections_but_finishes_open_ones journal_gets_the_supervisors_lines_with_the_container_id
 ingress unproxied_off_with_mutual_tls_only_envoy_reaches_the_app_ports an_ingress_filter_removed_or_loosened_inside_the_container_is_put_back
 nat gc_cleans_a_crash_and_spares_the_living
 faults wrapper_sigkill_mid_create_then_gc_cleans
