@@ -203,6 +203,12 @@ pub fn bootstrap(i: &Inputs) -> Value {
         "admin": admin(i.admin),
         "overload_manager": overload_manager(i),
         "layered_runtime": layered_runtime(),
+        // Idle timers (issue 23: a host of 200 idle Envoys). No stats sink is
+        // configured and everything the product reads from `/stats` is a counter or a
+        // gauge, live at every admin request; the flush timer (every 5 s by default)
+        // only latches histograms for sinks: flushed on admin requests instead.
+        "stats_flush_on_admin": true,
+        "watchdogs": watchdogs(),
         "static_resources": {
             "listeners": i.listeners.iter().map(|l| listener(i, l)).collect::<Vec<_>>(),
             "clusters": app_ports.iter().map(|&p| cluster(i, p)).collect::<Vec<_>>(),
@@ -264,6 +270,19 @@ fn overload_manager(i: &Inputs) -> Value {
 }
 
 const HEAP_MONITOR: &str = "envoy.resource_monitors.fixed_heap";
+
+/// Envoy's guard dog wakes at the smallest of its timeouts and makes every thread's
+/// dispatcher touch its watchdog at half that: with the defaults (miss 200 ms, megamiss
+/// 1 s) each thread wakes 10 times a second, idle or not. Nothing is killed on a miss
+/// by default (a stat and a log line only), and a hung Envoy is the supervisor's
+/// liveness handshake's to find (`proxy.liveness_interval`, restarted after two
+/// failures): 60 s trades only the watchdog's miss statistics for 1 wake-up per 30 s.
+fn watchdogs() -> Value {
+    let relaxed = json!({ "miss_timeout": WATCHDOG_TIMEOUT, "megamiss_timeout": WATCHDOG_TIMEOUT });
+    json!({ "main_thread_watchdog": relaxed, "worker_watchdog": relaxed })
+}
+
+const WATCHDOG_TIMEOUT: &str = "60s";
 
 /// One static runtime layer: the heap monitor counts tcmalloc's allocated bytes
 /// (`fixed_heap_use_allocated`, a runtime flag off by default in Envoy 1.37–1.40),
