@@ -87,6 +87,7 @@ bench: deps release
 	scripts/bench-memory.sh
 	scripts/bench-network.sh
 	scripts/bench-scale.sh
+	scripts/bench-density.sh
 
 # Binaries to /usr/local/bin, default config (kept if present), containerd drop-in,
 # gc timer; `envoy-sidecar install --dry-run` shows what it would change.
