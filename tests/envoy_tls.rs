@@ -233,6 +233,11 @@ impl Setup {
             ipv6: true,
             max_connections,
             heap_budget_bytes: envoy_sidecar::envoy::sizing::heap_budget_bytes(32, mtls.is_some()),
+            overload_refresh: Duration::from_millis(envoy_sidecar::envoy::sizing::heap_refresh_ms(
+                u64::from(max_connections),
+                32,
+                mtls.is_some(),
+            )),
             handshake_timeout,
         });
         let bootstrap = dir.path().join("bootstrap.json");

@@ -1903,6 +1903,7 @@ fn bootstrap_escapes_every_string() {
                 ipv6: max % 2 == 0,
                 max_connections: max,
                 heap_budget_bytes: u64::from(max) * 40_000,
+                overload_refresh: std::time::Duration::from_millis(100),
                 handshake_timeout: std::time::Duration::from_secs(5),
             };
             let sans = mtls.as_ref().map(|(_, s)| s.clone()).unwrap_or_default();
@@ -1996,6 +1997,7 @@ fn check_san_config(sans: &[String]) -> TestCaseResult {
         ipv6: true,
         max_connections: 4096,
         heap_budget_bytes: 17_167_047,
+        overload_refresh: std::time::Duration::from_millis(100),
         handshake_timeout: std::time::Duration::from_secs(5),
     };
     check_bootstrap(&i, sans, Some(&m.trusted_ca_pem))

@@ -178,6 +178,9 @@ pub struct Inputs<'a> {
     /// allocation): past [`HEAP_REJECT_PERCENT`](crate::envoy::sizing::HEAP_REJECT_PERCENT)
     /// of it, new connections are refused.
     pub heap_budget_bytes: u64,
+    /// The overload manager's refresh: how often the heap monitor samples
+    /// (`Config::overload_refresh`, `envoy::sizing::heap_refresh_ms`).
+    pub overload_refresh: Duration,
     /// How long a peer may take from accept to a completed TLS handshake
     /// (`proxy.handshake_timeout`): the filter chain's
     /// `transport_socket_connect_timeout`. Until then a connection that never sends a
@@ -237,12 +240,15 @@ pub fn bootstrap(i: &Inputs) -> Value {
 /// `tests/overload.rs` fails with the default counting). `shrink_heap` and
 /// `memory_allocator_manager` release cached pages but did not bring the default
 /// figure down reliably (one run from 95 % to 74 % after 5.4 s).
-/// `refresh_interval` 100 ms (default 1 s): the monitor is sampled while a flood
-/// handshakes ~200–300 connections a second on one worker; at 250 ms one flood overshot
-/// to 120 % of the budget, at 100 ms floods stopped at 93–97 %.
+/// `refresh_interval` ([`Inputs::overload_refresh`], `sizing::heap_refresh_ms`): 100 ms
+/// when an explicit cap exceeds what the allocation holds, so the monitor samples while
+/// a flood handshakes ~600 connections a second on one worker (at 250 ms one flood
+/// overshot to 120 % of the budget, at 1 s to 1088 connections; at 100 ms floods
+/// stopped at 93–97 %); 1 s under a cap within the allocation, where the cap trips
+/// first and each sample (~0.1 ms of Envoy's CPU) would be most of an idle Envoy's.
 fn overload_manager(i: &Inputs) -> Value {
     json!({
-        "refresh_interval": "0.1s",
+        "refresh_interval": envoy_duration(i.overload_refresh),
         "resource_monitors": [
             {
                 "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -618,8 +624,20 @@ mod tests {
             ipv6: true,
             max_connections: 1000,
             heap_budget_bytes: sizing::heap_budget_bytes(32, false),
+            overload_refresh: Duration::from_millis(sizing::HEAP_REFRESH_UNCAPPED_MS),
             handshake_timeout: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn the_overload_refresh_follows_the_inputs() {
+        let slow = bootstrap(&Inputs {
+            overload_refresh: Duration::from_secs(1),
+            ..inputs(ONE, Alpn::H2Http11, None)
+        });
+        assert_eq!(slow["overload_manager"]["refresh_interval"], "1s");
+        let fast = bootstrap(&inputs(ONE, Alpn::H2Http11, None));
+        assert_eq!(fast["overload_manager"]["refresh_interval"], "0.1s");
     }
 
     #[test]

@@ -160,6 +160,30 @@ pub fn heap_budget_connections(mb: u64, mtls: bool) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
+/// The heap monitor's sampling interval (`overload_manager.refresh_interval`) when the
+/// connection cap trips before the heap budget would on idle connections (cap ≤
+/// [`heap_budget_connections`]; so the default cap from 27 MiB of allocation up): the
+/// cap, enforced at accept, stops a flood, and the monitor is a backstop for
+/// connections that carry data. One sample costs Envoy ~0.1 ms of CPU (tcmalloc's statistics, measured
+/// on Envoy 1.40: 1.0 ms/s at 100 ms, 0.1 ms/s at 1 s; docs/BENCHMARKS.md, "Density").
+pub const HEAP_REFRESH_CAPPED_MS: u64 = 1_000;
+/// The interval when the cap exceeds what the heap budget holds (an explicit
+/// `max_connections`, or an allocation under 27 MiB): the monitor is then what stops a flood, and it must sample
+/// while one arrives — a flood takes ~600 connections a second on one worker;
+/// measured with 4000 offered: at 100 ms 448–512 taken (cgroup ≤ 31.4 MiB of 32), at
+/// 500 ms up to 640 (33.2 MiB), at 1 s up to 1088 (46.5 MiB).
+pub const HEAP_REFRESH_UNCAPPED_MS: u64 = 100;
+
+/// `overload_manager.refresh_interval` for a cap of `max_connections` and `mb` MiB of
+/// additional allocation, milliseconds (see the two constants).
+pub fn heap_refresh_ms(max_connections: u64, mb: u64, mtls: bool) -> u64 {
+    if max_connections <= heap_budget_connections(mb, mtls) {
+        HEAP_REFRESH_CAPPED_MS
+    } else {
+        HEAP_REFRESH_UNCAPPED_MS
+    }
+}
+
 /// Recommended `proxy.additional_memory_allocation_mb` (MiB) for an instance that must
 /// hold a peak of `connections` concurrent connections, with (`mtls`) or without
 /// client-certificate verification:
@@ -192,6 +216,32 @@ pub fn reference_mb(connections: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_refresh_is_slow_under_the_derived_cap_and_fast_past_it() {
+        let cap = default_max_connections(32, false, 100_000);
+        assert_eq!(cap, 386);
+        assert_eq!(heap_refresh_ms(cap, 32, false), HEAP_REFRESH_CAPPED_MS);
+        assert_eq!(heap_refresh_ms(100, 32, true), HEAP_REFRESH_CAPPED_MS);
+        assert_eq!(heap_refresh_ms(4096, 32, false), HEAP_REFRESH_UNCAPPED_MS);
+        assert_eq!(heap_budget_connections(32, false), 407);
+        assert_eq!(heap_refresh_ms(407, 32, false), HEAP_REFRESH_CAPPED_MS);
+        assert_eq!(heap_refresh_ms(408, 32, false), HEAP_REFRESH_UNCAPPED_MS);
+        // Small allocations: the derived cap exceeds the heap budget's floor.
+        let small = default_max_connections(21, false, 100_000);
+        assert_eq!(heap_refresh_ms(small, 21, false), HEAP_REFRESH_UNCAPPED_MS);
+        // From 27 MiB the derived cap trips first, TLS and mutual TLS.
+        for mb in 27..=4096 {
+            for mtls in [false, true] {
+                let cap = default_max_connections(mb, mtls, 100_000);
+                assert_eq!(
+                    heap_refresh_ms(cap, mb, mtls),
+                    HEAP_REFRESH_CAPPED_MS,
+                    "{mb} {mtls}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn reference_values() {

@@ -125,6 +125,8 @@ pub struct Policy {
     check_at: Option<Instant>,
     /// Liveness checks failed in a row.
     failures: u32,
+    /// State of the jitter's generator (see [`Policy::with_jitter`]).
+    jitter: u64,
 }
 
 impl Policy {
@@ -137,6 +139,7 @@ impl Policy {
             liveness: None,
             check_at: None,
             failures: 0,
+            jitter: 0,
         }
     }
 
@@ -147,6 +150,32 @@ impl Policy {
     pub fn with_liveness(mut self, interval: Option<Duration>) -> Policy {
         self.liveness = interval;
         self
+    }
+
+    /// Spread the liveness checks: each pause is drawn from 75–125 % of the interval
+    /// (a generator seeded with `seed`, e.g. the supervisor's pid), so that the checks
+    /// of a host's supervisors, started together after a reboot or a restore, do not
+    /// stay aligned on the same second. Without it (seed 0) every pause is the interval.
+    pub fn with_jitter(mut self, seed: u64) -> Policy {
+        self.jitter = seed;
+        self
+    }
+
+    /// The pause before the next routine liveness check.
+    fn next_check(&mut self, now: Instant) -> Option<Instant> {
+        let interval = self.liveness?;
+        if self.jitter == 0 {
+            return Some(now + interval);
+        }
+        // splitmix64: one step per check; uniform enough for spreading timers.
+        self.jitter = self.jitter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.jitter;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // 750..=1250 per mille of the interval.
+        let per_mille = 750 + (z % 501) as u32;
+        Some(now + interval * per_mille / 1000)
     }
 
     /// Where Envoy is in its life.
@@ -190,7 +219,7 @@ impl Policy {
                 Phase::Probing { since } if ready => {
                     self.phase = Phase::Running { since };
                     self.failures = 0;
-                    self.check_at = self.liveness.map(|i| now + i);
+                    self.check_at = self.next_check(now);
                     Action::Ready {
                         after: now.saturating_duration_since(since),
                     }
@@ -201,7 +230,7 @@ impl Policy {
             Event::Checked { alive } => match self.phase {
                 Phase::Running { .. } if alive => {
                     self.failures = 0;
-                    self.check_at = self.liveness.map(|i| now + i);
+                    self.check_at = self.next_check(now);
                     Action::Wait
                 }
                 Phase::Running { since } => {
@@ -596,6 +625,32 @@ mod tests {
         s.start_ready();
         assert_eq!(s.p.failures(), 0);
         assert_eq!(s.wake(), secs(10));
+    }
+
+    #[test]
+    fn jittered_checks_stay_within_a_quarter_of_the_interval_and_spread() {
+        let mut waits = Vec::new();
+        for seed in 1..=50u64 {
+            let mut s = Sim::new(secs(86_400));
+            s.p = s.p.clone().with_liveness(Some(secs(30))).with_jitter(seed);
+            s.start_ready();
+            for _ in 0..4 {
+                let w = s.wake();
+                assert!((ms(22_500)..=ms(37_500)).contains(&w), "seed {seed}: {w:?}");
+                waits.push(w);
+                assert_eq!(s.sleep(), Action::Check);
+                assert_eq!(s.on(Event::Checked { alive: true }), Action::Wait);
+            }
+            // A failure is retried after LIVENESS_RETRY, not jittered.
+            assert_eq!(s.sleep(), Action::Check);
+            assert_eq!(s.on(Event::Checked { alive: false }), Action::Wait);
+            assert_eq!(s.wake(), LIVENESS_RETRY);
+        }
+        // Spread over the range (not all on one value), mean near the interval.
+        let (lo, hi) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*lo < ms(25_000) && *hi > ms(35_000), "{lo:?} {hi:?}");
+        let mean = waits.iter().sum::<Duration>() / u32::try_from(waits.len()).unwrap();
+        assert!((ms(28_500)..=ms(31_500)).contains(&mean), "{mean:?}");
     }
 
     #[test]

@@ -308,7 +308,9 @@ fn tail(path: &std::path::Path, n: usize) -> String {
 impl Supervisor<'_> {
     fn main_loop(&mut self) -> Result<()> {
         self.prepare_envoy_dirs()?;
-        let mut policy = Policy::new(self.clock.now()).with_liveness(self.cfg.liveness_interval()?);
+        let mut policy = Policy::new(self.clock.now())
+            .with_liveness(self.cfg.liveness_interval()?)
+            .with_jitter(u64::from(std::process::id()) | 1);
         // The address the container has now (pre-configured netns, CRI, nerdctl):
         // NAT at once, and the first certificate already carries the IP.
         self.follow_network(None);
@@ -621,6 +623,7 @@ impl Supervisor<'_> {
             ipv6: netns::ipv6_supported(),
             max_connections: self.cfg.max_connections(),
             heap_budget_bytes: self.cfg.heap_budget_bytes(),
+            overload_refresh: self.cfg.overload_refresh(),
             handshake_timeout: self.cfg.handshake_timeout()?,
         };
         let json = serde_json::to_vec_pretty(&bootstrap::bootstrap(&inputs)).expect("serialises");
