@@ -271,10 +271,9 @@ fn record(
     (memory, user): (Memory, User),
     pod: Option<Pod>,
 ) -> Result<ContainerState> {
-    let listening = crate::sys::listeners::host_tcp_listeners();
     // Another proxied container (or any listener) in the namespace this one joins:
     // an Envoy of its own on ports of its own, and a filter table of its own.
-    let near = shared_netns::look(target, store, &listening);
+    let near = shared_netns::look(target, store);
     near.check_app_ports(&req.ports)?;
     let proxy = ports::select_proxy_ports_avoiding(&req.ports, |p| near.taken(p))?;
     let ingress_table = (!near.proxied.is_empty())
@@ -336,7 +335,7 @@ fn record(
     let forwarded = crate::nat::foreign::host_dnat_ports(&crate::nat::Nat::default().nft);
     let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
         index.port_taken(p)
-            || listening.contains(&p)
+            || crate::sys::listeners::tcp_port_taken(p)
             || forwarded.contains(&p)
             || req.published.contains(&p)
     })?;

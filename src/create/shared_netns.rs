@@ -90,15 +90,14 @@ fn ports_of(s: &ContainerState) -> impl Iterator<Item = u16> + '_ {
         .chain([s.admin_port])
 }
 
-/// Who is in `target` (see the module text). `host_listening`: the host's listeners,
-/// already read by the caller. A namespace path that cannot be opened is left to runc
-/// to report.
-pub fn look(target: &NetTarget, store: &Store, host_listening: &BTreeSet<u16>) -> Neighbours {
+/// Who is in `target` (see the module text). A namespace path that cannot be opened
+/// is left to runc to report.
+pub fn look(target: &NetTarget, store: &Store) -> Neighbours {
     let (key, listening, scan) = match target {
         NetTarget::Fresh => return Neighbours::default(),
         NetTarget::Host => (
             key_of(Path::new("/proc/self/ns/net")),
-            host_listening.clone(),
+            crate::sys::listeners::host_tcp_listeners(),
             true,
         ),
         NetTarget::Path(p) => {

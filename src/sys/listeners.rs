@@ -27,9 +27,58 @@ pub fn parse(text: &str) -> BTreeSet<u16> {
 pub fn host_tcp_listeners() -> BTreeSet<u16> {
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|f| read_proc(f).ok())
         .flat_map(|t| parse(&t))
         .collect()
+}
+
+/// A `/proc/net/tcp{,6}` file in large reads: each read(2) of it walks the kernel's
+/// socket hashes again, and `read_to_string` on a file of unknown size starts with
+/// 32-byte reads (measured: 13 ms for both files that way, 8 ms in 1 MiB reads).
+fn read_proc(path: &str) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Whether a TCP socket of this network namespace listens on `port` (any address,
+/// either family): a bind probe, no listing. `/proc/net/tcp` walks the kernel's whole
+/// established-connections hash on every read — sized by RAM, not by connections: ~4
+/// ms a file on a 23 GiB host with three sockets — while one bind costs microseconds.
+/// The probe is a dual-stack `[::]:port` socket with SO_REUSEADDR (IPv4 `0.0.0.0` when
+/// the kernel has no IPv6), bound and closed without `listen`, so it never accepts
+/// anything. With SO_REUSEADDR it conflicts with a listener on any address of the
+/// port and with a socket bound there without it; not with TIME_WAIT leftovers.
+pub fn tcp_port_taken(port: u16) -> bool {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, setsockopt, socket,
+        sockopt,
+    };
+    let probe = |family: AddressFamily| -> Option<nix::Result<()>> {
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).ok()?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
+        Some(match family {
+            AddressFamily::Inet6 => {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &false).ok()?;
+                let a = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+                bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn6::from(a))
+            }
+            _ => {
+                let a = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+                bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(a))
+            }
+        })
+    };
+    let r = probe(AddressFamily::Inet6).or_else(|| probe(AddressFamily::Inet));
+    matches!(r, Some(Err(nix::errno::Errno::EADDRINUSE)))
 }
 
 /// Every TCP port something listens on in the network namespace at `path` (a bind
@@ -40,7 +89,7 @@ pub fn tcp_listeners_in(path: &std::path::Path) -> std::io::Result<BTreeSet<u16>
     super::netns::run_in(&ns, || {
         ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
             .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter_map(|f| read_proc(f).ok())
             .flat_map(|t| parse(&t))
             .collect()
     })
@@ -62,6 +111,23 @@ mod tests {
         assert_eq!(parse(v6), BTreeSet::from([0xEE4A]));
         assert!(parse("").is_empty());
         assert!(parse("header\ngarbage line\n0: zz:zz 0 0A\n").is_empty());
+    }
+
+    #[test]
+    fn the_bind_probe_sees_listeners_of_either_family_on_any_address() {
+        for addr in ["127.0.0.1:0", "0.0.0.0:0", "[::1]:0", "[::]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(addr) else {
+                eprintln!("skipped {addr}: cannot bind it here");
+                continue;
+            };
+            let p = l.local_addr().unwrap().port();
+            assert!(tcp_port_taken(p), "{addr} port {p}");
+            drop(l);
+            assert!(!tcp_port_taken(p), "{addr} port {p} after close");
+        }
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = s.local_addr().unwrap().port();
+        assert!(!tcp_port_taken(p), "a UDP socket is not a TCP listener");
     }
 
     #[test]
