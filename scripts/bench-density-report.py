@@ -289,7 +289,7 @@ at their defaults, no overload manager); (b) adds `stats_flush_on_admin: true` a
 `watchdogs` with `miss_timeout`/`megamiss_timeout` 60 s for the main thread and the
 workers; (c) adds the `overload_manager` (downstream connections and fixed-heap
 monitors, the reject action) and `layered_runtime` blocks of a real container's
-`bootstrap.json`, refresh 0.1 s as the product sets it; (d) the same at 1 s; (e) the
+`bootstrap.json` at a refresh of 0.1 s (the product's past an explicit cap); (d) the same at 1 s (its own under the derived cap); (e) the
 whole bootstrap of one running container of this run, its listener moved to
 127.0.0.1 (no `[::]` address) and its admin to a socket of its own, with no supervisor
 talking to it; (e') that container's own Envoy in its netns

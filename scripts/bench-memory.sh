@@ -130,6 +130,10 @@ write_config() { # MODE
         echo "enabled = true"
         echo "envoy_path = \"$ENVOY\""
         echo "max_connections = $MAX_CONNECTIONS"
+        # What is measured is memory per held connection, unbounded: the heap budget
+        # follows the allocation (16.4 MiB at the default 32 MiB would refuse past
+        # ~410 connections), so the allocation is set far above the largest level.
+        echo "additional_memory_allocation_mb = 1024"
         # The bench reads admin with wget from inside the container.
         echo "admin_listener = \"loopback\""
         if [ "$mode" = mtls ]; then

@@ -256,7 +256,7 @@ Where (c)'s extra time goes, from the differences of medians (same run, same rou
 | step | ms | how |
 |---|---:|---|
 | the config-passing script | {med['d'] - med['a']:.1f} | (d) − (a) |
-| the wrapper reading and validating its config (CA files, paths) | {med['f'] - med['d']:.1f} | (f) − (d) |
+| the wrapper in every runc invocation of the lifecycle (create, start, delete twice: exec, config read; CA files validated on create only), nothing proxied | {med['f'] - med['d']:.1f} | (f) − (d) |
 | ports, state, index, spec patch, the poststart and poststop hooks, the supervisor (credentials, cgroups, probes), NAT bookkeeping | {med['e'] - med['f']:.1f} | (e) − (f) |
 | Envoy's own start-up, concurrent with the container's (≈ 70 ms of CPU on this 2-core machine) | {med['c'] - med['e']:.1f} | (c) − (e) |
 
