@@ -45,6 +45,18 @@ fn restored(sb: &Sandbox, id: &str, old_pid: i64) -> (Vec<String>, Value) {
     }
 }
 
+/// The app served through the proxy and the supervisor past its readiness probe: the
+/// checks under test are those of a running Envoy. (The test's own first response can
+/// come before the supervisor's probe succeeds; a fault injected in between is the
+/// readiness timeout's to handle, not liveness's.)
+fn start_ready(sb: &Sandbox, id: &str, net: &Netns) -> (Container, Value, String) {
+    let started = sb.start_served(id, net);
+    wait_until("status ready", Duration::from_secs(20), || {
+        status_row(&sb.config, NAMESPACE, id).is_some_and(|r| r["status"] == "ready")
+    });
+    started
+}
+
 fn envoy_pid(sb: &Sandbox, id: &str) -> i64 {
     sb.record(id)["envoy"]["pid"]
         .as_i64()
@@ -59,7 +71,7 @@ fn a_stopped_envoy_is_restarted_and_reported_degraded_meanwhile() {
     let sb = Sandbox::new("live-stop", LIVENESS_10S, "");
     let net = sb.slot.netns(0);
     let id = "es-live-stop";
-    let (_c, _st, addr) = sb.start_served(id, &net);
+    let (_c, _st, addr) = start_ready(&sb, id, &net);
     let pid = envoy_pid(&sb, id);
     // SIGSTOP: the kernel still accepts connections into the listen backlog, so
     // only a handshake tells that nobody is there.
@@ -92,7 +104,7 @@ fn listeners_drained_by_the_app_are_restored() {
     );
     let net = sb.slot.netns(0);
     let id = "es-live-drain";
-    let (c, st, addr) = sb.start_served(id, &net);
+    let (c, st, addr) = start_ready(&sb, id, &net);
     let pid = envoy_pid(&sb, id);
     let admin = st["admin_port"].as_u64().unwrap();
     // Any process in the app container can reach the loopback admin listener.
