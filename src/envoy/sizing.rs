@@ -164,14 +164,15 @@ pub fn heap_budget_connections(mb: u64, mtls: bool) -> u64 {
 /// connection cap trips before the heap budget would on idle connections (cap ≤
 /// [`heap_budget_connections`]; so the default cap from 27 MiB of allocation up): the
 /// cap, enforced at accept, stops a flood, and the monitor is a backstop for
-/// connections that carry data. One sample costs Envoy ~0.1 ms of CPU (tcmalloc's statistics, measured
-/// on Envoy 1.40: 1.0 ms/s at 100 ms, 0.1 ms/s at 1 s; docs/BENCHMARKS.md, "Density").
+/// connections that carry data. One sample costs Envoy ~0.1 ms of CPU (tcmalloc's
+/// statistics, measured on Envoy 1.40: 1.0 ms/s at 100 ms, 0.1 ms/s at 1 s;
+/// docs/BENCHMARKS.md, "Envoy heap budget").
 pub const HEAP_REFRESH_CAPPED_MS: u64 = 1_000;
 /// The interval when the cap exceeds what the heap budget holds (an explicit
-/// `max_connections`, or an allocation under 27 MiB): the monitor is then what stops a flood, and it must sample
-/// while one arrives — a flood takes ~600 connections a second on one worker;
-/// measured with 4000 offered: at 100 ms 448–512 taken (cgroup ≤ 31.4 MiB of 32), at
-/// 500 ms up to 640 (33.2 MiB), at 1 s up to 1088 (46.5 MiB).
+/// `max_connections`, or an allocation under 27 MiB): the monitor is then what stops
+/// a flood, and it must sample while one arrives — a flood takes ~600 connections a
+/// second on one worker; measured with 4000 offered: at 100 ms 448–512 taken (cgroup
+/// ≤ 31.4 MiB of 32), at 500 ms up to 640 (33.2 MiB), at 1 s up to 1088 (46.5 MiB).
 pub const HEAP_REFRESH_UNCAPPED_MS: u64 = 100;
 
 /// `overload_manager.refresh_interval` for a cap of `max_connections` and `mb` MiB of

@@ -25,7 +25,12 @@ pub fn parse(text: &str) -> BTreeSet<u16> {
 /// Every TCP port something listens on here, IPv4 and IPv6. A file that cannot be
 /// read adds nothing (no IPv6 in the kernel, say).
 pub fn host_tcp_listeners() -> BTreeSet<u16> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+    listen_ports(["/proc/net/tcp", "/proc/net/tcp6"])
+}
+
+/// The LISTEN ports of both files; a file that cannot be read adds nothing.
+fn listen_ports(files: [&str; 2]) -> BTreeSet<u16> {
+    files
         .iter()
         .filter_map(|f| read_proc(f).ok())
         .flat_map(|t| parse(&t))
@@ -87,11 +92,7 @@ pub fn tcp_port_taken(port: u16) -> bool {
 pub fn tcp_listeners_in(path: &std::path::Path) -> std::io::Result<BTreeSet<u16>> {
     let ns = std::fs::File::open(path)?;
     super::netns::run_in(&ns, || {
-        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-            .iter()
-            .filter_map(|f| read_proc(f).ok())
-            .flat_map(|t| parse(&t))
-            .collect()
+        listen_ports(["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"])
     })
 }
 
