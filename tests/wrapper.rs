@@ -620,6 +620,60 @@ fn a_host_port_a_host_process_listens_on_is_skipped() {
     drop(l);
 }
 
+/// Only listeners count: a host port that is merely the local end of a connection (an
+/// outgoing one's ephemeral port, which the ephemeral range shares with any pool) is
+/// handed out as usual — DNAT of new inbound connections does not touch it. (CI once
+/// skipped a pool's first port this way, nondeterministically, with a bind probe.)
+#[test]
+fn a_host_port_that_is_only_a_connections_local_end_is_handed_out() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A free port for the client's end, then a connection from exactly that port.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let at = |p| SockaddrIn::from(std::net::SocketAddrV4::new([127, 0, 0, 1].into(), p));
+    bind(sock.as_raw_fd(), &at(port)).unwrap();
+    connect(sock.as_raw_fd(), &at(l.local_addr().unwrap().port())).unwrap();
+    let (_server_end, _) = l.accept().unwrap();
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    let f = FakeStack::new(
+        "es-wr-connend",
+        "ns1",
+        &format!("[ports]\npool_start = {port}\npool_end = {}\n", port + 3),
+        &json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
+            "annotations": {"envoy-sidecar/ports": "8080"}
+        }),
+    );
+    let out = f.create(&[], "c1");
+    assert!(out.status.success(), "create: {}", text(&out));
+    let st = f.state_of("c1").expect("state");
+    let host: Vec<u64> = st["ports"][0]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("external"))
+        .filter_map(|(_, v)| v.as_u64())
+        .collect();
+    assert!(
+        host.contains(&u64::from(port)),
+        "the pool's first port {port} (a connection's local end, no listener) was skipped: {st}"
+    );
+    drop(sock);
+}
+
 /// The one deliberate difference from plain runc: `--version` (and `-v`) prints
 /// `envoy-sidecar-runc <version> (<commit>)` first, then the real runc's own output,
 /// byte for byte, with its exit code — also with a configuration that does not load.

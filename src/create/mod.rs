@@ -333,9 +333,10 @@ fn record(
     // DNAT rule on the host forwards (CNI portmap's for an earlier nerdctl -p), nor
     // this container's own -p (its portmap rule comes only with its createRuntime hook).
     let forwarded = crate::nat::foreign::host_dnat_ports(&crate::nat::Nat::default().nft);
+    let listening = crate::sys::listeners::host_tcp_listeners();
     let host = ports::allocate_host_ports(if unproxied { 2 * n } else { n }, cfg.pool(), |p| {
         index.port_taken(p)
-            || crate::sys::listeners::tcp_port_taken(p)
+            || listening.contains(&p)
             || forwarded.contains(&p)
             || req.published.contains(&p)
     })?;
