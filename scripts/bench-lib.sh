@@ -12,14 +12,14 @@ OUT="$REPO/docs/BENCHMARKS.md"
 MD_SECTION="$REPO/scripts/md-section.py"
 
 # No container of this run left in containerd, and nothing but the host-wide lock file
-# (and the host-wide allocation index, rebuilt from the state files) left in the
-# product's state directory.
+# (and the host-wide allocation index, rebuilt from the state files; the empty .admin
+# and .pods directories) left in the product's state directory.
 bench_leak_check() {
     local left leaked
     left="$(ctr_ containers ls -q | grep -F "$ID_PREFIX" || true)"
     [ -z "$left" ] || die "containers left behind: $left"
     if [ -d "$STATE" ]; then
-        leaked="$(find "$STATE" -mindepth 1 ! -path "$STATE/.lock" ! -path "$STATE/.index.json" ! -path "$STATE/.admin" -print)"
+        leaked="$(find "$STATE" -mindepth 1 ! -path "$STATE/.lock" ! -path "$STATE/.index.json" ! -path "$STATE/.admin" ! -path "$STATE/.pods" -print)"
         [ -z "$leaked" ] || die "envoy-sidecar state dir $STATE not empty after the runs:"$'\n'"$leaked"
     fi
 }

@@ -151,6 +151,9 @@ pub enum Action {
     RemoveNat(Mapping),
     /// The allocation index disagrees with the state files: rewrite it from them.
     RebuildIndex { reasons: Vec<String> },
+    /// Pod-member markers (`<state_dir>/.pods/<ns>/<id>`) no pod record confirms: a
+    /// create or a leave that died between marker and record.
+    RemovePodMarkers { paths: Vec<PathBuf> },
     /// A supervisor or Envoy of a container without state.
     Kill {
         proc: ProcId,
@@ -226,6 +229,16 @@ impl fmt::Display for Action {
                 f,
                 "rebuilding the allocation index from the state files ({})",
                 reasons.join("; ")
+            ),
+            Action::RemovePodMarkers { paths } => write!(
+                f,
+                "removing {} pod-member marker(s) no pod record lists: {}",
+                paths.len(),
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Action::Kill {
                 proc,
@@ -526,7 +539,7 @@ pub fn apply(
             | Action::RemoveInterrupted { .. }
             | Action::RemoveNat(_) => removed.remove(&i).unwrap_or(Ok(())),
             // Checked and carried out by `run`, after everything else.
-            Action::RebuildIndex { .. } => Ok(()),
+            Action::RebuildIndex { .. } | Action::RemovePodMarkers { .. } => Ok(()),
             Action::Kill { proc, .. } => {
                 if host.procs.alive(proc) {
                     host.procs.terminate(proc, KILL_GRACE);
@@ -631,6 +644,17 @@ pub fn run(store: &Store, host: &Host, o: &Options) -> Result<Report> {
         let a = Action::RebuildIndex { reasons };
         if !o.dry_run
             && let Err(e) = store.write_index(&lock, &truth)
+        {
+            failures.push((a.clone(), e));
+        }
+        actions.push(a);
+    }
+    let stale = store.stale_pod_markers();
+    if !stale.is_empty() {
+        let a = Action::RemovePodMarkers { paths: stale };
+        if !o.dry_run
+            && let Action::RemovePodMarkers { paths } = &a
+            && let Err(e) = store.remove_pod_markers_locked(&lock, paths)
         {
             failures.push((a.clone(), e));
         }

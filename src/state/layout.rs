@@ -18,6 +18,9 @@ pub const NAT_FILE: &str = "nat.json";
 /// Under `<state_dir>`: one directory per Envoy uid holding its admin socket.
 pub const ADMIN_DIR: &str = ".admin";
 pub const ADMIN_SOCKET: &str = "admin.sock";
+/// Under `<state_dir>`: `<namespace>/<member id>` files, each naming the pod record
+/// that lists that container (see `Store::pod_of_member`).
+pub const POD_MARKERS_DIR: &str = ".pods";
 /// The longest unix socket path the kernel takes (`sun_path` is 108 bytes with NUL).
 pub const SUN_PATH_MAX: usize = 107;
 

@@ -223,20 +223,147 @@ impl Store {
         Ok(out)
     }
 
-    /// The pod record (in `ns`) that lists container `id` among its members. A scan
-    /// of the namespace's records: only asked for ids with no record of their own.
+    /// The pod record (in `ns`) that lists container `id` among its members. Asked on
+    /// every `delete` and `kill` of an id with no record of its own (`ctr run --rm`
+    /// deletes twice), so it must not read every record: the member's marker
+    /// (`<state_dir>/.pods/<ns>/<id>`, naming its pod) gives the one record to read,
+    /// and that record, the source of truth, confirms it. Without the markers
+    /// directory (a state dir from before markers, until the next create writes them)
+    /// every record of the namespace is read, as before.
     pub fn pod_of_member(&self, ns: &str, id: &str) -> Result<Option<ContainerState>> {
+        if !self.markers_kept() {
+            return self.scan_pod_of_member(ns, id);
+        }
+        let marker = self.marker(ns, id);
+        let pod = match fs::read_to_string(&marker) {
+            Ok(p) => p,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: marker,
+                    source: e,
+                });
+            }
+        };
+        // A marker is a hint: one naming no valid id, a record gone, or one that no
+        // longer lists the member (a leave that died before clearing it) is not a pod.
+        let pod = pod.trim();
+        if check_id(pod).is_err() {
+            return Ok(None);
+        }
+        Ok(self
+            .read(ns, pod)
+            .ok()
+            .flatten()
+            .filter(|s| lists_member(s, id)))
+    }
+
+    fn scan_pod_of_member(&self, ns: &str, id: &str) -> Result<Option<ContainerState>> {
         for other in read_dir_names(&self.root.join(ns))? {
             // A record being removed meanwhile, or unreadable, is not this one's pod.
             if let Ok(Some(s)) = self.read(ns, &other)
-                && s.pod
-                    .as_ref()
-                    .is_some_and(|p| p.members.iter().any(|m| m.id == id))
+                && lists_member(&s, id)
             {
                 return Ok(Some(s));
             }
         }
         Ok(None)
+    }
+
+    fn markers_root(&self) -> PathBuf {
+        self.root.join(crate::state::layout::POD_MARKERS_DIR)
+    }
+
+    fn marker(&self, ns: &str, member: &str) -> PathBuf {
+        self.markers_root().join(ns).join(member)
+    }
+
+    /// Whether pod-member markers are kept in this state dir (written by every create
+    /// since they exist; see [`Store::ensure_markers_locked`]).
+    fn markers_kept(&self) -> bool {
+        self.markers_root().is_dir()
+    }
+
+    /// Start keeping markers (the first create of a state dir, or the first after an
+    /// upgrade): one for every member of every pod record, written into a fresh
+    /// directory that is then renamed into place, so that `pod_of_member` switches
+    /// from the scan to the markers only when they are complete.
+    fn ensure_markers_locked(&self, _lock: &Lock) -> Result<()> {
+        let root = self.markers_root();
+        if root.is_dir() {
+            return Ok(());
+        }
+        let tmp = self
+            .root
+            .join(format!("{}.tmp", crate::state::layout::POD_MARKERS_DIR));
+        fsutil::remove_dir_all_if_exists(&tmp)?;
+        let build = || -> Result<()> {
+            fs::DirBuilder::new().mode(0o700).create(&tmp).at(&tmp)?;
+            for s in self.list()? {
+                for m in s.pod.iter().flat_map(|p| &p.members) {
+                    write_marker(&tmp.join(&s.namespace).join(&m.id), &s.id)?;
+                }
+            }
+            fs::rename(&tmp, &root).at(&root)
+        };
+        // Not fatal: without markers `pod_of_member` scans, which is right, only slower
+        // (a record that does not parse, say, until gc or its delete removes it).
+        if let Err(e) = build() {
+            tracing::warn!(error = %e, "pod-member markers not written; lookups scan the records");
+            let _ = fsutil::remove_dir_all_if_exists(&tmp);
+        }
+        Ok(())
+    }
+
+    /// Markers of members that joined pod record `s` (before the record lists them).
+    fn mark_members(&self, s: &ContainerState) -> Result<()> {
+        for m in s.pod.iter().flat_map(|p| &p.members) {
+            let path = self.marker(&s.namespace, &m.id);
+            if fs::read_to_string(&path).is_ok_and(|p| p.trim() == s.id) {
+                continue;
+            }
+            write_marker(&path, &s.id)?;
+        }
+        Ok(())
+    }
+
+    /// Remove the markers of `members` that still name pod `pod` (after its record no
+    /// longer lists them); best effort: a marker left behind is only a hint that
+    /// `pod_of_member` checks, and gc removes it.
+    fn unmark_members<'a>(&self, ns: &str, pod: &str, members: impl Iterator<Item = &'a str>) {
+        for m in members {
+            let path = self.marker(ns, m);
+            if fs::read_to_string(&path).is_ok_and(|p| p.trim() == pod) {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        let _ = fs::remove_dir(self.markers_root().join(ns));
+    }
+
+    /// Markers that name no pod record listing their member (a create or leave that
+    /// died between marker and record): for gc.
+    pub fn stale_pod_markers(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.markers_root();
+        for ns in read_dir_names(&root).unwrap_or_default() {
+            for member in read_dir_names(&root.join(&ns)).unwrap_or_default() {
+                if !matches!(self.pod_of_member(&ns, &member), Ok(Some(_))) {
+                    out.push(root.join(&ns).join(member));
+                }
+            }
+        }
+        out
+    }
+
+    /// Remove markers [`Store::stale_pod_markers`] returned (gc, holding the lock).
+    pub fn remove_pod_markers_locked(&self, _lock: &Lock, paths: &[PathBuf]) -> Result<()> {
+        for p in paths {
+            fsutil::remove_if_exists(p)?;
+            if let Some(dir) = p.parent() {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+        Ok(())
     }
 
     /// Take `gone` out of the members of pod record `ns/pod` (gc, holding the lock).
@@ -324,6 +451,7 @@ impl Store {
     /// then its directory (and the credentials directory owned by the container user)
     /// and its state, written atomically.
     pub fn create(&self, lock: &Lock, ix: &mut Index, s: &ContainerState) -> Result<()> {
+        self.ensure_markers_locked(lock)?;
         ix.add(&s.namespace, &s.id, Claim::of(s));
         self.write_index(lock, ix)?;
         fault::kill_point("create:index-written");
@@ -348,10 +476,25 @@ impl Store {
         self.write(s)
     }
 
+    /// Write a record. A pod record's members get their markers first and lose
+    /// them after (those the previous version listed and this one does not), so a
+    /// marker exists for every member the record lists at any moment.
     pub fn write(&self, s: &ContainerState) -> Result<()> {
         let path = self.dir(&s.namespace, &s.id).join(STATE_FILE);
         let bytes = serde_json::to_vec_pretty(s).expect("state serialises");
-        fsutil::write_atomic(&path, &bytes, 0o600)
+        let Some(pod) = s.pod.as_ref().filter(|_| self.markers_kept()) else {
+            return fsutil::write_atomic(&path, &bytes, 0o600);
+        };
+        let before = self.read(&s.namespace, &s.id).ok().flatten();
+        self.mark_members(s)?;
+        fsutil::write_atomic(&path, &bytes, 0o600)?;
+        let left = before
+            .iter()
+            .flat_map(|b| b.pod.iter().flat_map(|p| &p.members))
+            .filter(|m| !pod.members.iter().any(|n| n.id == m.id))
+            .map(|m| m.id.as_str());
+        self.unmark_members(&s.namespace, &s.id, left);
+        Ok(())
     }
 
     /// Forget a container: released in the index, then `state.json` removed
@@ -366,10 +509,8 @@ impl Store {
         let dir = self.dir(ns, id);
         let state = dir.join(STATE_FILE);
         // A state file that does not parse still goes; the index is then rebuilt.
-        let claim = match self.read(ns, id) {
-            Ok(s) => s.map(|s| Claim::of(&s)),
-            Err(_) => None,
-        };
+        let record = self.read(ns, id).ok().flatten();
+        let claim = record.as_ref().map(Claim::of);
         let uid = claim.as_ref().map(|c| c.envoy_uid);
         let existed = state.exists();
         if existed {
@@ -389,11 +530,32 @@ impl Store {
             self.leases.release(uid, &self.owner(ns, id))?;
         }
         fsutil::remove_dir_all_if_exists(&dir)?;
+        if let Some(p) = record.as_ref().and_then(|r| r.pod.as_ref()) {
+            self.unmark_members(ns, id, p.members.iter().map(|m| m.id.as_str()));
+        }
         // An empty namespace directory is noise for `ls` and gc; a concurrent create
         // recreates it (DirBuilder is recursive), and a non-empty one is left alone.
         let _ = fs::remove_dir(self.root.join(ns));
         Ok(existed)
     }
+}
+
+fn lists_member(s: &ContainerState, id: &str) -> bool {
+    s.pod
+        .as_ref()
+        .is_some_and(|p| p.members.iter().any(|m| m.id == id))
+}
+
+/// A marker: the pod's id, in a root-only directory made on demand.
+fn write_marker(path: &Path, pod: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .at(dir)?;
+    }
+    fsutil::write_atomic(path, pod.as_bytes(), 0o600)
 }
 
 fn parse_state(path: &Path, bytes: &[u8]) -> Result<ContainerState> {
@@ -591,6 +753,125 @@ pub(crate) mod tests {
         assert!(st.index(&l, &UIDS).unwrap().same_claims(&ix));
         fs::write(root.join(INDEX_FILE), b"{garbage").unwrap();
         assert!(st.index(&l, &UIDS).unwrap().same_claims(&ix));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            name: None,
+            requested_bytes: None,
+            declares_ports: false,
+            joined_at: String::new(),
+        }
+    }
+
+    fn pod_record(root: &Path, id: &str, uid_offset: u32, port: u16) -> ContainerState {
+        let mut p = sample("k8s.io", id, root, (port, None));
+        p.envoy_uid += uid_offset;
+        p.pod = Some(Pod::default());
+        p
+    }
+
+    fn join(st: &Store, pod: &mut ContainerState, m: &str) {
+        pod.pod.as_mut().unwrap().members.push(member(m));
+        st.write(pod).unwrap();
+    }
+
+    fn pod_id(st: &Store, m: &str) -> Option<String> {
+        st.pod_of_member("k8s.io", m).unwrap().map(|s| s.id)
+    }
+
+    #[test]
+    fn pod_members_are_found_by_their_markers_and_the_markers_follow_the_record() {
+        let root = tempdir("store-markers");
+        let st = Store::new(&root);
+        let mut p = pod_record(&root, "sandbox1", 0, 61001);
+        record(&st, &p);
+        join(&st, &mut p, "app");
+        join(&st, &mut p, "log");
+        let marker = root.join(".pods/k8s.io/app");
+        assert_eq!(fs::read_to_string(&marker).unwrap(), "sandbox1");
+        assert_eq!(pod_id(&st, "app").as_deref(), Some("sandbox1"));
+        assert_eq!(pod_id(&st, "log").as_deref(), Some("sandbox1"));
+        assert_eq!(pod_id(&st, "other"), None);
+        assert_eq!(st.pod_of_member("default", "app").unwrap(), None);
+
+        // A member leaves: its marker goes with it, the other stays.
+        assert!(st.leave_pod("k8s.io", "app").unwrap());
+        assert!(!marker.exists());
+        assert_eq!(pod_id(&st, "app"), None);
+        assert_eq!(pod_id(&st, "log").as_deref(), Some("sandbox1"));
+
+        // Found without reading other records: a record that does not parse in the
+        // namespace does not get in the way (the scan would skip it too).
+        fs::create_dir_all(root.join("k8s.io/broken")).unwrap();
+        fs::write(root.join("k8s.io/broken/state.json"), b"{").unwrap();
+        assert_eq!(pod_id(&st, "log").as_deref(), Some("sandbox1"));
+        fs::remove_dir_all(root.join("k8s.io/broken")).unwrap();
+
+        // The pod record goes: so do its members' markers and the namespace's dir.
+        assert!(st.remove("k8s.io", "sandbox1").unwrap());
+        assert_eq!(pod_id(&st, "log"), None);
+        assert!(root.join(".pods").is_dir());
+        assert_eq!(fs::read_dir(root.join(".pods")).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_from_before_markers_is_scanned_until_a_create_writes_them() {
+        let root = tempdir("store-upgrade");
+        let st = Store::new(&root);
+        let mut p = pod_record(&root, "sandbox1", 0, 61001);
+        record(&st, &p);
+        join(&st, &mut p, "app");
+        // As an older version left it: pod records, no markers.
+        fs::remove_dir_all(root.join(".pods")).unwrap();
+        assert_eq!(pod_id(&st, "app").as_deref(), Some("sandbox1"), "scanned");
+        // Without markers, a member's join writes none (they come complete, below).
+        join(&st, &mut p, "log");
+        assert!(!root.join(".pods").exists());
+        assert_eq!(pod_id(&st, "log").as_deref(), Some("sandbox1"), "scanned");
+
+        record(&st, &sample("default", "plain", &root, (61002, None)));
+        for m in ["app", "log"] {
+            assert_eq!(
+                fs::read_to_string(root.join(".pods/k8s.io").join(m)).unwrap(),
+                "sandbox1"
+            );
+            assert_eq!(pod_id(&st, m).as_deref(), Some("sandbox1"), "by marker");
+        }
+        assert!(!root.join(".pods.tmp").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_marker_no_record_confirms_is_no_pod_and_gc_finds_it() {
+        let root = tempdir("store-stale-marker");
+        let st = Store::new(&root);
+        let mut p = pod_record(&root, "sandbox1", 0, 61001);
+        record(&st, &p);
+        join(&st, &mut p, "app");
+        // A join that died after its marker, one naming a pod that is gone, and one
+        // whose content is not an id.
+        let dir = root.join(".pods/k8s.io");
+        fs::write(dir.join("died"), "sandbox1").unwrap();
+        fs::write(dir.join("orphan"), "sandbox9").unwrap();
+        fs::write(dir.join("garbage"), "../../etc").unwrap();
+        for m in ["died", "orphan", "garbage"] {
+            assert_eq!(pod_id(&st, m), None, "{m}");
+        }
+        let mut stale = st.stale_pod_markers();
+        stale.sort();
+        assert_eq!(
+            stale,
+            vec![dir.join("died"), dir.join("garbage"), dir.join("orphan")]
+        );
+        let l = st.lock().unwrap();
+        st.remove_pod_markers_locked(&l, &stale).unwrap();
+        drop(l);
+        assert!(st.stale_pod_markers().is_empty());
+        assert_eq!(pod_id(&st, "app").as_deref(), Some("sandbox1"));
         fs::remove_dir_all(&root).unwrap();
     }
 
