@@ -490,3 +490,111 @@ fn an_address_bound_mapping_forwards_that_address_only_and_old_tables_are_upgrad
             .is_empty()
     );
 }
+
+/// The foreign-DNAT check reads the kernel's rules over netlink (`nat::foreign::
+/// scan_rules`) instead of `nft --json list ruleset` on every create. Both readings of
+/// the same real ruleset must agree: native nftables (literal, range, `!=`, UDP,
+/// accept-only, redirect, IPv6), iptables-nft's portmap shape, and the product's own map
+/// rule (the lab's skeleton); a DNAT through a set of ports is left to `nft`, and the
+/// whole check (`host_dnat_ports`) then still finds the set's ports.
+#[test]
+fn dnat_ports_read_over_netlink_agree_with_nft_json() {
+    use envoy_sidecar::nat::foreign::{self, RuleScan};
+    if !can_run_without_containerd("dnat_ports_read_over_netlink_agree_with_nft_json") {
+        return;
+    }
+    let lab = Lab::new("dnat");
+    let rules = "table ip es_foreign_t {
+      chain pre { type nat hook prerouting priority -100;
+        tcp dport 17780 dnat to 198.51.100.2:80
+        tcp dport 17790-17791 dnat to 198.51.100.2
+        udp dport 5353 dnat to 198.51.100.2
+        tcp dport 17800 accept
+        tcp dport != 17801 dnat to 198.51.100.2
+        meta l4proto tcp th dport 17810 dnat to 198.51.100.2
+        ip saddr 198.51.100.9 counter
+      }
+      chain out { type nat hook output priority -100; tcp dport 17782 redirect to :80; }
+    }
+    table ip6 es_foreign_t6 {
+      chain pre { type nat hook prerouting priority -100; tcp dport 17783 dnat to [2001:db8::2]:80; }
+    }
+    table inet es_foreign_filter {
+      chain in { type filter hook input priority 0; tcp dport 17840 drop; }
+    }";
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("h"), "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "rules");
+    // portmap's iptables-nft shape: `-p tcp --dport H -j DNAT`, and a UDP one.
+    for (proto, port) in [("tcp", "17777"), ("udp", "17778")] {
+        let o = lab.exec(
+            "h",
+            &[
+                "iptables-nft",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                proto,
+                "--dport",
+                port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                "10.77.2.2:80",
+            ],
+        );
+        assert!(o.status.success(), "iptables-nft: {}", text(&o));
+    }
+
+    let scan = || {
+        lab.run_in("h", || {
+            nfnetlink::dump_rules().map(|r| foreign::scan_rules(&r))
+        })
+    };
+    let json = || {
+        let o = lab.nft(&["--terse", "--json", "list", "ruleset"]);
+        assert!(o.status.success(), "{}", text(&o));
+        foreign::parse_nft_json(&String::from_utf8_lossy(&o.stdout))
+    };
+    let want: std::collections::BTreeSet<u16> =
+        [17777, 17780, 17782, 17783, 17790, 17791, 17810].into();
+    assert_eq!(scan().unwrap(), RuleScan::Ports(want.clone()), "netlink");
+    assert_eq!(json(), want, "nft --json");
+
+    // A set of ports: netlink defers to nft, and the whole check still has them.
+    let o = lab.nft(&[
+        "add",
+        "rule",
+        "ip",
+        "es_foreign_t",
+        "pre",
+        "tcp",
+        "dport",
+        "{",
+        "17830,",
+        "17831",
+        "}",
+        "dnat",
+        "to",
+        "198.51.100.2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(scan().unwrap(), RuleScan::NeedsNft);
+    let nft_path = nat::Nat::default().nft;
+    let all = lab.run_in("h", move || foreign::host_dnat_ports(&nft_path));
+    let mut with_set = want;
+    with_set.extend([17830, 17831]);
+    assert_eq!(all, with_set);
+    assert_eq!(json(), with_set);
+}

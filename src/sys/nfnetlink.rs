@@ -73,6 +73,8 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 // linux/netfilter/nf_tables.h
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFTA_LIST_ELEM: u16 = 1;
@@ -693,6 +695,53 @@ fn ct_matching(sock: &mut Netfilter, ips: &[IpAddr], seq: u32) -> io::Result<Vec
             if m.flags & NLM_F_MULTI == 0 && m.ty != NLMSG_ERROR {
                 // A single (non-multipart) reply is the whole answer.
                 return Ok(found);
+            }
+        }
+    }
+}
+
+/// The request dumping every nf_tables rule of the namespace, all families.
+pub fn rules_dump_request(seq: u32) -> io::Result<Vec<u8>> {
+    let mut w = Writer::default();
+    let m = w.begin_msg(
+        nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETRULE),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        AF_UNSPEC,
+        0,
+    );
+    w.end_msg(m)?;
+    Ok(w.buf)
+}
+
+/// Every rule of this socket's namespace (`nft list ruleset` without set elements,
+/// chains or the JSON): each `NFT_MSG_NEWRULE` payload's attributes, after nfgenmsg.
+/// The kernel serialises the rules; no process, no libnftables.
+pub fn dump_rules() -> io::Result<Vec<Vec<u8>>> {
+    let mut sock = Netfilter::open()?;
+    let seq = sock.seqs(1);
+    sock.send(&rules_dump_request(seq)?)?;
+    let mut rules = Vec::new();
+    loop {
+        let dg = sock.recv()?;
+        for m in messages(dg)? {
+            if m.seq != seq {
+                continue;
+            }
+            match m.ty {
+                NLMSG_DONE => return Ok(rules),
+                NLMSG_ERROR => match error_code(m.payload) {
+                    Some(0) => {}
+                    Some(e) => return Err(io::Error::from_raw_os_error(e)),
+                    None => return Err(malformed("short error")),
+                },
+                t if t == nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWRULE) => {
+                    rules.push(m.payload.get(NFGENMSG_LEN..).unwrap_or(&[]).to_vec());
+                }
+                _ => {}
+            }
+            if m.flags & NLM_F_MULTI == 0 && m.ty != NLMSG_ERROR {
+                return Ok(rules);
             }
         }
     }
