@@ -122,6 +122,9 @@ fn dreg_attr(name: &str) -> Option<u16> {
     }
 }
 
+/// One expression of a rule: its name and its data's attributes.
+type Expr<'a> = (&'a [u8], Vec<(u16, &'a [u8])>);
+
 /// Attribute `t` of a parsed attribute list.
 fn get<'a>(d: &[(u16, &'a [u8])], t: u16) -> Option<&'a [u8]> {
     d.iter().find(|(x, _)| *x == t).map(|(_, v)| *v)
@@ -157,7 +160,7 @@ pub fn scan_rules(rules: &[Vec<u8>]) -> RuleScan {
         else {
             continue;
         };
-        let exprs: Vec<(&[u8], Vec<(u16, &[u8])>)> = attrs(list)
+        let exprs: Vec<Expr<'_>> = attrs(list)
             .into_iter()
             .map(|(_, e)| {
                 let a = attrs(e);
