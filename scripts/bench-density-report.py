@@ -89,6 +89,10 @@ def main():
         first10 = [r["ready_ms"] for r in srt[:10] if "ready_ms" in r]
         last10 = [r["ready_ms"] for r in srt[-10:] if "ready_ms" in r]
         ret10 = (med([r["run_return_ms"] for r in srt[:10]]), med([r["run_return_ms"] for r in srt[-10:]]))
+        def ends(key):
+            return (med([r[key] for r in srt[:10] if key in r]),
+                    med([r[key] for r in srt[-10:] if key in r]))
+        rt10, runc10 = ends("runtime_ms"), ends("runc_ms")
         up10 = (med([r["ready_ms"] - r["run_return_ms"] for r in srt[:10] if "ready_ms" in r]),
                 med([r["ready_ms"] - r["run_return_ms"] for r in srt[-10:] if "ready_ms" in r]))
         idle = json.load(open(os.path.join(run, f"idle-{n}.json")))
@@ -124,7 +128,7 @@ def main():
             "st_rows": len(st), "st_ready": sum(1 for r in st if r.get("status") == "ready"),
             "st_nat": sum(1 for r in st if r.get("nat_applied") is True),
             "st_restarts": sum(int(r.get("restarts") or 0) for r in st),
-            "lv": lv, "ret10": ret10, "up10": up10,
+            "lv": lv, "ret10": ret10, "up10": up10, "rt10": rt10, "runc10": runc10,
             "split": {k: v / idle["host_total_ticks"] * 100 for k, v in idle.get("host_split_ticks", {}).items()},
             "others": idle.get("others", {}),
         })
@@ -148,6 +152,10 @@ def main():
         row("… median of all / max (ms)", lambda p: f"{p['ready_med']:.0f} / {p['ready_max']:.0f}"),
         row("… of which `ctr run -d` invoked → returned, median first 10 / last 10 (ms)",
             lambda p: f"{p['ret10'][0]:.0f} / {p['ret10'][1]:.0f}"),
+        row("… … of it the runtime's `create` + `start` (envoy-sidecar-runc, runc and the product's hooks inside), first 10 / last 10 (ms)",
+            lambda p: f"{p['rt10'][0]:.0f} / {p['rt10'][1]:.0f}"),
+        row("… … … of which runc's own `create` + `start` (the hooks inside)",
+            lambda p: f"{p['runc10'][0]:.0f} / {p['runc10'][1]:.0f}"),
         row("… and returned → first HTTPS response, median first 10 / last 10 (ms)",
             lambda p: f"{p['up10'][0]:.0f} / {p['up10'][1]:.0f}"),
         row("1-min load average before the level (s waited for it)",

@@ -10,7 +10,9 @@ Usage:
       HTTPS on IP:port every 3 ms (python ssl = OpenSSL, verifying against D_CA, server
       name = the id) until the app's answer comes back. One JSON line per container:
       run_return_ms, ready_ms (from invoking `ctr run -d`), ip, port, attempts, or
-      "error" when it never answered within D_READY_TIMEOUT s. Exits 1 only when
+      "error" when it never answered within D_READY_TIMEOUT s; runtime_ms and runc_ms:
+      the create + start invocations of the runtime (envoy-sidecar-runc) and of the
+      runc it runs, from the logs D_RUNTIME_TIMES and D_RUNC_TIMES. Exits 1 only when
       `ctr run -d` itself fails (the container is then the caller's to remove).
   bench-density.py sample OUT.json SECONDS [NAME=PID ...]
       CPU over SECONDS of idle: the host's /proc/stat (busy = all but idle and iowait)
@@ -85,6 +87,23 @@ def attempt(ctx, ip, port, cid):
     return f"unexpected response: {data[:200]!r}"
 
 
+def runtime_ms(path, cid):
+    """Milliseconds the create and start invocations of `cid` took, from a log of
+    `ID SUBCOMMAND START_NS END_NS` lines (the timing scripts of bench-density.sh);
+    None when the log has neither."""
+    total, seen = 0, False
+    try:
+        with open(path) as f:
+            for line in f:
+                w = line.split()
+                if len(w) == 4 and w[0] == cid and w[1] in ("create", "start"):
+                    total += int(w[3]) - int(w[2])
+                    seen = True
+    except (OSError, ValueError):
+        return None
+    return total / 1e6 if seen else None
+
+
 def cmd_create(args):
     out_path, first, count = args[0], int(args[1]), int(args[2])
     e = os.environ
@@ -106,6 +125,10 @@ def cmd_create(args):
                 r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT)
                 t_ret = time.monotonic()
             rec["run_return_ms"] = (t_ret - t0) * 1e3
+            for key, var in (("runtime_ms", "D_RUNTIME_TIMES"), ("runc_ms", "D_RUNC_TIMES")):
+                ms = runtime_ms(e[var], cid) if var in e else None
+                if ms is not None:
+                    rec[key] = ms
             if r.returncode != 0:
                 die(f"{cid}: ctr run -d exited {r.returncode}: " + open(log_path, errors="replace").read())
             ip = lease_ip(leases, f"{ns}-{cid}")

@@ -250,7 +250,7 @@ envoy_path = "$ENVOY"
 ca_cert = "$TMP/ca/ca.crt"
 ca_key = "$TMP/ca/ca.key"
 [runtime]
-runc = "$RUNC"
+runc = "$TMP/runc-timed"
 state_dir = "$STATE"
 [host]
 address = "$GATEWAY"
@@ -259,13 +259,25 @@ memory_capacity_mb = 16777216
 pool_start = $POOL_START
 pool_end = $POOL_END
 EOF
+# Both the runtime containerd calls and the runc it runs log each create and start
+# (container id, subcommand, start and end in ns) so the report can say how much of
+# `ctr run -d` is the runtime's, runc's (with the product's hooks, which runc runs) and
+# the rest (containerd, its shim, CNI). Each log line costs two `date` calls, in the
+# first and the last containers alike.
+timed_script() { # out real [VAR=value]
+    printf '#!/bin/bash\ns=$(date +%%s%%N)\n%s %q "$@"; rc=$?\n' "${3:-}" "$2"
+    printf 'case " $* " in *" create "*) sub=create;; *" start "*) sub=start;; *) exit $rc;; esac\n'
+    printf 'echo "${@: -1} $sub $s $(date +%%s%%N)" >>%q\nexit $rc\n' "$1"
+}
+timed_script "$TMP/runtime-times" "$WRAPPER" "ENVOY_SIDECAR_CONFIG=$(printf %q "$CONFIG")" >"$TMP/runc-wrapper"
+timed_script "$TMP/runc-times" "$RUNC" >"$TMP/runc-timed"
+chmod 0755 "$TMP/runc-wrapper" "$TMP/runc-timed"
 "$CLI" --config "$CONFIG" check-config >/dev/null || die "config $CONFIG does not check"
-printf '#!/bin/sh\nENVOY_SIDECAR_CONFIG=%s exec %s "$@"\n' "$CONFIG" "$WRAPPER" >"$TMP/runc-wrapper"
-chmod 0755 "$TMP/runc-wrapper"
 
 export D_SOCK="$SOCK" D_NS="$NS" D_IMAGE="$IMAGE" D_RUNTIME="$TMP/runc-wrapper"
 export D_ANN="$PORTS_ANNOTATION" D_APP="$APP_CMD" D_CLI="$CLI" D_CONFIG="$CONFIG"
 export D_LEASES="$LEASES" D_CA="$TMP/ca/ca.crt" D_TMP="$TMP" D_STATE="$STATE"
+export D_RUNTIME_TIMES="$TMP/runtime-times" D_RUNC_TIMES="$TMP/runc-times"
 export D_PREFIX="$ID_PREFIX" D_READY_TIMEOUT="$READY_TIMEOUT" D_CONTAINERD_PID="$CONTAINERD_PIDFILE"
 
 bench_export_machine_facts
