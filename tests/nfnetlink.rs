@@ -59,9 +59,14 @@ impl Lab {
              ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1"
         ));
         // The product's skeleton, under our table name.
-        let skeleton = nat::skeleton().replace(nat::TABLE, TABLE);
+        lab.nft_script(&nat::skeleton().replace(nat::TABLE, TABLE));
+        lab
+    }
+
+    /// `nft -f -` in h with `script`; it must succeed.
+    fn nft_script(&self, script: &str) {
         let mut nft = Command::new("ip")
-            .args(["netns", "exec", &h, "nft", "-f", "-"])
+            .args(["netns", "exec", &self.ns("h"), "nft", "-f", "-"])
             .stdin(Stdio::piped())
             .spawn()
             .unwrap();
@@ -69,10 +74,9 @@ impl Lab {
         nft.stdin
             .take()
             .unwrap()
-            .write_all(skeleton.as_bytes())
+            .write_all(script.as_bytes())
             .unwrap();
-        assert!(nft.wait().unwrap().success(), "skeleton");
-        lab
+        assert!(nft.wait().unwrap().success(), "nft -f: {script}");
     }
 
     fn ns(&self, n: &str) -> String {
@@ -522,18 +526,7 @@ fn dnat_ports_read_over_netlink_agree_with_nft_json() {
     table inet es_foreign_filter {
       chain in { type filter hook input priority 0; tcp dport 17840 drop; }
     }";
-    let mut nft = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("h"), "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success(), "rules");
+    lab.nft_script(rules);
     // portmap's iptables-nft shape: `-p tcp --dport H -j DNAT`, and a UDP one.
     for (proto, port) in [("tcp", "17777"), ("udp", "17778")] {
         let o = lab.exec(

@@ -585,19 +585,15 @@ fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
     }
 }
 
-/// A host port some host process listens on is never handed out: NAT would take that
-/// process's outside traffic (nerdctl >= 2.1.6 binds its `-p` ports; any service may
-/// sit in the pool). The pool here: the listener's port and the three above it.
-#[test]
-fn a_host_port_a_host_process_listens_on_is_skipped() {
-    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let busy = l.local_addr().unwrap().port();
+/// The state of container `c1` (one app port, 8080) created with the host port pool
+/// `start..=start + 3`.
+fn created_with_pool_from(tag: &str, start: u16) -> Value {
     let uid = nix::unistd::getuid().as_raw();
     let gid = nix::unistd::getgid().as_raw();
     let f = FakeStack::new(
-        "es-wr-listener",
+        tag,
         "ns1",
-        &format!("[ports]\npool_start = {busy}\npool_end = {}\n", busy + 3),
+        &format!("[ports]\npool_start = {start}\npool_end = {}\n", start + 3),
         &json!({
             "ociVersion": "1.0.2",
             "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
@@ -606,7 +602,17 @@ fn a_host_port_a_host_process_listens_on_is_skipped() {
     );
     let out = f.create(&[], "c1");
     assert!(out.status.success(), "create: {}", text(&out));
-    let st = f.state_of("c1").expect("state");
+    f.state_of("c1").expect("state")
+}
+
+/// A host port some host process listens on is never handed out: NAT would take that
+/// process's outside traffic (nerdctl >= 2.1.6 binds its `-p` ports; any service may
+/// sit in the pool). The pool here: the listener's port and the three above it.
+#[test]
+fn a_host_port_a_host_process_listens_on_is_skipped() {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let busy = l.local_addr().unwrap().port();
+    let st = created_with_pool_from("es-wr-listener", busy);
     let host = st["ports"][0]["external_tls_proxy"].as_u64().unwrap();
     assert_ne!(
         host,
@@ -645,21 +651,7 @@ fn a_host_port_that_is_only_a_connections_local_end_is_handed_out() {
     bind(sock.as_raw_fd(), &at(port)).unwrap();
     connect(sock.as_raw_fd(), &at(l.local_addr().unwrap().port())).unwrap();
     let (_server_end, _) = l.accept().unwrap();
-    let uid = nix::unistd::getuid().as_raw();
-    let gid = nix::unistd::getgid().as_raw();
-    let f = FakeStack::new(
-        "es-wr-connend",
-        "ns1",
-        &format!("[ports]\npool_start = {port}\npool_end = {}\n", port + 3),
-        &json!({
-            "ociVersion": "1.0.2",
-            "process": {"args": ["sh"], "env": ["PATH=/bin"], "user": {"uid": uid, "gid": gid}},
-            "annotations": {"envoy-sidecar/ports": "8080"}
-        }),
-    );
-    let out = f.create(&[], "c1");
-    assert!(out.status.success(), "create: {}", text(&out));
-    let st = f.state_of("c1").expect("state");
+    let st = created_with_pool_from("es-wr-connend", port);
     let host: Vec<u64> = st["ports"][0]
         .as_object()
         .unwrap()

@@ -90,13 +90,11 @@ mod sock_diag {
     };
     use nix::sys::time::{TimeVal, TimeValLike};
 
-    use crate::sys::nfnetlink::messages;
+    use crate::sys::nfnetlink::{
+        NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, error_code, messages,
+    };
 
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 0x2;
-    const NLMSG_DONE: u16 = 0x3;
-    const NLM_F_REQUEST: u16 = 0x01;
-    const NLM_F_DUMP: u16 = 0x100 | 0x200;
     const IPPROTO_TCP: u8 = 6;
     const TCP_LISTEN: u8 = 10;
     /// nlmsghdr (16) + inet_diag_req_v2 (family, protocol, ext, pad, states: 8; then
@@ -129,16 +127,11 @@ mod sock_diag {
             }
             match m.ty {
                 NLMSG_DONE => return Ok(true),
-                NLMSG_ERROR => {
-                    let code = m
-                        .payload
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(-libc::EPROTO);
-                    return Err(io::Error::from_raw_os_error(
-                        code.checked_neg().unwrap_or(0),
-                    ));
-                }
+                NLMSG_ERROR => match error_code(m.payload) {
+                    Some(0) => {}
+                    Some(e) => return Err(io::Error::from_raw_os_error(e)),
+                    None => return Err(io::Error::from_raw_os_error(libc::EPROTO)),
+                },
                 // inet_diag_msg: family, state, timer, retrans, then the sockid whose
                 // source port (network order) comes first.
                 SOCK_DIAG_BY_FAMILY => {

@@ -45,13 +45,13 @@ use nix::sys::time::{TimeVal, TimeValLike};
 // linux/netlink.h
 const NLMSG_HDRLEN: usize = 16;
 const NLA_HDRLEN: usize = 4;
-const NLMSG_ERROR: u16 = 0x2;
-const NLMSG_DONE: u16 = 0x3;
+pub(crate) const NLMSG_ERROR: u16 = 0x2;
+pub(crate) const NLMSG_DONE: u16 = 0x3;
 const NLMSG_MIN_TYPE: u16 = 0x10;
-const NLM_F_REQUEST: u16 = 0x01;
+pub(crate) const NLM_F_REQUEST: u16 = 0x01;
 const NLM_F_MULTI: u16 = 0x02;
 const NLM_F_ACK: u16 = 0x04;
-const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
+pub(crate) const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 1 << 15;
 const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
@@ -253,7 +253,7 @@ fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
 }
 
 /// The errno of an `NLMSG_ERROR` payload: `Some(0)` for an ack.
-fn error_code(payload: &[u8]) -> Option<i32> {
+pub(crate) fn error_code(payload: &[u8]) -> Option<i32> {
     let e = i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?);
     Some(e.checked_neg().unwrap_or(i32::MAX))
 }
@@ -665,11 +665,16 @@ fn ct_delete(w: &mut Writer, e: &CtEntry, seq: u32) -> io::Result<()> {
     w.end_msg(m)
 }
 
-/// Every conntrack entry whose reply comes from one of `ips` (sorted): a full dump,
-/// filtered here (what `conntrack -L --reply-src` does).
-fn ct_matching(sock: &mut Netfilter, ips: &[IpAddr], seq: u32) -> io::Result<Vec<CtEntry>> {
-    sock.send(&ct_dump_request(seq)?)?;
-    let mut found = Vec::new();
+/// Send dump `request` (sequence `seq`) and hand each reply message of type `ty` to
+/// `each` until the dump is done; an error reply ends it with the kernel's errno.
+fn dump(
+    sock: &mut Netfilter,
+    request: &[u8],
+    seq: u32,
+    ty: u16,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    sock.send(request)?;
     loop {
         let dg = sock.recv()?;
         for m in messages(dg)? {
@@ -677,27 +682,36 @@ fn ct_matching(sock: &mut Netfilter, ips: &[IpAddr], seq: u32) -> io::Result<Vec
                 continue;
             }
             match m.ty {
-                NLMSG_DONE => return Ok(found),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => match error_code(m.payload) {
                     Some(0) => {}
                     Some(e) => return Err(io::Error::from_raw_os_error(e)),
                     None => return Err(malformed("short error")),
                 },
-                t if t == nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW) => {
-                    if let Some(e) = parse_ct(m.payload)
-                        && e.reply_src.is_some_and(|ip| ips.binary_search(&ip).is_ok())
-                    {
-                        found.push(e);
-                    }
-                }
+                t if t == ty => each(m.payload),
                 _ => {}
             }
             if m.flags & NLM_F_MULTI == 0 && m.ty != NLMSG_ERROR {
                 // A single (non-multipart) reply is the whole answer.
-                return Ok(found);
+                return Ok(());
             }
         }
     }
+}
+
+/// Every conntrack entry whose reply comes from one of `ips` (sorted): a full dump,
+/// filtered here (what `conntrack -L --reply-src` does).
+fn ct_matching(sock: &mut Netfilter, ips: &[IpAddr], seq: u32) -> io::Result<Vec<CtEntry>> {
+    let mut found = Vec::new();
+    let ty = nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW);
+    dump(sock, &ct_dump_request(seq)?, seq, ty, |payload| {
+        if let Some(e) = parse_ct(payload)
+            && e.reply_src.is_some_and(|ip| ips.binary_search(&ip).is_ok())
+        {
+            found.push(e);
+        }
+    })?;
+    Ok(found)
 }
 
 /// The request dumping every nf_tables rule of the namespace, all families.
@@ -720,31 +734,12 @@ pub fn rules_dump_request(seq: u32) -> io::Result<Vec<u8>> {
 pub fn dump_rules() -> io::Result<Vec<Vec<u8>>> {
     let mut sock = Netfilter::open()?;
     let seq = sock.seqs(1);
-    sock.send(&rules_dump_request(seq)?)?;
     let mut rules = Vec::new();
-    loop {
-        let dg = sock.recv()?;
-        for m in messages(dg)? {
-            if m.seq != seq {
-                continue;
-            }
-            match m.ty {
-                NLMSG_DONE => return Ok(rules),
-                NLMSG_ERROR => match error_code(m.payload) {
-                    Some(0) => {}
-                    Some(e) => return Err(io::Error::from_raw_os_error(e)),
-                    None => return Err(malformed("short error")),
-                },
-                t if t == nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWRULE) => {
-                    rules.push(m.payload.get(NFGENMSG_LEN..).unwrap_or(&[]).to_vec());
-                }
-                _ => {}
-            }
-            if m.flags & NLM_F_MULTI == 0 && m.ty != NLMSG_ERROR {
-                return Ok(rules);
-            }
-        }
-    }
+    let ty = nfnl_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWRULE);
+    dump(&mut sock, &rules_dump_request(seq)?, seq, ty, |payload| {
+        rules.push(payload.get(NFGENMSG_LEN..).unwrap_or(&[]).to_vec());
+    })?;
+    Ok(rules)
 }
 
 impl Netfilter {
