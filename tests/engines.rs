@@ -4,7 +4,8 @@
 //! - both poststart orders under `ctr run -d --cni` (the network arrives between
 //!   create and start): runc's (poststart at the end of `create`), a stand-in that
 //!   runs poststart inside `start` as crun and runc's main do
-//!   (tests/env/poststart-at-start.py), and crun itself where it can run;
+//!   (tests/env/poststart-at-start.py), and crun itself where it can run — the
+//!   wrapper's `create` starts the sidecar itself, so both end the same;
 //! - the runc commands whose behaviour changed in runc 1.2/1.3, through the wrapper
 //!   and through the same stack's plain runc side by side: `features`, `kill --all` on
 //!   a stopped container, `delete` of a stopped proxied container, and a poststop hook
@@ -141,8 +142,11 @@ fn poststart_at_create_under_ctr_cni() {
     );
 }
 
-/// crun and runc's main run poststart inside `start`, after the user process began:
-/// the network is there when the supervisor starts, and everything holds the same.
+/// crun and runc's main run poststart inside `start`, after the user process began.
+/// That order changes nothing for a container the wrapper creates: it registers no
+/// poststart of ours (it starts the sidecar itself once runc's create returned), so
+/// the supervisor starts before ctr configures CNI, as under runc's order, and follows
+/// the address; everything holds the same.
 #[test]
 fn poststart_at_start_under_ctr_cni() {
     let test = "poststart_at_start_under_ctr_cni";
@@ -156,12 +160,15 @@ fn poststart_at_start_under_ctr_cni() {
     let log = ctr_cni_lifecycle("order-start", Some(&runc), id);
     let deferred = std::fs::read_to_string(&hooks_log).unwrap_or_default();
     assert!(
-        deferred.contains(&format!("poststart after start: {id}")),
-        "the stand-in ran our poststart inside start: {deferred:?}"
+        !deferred.contains(&format!("poststart after start: {id}")),
+        "no poststart of ours for the stand-in to defer: {deferred:?}"
     );
+    let waited = log.find("status: waiting-for-network");
+    let followed = log.find("container addresses none -> ");
     assert!(
-        !log.contains("status: waiting-for-network"),
-        "the network was configured before start, so before the supervisor:\n{log}"
+        waited.is_some() && followed.is_some() && waited < followed,
+        "{}: supervisor started at create, before the network, then followed it:\n{log}",
+        stack()
     );
 }
 

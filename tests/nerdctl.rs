@@ -26,12 +26,12 @@ fn fixture() -> Value {
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
-fn is_ours(hook: &Value, stage: &str) -> bool {
+fn is_ours(cli: &std::path::Path, hook: &Value, stage: &str) -> bool {
     let args: Vec<&str> = hook["args"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    hook["path"] == cli_bin().display().to_string()
+    hook["path"] == cli.display().to_string()
         && args.ends_with(&["hook", stage, "--namespace", "default"])
 }
 
@@ -105,8 +105,21 @@ impl Fake {
 
 #[test]
 fn our_hooks_wrap_nerdctls_which_stay_untouched() {
+    // nerdctl's path (containerd's shim: `create`): nerdctl's hooks exactly as they
+    // were and none of ours. The wrapper does poststart's work once runc returned (so
+    // after nerdctl's createRuntime hook gave the container its address), and
+    // poststop's in its `delete`, before runc's (so before nerdctl's CNI tear-down).
+    let created = Fake::new("hooks-create", |_| {});
+    created.create();
+    assert_eq!(created.spec()["hooks"], created.original["hooks"]);
+    assert!(created.state().is_some_and(|s| s["started_at"].is_string()));
+
+    // `runc run` (the app starts before runc returns): runc runs ours, placed around
+    // nerdctl's.
     let f = Fake::new("hooks", |_| {});
-    f.create();
+    let b = f.bundle.display().to_string();
+    let out = f.wrapper(&["run", "--detach", "--bundle", &b, ID]);
+    assert!(out.status.success(), "run: {}", text(&out));
     let spec = f.spec();
     let orig = &f.original;
 
@@ -122,7 +135,7 @@ fn our_hooks_wrap_nerdctls_which_stay_untouched() {
     // poststop: ours (stop Envoy, release) before nerdctl's (CNI tear-down).
     let ps = spec["hooks"]["poststop"].as_array().unwrap();
     assert_eq!(ps.len(), 2, "{ps:#?}");
-    assert!(is_ours(&ps[0], "poststop"), "{:#?}", ps[0]);
+    assert!(is_ours(&f.cli, &ps[0], "poststop"), "{:#?}", ps[0]);
     assert_eq!(
         ps[1], orig["hooks"]["poststop"][0],
         "nerdctl's poststop hook changed or moved"
@@ -135,7 +148,7 @@ fn our_hooks_wrap_nerdctls_which_stay_untouched() {
     // poststart: nerdctl registers none; ours is the only one.
     let st = spec["hooks"]["poststart"].as_array().unwrap();
     assert_eq!(st.len(), 1);
-    assert!(is_ours(&st[0], "poststart"), "{:#?}", st[0]);
+    assert!(is_ours(&f.cli, &st[0], "poststart"), "{:#?}", st[0]);
     assert_eq!(
         spec["hooks"].as_object().unwrap().len(),
         3,
@@ -190,10 +203,10 @@ fn our_hooks_wrap_nerdctls_which_stay_untouched() {
     };
     assert_eq!(strip(&spec), strip(orig));
 
-    // runc got the argv containerd's shim gave us.
+    // runc got the argv the wrapper was given.
     let calls = f.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert!(calls[0].contains(&format!("create --bundle {}", f.bundle.display())));
+    assert!(calls[0].contains(&format!("run --detach --bundle {}", f.bundle.display())));
 }
 
 #[test]
@@ -344,7 +357,7 @@ fn a_second_create_on_the_bundle_does_not_stack() {
         second["hooks"]["createRuntime"].as_array().unwrap().len(),
         1
     );
-    assert_eq!(second["hooks"]["poststop"].as_array().unwrap().len(), 2);
+    assert_eq!(second["hooks"], f.original["hooks"], "nerdctl's alone");
     assert_eq!(second["process"]["env"], first["process"]["env"]);
     assert_eq!(second["mounts"], first["mounts"]);
     assert_eq!(second["linux"], first["linux"], "memory raised only once");
@@ -792,7 +805,7 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
     );
     assert!(st["ports"][0]["external"].is_null(), "{st}");
 
-    // nerdctl's hooks ran with its arguments, ours around them.
+    // nerdctl's hooks ran with its arguments.
     let calls = n.calls();
     assert_eq!(
         calls,
@@ -808,7 +821,9 @@ fn nerdctl_p_reaches_the_app_only_through_tls_when_unproxied_mappings_are_off() 
         cr[0], c.spec["hooks"]["createRuntime"][0],
         "nerdctl's first, untouched"
     );
-    assert_eq!(cr.len(), 2, "ours (the ingress filter) after it: {cr:#?}");
+    // None of ours: the wrapper installed the ingress filter once runc's create
+    // returned, before `start` lets the app run (the checks below prove it holds).
+    assert_eq!(cr.len(), 1, "nerdctl's alone: {cr:#?}");
     assert_eq!(
         spec["linux"]["sysctl"]["net.ipv4.ip_unprivileged_port_start"],
         "0"

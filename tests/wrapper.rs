@@ -43,6 +43,21 @@ fn strings(v: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// Whether the CLI stand-in gets a call ending in `want` within 5 s (the supervisor
+/// is started detached: its first line may follow the wrapper's exit).
+fn poll_cli_calls(f: &FakeStack, want: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if f.cli_calls().iter().any(|c| c.ends_with(want)) {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn bundle_arg(f: &FakeStack) -> String {
     f.bundle.display().to_string()
 }
@@ -51,13 +66,14 @@ fn bundle_arg(f: &FakeStack) -> String {
 fn create_hands_runc_the_original_argv_and_patches_the_spec() {
     let f = fake("create");
     let b = bundle_arg(&f);
-    let out = f.create(&["--pid-file", "/tmp/p"], "c1");
+    let pid_file = f.dir.join("init.pid").display().to_string();
+    let out = f.create(&["--pid-file", &pid_file], "c1");
     assert!(out.status.success(), "{}", text(&out));
     let calls = f.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(
         calls[0].ends_with(&format!(
-            "--log-format json create --bundle {b} --pid-file /tmp/p c1"
+            "--log-format json create --bundle {b} --pid-file {pid_file} c1"
         )),
         "{calls:?}"
     );
@@ -75,34 +91,50 @@ fn create_hands_runc_the_original_argv_and_patches_the_spec() {
     );
     let ip = format!("CF_INSTANCE_IP={}", slots::UNROUTED);
     assert!(env.contains(&ip.as_str()), "{env:?}");
-    // With unproxied mappings on (the default) there is no ingress filter to install
-    // before the app starts: no createRuntime hook (poststart records the init pid).
-    assert!(
-        spec["hooks"]["createRuntime"]
-            .as_array()
-            .is_none_or(|h| h.is_empty()),
-        "{}",
-        spec["hooks"]
-    );
-    for stage in ["poststart", "poststop"] {
-        let hooks = spec["hooks"][stage].as_array().unwrap();
-        assert_eq!(hooks.len(), 1);
-        let args = strings(&hooks[0]["args"]);
-        assert_eq!(
-            &args[args.len() - 4..],
-            ["hook", stage, "--namespace", "ns1"]
-        );
-        assert_eq!(hooks[0]["path"], cli_bin().display().to_string());
-    }
-    assert!(
-        f.state_of("c1").is_some(),
-        "state recorded under namespace ns1"
-    );
+    // `create`: no hook of ours for runc to run. Once runc returned, the wrapper did
+    // their work itself: the init pid from --pid-file recorded, the supervisor started.
+    assert!(spec.get("hooks").is_none(), "{}", spec["hooks"]);
+    let st = f
+        .state_of("c1")
+        .expect("state recorded under namespace ns1");
+    let pid: i64 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(st["init_pid"], pid, "{st}");
+    assert!(st["started_at"].is_string(), "{st}");
+    let launched = poll_cli_calls(&f, "supervise c1 --namespace ns1");
+    assert!(launched, "the supervisor was started: {:?}", f.cli_calls());
 
     // delete releases.
     let out = f.wrapper(&["delete", "c1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(f.state_of("c1").is_none());
+}
+
+/// After runc's `create` the wrapper needs the init pid to start the sidecar: without
+/// a --pid-file and with `runc state` failing, the create fails whole — the container
+/// force-deleted in runc, no state, the reason in runc's --log for containerd.
+#[test]
+fn a_create_whose_init_pid_cannot_be_found_is_undone() {
+    let f = fake("nopid");
+    f.runc.fail("state", 1);
+    let out = f.create(&[], "c1");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let calls = f.calls();
+    assert!(
+        calls.last().unwrap().ends_with(" delete --force c1"),
+        "{calls:?}"
+    );
+    assert!(f.state_of("c1").is_none(), "no state left");
+    assert!(
+        f.cli_calls().is_empty(),
+        "no supervisor: {:?}",
+        f.cli_calls()
+    );
+    let log = std::fs::read_to_string(&f.runc_log).unwrap();
+    assert!(log.contains("init pid"), "{log}");
 }
 
 #[test]
@@ -421,13 +453,15 @@ fn an_unknown_runc_flag_refuses_only_a_proxied_create() {
     let out = f.create(&["--pidfd-socket", "/run/x.sock"], "c3");
     assert!(out.status.success(), "{}", text(&out));
     assert!(f.state_of("c3").is_some(), "proxied");
+    let calls = f.calls();
     assert!(
-        f.calls().last().unwrap().ends_with(&format!(
+        calls[calls.len() - 2].ends_with(&format!(
             "create --bundle {b} --pidfd-socket /run/x.sock c3"
         )),
-        "{:?}",
-        f.calls()
+        "{calls:?}"
     );
+    // Without --pid-file the wrapper asks runc for the init pid.
+    assert!(calls[calls.len() - 1].ends_with(" state c3"), "{calls:?}");
 }
 
 /// A bundle whose config.json runc refuses (empty, as runc's own timens.bats leaves
@@ -520,9 +554,10 @@ fn ids_with_a_comma_are_accepted_end_to_end() {
 
 /// containerd 2.x's NRI plugins and CDI devices may already have put hooks into the
 /// spec (every stage, several each) before the runtime sees it: all of them stay, in
-/// their order; ours go after theirs (createRuntime, poststart) and first in poststop
-/// (before a network teardown such as nerdctl's, so NAT goes while the address is
-/// still the container's). A second create of the bundle does not stack ours.
+/// their order. Under `runc run` ours go after theirs (createRuntime, poststart) and
+/// first in poststop (before a network teardown such as nerdctl's, so NAT goes while
+/// the address is still the container's); a second run of the bundle does not stack
+/// ours, and a `create` of it (whose hooks' work the wrapper does itself) removes them.
 #[test]
 fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
     let f = fake("nri-hooks");
@@ -550,16 +585,22 @@ fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
         ),
     )
     .unwrap();
-    for round in 0..2 {
-        // The second round is a re-create of the same bundle (state released first).
-        if round == 1 {
+    let b = bundle_arg(&f);
+    for round in 0..3 {
+        // Each later round re-creates the same bundle (state released first); the
+        // last one with `create`.
+        if round > 0 {
             let out = f.wrapper(&["delete", "--force", "c1"]);
             assert!(out.status.success(), "{}", text(&out));
         }
-        let out = f.create(&[], "c1");
+        let out = if round < 2 {
+            f.wrapper(&["run", "--detach", "--bundle", &b, "c1"])
+        } else {
+            f.create(&[], "c1")
+        };
         assert!(out.status.success(), "round {round}: {}", text(&out));
         let hooks = &f.spec()["hooks"];
-        let ours = cli_bin().display().to_string();
+        let ours = f.cli.display().to_string();
         for st in stages {
             let list = hooks[st].as_array().unwrap();
             let paths: Vec<&str> = list.iter().map(|h| h["path"].as_str().unwrap()).collect();
@@ -571,6 +612,7 @@ fn hooks_nri_and_cdi_put_in_the_spec_are_kept_in_order() {
                 "{st}: {paths:?}"
             );
             match st {
+                _ if round == 2 => assert_eq!(paths.len(), 2, "{st}: none of ours: {paths:?}"),
                 "createRuntime" | "poststart" => {
                     assert_eq!(paths.len(), 3, "{st}: {paths:?}");
                     assert_eq!(paths[2], ours, "{st}: ours last: {paths:?}")

@@ -151,6 +151,7 @@ fn hooks_only_create(
         cli: &cli,
         runc_root: None,
         mutate_spec: false,
+        hooks_in_spec: true,
     };
     Ok(match crate::create::prepare(cfg, &target, || false)? {
         crate::create::Prepared::Proxy(s) => Some(s),

@@ -77,6 +77,38 @@ impl Ctx {
         }
     }
 
+    /// The init pid of a container runc just created: its `--pid-file` (what
+    /// containerd's shim passes), else `runc state`.
+    fn init_pid(&self, id: &str) -> Option<i32> {
+        let from_file = self.inv.flag("pid-file").and_then(|f| {
+            std::fs::read_to_string(f)
+                .ok()?
+                .trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|p| *p > 0)
+        });
+        from_file.or_else(|| {
+            crate::runc::query::pid_of(&self.runc, &self.argv[1..1 + self.inv.global_len], id)
+        })
+    }
+
+    /// `runc <global flags> delete --force <id>`, its output to our stderr; best effort.
+    fn force_delete(&self, id: &str) {
+        let status = Process::new(&self.runc)
+            .args(&self.argv[1..1 + self.inv.global_len])
+            .args(["delete", "--force", id])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            self.log(
+                "warning",
+                &format!("runc delete --force {id} failed: {status:?}"),
+            );
+        }
+    }
+
     /// Whether runc knows the container (`runc <global flags> state <id>`).
     fn exists_in_runc(&self, id: &str) -> bool {
         crate::runc::query::knows(&self.runc, &self.argv[1..1 + self.inv.global_len], id)
@@ -284,6 +316,7 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
         cli: &cli,
         runc_root: ctx.inv.global("root").map(Path::new),
         mutate_spec: true,
+        hooks_in_spec: ctx.inv.command == Command::Run,
     };
     match create::prepare(cfg, &target, || ctx.exists_in_runc(&id))? {
         create::Prepared::Nothing => Ok(None),
@@ -298,6 +331,18 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
             if code != 0 {
                 // runc may already have run our poststop hook; release is idempotent.
                 let _ = Store::of(cfg).remove(&ns, &id);
+                return Ok(Some(code));
+            }
+            if !target.hooks_in_spec
+                && let Err(e) = created(ctx, cfg, &ns, &id, &cli)
+            {
+                // Nothing half-applied: the container goes with its proxy.
+                let store = Store::of(cfg);
+                let host = crate::host::Host::system(&cfg.runtime.runc);
+                let _ = control::teardown(&store, &host, &ns, &id);
+                ctx.force_delete(&id);
+                let _ = store.remove(&ns, &id);
+                return Err(e);
             }
             Ok(Some(code))
         }
@@ -318,6 +363,27 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
             Ok(Some(code))
         }
     }
+}
+
+/// After `runc create` returned: what the createRuntime and poststart hooks do when
+/// runc runs them — the init pid recorded, the ingress filter, NAT if the netns is
+/// already addressed, the supervisor launched — done here, without two more processes
+/// on runc's path. The app still waits for `runc start`, so the filter is in place
+/// before its first instruction, as createRuntime's would be.
+fn created(ctx: &Ctx, cfg: &Config, ns: &str, id: &str, cli: &Path) -> Result<()> {
+    let store = Store::of(cfg);
+    let state = store.read(ns, id)?.ok_or_else(|| {
+        Error::Hook(format!(
+            "the record of {ns}/{id} is gone after runc create (removed by gc or a concurrent delete?)"
+        ))
+    })?;
+    let pid = ctx.init_pid(id).ok_or_else(|| {
+        Error::Hook(format!(
+            "runc created {id} but neither its --pid-file nor `runc state` gives its init pid"
+        ))
+    })?;
+    let host = crate::host::Host::system(&cfg.runtime.runc);
+    control::start_for_running(&store, &host, (cli, cfg.source.as_deref()), state, pid)
 }
 
 /// A pod's proxy set up by one of its containers: its sandbox already runs, so the

@@ -72,6 +72,12 @@ pub struct Target<'a> {
     /// `false` in hooks-only mode (podman/CRI-O hooks.d, no wrapper): the spec is
     /// already in force, so nothing is written to it — no env, mount or extra memory.
     pub mutate_spec: bool,
+    /// Whether runc runs our hooks from the spec. `false` for the wrapper's `create`:
+    /// the app waits for `runc start`, so the wrapper itself does createRuntime's and
+    /// poststart's work once runc returns (`control::start_for_running`), and its
+    /// `delete` poststop's — two processes fewer on every lifecycle. `runc run` keeps
+    /// them (the app starts before runc returns; a foreground run is runc itself).
+    pub hooks_in_spec: bool,
 }
 
 /// Source address of the default route, found without sending a packet (a UDP
@@ -491,6 +497,7 @@ fn member(
                 cli: t.cli,
                 runc_root: t.runc_root,
                 mutate_spec: t.mutate_spec,
+                hooks_in_spec: t.hooks_in_spec,
             };
             let memory = Memory {
                 requested_bytes: None,
@@ -616,6 +623,11 @@ fn patch_spec(
 fn set_hooks(spec: &mut JsonFile, s: &ContainerState, cfg: &Config, t: &Target) -> Result<()> {
     for (stage, first, timeout) in HOOKS {
         let entry = hook_entry(cfg, t, stage, timeout);
+        if !t.hooks_in_spec {
+            // A bundle created before by `runc run` (or an older wrapper) loses ours.
+            spec.remove_hook(stage, &entry)?;
+            continue;
+        }
         if stage == "createRuntime" && !crate::nat::ingress::wanted(s) {
             // Nothing to do before the app starts (no ingress filter): one process
             // less per container; poststart records the init pid.
@@ -768,6 +780,7 @@ mod tests {
             cli: Path::new("/usr/local/bin/envoy-sidecar"),
             runc_root: None,
             mutate_spec: true,
+            hooks_in_spec: true,
         };
         (bundle, t)
     }
@@ -794,6 +807,38 @@ mod tests {
         assert_eq!(a["process"]["env"], b["process"]["env"]);
         assert_eq!(a["linux"], b["linux"]);
         assert_eq!(a["mounts"], b["mounts"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The wrapper's `create` (it does the hooks' work itself): none of ours in the
+    /// spec, and a bundle that carried ours from a `runc run` loses them; others stay.
+    #[test]
+    fn a_create_without_hooks_in_the_spec_removes_ours_and_keeps_theirs() {
+        let (root, cfg) = setup("nohooks", "", spec_with("8080", 256));
+        let (bundle, mut t) = target(&root, "c1");
+        assert!(!prepare(&cfg, &t, || false).unwrap().is_nothing());
+        let spec_path = bundle.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&fs::read(&spec_path).unwrap()).unwrap();
+        assert_eq!(v["hooks"]["poststart"].as_array().unwrap().len(), 1);
+        let theirs = json!({"path": "/usr/libexec/nri", "args": ["nri"]});
+        v["hooks"]["poststop"]
+            .as_array_mut()
+            .unwrap()
+            .push(theirs.clone());
+        fs::write(&spec_path, v.to_string()).unwrap();
+        Store::of(&cfg).remove("default", "c1").unwrap();
+        t.hooks_in_spec = false;
+        assert!(!prepare(&cfg, &t, || false).unwrap().is_nothing());
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&spec_path).unwrap()).unwrap();
+        assert_eq!(v["hooks"]["poststart"], json!([]), "{v}");
+        assert_eq!(v["hooks"]["poststop"], json!([theirs]), "{v}");
+        assert!(
+            v["hooks"]
+                .get("createRuntime")
+                .is_none_or(|h| h == &json!([])),
+            "{v}"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -845,6 +890,7 @@ mod tests {
             cli: Path::new("/usr/local/bin/envoy-sidecar"),
             runc_root: None,
             mutate_spec: true,
+            hooks_in_spec: true,
         }
     }
 

@@ -116,11 +116,12 @@ pub fn row_known(
             None,
         )
     } else if r.supervisor.is_none() && launching(s.started_at.as_deref(), SystemTime::now()) {
-        // The poststart hook records `started_at`, maps NAT, then launches the
-        // supervisor: a look in between is no fault.
+        // The wrapper after runc's create (or the poststart hook) records
+        // `started_at`, maps NAT, then launches the supervisor: a look in between is
+        // no fault.
         (
             State::Starting,
-            Some("started; the poststart hook is launching the supervisor".to_string()),
+            Some("started; the supervisor is being launched".to_string()),
             None,
         )
     } else if !supervised {
@@ -132,7 +133,7 @@ pub fn row_known(
                      certificate (`envoy-sidecar gc` restarts it)",
                     p.pid
                 ),
-                None => "no supervisor ever started (poststart hook failed?)".to_string(),
+                None => "no supervisor ever started (its launch after create failed?)".to_string(),
             }),
             None,
         )
@@ -186,7 +187,8 @@ pub fn row_known(
 }
 
 /// How long after `started_at` a container with no supervisor yet is `starting`, not
-/// `degraded`: the poststart hook may still be mapping NAT before it launches one.
+/// `degraded`: the wrapper (or the poststart hook) may still be mapping NAT before it
+/// launches one.
 pub const LAUNCH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether `started_at` (RFC 3339) is less than [`LAUNCH_GRACE`] before `now`. An
@@ -544,7 +546,7 @@ mod tests {
         s.started_at = Some(crate::sys::fs::now_rfc3339());
         let r = row(&s, None, &p);
         assert_eq!(r.status, State::Starting, "{r:?}");
-        assert!(r.reason.unwrap().contains("launching the supervisor"));
+        assert!(r.reason.unwrap().contains("supervisor is being launched"));
         s.started_at = Some("2026-01-01T00:00:00Z".into());
         let r = row(&s, None, &p);
         assert_eq!(r.status, State::Degraded);

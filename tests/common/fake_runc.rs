@@ -19,6 +19,9 @@ const ANSWERED: &str = "create|delete|exec|features|state|start|kill";
 /// first argument that is one of [`ANSWERED`] it exits with the code in
 /// `<dir>/exit-<subcommand>` if that file exists; otherwise it succeeds (`features`
 /// printing a fixed JSON) or, made with [`FakeRunc::passthrough`], runs the real runc.
+/// Answering itself, a `create` writes its caller's pid (the wrapper's, in the host's
+/// netns) to its `--pid-file`, and `state` reports that pid as a created container's:
+/// what the wrapper reads after `create` to start the sidecar.
 pub struct FakeRunc {
     pub path: PathBuf,
     pub argv_log: PathBuf,
@@ -43,7 +46,10 @@ impl FakeRunc {
             None => (
                 format!(
                     "[ \"$a\" = features ] && echo '{}'\n  \
-                     [ -f {d}/exit-$a ] && exit $(cat {d}/exit-$a)\n  exit 0",
+                     [ -f {d}/exit-$a ] && exit $(cat {d}/exit-$a)\n  \
+                     [ \"$a\" = create ] && [ -n \"$pidfile\" ] && echo $PPID > \"$pidfile\"\n  \
+                     [ \"$a\" = state ] && echo '{{\"status\":\"created\",\"pid\":'$PPID'}}'\n  \
+                     exit 0",
                     json!({"ociVersionMin": "1.0.0"}),
                     d = dir.display()
                 ),
@@ -60,7 +66,10 @@ impl FakeRunc {
         write_script(
             &path,
             &format!(
-                "#!/bin/sh\necho \"$*\" >> {log}\nfor a; do case \"$a\" in {ANSWERED})\n  \
+                "#!/bin/sh\necho \"$*\" >> {log}\npidfile=; prev=\n\
+                 for a; do [ \"$prev\" = --pid-file ] && pidfile=$a; \
+                 case \"$a\" in --pid-file=*) pidfile=${{a#--pid-file=}};; esac; prev=$a; done\n\
+                 for a; do case \"$a\" in {ANSWERED})\n  \
                  {answer};; esac; done\n{otherwise}",
                 log = argv_log.display(),
             ),
@@ -92,9 +101,10 @@ impl FakeRunc {
 }
 
 /// A private directory with a CA, a wrapper config whose `runtime.runc` is a
-/// [`FakeRunc`] (`[host] address` [`UNROUTED`]), a bundle whose `config.json` is the
-/// given spec, and containerd's runc root layout for a namespace
-/// (`<dir>/runc-root/runc/<namespace>`); removed on drop.
+/// [`FakeRunc`] (`[host] address` [`UNROUTED`]) and whose `runtime.cli` is a stand-in
+/// that logs its argv to `<dir>/cli.log` (the supervisor the wrapper starts after
+/// `create`), a bundle whose `config.json` is the given spec, and containerd's runc
+/// root layout for a namespace (`<dir>/runc-root/runc/<namespace>`); removed on drop.
 pub struct FakeStack {
     _tmp: TempDir,
     pub dir: PathBuf,
@@ -104,6 +114,8 @@ pub struct FakeStack {
     /// The `--log` runc is given (the wrapper's errors for containerd go there).
     pub runc_log: PathBuf,
     pub runc: FakeRunc,
+    /// `runtime.cli`: the stand-in for the CLI (hooks' path, the supervisor's binary).
+    pub cli: PathBuf,
     namespace: String,
 }
 
@@ -117,15 +129,24 @@ impl FakeStack {
         generate_ca(&dir.join("ca"));
         let state = dir.join("state");
         let config = dir.join("config.toml");
+        let cli = dir.join("fake-cli");
+        write_script(
+            &cli,
+            &format!(
+                "#!/bin/sh\necho \"$*\" >> {}\n",
+                dir.join("cli.log").display()
+            ),
+        );
         std::fs::write(
             &config,
             format!(
                 "[proxy]\nenabled = true\n[instance_identity]\nca_cert = {:?}\nca_key = {:?}\n\
-                 [runtime]\nrunc = {:?}\nstate_dir = {:?}\nuid_lease_dir = {:?}\n\
+                 [runtime]\nrunc = {:?}\ncli = {:?}\nstate_dir = {:?}\nuid_lease_dir = {:?}\n\
                  [host]\naddress = \"{UNROUTED}\"\n{host_extra}",
                 dir.join("ca/ca.crt"),
                 dir.join("ca/ca.key"),
                 runc.path,
+                cli,
                 state,
                 // Leases of this stack only: the host-wide directory needs root.
                 dir.join("uid-leases")
@@ -138,6 +159,7 @@ impl FakeStack {
             runc_log: dir.join("log.json"),
             bundle: dir.join("bundle"),
             dir,
+            cli,
             config,
             state,
             runc,
@@ -190,5 +212,14 @@ impl FakeStack {
     /// What the stand-in for runc was called with.
     pub fn calls(&self) -> Vec<String> {
         self.runc.calls()
+    }
+
+    /// What the stand-in for the CLI was called with (`supervise <id> ...`), in order.
+    pub fn cli_calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("cli.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
