@@ -261,7 +261,7 @@ pool_end = $POOL_END
 EOF
 # Both the runtime containerd calls and the runc it runs log each create and start
 # (container id, subcommand, start and end in ns) so the report can say how much of
-# `ctr run -d` is the runtime's, runc's (with the product's hooks, which runc runs) and
+# `ctr run -d` is the runtime's (with the supervisor's start after runc's create), runc's and
 # the rest (containerd, its shim, CNI). Each log line costs two `date` calls, in the
 # first and the last containers alike.
 timed_script() { # out real [VAR=value]

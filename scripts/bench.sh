@@ -221,8 +221,8 @@ wall time of a complete
 - **(a)** `X` = plain runc;
 - **(b)** `X` = `envoy-sidecar-runc` with the proxy disabled (the default config);
 - **(c)** `X` = `envoy-sidecar-runc` with the proxy enabled and
-  `--annotation {e['B_ANN']}` (port allocation, spec patching, state file and the
-  runc hooks), reached through a `/bin/sh` script that sets `ENVOY_SIDECAR_CONFIG`;
+  `--annotation {e['B_ANN']}` (port allocation, spec patching, state file, and the
+  supervisor started once runc's create returned), reached through a `/bin/sh` script that sets `ENVOY_SIDECAR_CONFIG`;
 - **(d)** `X` = that same script shape exec'ing plain runc: the script's own cost,
   so that median(c) ÷ median(d) is the wrapper's cost in (c);
 - **(e)** as (c), with `proxy.envoy_path` a stand-in that only sleeps: everything but
@@ -257,7 +257,7 @@ Where (c)'s extra time goes, from the differences of medians (same run, same rou
 |---|---:|---|
 | the config-passing script | {med['d'] - med['a']:.1f} | (d) − (a) |
 | the wrapper in every runc invocation of the lifecycle (create, start, delete twice: exec, config read; CA files validated on create only), nothing proxied | {med['f'] - med['d']:.1f} | (f) − (d) |
-| ports, state, index, spec patch, the poststart and poststop hooks, the supervisor (credentials, cgroups, probes), NAT bookkeeping | {med['e'] - med['f']:.1f} | (e) − (f) |
+| ports, state, index, spec patch, the supervisor's start after create and its stop before delete (credentials, cgroups, probes), NAT bookkeeping | {med['e'] - med['f']:.1f} | (e) − (f) |
 | Envoy's own start-up, concurrent with the container's (≈ 70 ms of CPU on this 2-core machine) | {med['c'] - med['e']:.1f} | (c) − (e) |
 
 ### How to read this
