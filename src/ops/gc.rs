@@ -49,7 +49,8 @@ pub struct SeenContainer {
     pub age: Duration,
     /// Whether runc knows it; `None` when not asked (younger than the grace period).
     pub runc_knows: Option<bool>,
-    /// The poststart hook ran (the sidecar should be supervised).
+    /// `started_at` is set: the wrapper after create, or the poststart hook, started
+    /// the sidecar (it should be supervised).
     pub started: bool,
     /// Its init process still exists.
     pub init_running: bool,
