@@ -128,6 +128,12 @@ fn a_create_whose_init_pid_cannot_be_found_is_undone() {
         "{calls:?}"
     );
     assert!(f.state_of("c1").is_none(), "no state left");
+    let leases: Vec<_> = std::fs::read_dir(f.dir.join("uid-leases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(leases.is_empty(), "no uid lease left: {leases:?}");
     assert!(
         f.cli_calls().is_empty(),
         "no supervisor: {:?}",

@@ -93,7 +93,7 @@ impl Ctx {
         })
     }
 
-    /// `runc <global flags> delete --force <id>`, its output to our stderr; best effort.
+    /// `runc <global flags> delete --force <id>`, its errors to our stderr; best effort.
     fn force_delete(&self, id: &str) {
         let status = Process::new(&self.runc)
             .args(&self.argv[1..1 + self.inv.global_len])
@@ -329,7 +329,8 @@ fn on_create(ctx: &Ctx, cfg: &Config) -> Result<Option<i32>> {
             }
             let code = ctx.spawn();
             if code != 0 {
-                // runc may already have run our poststop hook; release is idempotent.
+                // (Under `run`, runc may already have run our poststop hook: release
+                // is idempotent.)
                 let _ = Store::of(cfg).remove(&ns, &id);
                 return Ok(Some(code));
             }
