@@ -127,15 +127,17 @@ fn the_deb_installs_runs_a_proxied_container_and_purges_clean() {
     *sb.runtime_override.lock().unwrap() = Some(runtime);
     let net = sb.slot.netns(0);
     let id = "es-deb-1";
-    let (c, st, addr) = sb.start_served(id, &net);
-    let spec_hooks = st["bundle"]
-        .as_str()
-        .map(|b| std::fs::read_to_string(Path::new(b).join("config.json")).unwrap_or_default());
-    assert!(
-        spec_hooks
-            .unwrap_or_default()
-            .contains("/usr/bin/envoy-sidecar"),
-        "the hooks run the installed CLI"
+    let (c, _st, addr) = sb.start_served(id, &net);
+    // The installed wrapper starts the installed CLI as the supervisor (after runc's
+    // create; no hook of ours is in the spec of a `create`).
+    let sup = sb.record(id)["supervisor"]["pid"]
+        .as_i64()
+        .expect("the supervisor recorded its pid");
+    let exe = std::fs::read_link(format!("/proc/{sup}/exe")).unwrap();
+    assert_eq!(
+        exe,
+        Path::new("/usr/bin/envoy-sidecar"),
+        "the supervisor is the installed CLI"
     );
     let out = openssl_wait_for(&addr, &sb.ca(), id, HELLO);
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
