@@ -57,8 +57,13 @@ struct Held {
     index: u32,
     /// The open file description that holds the lock on byte `index`.
     _lock: File,
-    next_tcp: AtomicU32,
 }
+
+/// Per slot, the next of its TCP ports this process hands out. Process-wide, not per
+/// holding: a test that takes the slot after another test of the same binary must not
+/// get that test's ports again while its sockets (an app's accepted connections, an
+/// Envoy still exiting) may linger on them.
+static NEXT_TCP: [AtomicU32; SLOTS as usize] = [const { AtomicU32::new(0) }; SLOTS as usize];
 
 /// A slot held until the last clone drops (networks made from it hold a clone, so the
 /// slot outlives them).
@@ -84,13 +89,7 @@ pub fn next() -> Slot {
 pub fn try_take(index: u32) -> Option<Slot> {
     assert!(index < SLOTS);
     let f = open_lock_file();
-    try_lock(&f, index).then(|| {
-        Slot(Arc::new(Held {
-            index,
-            _lock: f,
-            next_tcp: AtomicU32::new(0),
-        }))
-    })
+    try_lock(&f, index).then(|| Slot(Arc::new(Held { index, _lock: f })))
 }
 
 fn open_lock_file() -> File {
@@ -157,22 +156,21 @@ impl Slot {
         start..=start + (size - 1)
     }
 
-    /// A TCP port of this slot's own, outside every pool, not handed out before in this
-    /// slot and free on every address right now.
+    /// A TCP port of this slot's own, outside every pool, not handed out before by this
+    /// process (until the slot's ports wrap around) and bindable right now on 0.0.0.0
+    /// and on 127.0.0.1 (what the tests' apps and Envoys bind).
     pub fn tcp_port(&self) -> u16 {
         let first = self.port_base() + POOL_MAX as u32;
-        loop {
-            let k = self.0.next_tcp.fetch_add(1, Ordering::SeqCst);
-            assert!(
-                k < PORT_BLOCK - POOL_MAX as u32,
-                "slot {}: out of TCP ports",
-                self.index()
-            );
+        let span = PORT_BLOCK - POOL_MAX as u32;
+        for _ in 0..span {
+            let k = NEXT_TCP[self.index() as usize].fetch_add(1, Ordering::SeqCst) % span;
             let p = u16::try_from(first + k).unwrap();
-            if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok() {
+            let free = |ip: &str| std::net::TcpListener::bind((ip, p)).is_ok();
+            if free("0.0.0.0") && free("127.0.0.1") {
                 return p;
             }
         }
+        panic!("slot {}: no free TCP port among its {span}", self.index());
     }
 
     pub fn tcp_ports(&self, n: usize) -> Vec<u16> {
