@@ -88,6 +88,7 @@ bench: deps release
 	scripts/bench-network.sh
 	scripts/bench-scale.sh
 	scripts/bench-density.sh
+	scripts/bench-attribution.sh
 
 # Binaries to /usr/local/bin, default config (kept if present), containerd drop-in,
 # gc timer; `envoy-sidecar install --dry-run` shows what it would change.
